@@ -1,0 +1,97 @@
+// queue::Store: the durable message queue (SQLite in data_dir).
+//
+// Durability contract (SPEC.md): insertBatch() returns only after the transaction that
+// holds every message of the batch is committed with synchronous=FULL in WAL mode, i.e.
+// fsynced. The SMTP "250" after DATA is sent only after that.
+//
+// Group commit: GroupCommitter (group_commit.h) feeds one writer thread that takes every
+// request queued while the previous commit was running and commits them in one
+// transaction, so N concurrent sessions share one fsync instead of paying N.
+//
+// Not here: delivery scheduling (delivery/, issue 3), retry maths beyond storing the
+// schedule's result.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "util/result.h"
+
+namespace subrelay::queue {
+
+// Recipient states as stored and shown by `queue list`.
+//   queued    : waiting for its first or next delivery attempt
+//   deferred  : a temporary failure happened; next_attempt says when
+//   delivered : a 2xx from the recipient's MX
+//   failed    : permanent failure or expired; a DSN was generated
+//   captured  : account in capture mode: stored, never delivered
+inline constexpr const char* kStateQueued = "queued";
+inline constexpr const char* kStateDeferred = "deferred";
+inline constexpr const char* kStateDelivered = "delivered";
+inline constexpr const char* kStateFailed = "failed";
+inline constexpr const char* kStateCaptured = "captured";
+
+struct NewMessage {
+  std::string id;                       // from newQueueId()
+  std::string account;
+  std::string mailFrom;                 // "" = null sender
+  std::vector<std::string> recipients;
+  std::string content;                  // full message bytes after fix-ups, CRLF
+  bool captured = false;
+  bool smtputf8 = false;
+  bool eightBit = false;
+  std::string clientAddress;
+  std::string heloName;
+  std::string tlsVersion;               // "" when no TLS
+  std::string tlsCipher;
+  int64_t receivedAt = 0;               // unix seconds
+};
+
+struct RecipientInfo {
+  int64_t index = 0;
+  std::string address;
+  std::string state;
+  int64_t attempts = 0;
+  int64_t nextAttempt = 0;              // unix seconds, 0 = none
+  std::string lastError;
+  int64_t updatedAt = 0;
+};
+
+struct MessageInfo {
+  std::string id;
+  std::string account;
+  std::string mailFrom;
+  int64_t size = 0;
+  int64_t receivedAt = 0;
+  bool captured = false;
+  bool smtputf8 = false;
+  std::string clientAddress;
+  std::string heloName;
+  std::string tlsVersion;
+  std::string tlsCipher;
+  std::vector<RecipientInfo> recipients;
+};
+
+// A queue id: 16 lower-case hex characters, time-ordered (48-bit milliseconds since the
+// epoch, then 16 random bits), unique across restarts in practice; insert fails on a
+// collision and the caller retries with a new one.
+std::string newQueueId();
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  // One transaction, one fsync, for the whole batch. Each message succeeds or fails on
+  // its own (a failing insert is rolled back to a savepoint); an error on COMMIT fails
+  // them all. Returns one result per input, in order.
+  virtual std::vector<util::Result<std::string>> insertBatch(const std::vector<NewMessage>& batch) = 0;
+
+  virtual util::Result<std::vector<MessageInfo>> list() = 0;
+  virtual util::Result<MessageInfo> show(const std::string& id) = 0;
+  virtual util::Result<std::string> content(const std::string& id) = 0;
+  virtual util::Result<int64_t> count() = 0;
+};
+
+}  // namespace subrelay::queue

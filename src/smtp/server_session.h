@@ -1,0 +1,214 @@
+// ServerSession: the I/O-free SMTP submission server (RFC 5321, RFC 6409).
+//
+// Bytes in, actions out. The session never touches a socket, TLS, a clock or the disk:
+// it returns Send / StartTls / Authenticate / Store / Close actions and is told the
+// outcome of the asynchronous ones by a call (onTlsEstablished, onAuthResult, onStored).
+// While such an outcome is pending, further input is buffered, not processed
+// (RFC 2920 pipelining stays correct, and nothing is answered out of order).
+//
+// Implements: EHLO/HELO, MAIL, RCPT, DATA, BDAT (RFC 3030 CHUNKING), RSET, NOOP, QUIT,
+// HELP, VRFY/EXPN (252, no probing), STARTTLS (RFC 3207), AUTH PLAIN/LOGIN (RFC 4954,
+// RFC 4616), SIZE (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), PIPELINING
+// (RFC 2920), ENHANCEDSTATUSCODES (RFC 2034/3463).
+//
+// Not here: password checks (policy/), storing (queue/), message fix-ups (message/),
+// timers (the driver calls onTimeout when timeoutFor() has elapsed without input).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+namespace subrelay::smtp {
+
+using SessionId = uint64_t;
+
+struct SessionConfig {
+  std::string hostname = "localhost";
+  // The listener advertises STARTTLS (listeners[].tls == "starttls").
+  bool starttlsAvailable = false;
+  // AUTH may be used without TLS (only loopback "none" listeners).
+  bool authWithoutTls = false;
+  uint64_t maxMessageBytes = 26214400;  // SIZE, enforced at MAIL and during DATA/BDAT
+  uint32_t maxRecipients = 100;
+  // RFC 5321 4.5.3.1.4 says 512; like Postfix we accept up to 2048 before answering 500.
+  size_t maxCommandLine = 2048;
+  // RFC 4954 section 4: an AUTH command line (with initial response) up to 12288 octets.
+  size_t maxAuthLine = 12288;
+  uint32_t maxBadCommands = 20;   // then 421 4.7.0 and close
+  uint32_t maxAuthFailures = 3;   // then 421 4.7.0 and close
+  // RFC 5321 4.5.3.2 timeouts the driver applies (see timeoutFor()).
+  std::chrono::seconds commandTimeout{300};
+  std::chrono::seconds dataBlockTimeout{180};
+  std::chrono::seconds dataTerminationTimeout{600};
+  // Synchronous policy seam: may this authenticated account use this envelope sender?
+  // Empty function = any sender allowed.
+  std::function<bool(std::string_view account, std::string_view address)> senderAllowed;
+};
+
+struct Peer {
+  std::string address;  // textual IP
+  uint16_t port = 0;
+  bool loopback = false;
+};
+
+struct TlsInfo {
+  std::string version;  // "TLSv1.3"
+  std::string cipher;   // "TLS_AES_256_GCM_SHA384"
+};
+
+// ---- actions -----------------------------------------------------------------------
+
+// Bytes to write to the client (one or more complete reply lines, CRLF-terminated).
+struct Send {
+  std::string bytes;
+};
+// The "220 2.0.0 Ready to start TLS" reply has been emitted as a Send before this.
+// From now on the driver passes bytes through a TLS engine; it calls onTlsEstablished
+// when the handshake completes (or Close on failure). Input buffered after the STARTTLS
+// line was discarded by the session (CVE-2011-0411 command injection).
+struct StartTls {};
+// Verify credentials; the driver answers with onAuthResult().
+struct Authenticate {
+  std::string mechanism;  // "PLAIN" or "LOGIN"
+  std::string username;   // authcid
+  std::string password;
+};
+struct Envelope {
+  std::string mailFrom;                // addr-spec without <>, "" for the null sender
+  std::vector<std::string> recipients; // addr-specs without <>
+  bool smtputf8 = false;
+  bool eightBitMime = false;           // BODY=8BITMIME or BINARYMIME
+  std::optional<uint64_t> declaredSize;
+};
+// A complete message: store it durably, then call onStored().
+struct Store {
+  Envelope envelope;
+  std::string account;     // authenticated username
+  std::string heloName;
+  Peer peer;
+  std::optional<TlsInfo> tls;
+  std::string content;     // dot-unstuffed message, CRLF line ends, no terminating "."
+};
+// Flush pending Sends, then close the connection.
+struct Close {};
+
+using Action = std::variant<Send, StartTls, Authenticate, Store, Close>;
+
+// ---- outcomes ----------------------------------------------------------------------
+
+enum class AuthVerdict {
+  Ok,          // 235 2.7.0
+  Failed,      // 535 5.7.8 (the driver has already applied its delay)
+  TempFail,    // 454 4.7.0
+  Refused,     // 454 4.7.0 with the text given in onAuthResult (brute-force lock, issue 5)
+};
+
+// The result of a Store. ok: "250 2.0.0 Ok: queued as <queueId>". Otherwise the reply
+// to send (e.g. 451 4.3.0 on a database error, 550 5.7.1 on a header From the account
+// does not own).
+struct StoreOutcome {
+  bool ok = false;
+  std::string queueId;
+  int code = 451;
+  std::string enhanced = "4.3.0";
+  std::string text = "Temporary failure storing message";
+};
+
+enum class Phase {
+  Greeting,   // before onConnect
+  Command,    // reading commands
+  Data,       // inside DATA
+  Bdat,       // reading a BDAT chunk
+  Waiting,    // an async outcome is pending
+  TlsPending, // StartTls emitted, waiting for onTlsEstablished
+  Closed,
+};
+
+class ServerSession {
+ public:
+  ServerSession(SessionConfig config, SessionId id);
+
+  // The connection is up (for implicit TLS: after the handshake, with tls set).
+  // Emits the 220 greeting.
+  void onConnect(const Peer& peer, std::optional<TlsInfo> tls = std::nullopt);
+  // Plaintext bytes from the client, any split, any size.
+  void onBytes(std::string_view bytes);
+  void onTlsEstablished(const TlsInfo& info);
+  void onAuthResult(AuthVerdict verdict, std::string_view text = {});
+  void onStored(const StoreOutcome& outcome);
+  // No input for timeoutFor(): emits 421 4.4.2 and Close.
+  void onTimeout();
+  // The server is shutting down: emits 421 4.3.2 and Close at the next point where no
+  // transaction is in flight (immediately if idle; after the pending Store otherwise).
+  void onShutdown();
+  // The peer closed its side; nothing more is emitted.
+  void onPeerClosed();
+
+  std::vector<Action> takeActions();
+
+  std::chrono::seconds timeoutFor() const;
+  Phase phase() const { return phase_; }
+  SessionId id() const { return id_; }
+  bool tlsActive() const { return tls_.has_value(); }
+  const std::string& account() const { return account_; }
+  bool inTransaction() const;
+
+ private:
+  // Implementation state lives in server_session.cpp; members are listed here so the
+  // object can be held by value.
+  void process();
+  bool processCommandLine(std::string_view line);
+  void processDataLine(std::string_view line);
+  void reply(int code, std::string_view enhanced, std::string_view text);
+  void replyMulti(int code, std::string_view enhanced, const std::vector<std::string>& lines);
+  void resetTransaction();
+  void handleEhlo(std::string_view args, bool extended);
+  void handleMail(std::string_view args);
+  void handleRcpt(std::string_view args);
+  void handleData(std::string_view args);
+  void handleBdat(std::string_view args);
+  void handleAuth(std::string_view args);
+  void handleAuthResponse(std::string_view line);
+  void handleStartTls(std::string_view args);
+  void badCommand(int code, std::string_view enhanced, std::string_view text);
+  void finishMessage();
+  void closeWith(int code, std::string_view enhanced, std::string_view text);
+
+  enum class AuthStep { None, PlainResponse, LoginUser, LoginPass };
+
+  SessionConfig cfg_;
+  SessionId id_;
+  Phase phase_ = Phase::Greeting;
+  std::vector<Action> actions_;
+  std::string in_;            // unprocessed input
+  bool discardingLongLine_ = false;
+  Peer peer_;
+  std::optional<TlsInfo> tls_;
+  std::string helo_;
+  bool ehloSeen_ = false;
+  std::string account_;
+  AuthStep authStep_ = AuthStep::None;
+  std::string authMechanism_;
+  std::string loginUser_;
+  uint32_t badCommands_ = 0;
+  uint32_t authFailures_ = 0;
+  bool mailGiven_ = false;
+  Envelope env_;
+  std::string content_;
+  uint64_t contentBytes_ = 0;
+  bool contentTooBig_ = false;
+  bool bareLineEnd_ = false;
+  uint64_t bdatRemaining_ = 0;
+  bool bdatLast_ = false;
+  bool bdatFailed_ = false;
+  bool shutdownRequested_ = false;
+  bool storePending_ = false;
+};
+
+}  // namespace subrelay::smtp
