@@ -1,1 +1,288 @@
-// placeholder: being written
+#include "app/cli.h"
+
+#include <termios.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "app/dev_config.h"
+#include "app/queue_cmd.h"
+#include "app/server.h"
+#include "config/config.h"
+#include "policy/password.h"
+#include "subrelay_build_config.h"
+#include "tls/tls_context.h"
+
+namespace subrelay::app {
+
+namespace {
+
+constexpr const char* kDefaultConfig = "/etc/subrelay/config.json";
+
+constexpr const char* kMainHelp =
+    "usage: subrelay <command> [options]\n"
+    "\n"
+    "SMTP submission relay: authenticated SMTP on 587 (STARTTLS) and 465 (implicit TLS),\n"
+    "durable SQLite queue, per-account policy.\n"
+    "\n"
+    "commands:\n"
+    "  serve [--dev]            run the gateway in the foreground (logs to stderr)\n"
+    "  check-config             validate the configuration, print ok or every error\n"
+    "  hash-password            read a password on stdin, print its password_hash\n"
+    "  queue list [--json]      one line per queued message\n"
+    "  queue show ID [--json] [--raw]\n"
+    "                           one message's envelope and recipients, or its bytes\n"
+    "\n"
+    "options for every command:\n"
+    "  -c, --config PATH        configuration file (default /etc/subrelay/config.json)\n"
+    "  -h, --help               help for the command\n"
+    "  --version                print the version\n"
+    "\n"
+    "Run `subrelay <command> --help` for details.\n";
+
+constexpr const char* kServeHelp =
+    "usage: subrelay serve [-c PATH] [--dev]\n"
+    "\n"
+    "Runs the gateway in the foreground until SIGTERM or SIGINT. Logs go to stderr; with\n"
+    "systemd (Type=notify) readiness is reported through NOTIFY_SOCKET.\n"
+    "On SIGTERM it stops accepting connections, lets transactions in flight finish\n"
+    "(limits.shutdown_grace), and exits 0. Accepted messages are in the queue.\n"
+    "\n"
+    "  -c, --config PATH   configuration file (default /etc/subrelay/config.json)\n"
+    "  --dev               no config file: data in ./subrelay-dev/, self-signed certificate,\n"
+    "                      STARTTLS on 127.0.0.1:2587 and implicit TLS on 127.0.0.1:2465,\n"
+    "                      one account `dev` whose password is printed at start-up;\n"
+    "                      every message is captured, none delivered\n";
+
+constexpr const char* kCheckHelp =
+    "usage: subrelay check-config [-c PATH]\n"
+    "\n"
+    "Validates the configuration file: JSON syntax, every key and value, unknown keys,\n"
+    "password hashes, and that the TLS certificate and key load and match.\n"
+    "Prints `ok` and exits 0, or prints every error as FILE: JSON.PATH: problem and exits 1.\n";
+
+constexpr const char* kHashHelp =
+    "usage: subrelay hash-password\n"
+    "\n"
+    "Reads a password on standard input (asks for it without echo on a terminal; a trailing\n"
+    "newline is removed) and prints the hash to put in accounts[].password_hash:\n"
+    "  $scrypt$ln=15,r=8,p=1$<salt>$<key>\n"
+    "Example: printf %s 'correct horse' | subrelay hash-password\n";
+
+constexpr const char* kQueueHelp =
+    "usage: subrelay queue list [--json] [-c PATH | --dev | --data-dir DIR]\n"
+    "       subrelay queue show ID [--json] [--raw] [-c PATH | --dev | --data-dir DIR]\n"
+    "\n"
+    "Reads the queue database (<data_dir>/queue.db) directly; works while serve runs.\n"
+    "  list         one line per message: id, age, size, account, sender, recipients with\n"
+    "               state, attempts, next attempt and last error\n"
+    "  show ID      one message's envelope and per-recipient state\n"
+    "  --json       one JSON object per line (list) or one object (show)\n"
+    "  --raw        (show) print exactly the stored message bytes\n"
+    "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
+    "  --data-dir   use this data directory instead of the config's data_dir\n";
+
+int usageError(const std::string& msg, const char* cmd) {
+  std::fprintf(stderr, "subrelay: %s\nRun `subrelay %s--help` for usage.\n", msg.c_str(), cmd);
+  return 2;
+}
+
+struct Args {
+  std::string config = kDefaultConfig;
+  bool configGiven = false;
+  bool help = false;
+  bool dev = false;
+  bool json = false;
+  bool raw = false;
+  std::string dataDir;
+  std::vector<std::string> positional;
+  std::string error;
+};
+
+Args parseArgs(const std::vector<std::string>& argv) {
+  Args a;
+  for (size_t i = 0; i < argv.size(); ++i) {
+    const std::string& s = argv[i];
+    auto value = [&](const char* name) -> std::string {
+      if (i + 1 >= argv.size()) {
+        a.error = std::string(name) + " needs a value";
+        return {};
+      }
+      return argv[++i];
+    };
+    if (s == "-h" || s == "--help") a.help = true;
+    else if (s == "-c" || s == "--config") {
+      a.config = value("--config");
+      a.configGiven = true;
+    } else if (s.rfind("--config=", 0) == 0) {
+      a.config = s.substr(9);
+      a.configGiven = true;
+    } else if (s == "--dev") a.dev = true;
+    else if (s == "--json") a.json = true;
+    else if (s == "--raw") a.raw = true;
+    else if (s == "--data-dir") a.dataDir = value("--data-dir");
+    else if (s.size() > 1 && s[0] == '-') a.error = "unknown option " + s;
+    else a.positional.push_back(s);
+    if (!a.error.empty()) break;
+  }
+  return a;
+}
+
+int cmdCheckConfig(const Args& a) {
+  auto lr = config::loadConfigFile(a.config);
+  std::vector<std::string> errors = lr.formatErrors();
+  if (lr.config) {
+    const auto& cfg = *lr.config;
+    for (size_t i = 0; i < cfg.accounts.size(); ++i) {
+      std::string why = policy::checkHashFormat(cfg.accounts[i].passwordHash);
+      if (!why.empty())
+        errors.push_back(a.config + ": accounts[" + std::to_string(i) + "].password_hash: " + why);
+    }
+    bool needTls = false;
+    for (const auto& l : cfg.listeners) needTls = needTls || l.tls != config::ListenerTls::None;
+    if (needTls && errors.empty()) {
+      auto ctx = tls::TlsContext::serverFromFiles(cfg.tls.certificate, cfg.tls.privateKey);
+      if (!ctx.ok()) errors.push_back(a.config + ": tls: " + ctx.error().message);
+    }
+  }
+  if (errors.empty()) {
+    std::printf("ok\n");
+    return 0;
+  }
+  for (const auto& e : errors) std::printf("%s\n", e.c_str());
+  return 1;
+}
+
+std::string readPassword() {
+  std::string pw;
+  if (isatty(STDIN_FILENO)) {
+    std::fprintf(stderr, "Password: ");
+    termios old{};
+    tcgetattr(STDIN_FILENO, &old);
+    termios quiet = old;
+    quiet.c_lflag &= ~static_cast<tcflag_t>(ECHO);
+    tcsetattr(STDIN_FILENO, TCSANOW, &quiet);
+    std::getline(std::cin, pw);
+    tcsetattr(STDIN_FILENO, TCSANOW, &old);
+    std::fprintf(stderr, "\n");
+  } else {
+    pw.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+    // One trailing newline (echo, here-strings) is not part of the password.
+    if (!pw.empty() && pw.back() == '\n') pw.pop_back();
+    if (!pw.empty() && pw.back() == '\r') pw.pop_back();
+  }
+  return pw;
+}
+
+int cmdHashPassword() {
+  std::string pw = readPassword();
+  if (pw.empty()) {
+    std::fprintf(stderr, "subrelay: empty password; give the password on standard input\n");
+    return 1;
+  }
+  auto h = policy::hashPassword(pw);
+  if (!pw.empty()) std::memset(pw.data(), 0, pw.size());
+  if (!h.ok()) {
+    std::fprintf(stderr, "subrelay: %s\n", h.error().message.c_str());
+    return 1;
+  }
+  std::printf("%s\n", h.value().c_str());
+  return 0;
+}
+
+int cmdQueue(const Args& a) {
+  if (a.positional.empty()) return usageError("queue needs a subcommand: list or show", "queue ");
+  const std::string& sub = a.positional[0];
+  QueueCmdOptions o;
+  o.json = a.json;
+  o.raw = a.raw;
+  if (!a.dataDir.empty()) {
+    o.dataDir = a.dataDir;
+  } else if (a.dev) {
+    o.dataDir = kDevDataDir;
+  } else {
+    std::ifstream f(a.config, std::ios::binary);
+    if (!f) {
+      std::fprintf(stderr, "subrelay: cannot read %s: %s (use -c PATH, --dev or --data-dir)\n", a.config.c_str(),
+                   std::strerror(errno));
+      return 1;
+    }
+    std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    auto lr = config::parseConfig(text, a.config);
+    if (!lr.config) {
+      for (const auto& l : lr.formatErrors()) std::fprintf(stderr, "%s\n", l.c_str());
+      return 1;
+    }
+    o.dataDir = lr.config->dataDir;
+  }
+  if (sub == "list") {
+    if (a.positional.size() != 1) return usageError("queue list takes no arguments", "queue ");
+    return queueList(o);
+  }
+  if (sub == "show") {
+    if (a.positional.size() != 2) return usageError("queue show needs one message id", "queue ");
+    return queueShow(o, a.positional[1]);
+  }
+  return usageError("unknown queue subcommand '" + sub + "' (list, show)", "queue ");
+}
+
+}  // namespace
+
+int cliMain(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty()) {
+    std::fputs(kMainHelp, stderr);
+    return 2;
+  }
+  std::string cmd = args[0];
+  if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+    std::fputs(kMainHelp, stdout);
+    return 0;
+  }
+  if (cmd == "--version" || cmd == "version") {
+    std::printf("subrelay %s (TLS: %s)\n", SUBRELAY_VERSION, SUBRELAY_TLS_BACKEND);
+    return 0;
+  }
+  Args a = parseArgs({args.begin() + 1, args.end()});
+  struct Cmd {
+    const char* name;
+    const char* help;
+  };
+  static const Cmd kCmds[] = {{"serve", kServeHelp}, {"check-config", kCheckHelp},
+                              {"hash-password", kHashHelp}, {"queue", kQueueHelp}};
+  const Cmd* found = nullptr;
+  for (const auto& c : kCmds)
+    if (cmd == c.name) found = &c;
+  if (found == nullptr) {
+    std::fprintf(stderr, "subrelay: unknown command '%s'\n\n%s", cmd.c_str(), kMainHelp);
+    return 2;
+  }
+  if (a.help) {
+    std::fputs(found->help, stdout);
+    return 0;
+  }
+  std::string cmdPrefix = cmd + " ";
+  if (!a.error.empty()) return usageError(a.error, cmdPrefix.c_str());
+  if (cmd == "serve") {
+    if (!a.positional.empty()) return usageError("serve takes no arguments", "serve ");
+    if (a.dev && a.configGiven) return usageError("--dev and --config exclude each other", "serve ");
+    return runServe(ServeOptions{a.config, a.dev});
+  }
+  if (cmd == "check-config") {
+    if (!a.positional.empty()) return usageError("check-config takes no arguments", "check-config ");
+    return cmdCheckConfig(a);
+  }
+  if (cmd == "hash-password") {
+    if (!a.positional.empty()) return usageError("hash-password takes no arguments", "hash-password ");
+    return cmdHashPassword();
+  }
+  return cmdQueue(a);
+}
+
+}  // namespace subrelay::app

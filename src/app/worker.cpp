@@ -1,1 +1,528 @@
-// placeholder: being written
+#include "app/worker.h"
+
+#include <string.h>
+
+#include <chrono>
+#include <utility>
+
+#include "message/fixups.h"
+#include "message/headers.h"
+#include "net/connection.h"
+#include "net/uv_handle.h"
+#include "smtp/server_session.h"
+#include "util/clock.h"
+#include "util/log.h"
+#include "util/strings.h"
+
+namespace subrelay::app {
+
+namespace {
+
+smtp::SessionConfig sessionConfigFor(const Runtime& rt, const config::Listener& l) {
+  const auto& cfg = *rt.config;
+  smtp::SessionConfig sc;
+  sc.hostname = cfg.hostname;
+  sc.starttlsAvailable = l.tls == config::ListenerTls::StartTls;
+  // A "none" listener exists only on loopback (config enforces it): AUTH in clear there
+  // never crosses a network.
+  sc.authWithoutTls = l.tls == config::ListenerTls::None;
+  sc.maxMessageBytes = cfg.limits.maxMessageBytes;
+  sc.maxRecipients = cfg.limits.maxRecipients;
+  sc.maxBadCommands = cfg.limits.maxBadCommands;
+  sc.maxAuthFailures = cfg.limits.maxAuthFailures;
+  sc.commandTimeout = cfg.limits.commandTimeout;
+  sc.dataBlockTimeout = cfg.limits.dataTimeout;
+  const Runtime* rtp = &rt;
+  sc.senderAllowed = [rtp](std::string_view account, std::string_view address) {
+    return rtp->senderAllowed(account, address);
+  };
+  return sc;
+}
+
+void wipe(std::string& s) {
+  if (!s.empty()) explicit_bzero(s.data(), s.size());
+  s.clear();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------
+// SmtpConnection: one client. Owns the socket (net::Connection) and the protocol core
+// (smtp::ServerSession) and runs the actions the core asks for.
+// ---------------------------------------------------------------------------------
+class SmtpConnection final : public net::ConnectionHandler {
+ public:
+  SmtpConnection(Worker& w, const config::Listener& l, uint64_t id)
+      : worker_(w),
+        listener_(l),
+        id_(id),
+        conn_(w.loop(), this),
+        session_(sessionConfigFor(w.runtime(), l), id) {}
+
+  bool accept(uv_stream_t* server) {
+    if (!conn_.accept(server)) return false;
+    Runtime& rt = worker_.runtime();
+    if (!rt.admitConnection(conn_.peerAddress())) {
+      util::logWarn("smtpd", "connection refused client=" + conn_.peerAddress() +
+                                 " reason=too-many-connections");
+      // RFC 5321 3.1: a server may answer 421 instead of 220 and close.
+      conn_.write("421 4.7.0 " + rt.config->hostname + " Too many connections, try again later\r\n");
+      conn_.closeAfterWrite();
+      return true;
+    }
+    admitted_ = true;
+    peer_.address = conn_.peerAddress();
+    peer_.port = conn_.peerPort();
+    peer_.loopback = conn_.peerLoopback();
+    util::logDebug("smtpd", "connect id=" + std::to_string(id_) + " client=" + peer_.address);
+    if (listener_.tls == config::ListenerTls::Implicit) {
+      // RFC 8314 3.3: TLS from the first byte; the greeting comes after the handshake.
+      conn_.startTls(rt.tlsServer);
+      conn_.setIdleTimeout(std::chrono::seconds(60));
+    } else {
+      session_.onConnect(peer_);
+      drive();
+    }
+    return true;
+  }
+
+  void onPlaintext(std::string_view data) override {
+    session_.onBytes(data);
+    drive();
+  }
+
+  void onTlsEstablished() override {
+    const tls::TlsEngine* e = conn_.tls();
+    smtp::TlsInfo info{e->version(), e->cipher()};
+    if (listener_.tls == config::ListenerTls::Implicit && session_.phase() == smtp::Phase::Greeting) {
+      session_.onConnect(peer_, info);
+    } else {
+      session_.onTlsEstablished(info);
+    }
+    drive();
+  }
+
+  void onTlsFailed(std::string_view why) override {
+    util::logInfo("smtpd", "TLS handshake failed id=" + std::to_string(id_) + " client=" + peer_.address +
+                               " error=" + util::sanitizeForLog(why));
+  }
+
+  void onIdleTimeout() override {
+    util::logInfo("smtpd", "timeout id=" + std::to_string(id_) + " client=" + peer_.address);
+    if (session_.phase() == smtp::Phase::Greeting || session_.phase() == smtp::Phase::TlsPending) {
+      conn_.close();
+      return;
+    }
+    session_.onTimeout();
+    drive();
+  }
+
+  void onPeerClosed() override { session_.onPeerClosed(); }
+
+  void onClosed() override {
+    if (admitted_) worker_.runtime().releaseConnection(peer_.address);
+    if (authTimer_) {
+      authTimer_->data = nullptr;
+      net::closeHandle(authTimer_);
+      authTimer_ = nullptr;
+    }
+    Worker& w = worker_;
+    uint64_t id = id_;
+    delete this;
+    w.forget(id);
+  }
+
+  void shutdown() {
+    session_.onShutdown();
+    drive();
+  }
+  void forceClose() { conn_.close(); }
+
+  void authDone(bool ok, bool cached) {
+    if (conn_.closing()) return;
+    if (ok) {
+      session_.onAuthResult(smtp::AuthVerdict::Ok);
+      util::logInfo("smtpd", "auth ok id=" + std::to_string(id_) + " client=" + peer_.address +
+                                 " user=" + util::sanitizeForLog(authUser_, 64) + (cached ? " cached=yes" : ""));
+      drive();
+      return;
+    }
+    util::logWarn("smtpd", "auth failed id=" + std::to_string(id_) + " client=" + peer_.address +
+                               " user=" + util::sanitizeForLog(authUser_, 64));
+    // A failed AUTH costs the client a delay (never the event loop): a timer, then 535.
+    auto delay = worker_.runtime().config->limits.authFailureDelay;
+    authTimer_ = net::newHandle<uv_timer_t>();
+    uv_timer_init(worker_.loop(), authTimer_);
+    authTimer_->data = this;
+    uv_timer_start(
+        authTimer_,
+        [](uv_timer_t* t) {
+          auto* self = static_cast<SmtpConnection*>(t->data);
+          if (self == nullptr) return;
+          self->authTimer_->data = nullptr;
+          net::closeHandle(self->authTimer_);
+          self->authTimer_ = nullptr;
+          if (self->conn_.closing()) return;
+          self->session_.onAuthResult(smtp::AuthVerdict::Failed);
+          self->drive();
+        },
+        static_cast<uint64_t>(delay.count()), 0);
+  }
+
+  void stored(const util::Result<std::string>& r, size_t size, size_t rcpts, std::string from, bool captured) {
+    smtp::StoreOutcome out;
+    if (r.ok()) {
+      out.ok = true;
+      out.queueId = r.value();
+      util::logInfo("queue", "accepted id=" + r.value() + " account=" + util::sanitizeForLog(session_.account(), 64) +
+                                 " from=<" + util::sanitizeForLog(from, 200) + "> rcpts=" + std::to_string(rcpts) +
+                                 " size=" + std::to_string(size) + " client=" + peer_.address +
+                                 " tls=" + (conn_.tls() ? conn_.tls()->version() : std::string("none")) +
+                                 (captured ? " captured=yes" : ""));
+    } else {
+      util::logError("queue", "store failed id=" + std::to_string(id_) + " error=" + r.error().message);
+      out.ok = false;
+      out.code = 451;
+      out.enhanced = "4.3.0";
+      out.text = "Temporary failure storing message, try again later";
+    }
+    if (conn_.closing()) return;
+    session_.onStored(out);
+    drive();
+  }
+
+ private:
+  void drive() {
+    std::string out;
+    for (;;) {
+      auto actions = session_.takeActions();
+      if (actions.empty()) break;
+      for (auto& a : actions) {
+        if (auto* s = std::get_if<smtp::Send>(&a)) {
+          out += s->bytes;
+        } else if (std::holds_alternative<smtp::StartTls>(a)) {
+          // The 220 goes out in clear; everything after it through the engine.
+          conn_.write(out);
+          out.clear();
+          conn_.startTls(worker_.runtime().tlsServer);
+        } else if (auto* au = std::get_if<smtp::Authenticate>(&a)) {
+          conn_.write(out);
+          out.clear();
+          startAuth(*au);
+        } else if (auto* st = std::get_if<smtp::Store>(&a)) {
+          conn_.write(out);
+          out.clear();
+          startStore(*st);
+        } else if (std::holds_alternative<smtp::Close>(a)) {
+          conn_.write(out);
+          out.clear();
+          conn_.closeAfterWrite();
+        }
+      }
+    }
+    conn_.write(out);
+    if (conn_.closing()) return;
+    // While an outcome is pending we stop reading: the client waits for our reply, and
+    // a pipelining flood cannot grow our buffers.
+    if (session_.phase() == smtp::Phase::Waiting) conn_.pauseReading();
+    else conn_.resumeReading();
+    conn_.setIdleTimeout(session_.phase() == smtp::Phase::TlsPending
+                             ? std::chrono::milliseconds(std::chrono::seconds(60))
+                             : std::chrono::milliseconds(session_.timeoutFor()));
+  }
+
+  struct AuthWork {
+    uv_work_t req;
+    Worker* worker;
+    uint64_t sessionId;
+    std::string user;
+    std::string password;
+    bool ok = false;
+  };
+
+  void startAuth(smtp::Authenticate& au) {
+    Runtime& rt = worker_.runtime();
+    authUser_ = au.username;
+    // Fast path: this exact credential verified before (HMAC cache) -> no scrypt.
+    if (rt.auth->cachedOk(au.username, au.password)) {
+      wipe(au.password);
+      authDone(true, true);
+      return;
+    }
+    auto* w = new AuthWork{};
+    w->req.data = w;
+    w->worker = &worker_;
+    w->sessionId = id_;
+    w->user = std::move(au.username);
+    w->password = std::move(au.password);
+    wipe(au.password);
+    // scrypt takes tens of milliseconds: run it on libuv's thread pool.
+    uv_queue_work(
+        worker_.loop(), &w->req,
+        [](uv_work_t* req) {
+          auto* work = static_cast<AuthWork*>(req->data);
+          work->ok = work->worker->runtime().auth->verify(work->user, work->password) == policy::AuthCheck::Ok;
+          wipe(work->password);
+        },
+        [](uv_work_t* req, int) {
+          auto* work = static_cast<AuthWork*>(req->data);
+          if (SmtpConnection* c = work->worker->find(work->sessionId)) c->authDone(work->ok, false);
+          delete work;
+        });
+  }
+
+  void startStore(smtp::Store& st) {
+    Runtime& rt = worker_.runtime();
+    const AccountRuntime* acct = rt.account(st.account);
+    // RFC 6409 8.1: the MSA may check that the submitter is allowed to use the
+    // addresses it claims; we require every header From mailbox to be the account's.
+    auto headers = message::scanHeaders(st.content);
+    size_t fromCount = message::countFields(headers, "From");
+    if (fromCount != 1) {
+      refuseStore(550, "5.6.0",
+                  fromCount == 0 ? "Message has no From header field (RFC 5322 3.6)"
+                                 : "Message has more than one From header field (RFC 5322 3.6)");
+      return;
+    }
+    const message::HeaderField* from = message::findField(headers, "From");
+    auto addrs = message::parseAddressList(from->value);
+    if (addrs.empty()) {
+      refuseStore(550, "5.6.0", "Cannot parse the From header field (RFC 5322 3.6.2)");
+      return;
+    }
+    for (const auto& a : addrs) {
+      if (acct == nullptr || !rt.senderAllowed(st.account, a)) {
+        refuseStore(550, "5.7.1", "From header address <" + util::sanitizeForLog(a, 100) +
+                                      "> not owned by this account");
+        return;
+      }
+    }
+
+    queue::NewMessage m;
+    m.id = queue::newQueueId();
+    m.account = st.account;
+    m.mailFrom = st.envelope.mailFrom;
+    m.recipients = st.envelope.recipients;
+    m.captured = acct->mode == config::AccountMode::Capture;
+    m.smtputf8 = st.envelope.smtputf8;
+    m.eightBit = st.envelope.eightBitMime;
+    m.clientAddress = st.peer.address;
+    m.heloName = st.heloName;
+    if (st.tls) {
+      m.tlsVersion = st.tls->version;
+      m.tlsCipher = st.tls->cipher;
+    }
+    auto now = std::chrono::system_clock::now();
+    m.receivedAt = util::unixSeconds(now);
+    message::TraceInfo ti;
+    ti.hostname = rt.config->hostname;
+    ti.heloName = st.heloName;
+    ti.clientAddress = st.peer.address;
+    ti.account = st.account;
+    ti.tlsVersion = m.tlsVersion;
+    ti.tlsCipher = m.tlsCipher;
+    ti.queueId = m.id;
+    if (st.envelope.recipients.size() == 1) ti.recipient = st.envelope.recipients.front();
+    ti.smtputf8 = st.envelope.smtputf8;
+    ti.when = now;
+    m.content = message::applySubmissionFixups(st.content, ti);
+    st.content.clear();
+    st.content.shrink_to_fit();
+
+    size_t size = m.content.size();
+    size_t rcpts = m.recipients.size();
+    std::string fromAddr = m.mailFrom;
+    bool captured = m.captured;
+    Worker* w = &worker_;
+    uint64_t sid = id_;
+    rt.committer->submit(std::move(m), [w, sid, size, rcpts, fromAddr, captured](util::Result<std::string> r) {
+      // Runs on the committer thread: hop back to this connection's loop.
+      w->post([w, sid, size, rcpts, fromAddr, captured, r = std::move(r)]() {
+        if (SmtpConnection* c = w->find(sid)) c->stored(r, size, rcpts, fromAddr, captured);
+      });
+    });
+  }
+
+  void refuseStore(int code, const char* enhanced, std::string text) {
+    util::logInfo("smtpd", "refused id=" + std::to_string(id_) + " account=" +
+                               util::sanitizeForLog(session_.account(), 64) + " reason=\"" + text + "\"");
+    smtp::StoreOutcome out;
+    out.ok = false;
+    out.code = code;
+    out.enhanced = enhanced;
+    out.text = std::move(text);
+    session_.onStored(out);
+  }
+
+  Worker& worker_;
+  config::Listener listener_;
+  uint64_t id_;
+  net::Connection conn_;
+  smtp::ServerSession session_;
+  smtp::Peer peer_;
+  bool admitted_ = false;
+  std::string authUser_;
+  uv_timer_t* authTimer_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------
+// Runtime
+// ---------------------------------------------------------------------------------
+bool Runtime::admitConnection(const std::string& ip) {
+  const auto& lim = config->limits;
+  std::lock_guard lk(ipMu_);
+  if (connections_.load() >= lim.maxConnections) return false;
+  uint32_t& n = perIp_[ip];
+  if (n >= lim.maxConnectionsPerIp) {
+    if (n == 0) perIp_.erase(ip);
+    return false;
+  }
+  ++n;
+  connections_.fetch_add(1);
+  return true;
+}
+
+void Runtime::releaseConnection(const std::string& ip) {
+  std::lock_guard lk(ipMu_);
+  auto it = perIp_.find(ip);
+  if (it != perIp_.end() && --it->second == 0) perIp_.erase(it);
+  connections_.fetch_sub(1);
+}
+
+// ---------------------------------------------------------------------------------
+// Worker
+// ---------------------------------------------------------------------------------
+Worker::Worker(Runtime& rt, int index) : rt_(rt), index_(index) {
+  uv_loop_init(&loop_);
+  async_ = net::newHandle<uv_async_t>();
+  uv_async_init(&loop_, async_, [](uv_async_t* a) {
+    auto* self = static_cast<Worker*>(a->data);
+    if (self) self->runPosted();
+  });
+  async_->data = this;
+}
+
+Worker::~Worker() {
+  join();
+  uv_loop_close(&loop_);
+}
+
+util::Result<uint16_t> Worker::addListener(const config::Listener& l, uint16_t port) {
+  auto entry = std::make_unique<ListenerEntry>();
+  entry->cfg = l;
+  ListenerEntry* e = entry.get();
+  entry->listener = std::make_unique<net::Listener>(&loop_, [this, e](uv_stream_t* s) { onAccept(s, e->cfg); });
+  auto r = entry->listener->listen(l.host, port);
+  if (!r.ok()) return r.error();
+  uint16_t bound = entry->listener->boundPort();
+  listeners_.push_back(std::move(entry));
+  return bound;
+}
+
+void Worker::onAccept(uv_stream_t* server, const config::Listener& l) {
+  if (shuttingDown_) return;
+  uint64_t id = nextSessionId();
+  auto* c = new SmtpConnection(*this, l, id);
+  sessions_[id] = c;
+  if (!c->accept(server)) {
+    // Nothing accepted (another loop took it): the handles close, onClosed deletes.
+    c->forceClose();
+  }
+}
+
+SmtpConnection* Worker::find(uint64_t sessionId) {
+  auto it = sessions_.find(sessionId);
+  return it == sessions_.end() ? nullptr : it->second;
+}
+
+void Worker::forget(uint64_t sessionId) {
+  sessions_.erase(sessionId);
+  if (shuttingDown_) maybeFinish();
+}
+
+void Worker::post(std::function<void()> fn) {
+  // uv_async_send under the lock: maybeFinish() marks the loop ended under the same lock
+  // before it closes the async handle, so we never signal a freed handle.
+  std::lock_guard lk(mu_);
+  if (loopEnded_) return;
+  posted_.push_back(std::move(fn));
+  uv_async_send(async_);
+}
+
+void Worker::runPosted() {
+  std::vector<std::function<void()>> batch;
+  bool shutdown;
+  {
+    std::lock_guard lk(mu_);
+    batch.swap(posted_);
+    shutdown = shutdownRequested_;
+  }
+  for (auto& fn : batch) fn();
+  if (shutdown && !shuttingDown_) beginShutdown();
+}
+
+void Worker::start() {
+  thread_ = std::thread([this] {
+    uv_run(&loop_, UV_RUN_DEFAULT);
+  });
+}
+
+void Worker::requestShutdown() {
+  std::lock_guard lk(mu_);
+  if (loopEnded_) return;
+  shutdownRequested_ = true;
+  uv_async_send(async_);
+}
+
+void Worker::beginShutdown() {
+  shuttingDown_ = true;
+  for (auto& l : listeners_) l->listener->close();
+  // Sessions finish the transaction in flight, then get 421 4.3.2 (RFC 5321 3.8).
+  std::vector<SmtpConnection*> all;
+  for (auto& [id, c] : sessions_) all.push_back(c);
+  for (auto* c : all) c->shutdown();
+  graceTimer_ = net::newHandle<uv_timer_t>();
+  uv_timer_init(&loop_, graceTimer_);
+  graceTimer_->data = this;
+  auto grace = std::chrono::duration_cast<std::chrono::milliseconds>(rt_.config->limits.shutdownGrace);
+  uv_timer_start(
+      graceTimer_,
+      [](uv_timer_t* t) {
+        auto* self = static_cast<Worker*>(t->data);
+        if (self == nullptr) return;
+        std::vector<SmtpConnection*> left;
+        for (auto& [id, c] : self->sessions_) left.push_back(c);
+        if (!left.empty())
+          util::logWarn("serve", "shutdown grace over: closing " + std::to_string(left.size()) + " sessions");
+        for (auto* c : left) c->forceClose();
+      },
+      static_cast<uint64_t>(grace.count()), 0);
+  maybeFinish();
+}
+
+void Worker::maybeFinish() {
+  if (!sessions_.empty()) return;
+  if (graceTimer_) {
+    graceTimer_->data = nullptr;
+    net::closeHandle(graceTimer_);
+    graceTimer_ = nullptr;
+  }
+  if (async_) {
+    // Pending posts (store answers for sessions now gone) are dropped.
+    {
+      std::lock_guard lk(mu_);
+      posted_.clear();
+      loopEnded_ = true;
+    }
+    async_->data = nullptr;
+    net::closeHandle(async_);
+    async_ = nullptr;
+  }
+  // With every handle closed, uv_run returns once outstanding thread-pool work is done.
+}
+
+void Worker::join() {
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace subrelay::app

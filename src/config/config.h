@@ -40,7 +40,7 @@ struct Limits {
   std::chrono::seconds commandTimeout{300};      // RFC 5321 4.5.3.2.7: 5 minutes
   std::chrono::seconds dataTimeout{180};         // 4.5.3.2.5 data block: 3 minutes
   std::chrono::seconds shutdownGrace{30};        // SIGTERM: time for transactions in flight
-  std::chrono::milliseconds authFailureDelay{1000};
+  std::chrono::milliseconds authFailureDelay{1000};  // "0s" disables; "ms" unit allowed
 };
 
 // One rate limit: <what>_per_<period> = amount (issue 5 enforces them).
@@ -75,7 +75,7 @@ struct Delivery {
   std::vector<std::string> resolvers;  // "host:port"; empty = /etc/resolv.conf
   uint16_t port = 25;
   DeliveryTls tls = DeliveryTls::Opportunistic;
-  std::vector<DomainTlsOverride> tlsOverrides;
+  std::vector<DomainTlsOverride> tlsOverrides;  // JSON: delivery.tls_policy_overrides
   std::vector<std::chrono::seconds> retrySchedule;  // default 5m..8h, see config.cpp
   std::chrono::seconds maxQueueTime{5 * 24 * 3600};
   uint32_t maxConnections = 200;
@@ -99,23 +99,51 @@ struct Config {
 struct ConfigError {
   std::string path;     // JSON path, "" for the document itself
   std::string message;  // what was expected / what is wrong
+  // Position of a JSON syntax error (1-based; 0 = not a syntax error / unknown).
+  uint64_t line = 0;
+  uint64_t column = 0;
+  uint64_t byte = 0;
 };
 
 struct LoadResult {
   std::optional<Config> config;       // set when errors is empty
   std::vector<ConfigError> errors;
-  // "FILE: PATH: MESSAGE" lines, one per error.
+  std::string fileName;               // as given to parseConfig / loadConfigFile
+  // "FILE: PATH: MESSAGE" lines, one per error ("FILE: MESSAGE" when the path is empty).
   std::vector<std::string> formatErrors() const;
 };
 
 // Parse and validate JSON text. fileName is used in messages only.
 LoadResult parseConfig(std::string_view jsonText, std::string_view fileName);
-// Read the file and parse it (a read error is one ConfigError with an empty path).
+// Read the file and parse it (a read error is one ConfigError with an empty path), then
+// run checkFiles() on the result. The only function here that touches the filesystem
+// besides checkFiles() itself.
 LoadResult loadConfigFile(const std::string& path);
+// The checks that need the filesystem: tls.certificate, tls.private_key and every
+// dkim[].private_key must be readable regular files; data_dir, when it exists, must be a
+// directory. Relative paths are taken relative to the current directory.
+std::vector<ConfigError> checkFiles(const Config& config);
 
-// Parses an address like "[::]:587", "127.0.0.1:2587", "localhost:25".
+// 5m, 10m, 20m, 40m, 1h, 2h, 4h, 8h: used when delivery.retry_schedule is absent.
+std::vector<std::chrono::seconds> defaultRetrySchedule();
+
+// Syntax of a DNS host name (RFC 1123 2.1): labels of letters, digits and '-', 1..63
+// octets each, 253 in all, no trailing dot, and not all-numeric in the last label (so an
+// IPv4 address is not taken for a name). Case-insensitive.
+bool isValidDomainName(std::string_view name);
+
+// The JSON spelling of each enum value ("starttls", "capture", "verify", ...).
+std::string_view jsonName(ListenerTls tls);
+std::string_view jsonName(AccountMode mode);
+std::string_view jsonName(DeliveryTls tls);
+
+// Parses an address like "[::]:587", "127.0.0.1:2587", "localhost:25". The port is
+// required and may be 0..65535; the host is an IPv4 address, a bracketed IPv6 address
+// (returned without the brackets) or a host name. A bare IPv6 address is refused (":"
+// would be ambiguous).
 bool parseHostPort(std::string_view s, std::string& host, uint16_t& port);
-// True when host is a loopback address (127.0.0.0/8, ::1, "localhost").
+// True when host is a loopback address (127.0.0.0/8, ::1, "[::1]", "localhost"); not for
+// the wildcard addresses 0.0.0.0 and ::.
 bool isLoopbackHost(std::string_view host);
 
 }  // namespace subrelay::config

@@ -24,6 +24,13 @@ bool verifyPassword(std::string_view password, std::string_view encodedHash);
 // Syntax check for check-config: "" when fine, otherwise what is wrong.
 std::string checkHashFormat(std::string_view encodedHash);
 
+// The parameters of a well-formed hash (error: what is wrong with it).
+util::Result<ScryptParams> hashParams(std::string_view encodedHash);
+// A well-formed hash with random salt and key that no password matches: verifying
+// against it costs the same as against a real hash with these parameters (used for
+// unknown usernames).
+std::string unmatchableHash(ScryptParams params);
+
 // Constant-time equality of two byte strings (length may leak, contents do not).
 bool constantTimeEquals(std::string_view a, std::string_view b);
 

@@ -6,6 +6,7 @@
 
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -41,12 +42,13 @@ class GroupCommitter {
   Store& store_;
   size_t maxBatch_;
   mutable std::mutex mu_;
+  std::mutex joinMu_;  // serialises join() between stop() callers
   std::condition_variable cv_;
   std::deque<Item> pending_;
   bool stopping_ = false;
   uint64_t commits_ = 0;
   uint64_t messages_ = 0;
-  std::thread thread_;
+  std::thread thread_;  // last: started in the constructor once the rest exists
 };
 
 }  // namespace subrelay::queue

@@ -1,8 +1,16 @@
 // SqliteStore: queue::Store on SQLite (WAL, synchronous=FULL), schema with a version
-// number and forward migrations run at open.
+// number and forward migrations run at open (schema.h).
+//
+// Threads: one SqliteStore is one SQLite connection, opened with SQLITE_OPEN_NOMUTEX
+// because its cached statements cannot be shared between threads anyway; the store takes
+// its own mutex around every call instead, so a stray call from a second thread is
+// serialised, not a data race. Serialised means it waits behind an fsync: code that must
+// not block (the event loop) opens its own connection, read-only if it only reads. WAL
+// lets any number of readers run while the one writer commits (`queue list` during serve).
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "queue/store.h"
@@ -34,9 +42,15 @@ class SqliteStore final : public Store {
   static constexpr int kSchemaVersion = 1;
 
  private:
-  explicit SqliteStore(sqlite3* db);
+  SqliteStore(sqlite3* db, int version, bool readOnly);
+  util::Result<MessageInfo> showLocked(const std::string& id);
+  util::Error dbError(const std::string& what) const;
+
   struct Statements;
+  std::mutex mu_;
   sqlite3* db_;
+  int version_;
+  bool readOnly_;
   std::unique_ptr<Statements> stmts_;
 };
 

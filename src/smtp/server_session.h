@@ -158,44 +158,74 @@ class ServerSession {
   bool tlsActive() const { return tls_.has_value(); }
   const std::string& account() const { return account_; }
   bool inTransaction() const;
+  // False while an outcome is pending or after Close: a driver may stop reading the
+  // socket then (backpressure); input given anyway is buffered up to a fixed bound.
+  bool wantsInput() const;
+  // Unprocessed input held by the session (bounded; for metrics and tests).
+  size_t bufferedBytes() const { return in_.size(); }
 
  private:
   // Implementation state lives in server_session.cpp; members are listed here so the
   // object can be held by value.
+  enum class AuthStep { None, PlainResponse, LoginUser, LoginPass };
+  enum class Pending { None, Auth, Store };
+  // DATA framing state (RFC 5321 4.1.1.4, 4.5.2): where we are relative to a CRLF.
+  enum class DataState { LineStart, Dot, DotCr, Mid, Cr };
+  struct ErrorReply {
+    int code = 0;
+    std::string enhanced;
+    std::string text;
+  };
+
   void process();
-  bool processCommandLine(std::string_view line);
-  void processDataLine(std::string_view line);
+  bool closeIfDeferred();
+  void resume();
+  void handleLine(std::string_view raw);
+  size_t consumeData(size_t pos);
+  size_t consumeBdat(size_t pos);
+  void appendContent(std::string_view bytes);
+  void markBareLineEnd();
   void reply(int code, std::string_view enhanced, std::string_view text);
   void replyMulti(int code, std::string_view enhanced, const std::vector<std::string>& lines);
+  void send(std::string bytes);
   void resetTransaction();
+  void startContent();
   void handleEhlo(std::string_view args, bool extended);
   void handleMail(std::string_view args);
   void handleRcpt(std::string_view args);
   void handleData(std::string_view args);
   void handleBdat(std::string_view args);
+  void finishBdatChunk();
   void handleAuth(std::string_view args);
   void handleAuthResponse(std::string_view line);
+  void handlePlain(std::string_view message);
+  void requestAuth(std::string_view mechanism, std::string username, std::string password);
+  void authFailed(std::string_view text);
   void handleStartTls(std::string_view args);
   void badCommand(int code, std::string_view enhanced, std::string_view text);
-  void finishMessage();
+  void finishData();
+  void emitStore();
   void closeWith(int code, std::string_view enhanced, std::string_view text);
-
-  enum class AuthStep { None, PlainResponse, LoginUser, LoginPass };
+  size_t lineLimit(std::string_view lineStart) const;
 
   SessionConfig cfg_;
   SessionId id_;
   Phase phase_ = Phase::Greeting;
   std::vector<Action> actions_;
-  std::string in_;            // unprocessed input
-  bool discardingLongLine_ = false;
+  std::string in_;                   // unprocessed input
+  bool discardingLongLine_ = false;  // skipping the rest of an over-long line
+  bool dropInput_ = false;           // STARTTLS: forget buffered input (CVE-2011-0411)
+  bool inputOverflow_ = false;       // too much input buffered while Waiting
   Peer peer_;
   std::optional<TlsInfo> tls_;
   std::string helo_;
-  bool ehloSeen_ = false;
+  bool ehloSeen_ = false;  // HELO or EHLO given
+  bool esmtp_ = false;     // EHLO given (AUTH needs it: RFC 4954 4)
   std::string account_;
   AuthStep authStep_ = AuthStep::None;
-  std::string authMechanism_;
   std::string loginUser_;
+  std::string pendingUser_;
+  Pending pending_ = Pending::None;
   uint32_t badCommands_ = 0;
   uint32_t authFailures_ = 0;
   bool mailGiven_ = false;
@@ -204,11 +234,16 @@ class ServerSession {
   uint64_t contentBytes_ = 0;
   bool contentTooBig_ = false;
   bool bareLineEnd_ = false;
+  DataState dataState_ = DataState::LineStart;
+  bool bdatActive_ = false;   // this transaction has received BDAT data (no DATA now)
+  bool bdatCr_ = false;       // the last BDAT byte so far was a CR
   uint64_t bdatRemaining_ = 0;
+  uint64_t bdatChunk_ = 0;
   bool bdatLast_ = false;
-  bool bdatFailed_ = false;
+  bool bdatDiscard_ = false;  // the current chunk is read and dropped, then bdatError_
+  ErrorReply bdatError_;
   bool shutdownRequested_ = false;
-  bool storePending_ = false;
+  bool timedOut_ = false;
 };
 
 }  // namespace subrelay::smtp

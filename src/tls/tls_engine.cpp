@@ -1,1 +1,262 @@
-// placeholder: being written
+// TlsEngine: an SSL object between two memory BIOs (h2o lib/common/socket.c style). The
+// read BIO holds ciphertext fed from the socket, the write BIO collects ciphertext for
+// it; the engine itself does no I/O and never blocks, so WANT_READ only means "feed me
+// more" and WANT_WRITE cannot happen (a memory BIO accepts every write).
+//
+// RFC 8446 6.1 / RFC 5246 7.2.1: a received close_notify ends the stream (Closed); any
+// other alert or a decoding error is fatal (Failed). RFC 6125 host names are checked by
+// the library (X509_VERIFY_PARAM) when the context verifies. Sockets, timeouts and
+// STARTTLS sequencing live in net/ and smtp/.
+#include "tls/tls_engine.h"
+
+#include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
+#include <openssl/x509v3.h>
+
+#include <algorithm>
+#include <climits>
+
+namespace subrelay::tls {
+namespace {
+
+// One TLS record carries at most 2^14 bytes of plaintext (RFC 8446 5.1), so reading in
+// such chunks drains a record per SSL_read call.
+constexpr size_t kReadChunk = 16 * 1024;
+// SSL_write takes an int; larger buffers go in slices.
+constexpr size_t kMaxWrite = 1 << 30;
+
+bool isIpLiteral(const std::string& s) {
+  unsigned char buf[16];
+  return inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1;
+}
+
+}  // namespace
+
+TlsEngine::TlsEngine(std::shared_ptr<TlsContext> ctx, std::string serverName)
+    : ctx_(std::move(ctx)) {
+  ssl_ = SSL_new(ctx_->native());
+  BIO* rbio = BIO_new(BIO_s_mem());
+  BIO* wbio = BIO_new(BIO_s_mem());
+  if (!ssl_ || !rbio || !wbio) {
+    BIO_free(rbio);
+    BIO_free(wbio);
+    fail("cannot create a TLS connection: " + lastTlsError());
+    return;
+  }
+  // An empty read BIO means "no data yet", not end of file.
+  BIO_set_mem_eof_return(rbio, -1);
+  BIO_set_mem_eof_return(wbio, -1);
+  SSL_set_bio(ssl_, rbio, wbio);  // the SSL owns both BIOs now
+  rbio_ = rbio;
+  wbio_ = wbio;
+
+  if (ctx_->isServer()) {
+    SSL_set_accept_state(ssl_);
+    return;
+  }
+  SSL_set_connect_state(ssl_);
+  verifying_ = (SSL_CTX_get_verify_mode(ctx_->native()) & SSL_VERIFY_PEER) != 0;
+  if (serverName.empty()) return;
+  const bool ip = isIpLiteral(serverName);
+  // RFC 6066 3: SNI carries host names only, never address literals.
+  if (!ip && !SSL_set_tlsext_host_name(ssl_, serverName.c_str())) {
+    fail("cannot set SNI " + serverName + ": " + lastTlsError());
+    return;
+  }
+  if (verifying_) {
+    X509_VERIFY_PARAM* param = SSL_get0_param(ssl_);
+    // RFC 6125 6.4.3: a wildcard stands for one whole left-most label only.
+    X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+    // Pass the length: BoringSSL mishandles 0 ("use strlen") here.
+    int ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(param, serverName.c_str())
+                : X509_VERIFY_PARAM_set1_host(param, serverName.data(), serverName.size());
+    if (!ok) fail("cannot set the host name to verify " + serverName + ": " + lastTlsError());
+  }
+}
+
+TlsEngine::~TlsEngine() { SSL_free(ssl_); }
+
+void TlsEngine::fail(std::string why) {
+  state_ = EngineState::Failed;
+  error_ = std::move(why);
+  plainOut_.clear();
+  plainOut_.shrink_to_fit();
+}
+
+void TlsEngine::failFrom(int ret, const char* during) {
+  int err = SSL_get_error(ssl_, ret);
+  std::string why = during;
+  why += ": ";
+  if (verifying_) {
+    long v = SSL_get_verify_result(ssl_);
+    if (v != X509_V_OK) {
+      why += "certificate verification failed: ";
+      why += X509_verify_cert_error_string(v);
+      ERR_clear_error();
+      fail(std::move(why));
+      return;
+    }
+  }
+  if (err == SSL_ERROR_SSL) {
+    why += lastTlsError();
+  } else if (err == SSL_ERROR_SYSCALL) {
+    // Memory BIOs make no system calls; this is the library's "unexpected EOF" path.
+    why += "unexpected end of stream";
+    ERR_clear_error();
+  } else {
+    why += "TLS error " + std::to_string(err);
+    ERR_clear_error();
+  }
+  fail(std::move(why));
+}
+
+void TlsEngine::start() {
+  if (state_ != EngineState::Handshaking || started_) return;
+  started_ = true;
+  pump();
+}
+
+void TlsEngine::feedCiphertext(std::string_view bytes) {
+  if (state_ == EngineState::Failed || peerClosed_) return;
+  while (!bytes.empty()) {
+    int n = static_cast<int>(std::min(bytes.size(), kMaxWrite));
+    if (BIO_write(rbio_, bytes.data(), n) != n) {
+      fail("out of memory buffering TLS input");
+      return;
+    }
+    bytes.remove_prefix(static_cast<size_t>(n));
+  }
+  started_ = true;  // a server starts on the ClientHello
+  pump();
+}
+
+void TlsEngine::pump() {
+  ERR_clear_error();  // SSL_get_error reads the thread's queue: leave nothing stale in it
+  if (state_ == EngineState::Handshaking) {
+    int r = SSL_do_handshake(ssl_);
+    if (r != 1) {
+      int err = SSL_get_error(ssl_, r);
+      if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) failFrom(r, "TLS handshake");
+      return;
+    }
+    state_ = EngineState::Open;
+    if (!plainOut_.empty()) {
+      std::string pending;
+      pending.swap(plainOut_);
+      encrypt(pending);
+      if (state_ == EngineState::Failed) return;
+    }
+    // Fall through: the peer's Finished may arrive with application data behind it.
+  }
+  if (state_ == EngineState::Failed || peerClosed_) return;
+  for (;;) {
+    size_t old = plainIn_.size();
+    plainIn_.resize(old + kReadChunk);
+    int n = SSL_read(ssl_, plainIn_.data() + old, static_cast<int>(kReadChunk));
+    if (n > 0) {
+      plainIn_.resize(old + static_cast<size_t>(n));
+      continue;
+    }
+    plainIn_.resize(old);
+    int err = SSL_get_error(ssl_, n);
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) return;
+    if (err == SSL_ERROR_ZERO_RETURN) {
+      // close_notify: whatever was decrypted before it stays readable.
+      peerClosed_ = true;
+      state_ = EngineState::Closed;
+      return;
+    }
+    failFrom(n, "TLS read");
+    return;
+  }
+}
+
+void TlsEngine::encrypt(std::string_view bytes) {
+  ERR_clear_error();
+  while (!bytes.empty()) {
+    int n = static_cast<int>(std::min(bytes.size(), kMaxWrite));
+    int r = SSL_write(ssl_, bytes.data(), n);
+    if (r <= 0) {
+      failFrom(r, "TLS write");
+      return;
+    }
+    // Without SSL_MODE_ENABLE_PARTIAL_WRITE a successful SSL_write took everything.
+    bytes.remove_prefix(static_cast<size_t>(r));
+  }
+}
+
+void TlsEngine::writePlaintext(std::string_view bytes) {
+  if (bytes.empty()) return;
+  switch (state_) {
+    case EngineState::Handshaking:
+      // Held until the handshake is done (SMTP pipelining may queue a reply early).
+      plainOut_.append(bytes);
+      return;
+    case EngineState::Open:
+      encrypt(bytes);
+      return;
+    case EngineState::Closed:
+    case EngineState::Failed:
+      return;  // nothing more goes out after close_notify or a fatal error
+  }
+}
+
+void TlsEngine::shutdown() {
+  if (state_ == EngineState::Failed || sentClose_) return;
+  sentClose_ = true;
+  if (state_ == EngineState::Handshaking) {
+    // No session to close (SSL_shutdown fails mid-handshake), and Closed means "was
+    // open" (handshakeDone()): a handshake abandoned by us is a failure.
+    fail("TLS shut down before the handshake completed");
+    return;
+  }
+  ERR_clear_error();
+  // Queues close_notify in the write BIO; 0 means "sent, peer's not seen yet", fine
+  // for SMTP (RFC 8446 6.1 does not require waiting for the reply).
+  if (SSL_shutdown(ssl_) < 0) {
+    failFrom(-1, "TLS shutdown");
+    return;
+  }
+  state_ = EngineState::Closed;
+}
+
+std::string TlsEngine::takeCiphertext() {
+  std::string out;
+  if (!wbio_) return out;
+  size_t pending = BIO_ctrl_pending(wbio_);
+  if (pending == 0) return out;
+  out.resize(pending);
+  int n = BIO_read(wbio_, out.data(), static_cast<int>(std::min(pending, size_t(INT_MAX))));
+  out.resize(n > 0 ? static_cast<size_t>(n) : 0);
+  return out;
+}
+
+std::string TlsEngine::takePlaintext() {
+  std::string out;
+  out.swap(plainIn_);
+  return out;
+}
+
+bool TlsEngine::hasCiphertext() const { return wbio_ && BIO_ctrl_pending(wbio_) > 0; }
+
+std::string TlsEngine::version() const {
+  if (!ssl_ || !handshakeDone()) return {};
+  return SSL_get_version(ssl_);
+}
+
+std::string TlsEngine::cipher() const {
+  if (!ssl_ || !handshakeDone()) return {};
+  const SSL_CIPHER* c = SSL_get_current_cipher(ssl_);
+  return c ? SSL_CIPHER_get_name(c) : std::string();
+}
+
+std::string TlsEngine::peerVerifyError() const {
+  if (!ssl_ || !verifying_) return {};
+  long v = SSL_get_verify_result(ssl_);
+  return v == X509_V_OK ? std::string() : X509_verify_cert_error_string(v);
+}
+
+}  // namespace subrelay::tls

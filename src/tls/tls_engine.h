@@ -15,6 +15,7 @@
 #include "tls/tls_context.h"
 
 typedef struct ssl_st SSL;
+typedef struct bio_st BIO;
 
 namespace subrelay::tls {
 
@@ -32,7 +33,8 @@ class TlsEngine {
   void start();
   void feedCiphertext(std::string_view bytes);
   void writePlaintext(std::string_view bytes);
-  // Sends close_notify.
+  // Queues close_notify (Closed: nothing more is written). Input is still decrypted
+  // until the peer's close_notify, so a reply to ours can be read.
   void shutdown();
 
   std::string takeCiphertext();
@@ -47,11 +49,25 @@ class TlsEngine {
   std::string cipher() const;   // "TLS_AES_128_GCM_SHA256"
   std::string peerVerifyError() const;  // "" when verified or not verifying
 
+  // The underlying SSL, for diagnostics and tests (session resumption, peer
+  // certificate); callers must not do I/O on it.
+  SSL* native() const { return ssl_; }
+
  private:
   void pump();  // advance handshake / read as far as possible
+  void encrypt(std::string_view bytes);
+  void fail(std::string why);
+  void failFrom(int ret, const char* during);  // reads SSL_get_error and the error queue
+
   std::shared_ptr<TlsContext> ctx_;
   SSL* ssl_ = nullptr;
+  BIO* rbio_ = nullptr;  // ciphertext from the peer; owned by ssl_
+  BIO* wbio_ = nullptr;  // ciphertext for the peer; owned by ssl_
   EngineState state_ = EngineState::Handshaking;
+  bool verifying_ = false;    // client context with SSL_VERIFY_PEER
+  bool started_ = false;
+  bool peerClosed_ = false;   // close_notify received
+  bool sentClose_ = false;    // close_notify queued by shutdown()
   std::string error_;
   std::string plainIn_;   // decrypted, not yet taken
   std::string plainOut_;  // app data waiting for the handshake to finish

@@ -1,0 +1,31 @@
+# Sourced by scripts/dev and scripts/test: installs the Debian packages a step needs,
+# only those missing (apt-get update only when something is missing).
+BUILD_PACKAGES=(
+  build-essential meson ninja-build pkg-config cmake
+  libuv1-dev android-libboringssl-dev libssl-dev libldns-dev
+  nlohmann-json3-dev libsqlite3-dev doctest-dev openssl
+)
+# Real peers and clients for the integration tests (../shared/TESTBED.md), clang's
+# sanitizer runtimes, and node/npm for nodemailer.
+TEST_PACKAGES=(
+  clang libclang-rt-14-dev sqlite3 python3 swaks libio-socket-inet6-perl
+  python3-aiosmtpd python3-aiosmtplib python3-dkim python3-dnspython
+  unbound postfix libsasl2-modules opendkim opendkim-tools bind9-dnsutils ldnsutils
+  nodejs npm
+)
+
+install_packages() {
+  local missing=()
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "==> installing: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  # postfix asks a debconf question; answer it so the install never blocks.
+  echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}

@@ -1,0 +1,54 @@
+// Runtime: what every worker loop shares while `serve` runs: the validated config,
+// accounts, the authenticator, the TLS context, the group committer and connection
+// counters. Read-mostly; the mutable parts are atomics or behind their own mutex.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "config/config.h"
+#include "policy/authenticator.h"
+#include "queue/group_commit.h"
+#include "tls/tls_context.h"
+
+namespace subrelay::app {
+
+struct AccountRuntime {
+  std::string username;
+  std::vector<std::string> senders;
+  bool anySender = false;  // only the embedded --dev account
+  config::AccountMode mode = config::AccountMode::Deliver;
+};
+
+class Runtime {
+ public:
+  std::shared_ptr<const config::Config> config;
+  std::map<std::string, AccountRuntime, std::less<>> accounts;
+  std::unique_ptr<policy::Authenticator> auth;
+  std::shared_ptr<tls::TlsContext> tlsServer;  // null when every listener is "none"
+  queue::GroupCommitter* committer = nullptr;
+
+  const AccountRuntime* account(std::string_view name) const {
+    auto it = accounts.find(name);
+    return it == accounts.end() ? nullptr : &it->second;
+  }
+  bool senderAllowed(std::string_view account, std::string_view address) const;
+
+  // Connection accounting (limits.max_connections, limits.max_connections_per_ip).
+  // Returns false (and counts nothing) when a limit would be exceeded.
+  bool admitConnection(const std::string& ip);
+  void releaseConnection(const std::string& ip);
+  uint32_t connections() const { return connections_.load(); }
+
+ private:
+  std::atomic<uint32_t> connections_{0};
+  std::mutex ipMu_;
+  std::unordered_map<std::string, uint32_t> perIp_;
+};
+
+}  // namespace subrelay::app

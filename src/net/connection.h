@@ -1,0 +1,91 @@
+// Connection: one accepted TCP connection on a libuv loop, plain or TLS. TLS runs in a
+// tls::TlsEngine over memory buffers: the socket reads ciphertext, the engine turns it
+// into plaintext for the handler, so STARTTLS is "from now on, pass bytes through the
+// engine" (h2o lib/common/socket.c).
+//
+// Lifetime: the owner (the handler) keeps the Connection. Whatever ends it (peer close,
+// error, close(), closeAfterWrite()), handler->onClosed() is called exactly once, from
+// the libuv close callback, i.e. never nested inside another handler call, so the
+// handler may delete itself and the Connection there.
+#pragma once
+
+#include <uv.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "tls/tls_engine.h"
+
+namespace subrelay::net {
+
+class ConnectionHandler {
+ public:
+  virtual ~ConnectionHandler() = default;
+  virtual void onPlaintext(std::string_view data) = 0;
+  virtual void onTlsEstablished() = 0;
+  virtual void onTlsFailed(std::string_view why) = 0;
+  virtual void onIdleTimeout() = 0;
+  virtual void onPeerClosed() {}
+  virtual void onClosed() = 0;
+};
+
+class Connection {
+ public:
+  Connection(uv_loop_t* loop, ConnectionHandler* handler);
+  ~Connection();
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // Accepts a pending connection from a listening stream and starts reading.
+  bool accept(uv_stream_t* server);
+
+  const std::string& peerAddress() const { return peerAddress_; }
+  uint16_t peerPort() const { return peerPort_; }
+  bool peerLoopback() const { return peerLoopback_; }
+
+  // Server-side TLS from now on (STARTTLS, or at once for implicit TLS).
+  void startTls(std::shared_ptr<tls::TlsContext> ctx);
+  const tls::TlsEngine* tls() const { return tls_.get(); }
+
+  void write(std::string_view plaintext);
+  // Flushes pending output (and a TLS close_notify), then closes.
+  void closeAfterWrite();
+  // Closes now; pending output may be lost.
+  void close();
+  bool closing() const { return closing_; }
+
+  void pauseReading();
+  void resumeReading();
+  // (Re)armed on every read; fires handler->onIdleTimeout() after this long without input.
+  void setIdleTimeout(std::chrono::milliseconds timeout);
+
+  size_t pendingWriteBytes() const { return pendingWrite_; }
+
+ private:
+  void onRead(ssize_t nread, const uv_buf_t* buf);
+  void writeRaw(std::string_view bytes);
+  void flushTls();
+  void armTimer();
+  void maybeFinishClose();
+  static void readCb(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf);
+
+  uv_loop_t* loop_;
+  ConnectionHandler* handler_;
+  uv_tcp_t* tcp_ = nullptr;
+  uv_timer_t* timer_ = nullptr;
+  std::unique_ptr<tls::TlsEngine> tls_;
+  bool tlsEstablished_ = false;
+  std::string peerAddress_;
+  uint16_t peerPort_ = 0;
+  bool peerLoopback_ = false;
+  bool reading_ = false;
+  bool paused_ = false;
+  bool closing_ = false;
+  bool closeAfterWrite_ = false;
+  size_t pendingWrite_ = 0;
+  std::chrono::milliseconds idleTimeout_{0};
+};
+
+}  // namespace subrelay::net

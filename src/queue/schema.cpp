@@ -1,0 +1,135 @@
+// Queue schema and forward migrations (see schema.h for the versioning rules).
+#include "queue/schema.h"
+
+#include <sqlite3.h>
+
+#include <string>
+
+namespace subrelay::queue::schema {
+namespace {
+
+// Version 1: the initial queue.
+//  - content is the last column of messages: SQLite stores a row's columns in order and
+//    only follows the overflow pages of a large blob when a query asks for it, so list()
+//    and the scheduler never read message bodies.
+//  - recipients are their own rows because delivery state is per recipient (RFC 5321
+//    section 3.3: each RCPT can succeed, defer or fail on its own).
+//  - recipients_due serves the scheduler's "WHERE state IN (...) AND next_attempt <= now".
+//  - No CHECK on state: adding a state later must not need a table rebuild.
+constexpr const char* kV1 = R"sql(
+CREATE TABLE messages (
+  id             TEXT    NOT NULL PRIMARY KEY,
+  account        TEXT    NOT NULL,
+  mail_from      TEXT    NOT NULL,
+  size           INTEGER NOT NULL,
+  received_at    INTEGER NOT NULL,
+  captured       INTEGER NOT NULL DEFAULT 0,
+  smtputf8       INTEGER NOT NULL DEFAULT 0,
+  eight_bit      INTEGER NOT NULL DEFAULT 0,
+  client_address TEXT    NOT NULL DEFAULT '',
+  helo           TEXT    NOT NULL DEFAULT '',
+  tls_version    TEXT    NOT NULL DEFAULT '',
+  tls_cipher     TEXT    NOT NULL DEFAULT '',
+  content        BLOB    NOT NULL
+);
+CREATE INDEX messages_received ON messages(received_at, id);
+CREATE TABLE recipients (
+  message_id   TEXT    NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+  idx          INTEGER NOT NULL,
+  address      TEXT    NOT NULL,
+  state        TEXT    NOT NULL,
+  attempts     INTEGER NOT NULL DEFAULT 0,
+  next_attempt INTEGER NOT NULL DEFAULT 0,
+  last_error   TEXT    NOT NULL DEFAULT '',
+  updated_at   INTEGER NOT NULL,
+  PRIMARY KEY (message_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX recipients_due ON recipients(state, next_attempt);
+)sql";
+
+constexpr Migration kMigrations[] = {
+    {1, kV1},
+};
+
+}  // namespace
+
+bool readPragmaInt(sqlite3* db, const char* sql, int* out, std::string* error) {
+  sqlite3_stmt* st = nullptr;
+  if (sqlite3_prepare_v2(db, sql, -1, &st, nullptr) != SQLITE_OK) {
+    if (error) *error = sqlite3_errmsg(db);
+    return false;
+  }
+  bool ok = sqlite3_step(st) == SQLITE_ROW;
+  if (ok) {
+    *out = sqlite3_column_int(st, 0);
+  } else if (error) {
+    *error = sqlite3_errmsg(db);
+  }
+  sqlite3_finalize(st);
+  return ok;
+}
+
+namespace {
+
+bool exec(sqlite3* db, const std::string& sql, std::string* error) {
+  char* msg = nullptr;
+  if (sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &msg) == SQLITE_OK) return true;
+  *error = msg ? msg : sqlite3_errmsg(db);
+  sqlite3_free(msg);
+  return false;
+}
+
+util::Error fail(sqlite3* db, std::string what) {
+  // Leaves no transaction open behind a failed migration; a no-op when none is active.
+  if (!sqlite3_get_autocommit(db)) sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr);
+  return util::makeError(std::move(what));
+}
+
+}  // namespace
+
+std::span<const Migration> migrations() { return kMigrations; }
+
+int readVersion(sqlite3* db, std::string* error) {
+  int v = 0;
+  return readPragmaInt(db, "PRAGMA user_version", &v, error) ? v : -1;
+}
+
+util::Result<int> migrate(sqlite3* db, std::span<const Migration> steps, int target) {
+  std::string err;
+  // IMMEDIATE takes the write lock before reading the version, so a second process that
+  // opens the same file concurrently waits (busy_timeout) and then sees the new version.
+  if (!exec(db, "BEGIN IMMEDIATE", &err)) return fail(db, "cannot start schema transaction: " + err);
+
+  int appId = 0;
+  if (!readPragmaInt(db, "PRAGMA application_id", &appId, &err))
+    return fail(db, "cannot read application_id: " + err);
+  if (appId != 0 && appId != kApplicationId)
+    return fail(db, "not a subrelay queue database (application_id " + std::to_string(appId) + ")");
+
+  int version = readVersion(db, &err);
+  if (version < 0) return fail(db, "cannot read schema version: " + err);
+  if (version > target)
+    return fail(db, "queue database schema version " + std::to_string(version) +
+                        " is newer than this subrelay supports (" + std::to_string(target) +
+                        "); refusing to open it (upgrade subrelay, or restore a backup)");
+
+  const int before = version;
+  for (const auto& step : steps) {
+    if (step.version <= version || step.version > target) continue;
+    if (!exec(db, step.sql, &err))
+      return fail(db, "schema migration to version " + std::to_string(step.version) + " failed: " + err);
+    version = step.version;
+  }
+  if (version != target)
+    return fail(db, "no migration path to schema version " + std::to_string(target));
+
+  // Pragmas take no bound parameters; both values are integers we produced.
+  if (version != before && !exec(db, "PRAGMA user_version = " + std::to_string(version), &err))
+    return fail(db, "cannot record schema version: " + err);
+  if (appId != kApplicationId && !exec(db, "PRAGMA application_id = " + std::to_string(kApplicationId), &err))
+    return fail(db, "cannot record application_id: " + err);
+  if (!exec(db, "COMMIT", &err)) return fail(db, "cannot commit schema migration: " + err);
+  return version;
+}
+
+}  // namespace subrelay::queue::schema

@@ -1,0 +1,394 @@
+// message/: header scanning (RFC 5322 2.2), address lists (3.4) and the submission
+// fix-ups of RFC 6409 section 8 (Received per RFC 5321 4.4, Date, Message-ID).
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "message/fixups.h"
+#include "message/headers.h"
+
+using namespace subrelay::message;
+using Addrs = std::vector<std::string>;
+
+namespace {
+
+TraceInfo trace() {
+  TraceInfo t;
+  t.hostname = "relay.example.net";
+  t.heloName = "app.example.com";
+  t.clientAddress = "[192.0.2.10]";
+  t.account = "webshop";
+  t.tlsVersion = "TLSv1.3";
+  t.tlsCipher = "TLS_AES_256_GCM_SHA384";
+  t.queueId = "0190a1b2c3d4e5f6";
+  t.recipient = "alice@example.org";
+  t.when = std::chrono::system_clock::time_point(std::chrono::seconds(1'795'863'890));  // Sat, 28 Nov 2026 11:04:50
+  return t;
+}
+
+bool allLinesShort(const std::string& s, size_t max) {
+  size_t start = 0;
+  while (start < s.size()) {
+    size_t end = s.find("\r\n", start);
+    if (end == std::string::npos) end = s.size();
+    if (end - start > max) return false;
+    start = end + 2;
+  }
+  return true;
+}
+
+// The part of a message from the start up to the end of its header section.
+std::string headerSection(const std::string& m) {
+  auto b = scanHeaders(m);
+  return b.fields.empty() ? "" : m.substr(0, b.fields.back().offset + b.fields.back().length);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// scanHeaders
+
+TEST_CASE("scanHeaders: fields, folding and the body") {
+  const std::string m =
+      "From: Alice <alice@example.com>\r\n"
+      "Subject: a long\r\n"
+      " folded\r\n"
+      "\tsubject\r\n"
+      "To:bob@example.org\r\n"
+      "\r\n"
+      "Body: not a header\r\n";
+  auto b = scanHeaders(m);
+  REQUIRE(b.fields.size() == 3);
+  CHECK(b.hasBodySeparator);
+  CHECK(m.substr(b.bodyOffset) == "Body: not a header\r\n");
+  CHECK(b.fields[0].name == "From");
+  CHECK(b.fields[0].value == " Alice <alice@example.com>");
+  CHECK(b.fields[0].offset == 0);
+  CHECK(b.fields[0].length == 33);
+  CHECK(b.fields[1].name == "Subject");
+  CHECK(b.fields[1].value == " a long\r\n folded\r\n\tsubject");
+  CHECK(m.substr(b.fields[1].offset, b.fields[1].length) == "Subject: a long\r\n folded\r\n\tsubject\r\n");
+  CHECK(b.fields[2].value == "bob@example.org");
+  CHECK(findField(b, "subject") == &b.fields[1]);
+  CHECK(findField(b, "SUBJECT") == &b.fields[1]);
+  CHECK(findField(b, "Date") == nullptr);
+  CHECK(countFields(b, "to") == 1);
+}
+
+TEST_CASE("scanHeaders: tolerated shapes") {
+  SUBCASE("empty message") {
+    auto b = scanHeaders("");
+    CHECK(b.fields.empty());
+    CHECK(b.bodyOffset == 0);
+    CHECK_FALSE(b.hasBodySeparator);
+  }
+  SUBCASE("header block without separator or body") {
+    std::string m = "Subject: x\r\nTo: y@z\r\n";
+    auto b = scanHeaders(m);
+    CHECK(b.fields.size() == 2);
+    CHECK_FALSE(b.hasBodySeparator);
+    CHECK(b.bodyOffset == m.size());
+  }
+  SUBCASE("last line without CRLF") {
+    std::string m = "Subject: x\r\nTo: y@z";
+    auto b = scanHeaders(m);
+    REQUIRE(b.fields.size() == 2);
+    CHECK(b.fields[1].value == " y@z");
+    CHECK(b.fields[1].length == 7);
+    CHECK(b.bodyOffset == m.size());
+  }
+  SUBCASE("last line is a continuation without CRLF") {
+    std::string m = "Subject: x\r\n y";
+    auto b = scanHeaders(m);
+    REQUIRE(b.fields.size() == 1);
+    CHECK(b.fields[0].value == " x\r\n y");
+    CHECK(b.fields[0].length == m.size());
+  }
+  SUBCASE("bare LF line endings") {
+    std::string m = "Subject: x\n y\nTo: z\n\nbody";
+    auto b = scanHeaders(m);
+    REQUIRE(b.fields.size() == 2);
+    CHECK(b.fields[0].value == " x\n y");
+    CHECK(b.fields[1].value == " z");
+    CHECK(b.hasBodySeparator);
+    CHECK(m.substr(b.bodyOffset) == "body");
+  }
+  SUBCASE("message that starts with the empty line (no header fields)") {
+    auto b = scanHeaders("\r\nonly body\r\n");
+    CHECK(b.fields.empty());
+    CHECK(b.hasBodySeparator);
+    CHECK(b.bodyOffset == 2);
+  }
+  SUBCASE("a line that is not a field ends the header section") {
+    std::string m = "Subject: x\r\nthis is text\r\nFrom: a@b\r\n";
+    auto b = scanHeaders(m);
+    REQUIRE(b.fields.size() == 1);
+    CHECK_FALSE(b.hasBodySeparator);
+    CHECK(b.bodyOffset == 12);
+  }
+  SUBCASE("continuation before any field is not a field") {
+    auto b = scanHeaders(" folded\r\nSubject: x\r\n");
+    CHECK(b.fields.empty());
+    CHECK(b.bodyOffset == 0);
+  }
+  SUBCASE("obsolete WSP before the colon; empty value") {
+    std::string m = "Subject : x\r\nX-Empty:\r\n\r\n";
+    auto b = scanHeaders(m);
+    REQUIRE(b.fields.size() == 2);
+    CHECK(b.fields[0].name == "Subject");
+    CHECK(b.fields[0].value == " x");
+    CHECK(b.fields[1].name == "X-Empty");
+    CHECK(b.fields[1].value.empty());
+  }
+  SUBCASE("an mbox From_ line or 8-bit field name is not a field") {
+    CHECK(scanHeaders("From alice@example.com Sat Nov 28\r\nSubject: x\r\n").fields.empty());
+    CHECK(scanHeaders("Sub\xc3\xa9: x\r\n").fields.empty());
+  }
+  SUBCASE("a lone CR at the end") {
+    auto b = scanHeaders("Subject: x\r");
+    REQUIRE(b.fields.size() == 1);
+    CHECK(b.fields[0].length == 11);
+  }
+}
+
+TEST_CASE("scanHeaders is linear on hostile input") {
+  // 200k tiny fields, and one field with 200k continuation lines: both must be quick.
+  std::string many;
+  for (int i = 0; i < 200000; ++i) many += "A:\r\n";
+  CHECK(scanHeaders(many).fields.size() == 200000);
+  std::string folded = "A:";
+  for (int i = 0; i < 200000; ++i) folded += "\r\n x";
+  CHECK(scanHeaders(folded).fields.size() == 1);
+  std::string noColon(1 << 20, 'a');
+  CHECK(scanHeaders(noColon).fields.empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// parseAddressList
+
+TEST_CASE("parseAddressList: RFC 5322 3.4 forms") {
+  CHECK(parseAddressList("alice@example.com") == Addrs{"alice@example.com"});
+  CHECK(parseAddressList(" Alice <alice@example.com>") == Addrs{"alice@example.com"});
+  CHECK(parseAddressList("<alice@example.com>") == Addrs{"alice@example.com"});
+  CHECK(parseAddressList("\"Smith, Alice\" <alice@example.com>, bob@example.org") ==
+        Addrs{"alice@example.com", "bob@example.org"});
+  CHECK(parseAddressList("John Q. Public <jqp@example.com>") == Addrs{"jqp@example.com"});
+  CHECK(parseAddressList("first.last@sub.example.com") == Addrs{"first.last@sub.example.com"});
+  CHECK(parseAddressList("\"odd local\"@example.com") == Addrs{"\"odd local\"@example.com"});
+  CHECK(parseAddressList("user@[192.0.2.1]") == Addrs{"user@[192.0.2.1]"});
+  CHECK(parseAddressList("=?utf-8?q?J=C3=B6rg?= <joerg@example.de>") == Addrs{"joerg@example.de"});
+  CHECK(parseAddressList("J\xc3\xb6rg <j\xc3\xb6rg@b\xc3\xbc\x63her.example>") ==
+        Addrs{"j\xc3\xb6rg@b\xc3\xbc\x63her.example"});
+}
+
+TEST_CASE("parseAddressList: comments, groups, folding, obsolete syntax") {
+  CHECK(parseAddressList("alice@example.com (Alice (the (nested) one))") == Addrs{"alice@example.com"});
+  CHECK(parseAddressList("(comment) alice(x)@(y)example.com(z)") == Addrs{"alice@example.com"});
+  CHECK(parseAddressList("Alice\r\n <alice@example.com>,\r\n\tbob@example.org") ==
+        Addrs{"alice@example.com", "bob@example.org"});
+  CHECK(parseAddressList("undisclosed-recipients:;").empty());
+  CHECK(parseAddressList("Team: a@example.com, B <b@example.com>;, c@example.com") ==
+        Addrs{"a@example.com", "b@example.com", "c@example.com"});
+  CHECK(parseAddressList("<@relay1.example,@relay2.example:alice@example.com>") == Addrs{"alice@example.com"});
+  CHECK(parseAddressList(", , alice@example.com,,bob@example.org,") == Addrs{"alice@example.com", "bob@example.org"});
+  CHECK(parseAddressList("alice . smith @ example . com") == Addrs{"alice.smith@example.com"});
+  CHECK(parseAddressList("\"a\\\"b\"@example.com") == Addrs{"\"a\\\"b\"@example.com"});
+  CHECK(parseAddressList("").empty());
+  CHECK(parseAddressList("   ").empty());
+}
+
+TEST_CASE("parseAddressList: only the real address counts (sender authorisation)") {
+  // The display name is text, never an address.
+  CHECK(parseAddressList("\"boss@bank.com\" <evil@x.example>") == Addrs{"evil@x.example"});
+  CHECK(parseAddressList("evil@x.example (boss@bank.com)") == Addrs{"evil@x.example"});
+  CHECK(parseAddressList("boss (at) bank.com <evil@x.example>") == Addrs{"evil@x.example"});
+  // Ambiguous or malformed: nothing, so the caller refuses rather than guesses.
+  CHECK(parseAddressList("boss@bank.com <evil@x.example>").empty());
+  CHECK(parseAddressList("<evil@x.example> boss@bank.com").empty());
+  CHECK(parseAddressList("Alice alice@example.com").empty());
+  CHECK(parseAddressList("<evil@x.example").empty());
+  CHECK(parseAddressList("alice@").empty());
+  CHECK(parseAddressList("@example.com").empty());
+  CHECK(parseAddressList("alice").empty());
+  CHECK(parseAddressList(".alice@example.com").empty());
+  CHECK(parseAddressList("alice.@example.com").empty());
+  CHECK(parseAddressList("a..b@example.com").empty());
+  CHECK(parseAddressList("alice@example.com.").empty());
+  CHECK(parseAddressList("alice@exa mple.com").empty());
+  CHECK(parseAddressList("alice@example.com (unterminated").empty());
+  CHECK(parseAddressList("\"unterminated@example.com").empty());
+  CHECK(parseAddressList("alice@[192.0.2.1").empty());
+  CHECK(parseAddressList("<a@b.example>>").empty());
+  CHECK(parseAddressList("a@b.example\r\nBcc: c@d.example").empty());  // not a fold
+  CHECK(parseAddressList(std::string("a@b\0.example", 12)).empty());
+  CHECK(parseAddressList("G: a@b.example, H: c@d.example;;").empty());  // nested group
+  CHECK(parseAddressList(": a@b.example;").empty());                   // group without name
+  CHECK(parseAddressList("G: a@b.example").empty());                   // group without ";"
+  CHECK(parseAddressList("a@b.example\x01").empty());
+}
+
+TEST_CASE("parseAddressList is linear on hostile input") {
+  std::string deep(100000, '(');
+  CHECK(parseAddressList(deep + "a@b" + std::string(100000, ')')).empty());
+  std::string many;
+  for (int i = 0; i < 20000; ++i) many += "a@b.example,";
+  CHECK(parseAddressList(many).size() == 20000);
+}
+
+// ---------------------------------------------------------------------------------------
+// Fix-ups
+
+TEST_CASE("withProtocol: RFC 3848 and RFC 6531 transmission types") {
+  CHECK(withProtocol(true, false) == "ESMTPSA");
+  CHECK(withProtocol(false, false) == "ESMTPA");
+  CHECK(withProtocol(true, true) == "UTF8SMTPSA");
+  CHECK(withProtocol(false, true) == "UTF8SMTPA");
+}
+
+TEST_CASE("fix-ups: Received is prepended in RFC 5321 4.4 form") {
+  const std::string in = "From: a@shop.example\r\nDate: Fri, 27 Nov 2026 10:00:00 +0000\r\n"
+                         "Message-ID: <x@shop.example>\r\n\r\nHello\r\n";
+  const std::string out = applySubmissionFixups(in, trace());
+  const std::string expected =
+      "Received: from app.example.com ([192.0.2.10])\r\n"
+      "\tby relay.example.net (subrelay) with ESMTPSA id 0190a1b2c3d4e5f6\r\n"
+      "\t(version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384)\r\n"
+      "\t(authenticated account=webshop)\r\n"
+      "\tfor <alice@example.org>; Sat, 28 Nov 2026 11:04:50 +0000\r\n";
+  CHECK(out == expected + in);  // Date and Message-ID present: nothing else changes
+  CHECK(allLinesShort(out, 78));
+}
+
+TEST_CASE("fix-ups: Received variants") {
+  SUBCASE("no TLS, SMTPUTF8, several recipients") {
+    TraceInfo t = trace();
+    t.tlsVersion.clear();
+    t.tlsCipher.clear();
+    t.smtputf8 = true;
+    t.recipient.clear();
+    const std::string out = applySubmissionFixups("Date: x\r\nMessage-ID: <y@z>\r\n\r\n", t);
+    CHECK(out.rfind("Received: from app.example.com ([192.0.2.10])\r\n"
+                    "\tby relay.example.net (subrelay) with UTF8SMTPA id 0190a1b2c3d4e5f6\r\n"
+                    "\t(authenticated account=webshop); Sat, 28 Nov 2026 11:04:50 +0000\r\n"
+                    "Date: x\r\n",
+                    0) == 0);
+    CHECK(out.find("version=") == std::string::npos);
+    CHECK(out.find(" for ") == std::string::npos);
+  }
+  SUBCASE("IPv6 client address without brackets") {
+    TraceInfo t = trace();
+    t.clientAddress = "2001:db8::25";
+    CHECK(applySubmissionFixups("", t).find("([IPv6:2001:db8::25])") != std::string::npos);
+    t.clientAddress = "192.0.2.7";
+    CHECK(applySubmissionFixups("", t).find("([192.0.2.7])") != std::string::npos);
+  }
+  SUBCASE("a hostile EHLO name cannot break the field") {
+    TraceInfo t = trace();
+    for (const char* helo : {"evil\r\nBcc: x@y", "a (b) c", "", "-bad-.example", "x..y", "[1.2.3.4] junk"}) {
+      CAPTURE(helo);
+      t.heloName = helo;
+      const std::string out = applySubmissionFixups("Date: x\r\nMessage-ID: <y@z>\r\n\r\n", t);
+      CHECK(out.rfind("Received: from unknown ([192.0.2.10])\r\n", 0) == 0);
+      auto b = scanHeaders(out);
+      CHECK(b.fields.size() == 3);
+    }
+    t.heloName = "[192.0.2.10]";
+    CHECK(applySubmissionFixups("", t).rfind("Received: from [192.0.2.10] ([192.0.2.10])", 0) == 0);
+  }
+  SUBCASE("comment text is escaped; odd recipients are left out") {
+    TraceInfo t = trace();
+    t.account = "we(b)\\shop\r\n";
+    t.recipient = "\"a b\"@example.org";
+    const std::string out = applySubmissionFixups("", t);
+    CHECK(out.find("(authenticated account=we\\(b\\)\\\\shop?" "?);") != std::string::npos);
+    CHECK(out.find("for <") == std::string::npos);
+  }
+  SUBCASE("long names fold under 78 characters where they can") {
+    TraceInfo t = trace();
+    t.hostname = std::string(40, 'h') + ".example.net";
+    t.heloName = std::string(60, 'c') + ".example.com";
+    t.recipient = std::string(50, 'r') + "@example.org";
+    const std::string out = applySubmissionFixups("", t);
+    auto b = scanHeaders(out);
+    REQUIRE(b.fields.size() == 3);
+    CHECK(b.fields[0].name == "Received");
+    // (A msg-id cannot be folded inside, so only the Received field is held to 78.)
+    CHECK(allLinesShort(out.substr(0, b.fields[0].length), 78));
+    // Folding moved the date to its own line but kept it in one piece.
+    CHECK(out.find("\r\n\tSat, 28 Nov 2026 11:04:50 +0000\r\n") != std::string::npos);
+  }
+}
+
+TEST_CASE("fix-ups: Date and Message-ID are added at the end of the header block when missing") {
+  const TraceInfo t = trace();
+  SUBCASE("both missing") {
+    const std::string in = "From: a@shop.example\r\nSubject: hi\r\n\r\nBody\r\n";
+    const std::string out = applySubmissionFixups(in, t);
+    auto b = scanHeaders(out);
+    REQUIRE(b.fields.size() == 5);
+    CHECK(b.fields[0].name == "Received");
+    CHECK(b.fields[1].name == "From");
+    CHECK(b.fields[2].name == "Subject");
+    CHECK(b.fields[3].name == "Date");
+    CHECK(b.fields[3].value == " Sat, 28 Nov 2026 11:04:50 +0000");
+    CHECK(b.fields[4].name == "Message-ID");
+    const std::string id(b.fields[4].value);
+    CHECK(id.rfind(" <0190a1b2c3d4e5f6.", 0) == 0);
+    CHECK(id.size() > std::string(" <0190a1b2c3d4e5f6.@relay.example.net>").size());
+    CHECK(id.substr(id.size() - 19) == "@relay.example.net>");
+    CHECK(out.substr(b.bodyOffset) == "Body\r\n");
+    // Two calls draw different Message-IDs.
+    CHECK(applySubmissionFixups(in, t) != out);
+  }
+  SUBCASE("names match case-insensitively") {
+    const std::string in = "date: Fri, 27 Nov 2026 10:00:00 +0000\r\nMESSAGE-id: <a@b>\r\n\r\nx";
+    const std::string out = applySubmissionFixups(in, t);
+    CHECK(out.substr(out.size() - in.size()) == in);
+    CHECK(scanHeaders(out).fields.size() == 3);
+  }
+  SUBCASE("only Date missing") {
+    const std::string in = "Message-ID: <a@b>\r\n\r\n";
+    auto b = scanHeaders(applySubmissionFixups(in, t));
+    REQUIRE(b.fields.size() == 3);
+    CHECK(b.fields[2].name == "Date");
+    CHECK(countFields(b, "message-id") == 1);
+  }
+  SUBCASE("everything else is byte for byte the same") {
+    const std::string in = "Subject: x\r\n folded\r\nX-Odd :  spaced \r\n\r\nline\r\n\r\n.dots\r\n";
+    const std::string out = applySubmissionFixups(in, t);
+    const std::string hdr = headerSection(in);
+    const size_t at = out.find(hdr);
+    REQUIRE(at != std::string::npos);
+    const size_t afterAdded = out.find("\r\n\r\nline", at);
+    REQUIRE(afterAdded != std::string::npos);
+    CHECK(out.substr(afterAdded + 2) == in.substr(hdr.size()));
+  }
+}
+
+TEST_CASE("fix-ups: messages without a proper header/body separator stay valid") {
+  const TraceInfo t = trace();
+  auto check = [&](const std::string& in, const std::string& expectBody) {
+    CAPTURE(in);
+    const std::string out = applySubmissionFixups(in, t);
+    auto b = scanHeaders(out);
+    CHECK(b.fields.front().name == "Received");
+    CHECK(findField(b, "Date") != nullptr);
+    CHECK(findField(b, "Message-ID") != nullptr);
+    CHECK(out.substr(b.bodyOffset) == expectBody);
+    // Nothing but CRLF line ends were introduced.
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (out[i] == '\r') CHECK((i + 1 < out.size() && out[i + 1] == '\n'));
+      if (out[i] == '\n') CHECK((i > 0 && out[i - 1] == '\r'));
+    }
+  };
+  check("", "");
+  check("Subject: x\r\n", "");
+  check("Subject: x", "");                          // no final CRLF: one is added
+  check("Subject: x\r", "");                        // lone CR completed, not doubled
+  check("Hello, no headers at all\r\n", "Hello, no headers at all\r\n");
+  check("Subject: x\r\nforgot the empty line\r\n", "forgot the empty line\r\n");
+  check("\r\nbody only\r\n", "body only\r\n");
+  check(" starts folded\r\n", " starts folded\r\n");
+}
