@@ -74,7 +74,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     peer_.address = conn_.peerAddress();
     peer_.port = conn_.peerPort();
     peer_.loopback = conn_.peerLoopback();
-    util::logDebug("smtpd", "connect id=" + std::to_string(id_) + " client=" + peer_.address);
+    util::logDebug("smtpd", "connect conn=" + tag() + " client=" + peer_.address);
     if (listener_.tls == config::ListenerTls::Implicit) {
       // RFC 8314 3.3: TLS from the first byte; the greeting comes after the handshake.
       conn_.startTls(rt.tlsServer);
@@ -103,12 +103,12 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
   void onTlsFailed(std::string_view why) override {
-    util::logInfo("smtpd", "TLS handshake failed id=" + std::to_string(id_) + " client=" + peer_.address +
+    util::logInfo("smtpd", "TLS handshake failed conn=" + tag() + " client=" + peer_.address +
                                " error=" + util::sanitizeForLog(why));
   }
 
   void onIdleTimeout() override {
-    util::logInfo("smtpd", "timeout id=" + std::to_string(id_) + " client=" + peer_.address);
+    util::logInfo("smtpd", "timeout conn=" + tag() + " client=" + peer_.address);
     if (session_.phase() == smtp::Phase::Greeting || session_.phase() == smtp::Phase::TlsPending) {
       conn_.close();
       return;
@@ -142,12 +142,12 @@ class SmtpConnection final : public net::ConnectionHandler {
     if (conn_.closing()) return;
     if (ok) {
       session_.onAuthResult(smtp::AuthVerdict::Ok);
-      util::logInfo("smtpd", "auth ok id=" + std::to_string(id_) + " client=" + peer_.address +
+      util::logInfo("smtpd", "auth ok conn=" + tag() + " client=" + peer_.address +
                                  " user=" + util::sanitizeForLog(authUser_, 64) + (cached ? " cached=yes" : ""));
       drive();
       return;
     }
-    util::logWarn("smtpd", "auth failed id=" + std::to_string(id_) + " client=" + peer_.address +
+    util::logWarn("smtpd", "auth failed conn=" + tag() + " client=" + peer_.address +
                                " user=" + util::sanitizeForLog(authUser_, 64));
     // A failed AUTH costs the client a delay (never the event loop): a timer, then 535.
     auto delay = worker_.runtime().config->limits.authFailureDelay;
@@ -180,7 +180,7 @@ class SmtpConnection final : public net::ConnectionHandler {
                                  " tls=" + (conn_.tls() ? conn_.tls()->version() : std::string("none")) +
                                  (captured ? " captured=yes" : ""));
     } else {
-      util::logError("queue", "store failed id=" + std::to_string(id_) + " error=" + r.error().message);
+      util::logError("queue", "store failed conn=" + tag() + " error=" + r.error().message);
       out.ok = false;
       out.code = 451;
       out.enhanced = "4.3.0";
@@ -192,6 +192,9 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
  private:
+  // "worker.counter", short and unique per process, for log lines.
+  std::string tag() const { return std::to_string(id_ >> 48) + "." + std::to_string(id_ & 0xffffffffffffULL); }
+
   void drive() {
     std::string out;
     for (;;) {
@@ -344,7 +347,7 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
   void refuseStore(int code, const char* enhanced, std::string text) {
-    util::logInfo("smtpd", "refused id=" + std::to_string(id_) + " account=" +
+    util::logInfo("smtpd", "refused conn=" + tag() + " account=" +
                                util::sanitizeForLog(session_.account(), 64) + " reason=\"" + text + "\"");
     smtp::StoreOutcome out;
     out.ok = false;
