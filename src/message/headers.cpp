@@ -101,9 +101,25 @@ bool isAtext(unsigned char c) {
   if (c >= 0x80) return true;
   if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) return true;
   switch (c) {
-    case '!': case '#': case '$': case '%': case '&': case '\'': case '*': case '+':
-    case '-': case '/': case '=': case '?': case '^': case '_': case '`': case '{':
-    case '|': case '}': case '~':
+    case '!':
+    case '#':
+    case '$':
+    case '%':
+    case '&':
+    case '\'':
+    case '*':
+    case '+':
+    case '-':
+    case '/':
+    case '=':
+    case '?':
+    case '^':
+    case '_':
+    case '`':
+    case '{':
+    case '|':
+    case '}':
+    case '~':
       return true;
     default:
       return false;
@@ -112,7 +128,13 @@ bool isAtext(unsigned char c) {
 
 bool isSpecial(char c) {
   switch (c) {
-    case '<': case '>': case '@': case ',': case ':': case ';': case '.':
+    case '<':
+    case '>':
+    case '@':
+    case ',':
+    case ':':
+    case ';':
+    case '.':
       return true;
     default:
       return false;

@@ -101,8 +101,7 @@ util::Result<int> migrate(sqlite3* db, std::span<const Migration> steps, int tar
   if (!exec(db, "BEGIN IMMEDIATE", &err)) return fail(db, "cannot start schema transaction: " + err);
 
   int appId = 0;
-  if (!readPragmaInt(db, "PRAGMA application_id", &appId, &err))
-    return fail(db, "cannot read application_id: " + err);
+  if (!readPragmaInt(db, "PRAGMA application_id", &appId, &err)) return fail(db, "cannot read application_id: " + err);
   if (appId != 0 && appId != kApplicationId)
     return fail(db, "not a subrelay queue database (application_id " + std::to_string(appId) + ")");
 
@@ -120,8 +119,7 @@ util::Result<int> migrate(sqlite3* db, std::span<const Migration> steps, int tar
       return fail(db, "schema migration to version " + std::to_string(step.version) + " failed: " + err);
     version = step.version;
   }
-  if (version != target)
-    return fail(db, "no migration path to schema version " + std::to_string(target));
+  if (version != target) return fail(db, "no migration path to schema version " + std::to_string(target));
 
   // Pragmas take no bound parameters; both values are integers we produced.
   if (version != before && !exec(db, "PRAGMA user_version = " + std::to_string(version), &err))

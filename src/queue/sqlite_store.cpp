@@ -72,7 +72,7 @@ namespace {
 
 // One SELECT for messages joined with their recipients: a single statement reads one
 // snapshot, so a list never shows a message with half of an update applied.
-#define SUBRELAY_MESSAGE_COLUMNS                                                            \
+#define SUBRELAY_MESSAGE_COLUMNS                                                         \
   "SELECT m.id, m.account, m.mail_from, m.size, m.received_at, m.captured, m.smtputf8, " \
   "m.client_address, m.helo, m.tls_version, m.tls_cipher, "                              \
   "r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_error, r.updated_at "   \
@@ -193,12 +193,10 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       return util::makeError(where + " has schema version " + std::to_string(version) +
                              ", newer than this subrelay supports (" + std::to_string(kSchemaVersion) + ")");
     if (version < kSchemaVersion)
-      return util::makeError(where + " has schema version " + std::to_string(version) +
-                             ", older than " + std::to_string(kSchemaVersion) +
-                             "; start `subrelay serve` once to migrate it");
+      return util::makeError(where + " has schema version " + std::to_string(version) + ", older than " +
+                             std::to_string(kSchemaVersion) + "; start `subrelay serve` once to migrate it");
   } else if (version != kSchemaVersion || appId != schema::kApplicationId) {
-    if (version == 0 && !opts.create)
-      return util::makeError(where + " is not initialised and create=false");
+    if (version == 0 && !opts.create) return util::makeError(where + " is not initialised and create=false");
     auto migrated = schema::migrate(raw, schema::migrations(), kSchemaVersion);
     if (!migrated) return util::makeError(where + ": " + migrated.error().message);
     version = *migrated;
@@ -294,8 +292,7 @@ std::vector<util::Result<std::string>> SqliteStore::insertBatch(const std::vecto
       sqlite3_bind_text(st, 4, state, -1, SQLITE_STATIC);
       sqlite3_bind_int64(st, 5, next);
       sqlite3_bind_int64(st, 6, m.receivedAt);
-      if (sqlite3_step(st) != SQLITE_DONE)
-        failure = "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
+      if (sqlite3_step(st) != SQLITE_DONE) failure = "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
     }
     if (!failure.empty()) {
       // ROLLBACK TO undoes the rows but keeps the savepoint open; RELEASE closes it.
@@ -399,9 +396,9 @@ std::string newQueueId() {
   static uint32_t seq = 0;
   static std::mt19937 rng{std::random_device{}()};
 
-  const auto nowMs = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                               std::chrono::system_clock::now().time_since_epoch())
-                                               .count());
+  const auto nowMs = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count());
   uint64_t id;
   {
     std::lock_guard lock(mu);

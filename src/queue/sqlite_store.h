@@ -20,8 +20,8 @@ struct sqlite3;
 namespace subrelay::queue {
 
 struct OpenOptions {
-  bool readOnly = false;     // `queue list/show` while serve runs
-  bool create = true;        // create the file and schema if missing
+  bool readOnly = false;  // `queue list/show` while serve runs
+  bool create = true;     // create the file and schema if missing
 };
 
 class SqliteStore final : public Store {

@@ -224,8 +224,8 @@ TEST_CASE("parseAddressList: only the real address counts (sender authorisation)
   CHECK(parseAddressList("a@b.example\r\nBcc: c@d.example").empty());  // not a fold
   CHECK(parseAddressList(std::string("a@b\0.example", 12)).empty());
   CHECK(parseAddressList("G: a@b.example, H: c@d.example;;").empty());  // nested group
-  CHECK(parseAddressList(": a@b.example;").empty());                   // group without name
-  CHECK(parseAddressList("G: a@b.example").empty());                   // group without ";"
+  CHECK(parseAddressList(": a@b.example;").empty());                    // group without name
+  CHECK(parseAddressList("G: a@b.example").empty());                    // group without ";"
   CHECK(parseAddressList("a@b.example\x01").empty());
 }
 
@@ -248,8 +248,9 @@ TEST_CASE("withProtocol: RFC 3848 and RFC 6531 transmission types") {
 }
 
 TEST_CASE("fix-ups: Received is prepended in RFC 5321 4.4 form") {
-  const std::string in = "From: a@shop.example\r\nDate: Fri, 27 Nov 2026 10:00:00 +0000\r\n"
-                         "Message-ID: <x@shop.example>\r\n\r\nHello\r\n";
+  const std::string in =
+      "From: a@shop.example\r\nDate: Fri, 27 Nov 2026 10:00:00 +0000\r\n"
+      "Message-ID: <x@shop.example>\r\n\r\nHello\r\n";
   const std::string out = applySubmissionFixups(in, trace());
   const std::string expected =
       "Received: from app.example.com ([192.0.2.10])\r\n"
@@ -302,7 +303,8 @@ TEST_CASE("fix-ups: Received variants") {
     t.account = "we(b)\\shop\r\n";
     t.recipient = "\"a b\"@example.org";
     const std::string out = applySubmissionFixups("", t);
-    CHECK(out.find("(authenticated account=we\\(b\\)\\\\shop?" "?);") != std::string::npos);
+    CHECK(out.find("(authenticated account=we\\(b\\)\\\\shop?"
+                   "?);") != std::string::npos);
     CHECK(out.find("for <") == std::string::npos);
   }
   SUBCASE("long names fold under 78 characters where they can") {
@@ -350,7 +352,8 @@ TEST_CASE("fix-ups: Date and Message-ID are added at the end of the header block
   }
   SUBCASE("only Date missing") {
     const std::string in = "Message-ID: <a@b>\r\n\r\n";
-    auto b = scanHeaders(applySubmissionFixups(in, t));
+    const std::string out = applySubmissionFixups(in, t);  // b's views point into it
+    auto b = scanHeaders(out);
     REQUIRE(b.fields.size() == 3);
     CHECK(b.fields[2].name == "Date");
     CHECK(countFields(b, "message-id") == 1);
@@ -385,8 +388,8 @@ TEST_CASE("fix-ups: messages without a proper header/body separator stay valid")
   };
   check("", "");
   check("Subject: x\r\n", "");
-  check("Subject: x", "");                          // no final CRLF: one is added
-  check("Subject: x\r", "");                        // lone CR completed, not doubled
+  check("Subject: x", "");    // no final CRLF: one is added
+  check("Subject: x\r", "");  // lone CR completed, not doubled
   check("Hello, no headers at all\r\n", "Hello, no headers at all\r\n");
   check("Subject: x\r\nforgot the empty line\r\n", "forgot the empty line\r\n");
   check("\r\nbody only\r\n", "body only\r\n");

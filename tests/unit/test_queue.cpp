@@ -192,8 +192,8 @@ TEST_CASE_TEMPLATE("store contract", B, FileBackend, MemoryBackend) {
     NewMessage noRcpt = makeMessage("00000000000000cc", 1'800'000'000, 0);
     NewMessage noId = makeMessage("");
     auto res = store->insertBatch({makeMessage("00000000000000b1"), makeMessage("00000000000000aa"),
-                                   makeMessage("00000000000000b2"), makeMessage("00000000000000b2"), noRcpt,
-                                   noId, makeMessage("00000000000000b3")});
+                                   makeMessage("00000000000000b2"), makeMessage("00000000000000b2"), noRcpt, noId,
+                                   makeMessage("00000000000000b3")});
     REQUIRE(res.size() == 7);
     CHECK(res[0].ok());
     REQUIRE_FALSE(res[1].ok());  // duplicate of an earlier batch
@@ -287,9 +287,9 @@ TEST_CASE("queue ids are 16 hex characters, unique and increasing") {
   for (size_t i = 1; i < ids.size(); ++i) REQUIRE(ids[i - 1] < ids[i]);
   // The top 48 bits are milliseconds since the epoch: close to now.
   const auto ms = std::stoull(ids.back().substr(0, 12), nullptr, 16);
-  const auto now = static_cast<unsigned long long>(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                        std::chrono::system_clock::now().time_since_epoch())
-                                                        .count());
+  const auto now = static_cast<unsigned long long>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count());
   CHECK(ms <= now + 5000);
   CHECK(ms + 60000 >= now);
 }
@@ -334,7 +334,10 @@ TEST_CASE("open options") {
     OpenOptions o;
     o.readOnly = true;
     CHECK_FALSE(SqliteStore::open(dir.file("missing.db"), o).ok());
-    { RawDb raw(dir.file("empty.db")); REQUIRE(raw.exec("CREATE TABLE t(x)")); }
+    {
+      RawDb raw(dir.file("empty.db"));
+      REQUIRE(raw.exec("CREATE TABLE t(x)"));
+    }
     auto r = SqliteStore::open(dir.file("empty.db"), o);
     REQUIRE_FALSE(r.ok());
     CHECK(r.error().message.find("not an initialised") != std::string::npos);
@@ -372,8 +375,14 @@ TEST_CASE("an old database is migrated forward at open") {
 TEST_CASE("a database from a newer subrelay is refused with a clear error") {
   TempDir dir;
   const std::string path = dir.file("new.db");
-  { auto store = mustOpen(path); REQUIRE(store->insertBatch({makeMessage("0000000000000001")})[0].ok()); }
-  { RawDb raw(path); REQUIRE(raw.exec("PRAGMA user_version=" + std::to_string(SqliteStore::kSchemaVersion + 1))); }
+  {
+    auto store = mustOpen(path);
+    REQUIRE(store->insertBatch({makeMessage("0000000000000001")})[0].ok());
+  }
+  {
+    RawDb raw(path);
+    REQUIRE(raw.exec("PRAGMA user_version=" + std::to_string(SqliteStore::kSchemaVersion + 1)));
+  }
   for (bool readOnly : {false, true}) {
     CAPTURE(readOnly);
     OpenOptions o;
@@ -391,7 +400,10 @@ TEST_CASE("a database from a newer subrelay is refused with a clear error") {
 TEST_CASE("a database that belongs to another application is refused") {
   TempDir dir;
   const std::string path = dir.file("other.db");
-  { RawDb raw(path); REQUIRE(raw.exec("PRAGMA application_id=42; CREATE TABLE x(y)")); }
+  {
+    RawDb raw(path);
+    REQUIRE(raw.exec("PRAGMA application_id=42; CREATE TABLE x(y)"));
+  }
   auto r = SqliteStore::open(path);
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().message.find("not a subrelay queue") != std::string::npos);
@@ -401,7 +413,10 @@ TEST_CASE("read-only open of an older schema asks for a migration instead of doi
   TempDir dir;
   const std::string path = dir.file("q.db");
   { auto store = mustOpen(path); }
-  { RawDb raw(path); REQUIRE(raw.exec("PRAGMA user_version=0")); }
+  {
+    RawDb raw(path);
+    REQUIRE(raw.exec("PRAGMA user_version=0"));
+  }
   OpenOptions o;
   o.readOnly = true;
   CHECK_FALSE(SqliteStore::open(path, o).ok());
@@ -463,8 +478,9 @@ TEST_CASE("a read-only store sees committed data while a writer holds the databa
   // Another connection holds the write lock with an uncommitted message.
   RawDb other(path);
   REQUIRE(other.exec("BEGIN IMMEDIATE"));
-  REQUIRE(other.exec("INSERT INTO messages (id, account, mail_from, size, received_at, content) "
-                     "VALUES ('00000000000000ff', 'x', '', 0, 300, x'')"));
+  REQUIRE(
+      other.exec("INSERT INTO messages (id, account, mail_from, size, received_at, content) "
+                 "VALUES ('00000000000000ff', 'x', '', 0, 300, x'')"));
   auto during = reader->list();
   REQUIRE(during.ok());  // not SQLITE_BUSY: WAL readers never wait for the writer
   CHECK(during->size() == 2);
@@ -657,7 +673,8 @@ TEST_CASE("group commit: concurrent sessions share commits (file database)") {
     commits = gc.commits();
     CHECK(gc.messages() == kThreads * kPerThread);
   }
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start).count();
+  const auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start).count();
   CHECK(w.errors().empty());
   CHECK(w.ok().size() == kThreads * kPerThread);
   CHECK(store->count().value() == kThreads * kPerThread);
