@@ -58,9 +58,8 @@ std::string Authenticator::mac(std::string_view username, std::string_view passw
   msg.append(password);
   unsigned char out[EVP_MAX_MD_SIZE];
   unsigned int outLen = 0;
-  const unsigned char* ok =
-      HMAC(EVP_sha256(), macKey_.data(), macKey_.size(),
-           reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), out, &outLen);
+  const unsigned char* ok = HMAC(EVP_sha256(), macKey_.data(), macKey_.size(),
+                                 reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), out, &outLen);
   OPENSSL_cleanse(msg.data(), msg.size());
   if (!ok || outLen != kMacLen) std::abort();  // HMAC-SHA256 cannot fail but on OOM
   return std::string(reinterpret_cast<const char*>(out), outLen);

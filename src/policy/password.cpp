@@ -44,9 +44,7 @@ struct Parsed {
   std::string key;
 };
 
-uint64_t memoryFor(const ScryptParams& p) {
-  return 128 * uint64_t(p.r) * (uint64_t(1) << p.logN);
-}
+uint64_t memoryFor(const ScryptParams& p) { return 128 * uint64_t(p.r) * (uint64_t(1) << p.logN); }
 
 std::string checkParams(const ScryptParams& p) {
   if (p.logN < kMinLogN || p.logN > kMaxLogN) return "ln must be 10..20";
@@ -58,8 +56,7 @@ std::string checkParams(const ScryptParams& p) {
 
 // "name=<decimal>" with no sign, no leading zero, at most two digits (all bounds fit).
 bool parseField(std::string_view s, std::string_view name, int& out) {
-  if (s.size() <= name.size() + 1 || s.substr(0, name.size()) != name ||
-      s[name.size()] != '=') {
+  if (s.size() <= name.size() + 1 || s.substr(0, name.size()) != name || s[name.size()] != '=') {
     return false;
   }
   std::string_view digits = s.substr(name.size() + 1);
@@ -116,21 +113,18 @@ std::optional<Parsed> parse(std::string_view s, std::string& why) {
   return out;
 }
 
-bool derive(std::string_view password, std::string_view salt, const ScryptParams& p,
-            unsigned char* out) {
+bool derive(std::string_view password, std::string_view salt, const ScryptParams& p, unsigned char* out) {
   // Room for V (128*r*N), B (128*r*p) and the library's own bookkeeping; both libraries
   // refuse to run above max_mem (BoringSSL's default of 32 MiB is just below ln=15, r=8).
   uint64_t maxMem = memoryFor(p) + 128 * uint64_t(p.r) * uint64_t(p.p) + (1 << 20);
-  return EVP_PBE_scrypt(password.data(), password.size(),
-                        reinterpret_cast<const unsigned char*>(salt.data()), salt.size(),
-                        uint64_t(1) << p.logN, uint64_t(p.r), uint64_t(p.p),
-                        static_cast<size_t>(maxMem), out, kKeyLen) == 1;
+  return EVP_PBE_scrypt(password.data(), password.size(), reinterpret_cast<const unsigned char*>(salt.data()),
+                        salt.size(), uint64_t(1) << p.logN, uint64_t(p.r), uint64_t(p.p), static_cast<size_t>(maxMem),
+                        out, kKeyLen) == 1;
 }
 
 std::string encode(const ScryptParams& p, std::string_view salt, std::string_view key) {
   std::string out(kPrefix);
-  out += "ln=" + std::to_string(p.logN) + ",r=" + std::to_string(p.r) +
-         ",p=" + std::to_string(p.p) + "$";
+  out += "ln=" + std::to_string(p.logN) + ",r=" + std::to_string(p.r) + ",p=" + std::to_string(p.p) + "$";
   out += util::base64Encode(salt);
   out += '$';
   out += util::base64Encode(key);

@@ -20,8 +20,7 @@ namespace subrelay::policy {
 namespace {
 
 // Splits an address, honouring a quoted local part; false when ambiguous or malformed.
-bool splitStrict(std::string_view address, std::string_view& local, std::string_view& domain,
-                 bool& quoted) {
+bool splitStrict(std::string_view address, std::string_view& local, std::string_view& domain, bool& quoted) {
   if (address.empty()) return false;
   for (char c : address) {
     if (c == '\r' || c == '\n' || c == '\0') return false;
@@ -53,8 +52,7 @@ bool splitStrict(std::string_view address, std::string_view& local, std::string_
   return true;
 }
 
-bool localPartsMatch(std::string_view want, bool wantQuoted, std::string_view got,
-                     bool gotQuoted) {
+bool localPartsMatch(std::string_view want, bool wantQuoted, std::string_view got, bool gotQuoted) {
   if (wantQuoted || gotQuoted) return want == got;
   return util::iequals(want, got);  // folds ASCII only; other bytes compare exactly
 }
@@ -82,8 +80,7 @@ bool senderAllowed(const std::vector<std::string>& senders, std::string_view add
     std::string_view wantLocal, wantDomain;
     bool wantQuoted = false;
     if (!splitStrict(entry, wantLocal, wantDomain, wantQuoted)) continue;
-    if (util::iequals(wantDomain, domain) &&
-        localPartsMatch(wantLocal, wantQuoted, local, quoted)) {
+    if (util::iequals(wantDomain, domain) && localPartsMatch(wantLocal, wantQuoted, local, quoted)) {
       return true;
     }
   }

@@ -101,8 +101,7 @@ util::Result<std::string> bioToString(BIO* bio) {
 }  // namespace
 
 util::Result<PemPair> makeSelfSigned(const std::string& hostname, int days) {
-  if (hostname.empty() || hostname.size() > 253 ||
-      hostname.find('\0') != std::string::npos) {
+  if (hostname.empty() || hostname.size() > 253 || hostname.find('\0') != std::string::npos) {
     return util::makeError("self-signed certificate: invalid host name");
   }
   if (days < 1 || days > 3650) {
@@ -136,8 +135,7 @@ util::Result<PemPair> makeSelfSigned(const std::string& hostname, int days) {
   if (!X509_set_pubkey(cert.get(), key.get())) return failure("public key");
 
   X509_NAME* name = X509_get_subject_name(cert.get());
-  if (!X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
-                                  reinterpret_cast<const unsigned char*>(hostname.c_str()),
+  if (!X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>(hostname.c_str()),
                                   static_cast<int>(hostname.size()), -1, 0) ||
       !X509_set_issuer_name(cert.get(), name)) {
     return failure("subject name");
@@ -146,12 +144,10 @@ util::Result<PemPair> makeSelfSigned(const std::string& hostname, int days) {
   // RFC 6125 6.4.4: clients match the subjectAltName, not the CN.
   GeneralNamesPtr names(sk_GENERAL_NAME_new_null());
   if (!names) return failure("subjectAltName");
-  bool ok = isIpLiteral(hostname) ? addIp(names.get(), hostname.c_str())
-                                  : addDns(names.get(), hostname);
+  bool ok = isIpLiteral(hostname) ? addIp(names.get(), hostname.c_str()) : addDns(names.get(), hostname);
   if (hostname != "127.0.0.1") ok = ok && addIp(names.get(), "127.0.0.1");
   if (hostname != "::1") ok = ok && addIp(names.get(), "::1");
-  if (!ok || !X509_add1_ext_i2d(cert.get(), NID_subject_alt_name, names.get(), 0,
-                                X509V3_ADD_DEFAULT)) {
+  if (!ok || !X509_add1_ext_i2d(cert.get(), NID_subject_alt_name, names.get(), 0, X509V3_ADD_DEFAULT)) {
     return failure("subjectAltName");
   }
 
@@ -168,8 +164,7 @@ util::Result<PemPair> makeSelfSigned(const std::string& hostname, int days) {
   BioPtr certBio(BIO_new(BIO_s_mem()));
   BioPtr keyBio(BIO_new(BIO_s_mem()));
   if (!certBio || !keyBio || !PEM_write_bio_X509(certBio.get(), cert.get()) ||
-      !PEM_write_bio_PrivateKey(keyBio.get(), key.get(), nullptr, nullptr, 0, nullptr,
-                                nullptr)) {
+      !PEM_write_bio_PrivateKey(keyBio.get(), key.get(), nullptr, nullptr, 0, nullptr, nullptr)) {
     return failure("PEM encoding");
   }
   auto certPem = bioToString(certBio.get());

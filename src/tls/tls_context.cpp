@@ -80,8 +80,7 @@ util::Result<void> configureCommon(SSL_CTX* ctx, bool server) {
 util::Result<std::string> readSmallFile(const std::string& path, const char* what) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
-    return util::makeError("cannot open " + std::string(what) + " " + path + ": " +
-                           std::strerror(errno));
+    return util::makeError("cannot open " + std::string(what) + " " + path + ": " + std::strerror(errno));
   }
   in.seekg(0, std::ios::end);
   std::streamoff size = in.tellg();
@@ -108,8 +107,7 @@ bool onlyNoStartLine() {
 }
 
 // certWhat / keyWhat name the source in errors ("certificate file /etc/...").
-util::Result<SslCtxPtr> buildServerCtx(std::string_view certPem, std::string_view keyPem,
-                                       const std::string& certWhat,
+util::Result<SslCtxPtr> buildServerCtx(std::string_view certPem, std::string_view keyPem, const std::string& certWhat,
                                        const std::string& keyWhat) {
   ERR_clear_error();
   SslCtxPtr ctx(SSL_CTX_new(TLS_method()));
@@ -142,8 +140,7 @@ util::Result<SslCtxPtr> buildServerCtx(std::string_view certPem, std::string_vie
   if (!keyBio) return util::makeError("out of memory");
   PkeyPtr key(PEM_read_bio_PrivateKey(keyBio.get(), nullptr, noPassword, nullptr));
   if (!key) {
-    return util::makeError(keyWhat +
-                           ": no unencrypted PEM private key found (" + lastTlsError() + ")");
+    return util::makeError(keyWhat + ": no unencrypted PEM private key found (" + lastTlsError() + ")");
   }
   if (!SSL_CTX_use_PrivateKey(ctx.get(), key.get()) || !SSL_CTX_check_private_key(ctx.get())) {
     ERR_clear_error();
@@ -177,13 +174,12 @@ std::string lastTlsError() {
 }
 
 util::Result<std::shared_ptr<TlsContext>> TlsContext::serverFromFiles(const std::string& certFile,
-                                                                   const std::string& keyFile) {
+                                                                      const std::string& keyFile) {
   auto cert = readSmallFile(certFile, "certificate file");
   if (!cert) return cert.error();
   auto key = readSmallFile(keyFile, "private key file");
   if (!key) return key.error();
-  auto ctx = buildServerCtx(*cert, *key, "certificate file " + certFile,
-                            "private key file " + keyFile);
+  auto ctx = buildServerCtx(*cert, *key, "certificate file " + certFile, "private key file " + keyFile);
   // The key's bytes are secret: do not leave them in freed heap memory.
   OPENSSL_cleanse(key->data(), key->size());
   if (!ctx) return ctx.error();
@@ -191,7 +187,7 @@ util::Result<std::shared_ptr<TlsContext>> TlsContext::serverFromFiles(const std:
 }
 
 util::Result<std::shared_ptr<TlsContext>> TlsContext::serverFromPem(const std::string& certPem,
-                                                                 const std::string& keyPem) {
+                                                                    const std::string& keyPem) {
   auto ctx = buildServerCtx(certPem, keyPem, "certificate PEM", "private key PEM");
   if (!ctx) return ctx.error();
   return std::shared_ptr<TlsContext>(new TlsContext(ctx->release(), true));

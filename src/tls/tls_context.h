@@ -12,8 +12,8 @@ typedef struct ssl_ctx_st SSL_CTX;
 namespace subrelay::tls {
 
 struct ClientOptions {
-  bool verifyPeer = false;     // chain against the trust store; host name checked per engine
-  std::string caFile;          // "" = system default trust store
+  bool verifyPeer = false;  // chain against the trust store; host name checked per engine
+  std::string caFile;       // "" = system default trust store
 };
 
 class TlsContext {
@@ -21,8 +21,7 @@ class TlsContext {
   // Server context from PEM files (certificate chain and private key, key must match).
   static util::Result<std::shared_ptr<TlsContext>> serverFromFiles(const std::string& certFile,
                                                                    const std::string& keyFile);
-  static util::Result<std::shared_ptr<TlsContext>> serverFromPem(const std::string& certPem,
-                                                                 const std::string& keyPem);
+  static util::Result<std::shared_ptr<TlsContext>> serverFromPem(const std::string& certPem, const std::string& keyPem);
   static util::Result<std::shared_ptr<TlsContext>> client(const ClientOptions& opts);
 
   ~TlsContext();

@@ -45,8 +45,8 @@ class TlsEngine {
   bool handshakeDone() const { return state_ == EngineState::Open || state_ == EngineState::Closed; }
   const std::string& error() const { return error_; }
 
-  std::string version() const;  // "TLSv1.3"
-  std::string cipher() const;   // "TLS_AES_128_GCM_SHA256"
+  std::string version() const;          // "TLSv1.3"
+  std::string cipher() const;           // "TLS_AES_128_GCM_SHA256"
   std::string peerVerifyError() const;  // "" when verified or not verifying
 
   // The underlying SSL, for diagnostics and tests (session resumption, peer
@@ -64,10 +64,10 @@ class TlsEngine {
   BIO* rbio_ = nullptr;  // ciphertext from the peer; owned by ssl_
   BIO* wbio_ = nullptr;  // ciphertext for the peer; owned by ssl_
   EngineState state_ = EngineState::Handshaking;
-  bool verifying_ = false;    // client context with SSL_VERIFY_PEER
+  bool verifying_ = false;  // client context with SSL_VERIFY_PEER
   bool started_ = false;
-  bool peerClosed_ = false;   // close_notify received
-  bool sentClose_ = false;    // close_notify queued by shutdown()
+  bool peerClosed_ = false;  // close_notify received
+  bool sentClose_ = false;   // close_notify queued by shutdown()
   std::string error_;
   std::string plainIn_;   // decrypted, not yet taken
   std::string plainOut_;  // app data waiting for the handshake to finish

@@ -29,8 +29,7 @@ template <typename F>
 double averageMs(int runs, F&& f) {
   auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < runs; ++i) f();
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() /
-         runs;
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / runs;
 }
 }  // namespace
 
@@ -187,8 +186,8 @@ TEST_CASE("splitAddress") {
 }
 
 TEST_CASE("sender rules") {
-  const std::vector<std::string> rules = {"@shop.example.com", "alerts@example.org",
-                                          "\"Quoted Name\"@example.net", "@Mixed.Example"};
+  const std::vector<std::string> rules = {"@shop.example.com", "alerts@example.org", "\"Quoted Name\"@example.net",
+                                          "@Mixed.Example"};
   struct Row {
     const char* address;
     bool allowed;
@@ -253,9 +252,7 @@ TEST_CASE("sender rules") {
 }
 
 TEST_CASE("Authenticator: ok, wrong password, unknown user, cache") {
-  Authenticator auth({{"alice", fastHash("wonderland")},
-                      {"bob", fastHash("builder")},
-                      {"broken", "not a hash"}});
+  Authenticator auth({{"alice", fastHash("wonderland")}, {"bob", fastHash("builder")}, {"broken", "not a hash"}});
   CHECK_FALSE(auth.cachedOk("alice", "wonderland"));
   CHECK(auth.verify("alice", "wonderland") == AuthCheck::Ok);
   CHECK(auth.cachedOk("alice", "wonderland"));
