@@ -22,7 +22,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <initializer_list>
@@ -44,7 +43,7 @@ using Json = nlohmann::json;
 constexpr uint64_t kU32Max = std::numeric_limits<uint32_t>::max();
 constexpr uint64_t kU64Max = std::numeric_limits<uint64_t>::max();
 // A config file is a few kilobytes; anything this big is a mistake (wrong file).
-constexpr off_t kMaxConfigFileBytes = 16 * 1024 * 1024;
+constexpr off_t kMaxConfigFileBytes = off_t{16} * 1024 * 1024;
 
 // ---- rendering input in messages -------------------------------------------------------
 
@@ -61,9 +60,10 @@ std::string quote(std::string_view s, size_t max = 80) {
       out += '\\';
       out += static_cast<char>(c);
     } else if (c < 0x20 || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 0xF];
     } else {
       out += static_cast<char>(c);
     }
@@ -77,15 +77,24 @@ std::string quote(std::string_view s, size_t max = 80) {
 // dumping recurses, and a hostile document can nest deeply.
 std::string describe(const Json& v) {
   switch (v.type()) {
-    case Json::value_t::null: return "null";
-    case Json::value_t::boolean: return v.get<bool>() ? "true" : "false";
-    case Json::value_t::string: return quote(v.get_ref<const std::string&>());
-    case Json::value_t::number_integer: return std::to_string(v.get<int64_t>());
-    case Json::value_t::number_unsigned: return std::to_string(v.get<uint64_t>());
-    case Json::value_t::number_float: return v.dump();
-    case Json::value_t::array: return v.empty() ? "an empty array" : "an array";
-    case Json::value_t::object: return v.empty() ? "an empty object" : "an object";
-    default: return "an unsupported value";
+    case Json::value_t::null:
+      return "null";
+    case Json::value_t::boolean:
+      return v.get<bool>() ? "true" : "false";
+    case Json::value_t::string:
+      return quote(v.get_ref<const std::string&>());
+    case Json::value_t::number_integer:
+      return std::to_string(v.get<int64_t>());
+    case Json::value_t::number_unsigned:
+      return std::to_string(v.get<uint64_t>());
+    case Json::value_t::number_float:
+      return v.dump();
+    case Json::value_t::array:
+      return v.empty() ? "an empty array" : "an array";
+    case Json::value_t::object:
+      return v.empty() ? "an empty object" : "an object";
+    default:
+      return "an unsupported value";
   }
 }
 
@@ -94,8 +103,7 @@ std::string describe(const Json& v) {
 bool isIdentifier(std::string_view k) {
   if (k.empty()) return false;
   for (char c : k)
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_'))
-      return false;
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_')) return false;
   return !(k[0] >= '0' && k[0] <= '9');
 }
 
@@ -106,9 +114,7 @@ std::string child(const std::string& base, std::string_view key) {
   return base + "[" + quote(key, 200) + "]";
 }
 
-std::string item(const std::string& base, size_t i) {
-  return base + "[" + std::to_string(i) + "]";
-}
+std::string item(const std::string& base, size_t i) { return base + "[" + std::to_string(i) + "]"; }
 
 // ---- "did you mean" --------------------------------------------------------------------
 
@@ -176,15 +182,16 @@ std::string domainProblem(std::string_view name) {
   return {};
 }
 
+// inet_pton reads a C string: a NUL inside s would end it early ("127.0.0.1\0junk").
 bool isIpv4(std::string_view s) {
-  if (s.size() > 15) return false;
+  if (s.size() > 15 || s.find('\0') != std::string_view::npos) return false;
   std::string z(s);
   in_addr a{};
   return ::inet_pton(AF_INET, z.c_str(), &a) == 1;
 }
 
 bool isIpv6(std::string_view s) {
-  if (s.size() > 45) return false;
+  if (s.size() > 45 || s.find('\0') != std::string_view::npos) return false;
   std::string z(s);
   in6_addr a{};
   return ::inet_pton(AF_INET6, z.c_str(), &a) == 1;
@@ -275,8 +282,7 @@ std::string canonicalAddress(const std::string& host, uint16_t port) {
 
 // "" when s is an acceptable accounts[].senders entry; out is its normal form.
 std::string senderProblem(std::string_view s, std::string& out) {
-  if (s.find('*') != std::string_view::npos)
-    return "wildcards are not supported: list each domain as \"@domain\"";
+  if (s.find('*') != std::string_view::npos) return "wildcards are not supported: list each domain as \"@domain\"";
   for (char c : s) {
     auto u = static_cast<unsigned char>(c);
     if (u <= 0x20 || u == 0x7f) return "spaces and control characters are not allowed";
@@ -300,8 +306,8 @@ std::string senderProblem(std::string_view s, std::string& out) {
     static constexpr std::string_view kAtextSpecials = "!#$%&'*+-/=?^_`{|}~.";
     for (char c : local) {
       auto u = static_cast<unsigned char>(c);
-      bool ok = u >= 0x80 || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                (c >= '0' && c <= '9') || kAtextSpecials.find(c) != std::string_view::npos;
+      bool ok = u >= 0x80 || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                kAtextSpecials.find(c) != std::string_view::npos;
       if (!ok) return "the local part may only hold letters, digits and !#$%&'*+-/=?^_`{|}~.";
     }
   }
@@ -320,9 +326,7 @@ class Validator {
  public:
   explicit Validator(std::vector<ConfigError>& errors) : errors_(errors) {}
 
-  void fail(const std::string& path, std::string message) {
-    errors_.push_back(ConfigError{path, std::move(message)});
-  }
+  void fail(const std::string& path, std::string message) { errors_.push_back(ConfigError{path, std::move(message)}); }
 
   // Reports and returns false when v is not an object.
   bool object(const Json& v, const std::string& path) {
@@ -447,16 +451,16 @@ class Validator {
  private:
   bool durationCommon(const Json& v, const std::string& path, bool allowMs, bool zeroAllowed,
                       std::chrono::milliseconds& out) {
-    const std::string expected = allowMs
-        ? "expected a duration such as \"250ms\", \"30s\", \"5m\", \"1h\" or \"5d\""
-        : "expected a duration such as \"30s\", \"5m\", \"1h\" or \"5d\"";
+    const std::string expected = allowMs ? "expected a duration such as \"250ms\", \"30s\", \"5m\", \"1h\" or \"5d\""
+                                         : "expected a duration such as \"30s\", \"5m\", \"1h\" or \"5d\"";
     if (!v.is_string()) {
       fail(path, expected + ", got " + describe(v));
       return false;
     }
     const auto& s = v.get_ref<const std::string&>();
     switch (checkDuration(s, allowMs, out)) {
-      case DurationProblem::None: return true;
+      case DurationProblem::None:
+        return true;
       case DurationProblem::Zero:
         if (zeroAllowed) return true;
         fail(path, "expected a duration greater than zero, got " + describe(v));
@@ -467,7 +471,8 @@ class Validator {
       case DurationProblem::Milliseconds:
         fail(path, expected + ", got " + describe(v) + " (this setting counts whole seconds)");
         return false;
-      case DurationProblem::Syntax: break;
+      case DurationProblem::Syntax:
+        break;
     }
     fail(path, expected + ", got " + describe(v));
     return false;
@@ -487,8 +492,9 @@ class ConfigReader {
       v_.fail("", "expected a JSON object at the top level, got " + describe(root));
       return;
     }
-    v_.rejectUnknown(root, "", {"hostname", "data_dir", "tls", "listeners", "limits", "accounts",
-                                "dkim", "delivery", "log_level", "workers"});
+    v_.rejectUnknown(
+        root, "",
+        {"hostname", "data_dir", "tls", "listeners", "limits", "accounts", "dkim", "delivery", "log_level", "workers"});
 
     if (const Json* h = v_.require(root, "", "hostname")) {
       std::string name;
@@ -497,8 +503,8 @@ class ConfigReader {
         if (why.empty())
           cfg_.hostname = name;
         else
-          v_.fail("hostname", "expected a domain name such as \"relay.example.net\", got " +
-                                  describe(*h) + " (" + why + ")");
+          v_.fail("hostname",
+                  "expected a domain name such as \"relay.example.net\", got " + describe(*h) + " (" + why + ")");
       }
     }
     if (const Json* d = v_.require(root, "", "data_dir")) v_.pathString(*d, "data_dir", cfg_.dataDir);
@@ -509,7 +515,8 @@ class ConfigReader {
     if (const Json* l = v_.require(root, "", "listeners")) listenersRead = readListeners(*l);
     if (!tls && listenersRead) {
       for (size_t i = 0; i < cfg_.listeners.size(); ++i) {
-        if (cfg_.listeners[i].tls != ListenerTls::None) {
+        // A listener whose tls was refused is already reported; do not guess what it meant.
+        if (tlsKnown_[i] && cfg_.listeners[i].tls != ListenerTls::None) {
           v_.fail("tls", "required key is missing: listeners[" + std::to_string(i) + "] uses \"" +
                              std::string(jsonName(cfg_.listeners[i].tls)) +
                              "\", which needs a certificate and private_key");
@@ -555,20 +562,24 @@ class ConfigReader {
     for (size_t i = 0; i < arr.size(); ++i) {
       const std::string ip = item(p, i);
       Listener l;
-      bool addressOk = readListener(arr[i], ip, l);
+      bool tlsKnown = false;
+      bool addressOk = readListener(arr[i], ip, l, tlsKnown);
+      tlsKnown_.push_back(tlsKnown);
       if (addressOk && l.port != 0) {
         // Port 0 asks the kernel for a fresh port each time, so two such listeners differ.
         auto [it, inserted] = seen.emplace(canonicalAddress(l.host, l.port), i);
         if (!inserted)
-          v_.fail(ip + ".address", "duplicate address " + quote(l.address) + " (also listeners[" +
-                                        std::to_string(it->second) + "])");
+          v_.fail(ip + ".address",
+                  "duplicate address " + quote(l.address) + " (also listeners[" + std::to_string(it->second) + "])");
       }
       cfg_.listeners.push_back(std::move(l));
     }
     return true;
   }
 
-  bool readListener(const Json& o, const std::string& p, Listener& l) {
+  // True when the address is valid; tlsKnown tells whether l.tls is what the user meant
+  // (given and valid, or absent and so the default).
+  bool readListener(const Json& o, const std::string& p, Listener& l, bool& tlsKnown) {
     if (!v_.object(o, p)) return false;
     v_.rejectUnknown(o, p, {"address", "tls"});
     bool addressOk = false;
@@ -583,21 +594,25 @@ class ConfigReader {
           l.port = hp.port;
           addressOk = true;
         } else {
-          v_.fail(p + ".address", "expected an address such as \"[::]:587\", \"0.0.0.0:465\" or "
-                                  "\"127.0.0.1:2587\", got " + describe(*a) + " (" + why + ")");
+          v_.fail(p + ".address",
+                  "expected an address such as \"[::]:587\", \"0.0.0.0:465\" or "
+                  "\"127.0.0.1:2587\", got " +
+                      describe(*a) + " (" + why + ")");
         }
       }
     }
+    tlsKnown = true;
     if (const Json* t = Validator::find(o, "tls")) {
-      if (v_.oneOf<ListenerTls>(*t, p + ".tls",
-                                {{"starttls", ListenerTls::StartTls},
-                                 {"implicit", ListenerTls::Implicit},
-                                 {"none", ListenerTls::None}},
-                                l.tls) &&
-          l.tls == ListenerTls::None && addressOk && !isLoopbackHost(l.host)) {
-        v_.fail(p + ".tls", "\"none\" is only allowed on a loopback address (127.0.0.0/8, [::1], "
-                            "localhost), because AUTH would travel in clear over the network; "
-                            "use \"starttls\" or \"implicit\" on " + quote(l.address));
+      tlsKnown = v_.oneOf<ListenerTls>(
+          *t, p + ".tls",
+          {{"starttls", ListenerTls::StartTls}, {"implicit", ListenerTls::Implicit}, {"none", ListenerTls::None}},
+          l.tls);
+      if (tlsKnown && l.tls == ListenerTls::None && addressOk && !isLoopbackHost(l.host)) {
+        v_.fail(p + ".tls",
+                "\"none\" is only allowed on a loopback address (127.0.0.0/8, [::1], "
+                "localhost), because AUTH would travel in clear over the network; "
+                "use \"starttls\" or \"implicit\" on " +
+                    quote(l.address));
       }
     }
     return addressOk;
@@ -606,9 +621,10 @@ class ConfigReader {
   void readLimits(const Json& o) {
     const std::string p = "limits";
     if (!v_.object(o, p)) return;
-    v_.rejectUnknown(o, p, {"max_message_bytes", "max_recipients", "max_connections", "max_connections_per_ip",
-                            "max_bad_commands", "max_auth_failures", "command_timeout", "data_timeout",
-                            "shutdown_grace", "auth_failure_delay"});
+    v_.rejectUnknown(
+        o, p,
+        {"max_message_bytes", "max_recipients", "max_connections", "max_connections_per_ip", "max_bad_commands",
+         "max_auth_failures", "command_timeout", "data_timeout", "shutdown_grace", "auth_failure_delay"});
     Limits& l = cfg_.limits;
     if (const Json* x = Validator::find(o, "max_message_bytes"))
       v_.integer(*x, p + ".max_message_bytes", 1, kU64Max, l.maxMessageBytes);
@@ -619,7 +635,8 @@ class ConfigReader {
     if (const Json* x = Validator::find(o, "max_bad_commands")) v_.u32(*x, p + ".max_bad_commands", l.maxBadCommands);
     if (const Json* x = Validator::find(o, "max_auth_failures"))
       v_.u32(*x, p + ".max_auth_failures", l.maxAuthFailures);
-    if (const Json* x = Validator::find(o, "command_timeout")) v_.duration(*x, p + ".command_timeout", l.commandTimeout);
+    if (const Json* x = Validator::find(o, "command_timeout"))
+      v_.duration(*x, p + ".command_timeout", l.commandTimeout);
     if (const Json* x = Validator::find(o, "data_timeout")) v_.duration(*x, p + ".data_timeout", l.dataTimeout);
     if (const Json* x = Validator::find(o, "shutdown_grace")) v_.duration(*x, p + ".shutdown_grace", l.shutdownGrace);
     if (const Json* x = Validator::find(o, "auth_failure_delay"))
@@ -636,8 +653,8 @@ class ConfigReader {
       if (readAccount(arr[i], ap, a)) {
         auto [it, inserted] = names.emplace(a.username, i);
         if (!inserted)
-          v_.fail(ap + ".username", "duplicate username " + quote(a.username) + " (also accounts[" +
-                                        std::to_string(it->second) + "])");
+          v_.fail(ap + ".username",
+                  "duplicate username " + quote(a.username) + " (also accounts[" + std::to_string(it->second) + "])");
       }
       cfg_.accounts.push_back(std::move(a));
     }
@@ -663,8 +680,8 @@ class ConfigReader {
         if (why.empty())
           nameOk = true;
         else
-          v_.fail(p + ".username", "expected a user name without ':' or control characters, got " +
-                                       describe(*u) + " (" + why + ")");
+          v_.fail(p + ".username",
+                  "expected a user name without ':' or control characters, got " + describe(*u) + " (" + why + ")");
       }
     }
     if (const Json* h = v_.require(o, p, "password_hash")) readPasswordHash(*h, p + ".password_hash", a.passwordHash);
@@ -679,8 +696,7 @@ class ConfigReader {
   // Only the shape is checked here ($scrypt$PARAMS$SALT$KEY); policy/ parses the parameters.
   // The value is a secret-ish string, so it is never echoed in the message.
   void readPasswordHash(const Json& v, const std::string& p, std::string& out) {
-    static const std::string kExpected =
-        "expected the output of \"subrelay hash-password\" ($scrypt$PARAMS$SALT$KEY)";
+    static const std::string kExpected = "expected the output of \"subrelay hash-password\" ($scrypt$PARAMS$SALT$KEY)";
     if (!v.is_string()) {
       v_.fail(p, kExpected + ", got " + describe(v));
       return;
@@ -713,7 +729,9 @@ class ConfigReader {
       std::string normal;
       std::string why = senderProblem(s.get_ref<const std::string&>(), normal);
       if (!why.empty()) {
-        v_.fail(sp, kExpected + ", got " + describe(s) + " (" + why + ")");
+        std::string msg = kExpected;
+        msg += ", got " + describe(s) + " (" + why + ")";
+        v_.fail(sp, std::move(msg));
         continue;
       }
       out.push_back(std::move(normal));
@@ -748,8 +766,9 @@ class ConfigReader {
         if (!s.empty())
           msg += " (did you mean " + quote(s) + "?)";
         else
-          msg += " (expected <what>_per_<period>: what is messages, recipients or bytes; period is "
-                 "second, minute, hour, day or month)";
+          msg +=
+              " (expected <what>_per_<period>: what is messages, recipients or bytes; period is "
+              "second, minute, hour, day or month)";
         v_.fail(kp, std::move(msg));
         continue;
       }
@@ -790,8 +809,7 @@ class ConfigReader {
             k.selector = util::toLower(k.selector);
             selectorOk = true;
           } else {
-            v_.fail(kp + ".selector", "expected a DNS label such as \"s2026\", got " + describe(*s) + " (" +
-                                          why + ")");
+            v_.fail(kp + ".selector", "expected a DNS label such as \"s2026\", got " + describe(*s) + " (" + why + ")");
           }
         }
       }
@@ -812,8 +830,9 @@ class ConfigReader {
   void readDelivery(const Json& o) {
     const std::string p = "delivery";
     if (!v_.object(o, p)) return;
-    v_.rejectUnknown(o, p, {"resolvers", "port", "tls", "tls_policy_overrides", "retry_schedule", "max_queue_time",
-                            "max_connections", "max_connections_per_domain"});
+    v_.rejectUnknown(o, p,
+                     {"resolvers", "port", "tls", "tls_policy_overrides", "retry_schedule", "max_queue_time",
+                      "max_connections", "max_connections_per_domain"});
     Delivery& d = cfg_.delivery;
     if (const Json* r = Validator::find(o, "resolvers")) readResolvers(*r, p + ".resolvers", d.resolvers);
     if (const Json* x = Validator::find(o, "port")) {
@@ -855,8 +874,8 @@ class ConfigReader {
       if (why.empty() && !hp.ipv6 && !isIpv4(hp.host)) why = "a resolver must be an IP address";
       if (why.empty() && hp.hasPort && hp.port == 0) why = "port 0 is not a port a resolver listens on";
       if (!why.empty()) {
-        v_.fail(rp, "expected \"IP\" or \"IP:PORT\" such as \"127.0.0.1:53\" or \"[::1]:53\", got " +
-                        describe(arr[i]) + " (" + why + ")");
+        v_.fail(rp, "expected \"IP\" or \"IP:PORT\" such as \"127.0.0.1:53\" or \"[::1]:53\", got " + describe(arr[i]) +
+                        " (" + why + ")");
         continue;
       }
       uint16_t port = hp.hasPort ? hp.port : 53;
@@ -903,6 +922,7 @@ class ConfigReader {
 
   Validator v_;
   Config& cfg_;
+  std::vector<bool> tlsKnown_;  // per listener, see readListener()
 };
 
 // ---- JSON syntax -----------------------------------------------------------------------
@@ -934,9 +954,8 @@ class DuplicateKeyFinder {
           f.key = parsed.get_ref<const std::string&>();
           if (!f.seen.insert(f.key).second && reported_ < kMaxReported) {
             ++reported_;
-            errors_.push_back(ConfigError{path(),
-                                          "duplicate key " + quote(f.key) +
-                                              " (only one value would be used; remove the other)"});
+            errors_.push_back(ConfigError{
+                path(), "duplicate key " + quote(f.key) + " (only one value would be used; remove the other)"});
           }
         }
         break;
@@ -1099,26 +1118,34 @@ bool isValidDomainName(std::string_view name) { return domainProblem(name).empty
 
 std::string_view jsonName(ListenerTls tls) {
   switch (tls) {
-    case ListenerTls::StartTls: return "starttls";
-    case ListenerTls::Implicit: return "implicit";
-    case ListenerTls::None: return "none";
+    case ListenerTls::StartTls:
+      return "starttls";
+    case ListenerTls::Implicit:
+      return "implicit";
+    case ListenerTls::None:
+      return "none";
   }
   return "?";
 }
 
 std::string_view jsonName(AccountMode mode) {
   switch (mode) {
-    case AccountMode::Deliver: return "deliver";
-    case AccountMode::Capture: return "capture";
+    case AccountMode::Deliver:
+      return "deliver";
+    case AccountMode::Capture:
+      return "capture";
   }
   return "?";
 }
 
 std::string_view jsonName(DeliveryTls tls) {
   switch (tls) {
-    case DeliveryTls::Opportunistic: return "opportunistic";
-    case DeliveryTls::Required: return "required";
-    case DeliveryTls::Verify: return "verify";
+    case DeliveryTls::Opportunistic:
+      return "opportunistic";
+    case DeliveryTls::Required:
+      return "required";
+    case DeliveryTls::Verify:
+      return "verify";
   }
   return "?";
 }
@@ -1134,8 +1161,8 @@ bool parseHostPort(std::string_view s, std::string& host, uint16_t& port) {
 bool isLoopbackHost(std::string_view host) {
   if (isLocalhostName(host)) return true;
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
-  std::string z(host.substr(0, 64));
-  if (z.size() != host.size()) return false;
+  if (host.size() > 64 || host.find('\0') != std::string_view::npos) return false;
+  std::string z(host);
   in_addr a4{};
   if (::inet_pton(AF_INET, z.c_str(), &a4) == 1)
     return (ntohl(a4.s_addr) >> 24) == 127;  // 127.0.0.0/8 (RFC 1122 3.2.1.3)

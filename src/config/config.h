@@ -37,9 +37,9 @@ struct Limits {
   uint32_t maxConnectionsPerIp = 50;
   uint32_t maxBadCommands = 20;
   uint32_t maxAuthFailures = 3;
-  std::chrono::seconds commandTimeout{300};      // RFC 5321 4.5.3.2.7: 5 minutes
-  std::chrono::seconds dataTimeout{180};         // 4.5.3.2.5 data block: 3 minutes
-  std::chrono::seconds shutdownGrace{30};        // SIGTERM: time for transactions in flight
+  std::chrono::seconds commandTimeout{300};          // RFC 5321 4.5.3.2.7: 5 minutes
+  std::chrono::seconds dataTimeout{180};             // 4.5.3.2.5 data block: 3 minutes
+  std::chrono::seconds shutdownGrace{30};            // SIGTERM: time for transactions in flight
   std::chrono::milliseconds authFailureDelay{1000};  // "0s" disables; "ms" unit allowed
 };
 
@@ -75,7 +75,7 @@ struct Delivery {
   std::vector<std::string> resolvers;  // "host:port"; empty = /etc/resolv.conf
   uint16_t port = 25;
   DeliveryTls tls = DeliveryTls::Opportunistic;
-  std::vector<DomainTlsOverride> tlsOverrides;  // JSON: delivery.tls_policy_overrides
+  std::vector<DomainTlsOverride> tlsOverrides;      // JSON: delivery.tls_policy_overrides
   std::vector<std::chrono::seconds> retrySchedule;  // default 5m..8h, see config.cpp
   std::chrono::seconds maxQueueTime{5 * 24 * 3600};
   uint32_t maxConnections = 200;
@@ -106,9 +106,9 @@ struct ConfigError {
 };
 
 struct LoadResult {
-  std::optional<Config> config;       // set when errors is empty
+  std::optional<Config> config;  // set when errors is empty
   std::vector<ConfigError> errors;
-  std::string fileName;               // as given to parseConfig / loadConfigFile
+  std::string fileName;  // as given to parseConfig / loadConfigFile
   // "FILE: PATH: MESSAGE" lines, one per error ("FILE: MESSAGE" when the path is empty).
   std::vector<std::string> formatErrors() const;
 };

@@ -29,11 +29,11 @@ DurationProblem checkDuration(std::string_view s, bool allowMs, std::chrono::mil
   } else if (unit == "s") {
     unitMs = 1000;
   } else if (unit == "m") {
-    unitMs = 60 * 1000;
+    unitMs = uint64_t{60} * 1000;
   } else if (unit == "h") {
-    unitMs = 3600 * 1000;
+    unitMs = uint64_t{3600} * 1000;
   } else if (unit == "d") {
-    unitMs = 24 * 3600 * 1000;
+    unitMs = uint64_t{24} * 3600 * 1000;
   } else {
     return DurationProblem::Syntax;
   }

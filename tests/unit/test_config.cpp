@@ -32,8 +32,8 @@ std::string withTop(const std::string& extra) {
 
 // Same, with one account whose body (after username and password_hash) is `account`.
 std::string withAccount(const std::string& account) {
-  return withTop(R"(, "accounts": [{"username": "app", "password_hash": ")" + std::string(kHash) + "\", " +
-                 account + "}]");
+  return withTop(R"(, "accounts": [{"username": "app", "password_hash": ")" + std::string(kHash) + "\", " + account +
+                 "}]");
 }
 
 std::string listeners(const std::string& items) {
@@ -213,8 +213,8 @@ TEST_CASE("JSON syntax errors: one error with line, column and byte") {
   REQUIRE(r.formatErrors().size() == 1);
   CHECK(r.formatErrors()[0].rfind("test.json: invalid JSON at line 3", 0) == 0);
 
-  for (const char* bad : {"", "{", "{\"a\":}", "[1,]", "nul", "{\"a\":1}}", "{\"a\":\"\xff\"}", "{\"a\":1e400}",
-                          "\"unterminated"}) {
+  for (const char* bad :
+       {"", "{", "{\"a\":}", "[1,]", "nul", "{\"a\":1}}", "{\"a\":\"\xff\"}", "{\"a\":1e400}", "\"unterminated"}) {
     CAPTURE(bad);
     LoadResult b = parse(bad);
     CHECK(b.errors.size() == 1);
@@ -309,14 +309,18 @@ TEST_CASE("hostname") {
 }
 
 TEST_CASE("data_dir and tls paths must be strings") {
-  expectError(parse(R"({"hostname": "h.example", "data_dir": ["/d"], "listeners": [{"address": "127.0.0.1:1", "tls": "none"}]})"),
-              "data_dir", "expected a string, got an array");
+  expectError(
+      parse(
+          R"({"hostname": "h.example", "data_dir": ["/d"], "listeners": [{"address": "127.0.0.1:1", "tls": "none"}]})"),
+      "data_dir", "expected a string, got an array");
   LoadResult r = parse(R"({"hostname": "h.example", "data_dir": "/d", "tls": {"certificate": 1, "private_key": null},
                            "listeners": [{"address": "[::]:465", "tls": "implicit"}]})");
   expectError(r, "tls.certificate", "expected a string, got 1");
   expectError(r, "tls.private_key", "expected a string, got null");
-  expectError(parse(R"({"hostname": "h.example", "data_dir": "/d\u0000x", "listeners": [{"address": "127.0.0.1:1", "tls": "none"}]})"),
-              "data_dir", "NUL");
+  expectError(
+      parse(
+          R"({"hostname": "h.example", "data_dir": "/d\u0000x", "listeners": [{"address": "127.0.0.1:1", "tls": "none"}]})"),
+      "data_dir", "NUL");
   expectError(parse(R"({"hostname": "h.example", "data_dir": "/d", "tls": {"certificate": "/c"},
                         "listeners": [{"address": "[::]:465", "tls": "implicit"}]})"),
               "tls.private_key", "required key is missing");
@@ -334,6 +338,11 @@ TEST_CASE("tls is required unless every listener is none") {
       "listeners": [{"address": "127.0.0.1:2525", "tls": "none"}, {"address": "[::1]:2526", "tls": "none"}]})");
   expectOk(ok);
   CHECK(ok.config->tls.certificate.empty());
+  // A listener whose tls is itself wrong does not make the loader guess that tls is needed.
+  LoadResult wrong = parse(R"({"hostname": "h.example", "data_dir": "/d",
+      "listeners": [{"address": "127.0.0.1:2525", "tls": "nope"}]})");
+  expectError(wrong, "listeners[0].tls", "got \"nope\"");
+  CHECK(wrong.errors.size() == 1);
 }
 
 TEST_CASE("listeners") {
@@ -378,12 +387,12 @@ TEST_CASE("listeners") {
       const char* address;
       const char* why;
     };
-    for (const Case& c : {Case{"587", "not an IP address or a host name"}, Case{"[::]", "port is missing"},
-                          Case{"0.0.0.0", "port is missing"}, Case{":587", "host is missing"},
-                          Case{"::1:587", "brackets"}, Case{"[::1]587", "after ']'"}, Case{"[::1:587", "missing ']'"},
-                          Case{"[1.2.3.4]:587", "not an IPv6 address"}, Case{"0.0.0.0:65536", "0 to 65535"},
-                          Case{"0.0.0.0:-1", "0 to 65535"}, Case{"0.0.0.0:", "0 to 65535"},
-                          Case{"mail.example.net:587", "not a host name"}, Case{"", "non-empty"}}) {
+    for (const Case& c :
+         {Case{"587", "not an IP address or a host name"}, Case{"[::]", "port is missing"},
+          Case{"0.0.0.0", "port is missing"}, Case{":587", "host is missing"}, Case{"::1:587", "brackets"},
+          Case{"[::1]587", "after ']'"}, Case{"[::1:587", "missing ']'"}, Case{"[1.2.3.4]:587", "not an IPv6 address"},
+          Case{"0.0.0.0:65536", "0 to 65535"}, Case{"0.0.0.0:-1", "0 to 65535"}, Case{"0.0.0.0:", "0 to 65535"},
+          Case{"mail.example.net:587", "not a host name"}, Case{"", "non-empty"}}) {
       CAPTURE(c.address);
       LoadResult r = parse(listeners(R"({"address": ")" + std::string(c.address) + R"(", "tls": "starttls"})"));
       expectError(r, "listeners[0].address", c.why);
@@ -428,8 +437,7 @@ TEST_CASE("limits") {
                 "expected a positive integer, got \"100\"");
     expectError(parse(withTop(R"(, "limits": {"max_connections": 4294967296})")), "limits.max_connections",
                 "expected a positive integer no larger than 4294967295, got 4294967296");
-    expectError(parse(withTop(R"(, "limits": {"max_message_bytes": -1})")), "limits.max_message_bytes",
-                "got -1");
+    expectError(parse(withTop(R"(, "limits": {"max_message_bytes": -1})")), "limits.max_message_bytes", "got -1");
     CHECK(parse(withTop(R"(, "limits": {"max_message_bytes": 18446744073709551615})")).errors.empty());
     expectError(parse(withTop(R"(, "limits": {"max_message_bytes": 18446744073709551616})")),
                 "limits.max_message_bytes", "expected a positive integer");
@@ -485,9 +493,9 @@ TEST_CASE("accounts") {
     expectError(parse(withTop(R"(, "accounts": [{"username": "a\tb", "password_hash": ")" + std::string(kHash) +
                               R"(", "senders": ["@x.org"]}])")),
                 "accounts[0].username", "control character");
-    expectError(parse(withTop(R"(, "accounts": [{"password_hash": ")" + std::string(kHash) +
-                              R"(", "senders": ["@x.org"]}])")),
-                "accounts[0].username", "required key is missing");
+    expectError(
+        parse(withTop(R"(, "accounts": [{"password_hash": ")" + std::string(kHash) + R"(", "senders": ["@x.org"]}])")),
+        "accounts[0].username", "required key is missing");
     std::string acct = R"({"username": "ci", "password_hash": ")" + std::string(kHash) + R"(", "senders": ["@x.org"]})";
     LoadResult dup = parse(withTop(", \"accounts\": [" + acct + "," + acct + "," + acct + "]"));
     expectError(dup, "accounts[1].username", "duplicate username \"ci\" (also accounts[0])");
@@ -512,12 +520,13 @@ TEST_CASE("accounts") {
       const char* sender;
       const char* why;
     };
-    for (const Case& c : {Case{"*", "wildcards"}, Case{"*@example.com", "wildcards"}, Case{"@", "domain after '@' is missing"},
-                          Case{"a b@example.com", "spaces"}, Case{"@example.com ", "spaces"},
-                          Case{"example.com", R"(did you mean "@example.com"?)"}, Case{"nothing", "did you mean"},
-                          Case{"user@", "domain after '@' is missing"}, Case{"a@b@example.com", "local part"},
-                          Case{".a@example.com", "misplaced '.'"}, Case{"a@exa_mple.com", "domain is not valid"},
-                          Case{"a@192.0.2.1", "IP address"}, Case{"", "no '@'"}}) {
+    for (const Case& c :
+         {Case{"*", "wildcards"}, Case{"*@example.com", "wildcards"}, Case{"@", "domain after '@' is missing"},
+          Case{"a b@example.com", "spaces"}, Case{"@example.com ", "spaces"},
+          Case{"example.com", R"(did you mean "@example.com"?)"}, Case{"nothing", "did you mean"},
+          Case{"user@", "domain after '@' is missing"}, Case{"a@b@example.com", "local part"},
+          Case{".a@example.com", "misplaced '.'"}, Case{"a@exa_mple.com", "domain is not valid"},
+          Case{"a@192.0.2.1", "IP address"}, Case{"", "no '@'"}}) {
       CAPTURE(c.sender);
       LoadResult r = parse(withAccount(R"("senders": [")" + std::string(c.sender) + "\"]"));
       expectError(r, "accounts[0].senders[0]", R"(expected "@domain" or "local@domain")");
@@ -550,7 +559,8 @@ TEST_CASE("accounts") {
 
 TEST_CASE("dkim") {
   SUBCASE("valid, with defaults and normalisation") {
-    LoadResult r = parse(withTop(R"(, "dkim": [{"domain": "Shop.Example.com", "selector": "S2026", "private_key": "/k1"},
+    LoadResult r =
+        parse(withTop(R"(, "dkim": [{"domain": "Shop.Example.com", "selector": "S2026", "private_key": "/k1"},
         {"domain": "shop.example.com", "selector": "2026.eu", "algorithm": "ed25519-sha256", "private_key": "/k2"}])"));
     expectOk(r);
     CHECK(r.config->dkim[0].domain == "shop.example.com");
@@ -653,8 +663,7 @@ TEST_CASE("log_level and workers") {
 TEST_CASE("formatErrors gives FILE: PATH: MESSAGE") {
   LoadResult r = parseConfig(withTop(R"(, "limits": {"max_recipients": -5})"), "/etc/subrelay/config.json");
   REQUIRE(r.formatErrors().size() == 1);
-  CHECK(r.formatErrors()[0] ==
-        "/etc/subrelay/config.json: limits.max_recipients: expected a positive integer, got -5");
+  CHECK(r.formatErrors()[0] == "/etc/subrelay/config.json: limits.max_recipients: expected a positive integer, got -5");
   LoadResult top = parseConfig("[]", "c.json");
   CHECK(top.formatErrors()[0] == "c.json: expected a JSON object at the top level, got an empty array");
 }
@@ -700,9 +709,30 @@ TEST_CASE("durations") {
   CHECK(parseDurationMs("250ms") == 250ms);
   CHECK(parseDurationMs("2s") == 2000ms);
   CHECK(parseDurationMs("1d") == std::chrono::milliseconds(86400000));
-  for (const char* bad : {"", "5", "s", "m5", "-5m", "+5m", "5 m", " 5m", "5m ", "1.5h", "5M", "5S", "1h30m", "0s",
-                          "0ms", "5w", "5y", "5sec", "5mm", "5ms", "99999999999999999999999999d",
-                          "18446744073709551616s", "3153600001s", "\x35\x00s"}) {
+  for (const char* bad : {"",
+                          "5",
+                          "s",
+                          "m5",
+                          "-5m",
+                          "+5m",
+                          "5 m",
+                          " 5m",
+                          "5m ",
+                          "1.5h",
+                          "5M",
+                          "5S",
+                          "1h30m",
+                          "0s",
+                          "0ms",
+                          "5w",
+                          "5y",
+                          "5sec",
+                          "5mm",
+                          "5ms",
+                          "99999999999999999999999999d",
+                          "18446744073709551616s",
+                          "3153600001s",
+                          "\x35\x00s"}) {
     CAPTURE(bad);
     CHECK_FALSE(parseDuration(bad));
   }
@@ -742,9 +772,28 @@ TEST_CASE("parseHostPort") {
   CHECK(port == 0);
   CHECK(parseHostPort("127.0.0.1:65535", host, port));
   CHECK(port == 65535);
-  for (const char* bad : {"", ":", ":587", "127.0.0.1", "127.0.0.1:", "[::1]", "[::1]:", "[::1]587", "::1:587", "::1",
-                          "[::1", "[]:25", "[1.2.3.4]:25", "[fe80::1%eth0]:25", "host:65536", "host:-1", "host:+1",
-                          "host:1x", "a b:1", "ex_ample.com:25", "256.1.1.1:25", "127.0.0.1:000025",
+  for (const char* bad : {"",
+                          ":",
+                          ":587",
+                          "127.0.0.1",
+                          "127.0.0.1:",
+                          "[::1]",
+                          "[::1]:",
+                          "[::1]587",
+                          "::1:587",
+                          "::1",
+                          "[::1",
+                          "[]:25",
+                          "[1.2.3.4]:25",
+                          "[fe80::1%eth0]:25",
+                          "host:65536",
+                          "host:-1",
+                          "host:+1",
+                          "host:1x",
+                          "a b:1",
+                          "ex_ample.com:25",
+                          "256.1.1.1:25",
+                          "127.0.0.1:000025",
                           "example.com.:25"}) {
     CAPTURE(bad);
     CHECK_FALSE(parseHostPort(bad, host, port));
@@ -757,12 +806,17 @@ TEST_CASE("isLoopbackHost") {
     CAPTURE(yes);
     CHECK(isLoopbackHost(yes));
   }
-  for (const char* no : {"0.0.0.0", "::", "[::]", "128.0.0.1", "126.255.255.255", "192.0.2.1", "::2",
-                         "::ffff:192.0.2.1", "example.com", "localhost.example.com", "", "[::1", "127.0.0.1:25",
-                         "127.1"}) {
+  for (const char* no :
+       {"0.0.0.0", "::", "[::]", "128.0.0.1", "126.255.255.255", "192.0.2.1", "::2", "::ffff:192.0.2.1", "example.com",
+        "localhost.example.com", "", "[::1", "127.0.0.1:25", "127.1"}) {
     CAPTURE(no);
     CHECK_FALSE(isLoopbackHost(no));
   }
+  // An embedded NUL must not cut the string short for inet_pton.
+  CHECK_FALSE(isLoopbackHost(std::string("127.0.0.1\0.evil", 15)));
+  std::string host;
+  uint16_t port = 0;
+  CHECK_FALSE(parseHostPort(std::string("127.0.0.1\0x:25", 14), host, port));
 }
 
 TEST_CASE("isValidDomainName and jsonName") {
@@ -806,10 +860,13 @@ TEST_CASE("loadConfigFile and checkFiles") {
   std::string dkimKey = dir.write("dkim.pem", "x");
   auto doc = [&](const std::string& certPath, const std::string& dataDir) {
     return R"({"hostname": "relay.example.net", "data_dir": ")" + dataDir + R"(",
-      "tls": {"certificate": ")" + certPath + R"(", "private_key": ")" + key + R"("},
+      "tls": {"certificate": ")" +
+           certPath + R"(", "private_key": ")" + key + R"("},
       "listeners": [{"address": "[::]:587", "tls": "starttls"}],
-      "dkim": [{"domain": "example.com", "selector": "s1", "private_key": ")" + dkimKey + R"("},
-               {"domain": "example.com", "selector": "s2", "private_key": ")" + (dir.path / "nope.pem").string() + R"("}]})";
+      "dkim": [{"domain": "example.com", "selector": "s1", "private_key": ")" +
+           dkimKey + R"("},
+               {"domain": "example.com", "selector": "s2", "private_key": ")" +
+           (dir.path / "nope.pem").string() + R"("}]})";
   };
   SUBCASE("missing and unreadable files are reported with their paths") {
     std::string path = dir.write("config.json", doc((dir.path / "missing.pem").string(), (dir.path / "data").string()));
@@ -841,8 +898,8 @@ TEST_CASE("loadConfigFile and checkFiles") {
     LoadResult r = loadConfigFile((dir.path / "absent.json").string());
     REQUIRE(r.errors.size() == 1);
     CHECK(r.errors[0].path.empty());
-    CHECK(r.formatErrors()[0] == (dir.path / "absent.json").string() +
-                                     ": cannot read the configuration file: No such file or directory");
+    CHECK(r.formatErrors()[0] ==
+          (dir.path / "absent.json").string() + ": cannot read the configuration file: No such file or directory");
     LoadResult d = loadConfigFile(dir.path.string());
     REQUIRE(d.errors.size() == 1);
     CHECK(d.errors[0].message.find("directory") != std::string::npos);
