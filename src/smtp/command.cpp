@@ -19,17 +19,31 @@ constexpr size_t kMaxLabel = 63;
 bool isAlpha(unsigned char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 bool isDigit(unsigned char c) { return c >= '0' && c <= '9'; }
 bool isAlnum(unsigned char c) { return isAlpha(c) || isDigit(c); }
-bool isHex(unsigned char c) {
-  return isDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
-}
+bool isHex(unsigned char c) { return isDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'); }
 
 // RFC 5322 3.2.3 atext; RFC 6531 3.3 adds UTF8-non-ascii (validated as a whole elsewhere).
 bool isAtext(unsigned char c) {
   if (isAlnum(c) || c >= 0x80) return true;
   switch (c) {
-    case '!': case '#': case '$': case '%': case '&': case '\'': case '*': case '+':
-    case '-': case '/': case '=': case '?': case '^': case '_': case '`': case '{':
-    case '|': case '}': case '~':
+    case '!':
+    case '#':
+    case '$':
+    case '%':
+    case '&':
+    case '\'':
+    case '*':
+    case '+':
+    case '-':
+    case '/':
+    case '=':
+    case '?':
+    case '^':
+    case '_':
+    case '`':
+    case '{':
+    case '|':
+    case '}':
+    case '~':
       return true;
     default:
       return false;
@@ -37,9 +51,7 @@ bool isAtext(unsigned char c) {
 }
 
 // RFC 5321 4.1.2 qtextSMTP = %d32-33 / %d35-91 / %d93-126 (+ UTF-8 per RFC 6531).
-bool isQtext(unsigned char c) {
-  return (c >= 32 && c <= 126 && c != '"' && c != '\\') || c >= 0x80;
-}
+bool isQtext(unsigned char c) { return (c >= 32 && c <= 126 && c != '"' && c != '\\') || c >= 0x80; }
 
 bool isDotString(std::string_view s) {
   if (s.empty()) return false;
@@ -102,8 +114,7 @@ bool isIpv6(std::string_view s) {
   if (lastColon != std::string_view::npos && s.find('.', lastColon) != std::string_view::npos) {
     if (!isIpv4(s.substr(lastColon + 1))) return false;
     // Keep the colon when it is part of "::" so the compression is still seen below.
-    s = (lastColon > 0 && s[lastColon - 1] == ':') ? s.substr(0, lastColon + 1)
-                                                   : s.substr(0, lastColon);
+    s = (lastColon > 0 && s[lastColon - 1] == ':') ? s.substr(0, lastColon + 1) : s.substr(0, lastColon);
     groupsAvailable = 6;
   }
   size_t dc = s.find("::");
@@ -182,9 +193,7 @@ MailboxParse parseMailbox(std::string_view s) {
   }
   if (s[i] != '@') return r;
   std::string_view domain = s.substr(i + 1);
-  bool domainOk = !domain.empty() && domain[0] == '['
-                      ? isValidAddressLiteral(domain)
-                      : isValidDomain(domain, true);
+  bool domainOk = !domain.empty() && domain[0] == '[' ? isValidAddressLiteral(domain) : isValidDomain(domain, true);
   if (!domainOk) return r;
   r.ok = true;
   r.normalized = local + "@" + std::string(domain);
@@ -206,11 +215,20 @@ struct VerbName {
   Verb verb;
 };
 constexpr std::array<VerbName, 14> kVerbs{{
-    {"HELO", Verb::Helo}, {"EHLO", Verb::Ehlo}, {"MAIL", Verb::Mail},
-    {"RCPT", Verb::Rcpt}, {"DATA", Verb::Data}, {"BDAT", Verb::Bdat},
-    {"RSET", Verb::Rset}, {"NOOP", Verb::Noop}, {"QUIT", Verb::Quit},
-    {"HELP", Verb::Help}, {"VRFY", Verb::Vrfy}, {"EXPN", Verb::Expn},
-    {"STARTTLS", Verb::StartTls}, {"AUTH", Verb::Auth},
+    {"HELO", Verb::Helo},
+    {"EHLO", Verb::Ehlo},
+    {"MAIL", Verb::Mail},
+    {"RCPT", Verb::Rcpt},
+    {"DATA", Verb::Data},
+    {"BDAT", Verb::Bdat},
+    {"RSET", Verb::Rset},
+    {"NOOP", Verb::Noop},
+    {"QUIT", Verb::Quit},
+    {"HELP", Verb::Help},
+    {"VRFY", Verb::Vrfy},
+    {"EXPN", Verb::Expn},
+    {"STARTTLS", Verb::StartTls},
+    {"AUTH", Verb::Auth},
 }};
 
 // Postfix's smtpd_forbidden_commands idea: a browser or proxy talking to the SMTP port.
@@ -284,8 +302,7 @@ bool parseEsmtpParams(std::string_view text, std::vector<EsmtpParam>& out) {
 
 PathArgument parsePathArgument(std::string_view args, std::string_view keyword) {
   PathArgument r;
-  if (args.size() <= keyword.size() || !util::istartsWith(args, keyword) ||
-      args[keyword.size()] != ':') {
+  if (args.size() <= keyword.size() || !util::istartsWith(args, keyword) || args[keyword.size()] != ':') {
     r.status = PathStatus::BadKeyword;
     return r;
   }
@@ -380,8 +397,7 @@ bool isValidUtf8(std::string_view s) {
       if ((cc & 0xC0) != 0x80) return false;
       cp = (cp << 6) | (cc & 0x3F);
     }
-    if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) || cp > 0x10FFFF ||
-        (cp >= 0xD800 && cp <= 0xDFFF))
+    if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
       return false;
     i += len;
   }

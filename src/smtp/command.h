@@ -13,8 +13,21 @@
 namespace subrelay::smtp {
 
 enum class Verb {
-  Helo, Ehlo, Mail, Rcpt, Data, Bdat, Rset, Noop, Quit, Help, Vrfy, Expn, StartTls, Auth,
-  Http,     // an HTTP request or header line sent to the SMTP port (GET, POST, "Host: ...")
+  Helo,
+  Ehlo,
+  Mail,
+  Rcpt,
+  Data,
+  Bdat,
+  Rset,
+  Noop,
+  Quit,
+  Help,
+  Vrfy,
+  Expn,
+  StartTls,
+  Auth,
+  Http,  // an HTTP request or header line sent to the SMTP port (GET, POST, "Host: ...")
   Unknown,
 };
 

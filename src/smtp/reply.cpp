@@ -12,8 +12,7 @@ void appendCode(std::string& out, int code) {
   out += static_cast<char>('0' + code % 10);
 }
 
-void appendLine(std::string& out, int code, char sep, std::string_view enhanced,
-                std::string_view text) {
+void appendLine(std::string& out, int code, char sep, std::string_view enhanced, std::string_view text) {
   appendCode(out, code);
   out += sep;
   if (!enhanced.empty()) {
@@ -50,8 +49,7 @@ std::string formatReply(int code, std::string_view enhanced, std::string_view te
   return out;
 }
 
-std::string formatMultilineReply(int code, std::string_view enhanced,
-                                 const std::vector<std::string>& lines) {
+std::string formatMultilineReply(int code, std::string_view enhanced, const std::vector<std::string>& lines) {
   if (lines.empty()) return formatReply(code, enhanced, {});
   std::string out;
   for (size_t i = 0; i < lines.size(); ++i)
@@ -77,8 +75,7 @@ bool isValidEnhancedCode(std::string_view enhanced, int code) {
 
 std::optional<ReplyLine> parseReplyLine(std::string_view line) {
   if (line.size() < 3) return std::nullopt;
-  if (line[0] < '2' || line[0] > '5' || line[1] < '0' || line[1] > '9' || line[2] < '0' ||
-      line[2] > '9')
+  if (line[0] < '2' || line[0] > '5' || line[1] < '0' || line[1] > '9' || line[2] < '0' || line[2] > '9')
     return std::nullopt;
   ReplyLine r;
   r.code = (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0');

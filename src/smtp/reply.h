@@ -25,8 +25,7 @@ std::string formatReply(int code, std::string_view enhanced, std::string_view te
 // RFC 5321 4.2.1: every line but the last is "code-", the last "code ". With a
 // non-empty enhanced code each line repeats it (RFC 2034 section 4). An empty list
 // yields one line with an empty text.
-std::string formatMultilineReply(int code, std::string_view enhanced,
-                                 const std::vector<std::string>& lines);
+std::string formatMultilineReply(int code, std::string_view enhanced, const std::vector<std::string>& lines);
 
 // Printable ASCII only: CR, LF, other controls and non-ASCII bytes become '?', and the
 // text is cut at kMaxReplyText.
@@ -39,8 +38,8 @@ bool isValidEnhancedCode(std::string_view enhanced, int code = 0);
 // One reply line without its CRLF, as a client reads it (RFC 5321 4.2).
 struct ReplyLine {
   int code = 0;
-  bool last = true;        // "ddd " or "ddd" (no text) rather than "ddd-"
-  std::string_view text;   // after the separator; may start with an enhanced code
+  bool last = true;       // "ddd " or "ddd" (no text) rather than "ddd-"
+  std::string_view text;  // after the separator; may start with an enhanced code
 };
 std::optional<ReplyLine> parseReplyLine(std::string_view line);
 

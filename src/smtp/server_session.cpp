@@ -25,15 +25,14 @@ namespace {
 
 // Input accepted while an outcome is pending (RFC 2920 lets a client send ahead of the
 // replies, but only so far: past this the session answers 421 once it resumes).
-constexpr size_t kMaxPendingInput = 256 * 1024;
+constexpr size_t kMaxPendingInput = size_t{256} * 1024;
 
 // RFC 4954 4 examples / the de-facto LOGIN mechanism prompts.
 constexpr std::string_view kLoginUserPrompt = "VXNlcm5hbWU6";  // "Username:"
 constexpr std::string_view kLoginPassPrompt = "UGFzc3dvcmQ6";  // "Password:"
 
 constexpr std::string_view kSizeExceeded = "Message size exceeds fixed maximum message size";
-constexpr std::string_view kBareLineEnd =
-    "Message contains bare CR or LF (RFC 5321 2.3.8); send CRLF line endings";
+constexpr std::string_view kBareLineEnd = "Message contains bare CR or LF (RFC 5321 2.3.8); send CRLF line endings";
 
 bool parseDecimal(std::string_view s, uint64_t& out) {
   // 19 digits always fit in uint64_t; longer is more than any limit anyway.
@@ -71,8 +70,7 @@ std::optional<std::string> decodeSasl(std::string_view b64) {
 
 }  // namespace
 
-ServerSession::ServerSession(SessionConfig config, SessionId id)
-    : cfg_(std::move(config)), id_(id) {}
+ServerSession::ServerSession(SessionConfig config, SessionId id) : cfg_(std::move(config)), id_(id) {}
 
 // ---- outcomes and events --------------------------------------------------------------
 
@@ -158,8 +156,7 @@ void ServerSession::onStored(const StoreOutcome& outcome) {
     int code = (outcome.code >= 400 && outcome.code <= 599) ? outcome.code : 451;
     std::string_view enhanced = outcome.enhanced;
     if (!isValidEnhancedCode(enhanced, code)) enhanced = code >= 500 ? "5.3.0" : "4.3.0";
-    reply(code, enhanced,
-          outcome.text.empty() ? std::string_view("Error storing message") : outcome.text);
+    reply(code, enhanced, outcome.text.empty() ? std::string_view("Error storing message") : outcome.text);
   }
   resetTransaction();
   resume();
@@ -214,8 +211,7 @@ std::chrono::seconds ServerSession::timeoutFor() const {
 }
 
 bool ServerSession::inTransaction() const {
-  return mailGiven_ || phase_ == Phase::Data || phase_ == Phase::Bdat ||
-         pending_ == Pending::Store;
+  return mailGiven_ || phase_ == Phase::Data || phase_ == Phase::Bdat || pending_ == Pending::Store;
 }
 
 bool ServerSession::wantsInput() const {
@@ -368,8 +364,7 @@ void ServerSession::handleLine(std::string_view raw) {
       closeWith(221, "2.0.0", "Bye");
       break;
     case Verb::Help:
-      reply(214, "2.0.0",
-            "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP VRFY QUIT");
+      reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP VRFY QUIT");
       break;
     case Verb::Vrfy:
       if (cmd.args.empty()) {
@@ -527,8 +522,7 @@ void ServerSession::reply(int code, std::string_view enhanced, std::string_view 
   send(formatReply(code, enhanced, text));
 }
 
-void ServerSession::replyMulti(int code, std::string_view enhanced,
-                               const std::vector<std::string>& lines) {
+void ServerSession::replyMulti(int code, std::string_view enhanced, const std::vector<std::string>& lines) {
   send(formatMultilineReply(code, enhanced, lines));
 }
 
@@ -1009,18 +1003,15 @@ void ServerSession::handlePlain(std::string_view message) {
   requestAuth("PLAIN", std::string(authcid), std::string(passwd));
 }
 
-void ServerSession::requestAuth(std::string_view mechanism, std::string username,
-                                std::string password) {
+void ServerSession::requestAuth(std::string_view mechanism, std::string username, std::string password) {
   // RFC 4616 2: authcid and passwd are 1*SAFE (no NUL). Control characters in a user
   // name are never legitimate and would reach logs; refuse without asking the verifier.
-  if (username.empty() || password.empty() || hasControlChars(username) ||
-      password.find('\0') != std::string::npos) {
+  if (username.empty() || password.empty() || hasControlChars(username) || password.find('\0') != std::string::npos) {
     authFailed("Authentication credentials invalid");
     return;
   }
   pendingUser_ = username;
-  actions_.emplace_back(
-      Authenticate{std::string(mechanism), std::move(username), std::move(password)});
+  actions_.emplace_back(Authenticate{std::string(mechanism), std::move(username), std::move(password)});
   pending_ = Pending::Auth;
   phase_ = Phase::Waiting;
 }

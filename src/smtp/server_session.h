@@ -208,40 +208,41 @@ class ServerSession {
   void closeWith(int code, std::string_view enhanced, std::string_view text);
   size_t lineLimit(std::string_view lineStart) const;
 
+  // Objects first, then counters, then flags (keeps the padding small).
   SessionConfig cfg_;
   SessionId id_;
-  Phase phase_ = Phase::Greeting;
   std::vector<Action> actions_;
-  std::string in_;                   // unprocessed input
-  bool discardingLongLine_ = false;  // skipping the rest of an over-long line
-  bool dropInput_ = false;           // STARTTLS: forget buffered input (CVE-2011-0411)
-  bool inputOverflow_ = false;       // too much input buffered while Waiting
+  std::string in_;  // unprocessed input
   Peer peer_;
   std::optional<TlsInfo> tls_;
   std::string helo_;
-  bool ehloSeen_ = false;  // HELO or EHLO given
-  bool esmtp_ = false;     // EHLO given (AUTH needs it: RFC 4954 4)
   std::string account_;
-  AuthStep authStep_ = AuthStep::None;
   std::string loginUser_;
   std::string pendingUser_;
-  Pending pending_ = Pending::None;
-  uint32_t badCommands_ = 0;
-  uint32_t authFailures_ = 0;
-  bool mailGiven_ = false;
   Envelope env_;
   std::string content_;
+  ErrorReply bdatError_;
   uint64_t contentBytes_ = 0;
-  bool contentTooBig_ = false;
-  bool bareLineEnd_ = false;
-  DataState dataState_ = DataState::LineStart;
-  bool bdatActive_ = false;   // this transaction has received BDAT data (no DATA now)
-  bool bdatCr_ = false;       // the last BDAT byte so far was a CR
   uint64_t bdatRemaining_ = 0;
   uint64_t bdatChunk_ = 0;
+  uint32_t badCommands_ = 0;
+  uint32_t authFailures_ = 0;
+  Phase phase_ = Phase::Greeting;
+  AuthStep authStep_ = AuthStep::None;
+  Pending pending_ = Pending::None;
+  DataState dataState_ = DataState::LineStart;
+  bool discardingLongLine_ = false;  // skipping the rest of an over-long line
+  bool dropInput_ = false;           // STARTTLS: forget buffered input (CVE-2011-0411)
+  bool inputOverflow_ = false;       // too much input buffered while Waiting
+  bool ehloSeen_ = false;            // HELO or EHLO given
+  bool esmtp_ = false;               // EHLO given (AUTH needs it: RFC 4954 4)
+  bool mailGiven_ = false;
+  bool contentTooBig_ = false;
+  bool bareLineEnd_ = false;
+  bool bdatActive_ = false;   // this transaction has received BDAT data (no DATA now)
+  bool bdatCr_ = false;       // the last BDAT byte so far was a CR
   bool bdatLast_ = false;
   bool bdatDiscard_ = false;  // the current chunk is read and dropped, then bdatError_
-  ErrorReply bdatError_;
   bool shutdownRequested_ = false;
   bool timedOut_ = false;
 };
