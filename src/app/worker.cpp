@@ -227,7 +227,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     if (conn_.closing()) return;
     // While an outcome is pending we stop reading: the client waits for our reply, and
     // a pipelining flood cannot grow our buffers.
-    if (session_.phase() == smtp::Phase::Waiting) conn_.pauseReading();
+    if (!session_.wantsInput()) conn_.pauseReading();
     else conn_.resumeReading();
     conn_.setIdleTimeout(session_.phase() == smtp::Phase::TlsPending
                              ? std::chrono::milliseconds(std::chrono::seconds(60))
