@@ -11,8 +11,13 @@ TEST_PACKAGES=(
   clang libclang-rt-14-dev sqlite3 python3 swaks libio-socket-inet6-perl
   python3-aiosmtpd python3-aiosmtplib python3-dkim python3-dnspython
   unbound postfix libsasl2-modules opendkim opendkim-tools bind9-dnsutils ldnsutils
-  nodejs npm
+  libnet-ssleay-perl
 )
+# Node.js: Debian's nodejs + npm, unless a node with npm is already there (NodeSource's
+# nodejs package ships npm itself and conflicts with Debian's npm package).
+node_packages() {
+  command -v npm >/dev/null 2>&1 || echo "nodejs npm"
+}
 
 install_packages() {
   local missing=()

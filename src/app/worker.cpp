@@ -227,7 +227,9 @@ class SmtpConnection final : public net::ConnectionHandler {
     if (conn_.closing()) return;
     // While an outcome is pending we stop reading: the client waits for our reply, and
     // a pipelining flood cannot grow our buffers.
-    if (!session_.wantsInput()) conn_.pauseReading();
+    // During a STARTTLS handshake the session waits too, but the bytes it waits for are
+    // the handshake's, which the connection consumes itself: keep reading then.
+    if (!session_.wantsInput() && session_.phase() != smtp::Phase::TlsPending) conn_.pauseReading();
     else conn_.resumeReading();
     conn_.setIdleTimeout(session_.phase() == smtp::Phase::TlsPending
                              ? std::chrono::milliseconds(std::chrono::seconds(60))

@@ -428,6 +428,39 @@ class Server:
                                      f"{scale(timeout):.0f}s")
             time.sleep(0.02)
 
+    SANITIZER_RE = re.compile(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|"
+                              r"WARNING: ThreadSanitizer|AddressSanitizer:DEADLYSIGNAL")
+
+    def sanitizer_reports(self):
+        found = []
+        for path in self.logs:
+            try:
+                with open(path, "rb") as f:
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if self.SANITIZER_RE.search(line):
+                    found.append(f"{os.path.basename(path)}: {line}")
+        return found
+
+    def finish(self):
+        """Stops the server if it runs (SIGTERM must give exit 0) and returns a list of
+        problems: a bad exit status, sanitizer reports in any of its logs."""
+        problems = []
+        if self.alive():
+            try:
+                rc = self.stop()
+                if rc != 0:
+                    problems.append(f"subrelay serve exited {rc} after SIGTERM")
+            except ServerError as e:
+                problems.append(str(e))
+        problems.extend(self.sanitizer_reports())
+        if problems:
+            tail = "\n".join(self.log_text().splitlines()[-60:])
+            problems.append(f"log tail ({self.log_path}):\n{tail}")
+        return problems
+
     def dump_logs(self, stream=sys.stderr, tail=300):
         for path in self.logs:
             try:
@@ -622,6 +655,8 @@ def submit(conn, sender, rcpts, msg, mail_options=(), rcpt_options=()):
     code, resp = conn.data(msg)
     if code != 250:
         raise smtplib.SMTPDataError(code, resp)
+    if not re.match(rb"^2\.0\.0 Ok: queued as \S+$", resp):
+        raise AssertionError(f"250 after DATA is not '2.0.0 Ok: queued as <ID>': {resp!r}")
     return queued_id(resp)
 
 
@@ -636,9 +671,11 @@ class ConnectionClosed(AssertionError):
 class RawClient:
     """Exact bytes over a TCP (and then TLS) socket. Every read is bounded by `timeout`."""
 
-    def __init__(self, port, implicit_tls=False, timeout=10, ctx=None, read_greeting=True):
+    def __init__(self, port, implicit_tls=False, timeout=10, ctx=None, read_greeting=True,
+                 source=None):
         self.timeout = scale(timeout)
-        self.sock = socket.create_connection((LOOPBACK, port), timeout=self.timeout)
+        self.sock = socket.create_connection((LOOPBACK, port), timeout=self.timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
         self.transcript = []
         if implicit_tls:
@@ -818,8 +855,12 @@ class ServerTestCase(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
+        problems = []
         for srv in cls.class_servers:
+            problems.extend(srv.finish())
             srv.kill()
+        if problems:
+            raise AssertionError("\n".join(problems))
 
     def setUp(self):
         self.test_servers = []
@@ -827,8 +868,14 @@ class ServerTestCase(unittest.TestCase):
     def start_server(self, **kw):
         srv = Server(**kw)
         self.test_servers.append(srv)
-        self.addCleanup(srv.kill)
+        self.addCleanup(self._finish_server, srv)
         return srv.start()
+
+    def _finish_server(self, srv):
+        problems = srv.finish()
+        srv.kill()
+        if problems:
+            self.fail("\n".join(problems))
 
     def dump_logs(self, stream):
         for srv in list(type(self).class_servers) + list(getattr(self, "test_servers", [])):
@@ -870,7 +917,7 @@ def main():
     elif not ok:
         sys.stderr.write("temporary files kept for inspection: " + " ".join(_tmpdirs) + "\n")
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    passed = result.testsRun - failed - len(result.skipped)
+    passed = max(0, result.testsRun - failed - len(result.skipped))
     sys.stderr.write(f"{time.monotonic() - started:.1f}s\n")
     print(f"{passed} passed, {failed} failed" +
           (f", {len(result.skipped)} skipped" if result.skipped else ""), flush=True)

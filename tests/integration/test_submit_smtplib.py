@@ -113,6 +113,30 @@ class SubmitSmtplib(harness.ServerTestCase):
                            ["alice@example.net", "bob@example.org"], tls)
         conn.quit()
 
+    def test_message_id_and_date_detection(self):
+        """Only real header fields named Message-ID / Date (any case) count as present."""
+        conn = self.starttls_login(WEBSHOP)
+        tls = harness.tls_version_of(conn)
+        cases = {
+            "other case": dict(message_id=False, date=False, extra_headers=[
+                f"MESSAGE-id: <{token()}@shop.test>", "dATe: Thu, 1 Jan 2026 00:00:00 +0000"]),
+            "resent fields only": dict(message_id=False, date=False, extra_headers=[
+                f"Resent-Message-ID: <{token()}@shop.test>",
+                "Resent-Date: Thu, 1 Jan 2026 00:00:00 +0000"]),
+            "lookalikes in the body": dict(message_id=False, date=False, body=(
+                f"Message-ID: <{token()}@shop.test>\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\n")),
+            "folded values": dict(message_id=False, date=False, extra_headers=[
+                "Message-ID:", f" <{token()}@shop.test>", "Date: Thu, 1 Jan 2026",
+                "\t00:00:00 +0000"]),
+        }
+        for name, kw in cases.items():
+            with self.subTest(case=name):
+                msg = make_message("orders@shop.test", ["alice@example.net"],
+                                   f"{name} {token()}", **kw)
+                qid = submit(conn, "orders@shop.test", ["alice@example.net"], msg)
+                self.assert_queued(qid, msg, WEBSHOP, "orders@shop.test", ["alice@example.net"],
+                                   tls)
+
     def test_implicit_tls_auth_login(self):
         for initial_response_ok in (False, True):
             with self.subTest(initial_response=initial_response_ok):
@@ -250,23 +274,47 @@ class SubmitSmtplib(harness.ServerTestCase):
 
     def test_header_from_not_owned(self):
         conn = self.starttls_login(WEBSHOP)
-        for header_from in ("ceo@bank.test", '"Shop" <ceo@bank.test>',
-                            "orders@shop.test, ceo@bank.test"):
-            with self.subTest(header_from=header_from):
+        cases = [(h, ()) for h in (
+            "ceo@bank.test", '"Shop" <ceo@bank.test>', "orders@shop.test, ceo@bank.test",
+            '"orders@shop.test" <ceo@bank.test>', "Shop\r\n <ceo@bank.test>",
+            "ceo@bank.test (orders@shop.test)", "<ceo@bank.test>", "ceo@BANK.test")]
+        # Two From fields, the second one foreign (a malformed message may be refused as
+        # such, 5.6.x, rather than as not owned).
+        cases.append(("orders@shop.test", ("From: ceo@bank.test",)))
+        for header_from, extra in cases:
+            with self.subTest(header_from=header_from, extra=extra):
                 tok = token("hdr")
                 msg = make_message("orders@shop.test", ["alice@example.net"], f"Spoof {tok}",
-                                   header_from=header_from)
+                                   header_from=header_from, extra_headers=extra)
                 code, resp = conn.mail("orders@shop.test")
                 self.assertEqual(code, 250, resp)
                 code, resp = conn.rcpt("alice@example.net")
                 self.assertEqual(code, 250, resp)
                 code, resp = conn.data(msg)
                 self.assertEqual(code, 550, resp)
-                self.assertIn(b"5.7.1", resp)
+                if extra:
+                    self.assertRegex(resp, rb"^(5\.7\.1|5\.6\.\d) ")
+                else:
+                    self.assertIn(b"5.7.1", resp)
                 self.assertEqual(self.stored_with(tok), [], "refused message was stored")
         # Session still usable.
         msg = make_message("orders@shop.test", ["alice@example.net"], f"fine {token()}")
         submit(conn, "orders@shop.test", ["alice@example.net"], msg)
+
+    def test_header_from_owned_variants(self):
+        conn = self.starttls_login(WEBSHOP)
+        tls = harness.tls_version_of(conn)
+        for header_from in ('"ceo@bank.test" <orders@shop.test>',
+                            "=?utf-8?q?Shop_=C3=96?= <orders@shop.test>",
+                            "Orders@SHOP.TEST", "orders@shop.test (Shop orders)",
+                            "Shop Orders\r\n <orders@shop.test>",
+                            "orders@shop.test, alerts@example.test"):
+            with self.subTest(header_from=header_from):
+                msg = make_message("orders@shop.test", ["alice@example.net"],
+                                   f"owned {token()}", header_from=header_from)
+                qid = submit(conn, "orders@shop.test", ["alice@example.net"], msg)
+                self.assert_queued(qid, msg, WEBSHOP, "orders@shop.test", ["alice@example.net"],
+                                   tls)
 
     # -- the loopback `none` listener ------------------------------------------------------------
     def test_none_listener_requires_auth(self):
