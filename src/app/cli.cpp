@@ -199,6 +199,10 @@ int cmdHashPassword() {
 int cmdQueue(const Args& a) {
   if (a.positional.empty()) return usageError("queue needs a subcommand: list or show", "queue ");
   const std::string& sub = a.positional[0];
+  // Usage errors first (exit 2), before the config is read.
+  if (sub != "list" && sub != "show") return usageError("unknown queue subcommand '" + sub + "' (list, show)", "queue ");
+  if (sub == "list" && a.positional.size() != 1) return usageError("queue list takes no arguments", "queue ");
+  if (sub == "show" && a.positional.size() != 2) return usageError("queue show needs one message id", "queue ");
   QueueCmdOptions o;
   o.json = a.json;
   o.raw = a.raw;
@@ -221,15 +225,8 @@ int cmdQueue(const Args& a) {
     }
     o.dataDir = lr.config->dataDir;
   }
-  if (sub == "list") {
-    if (a.positional.size() != 1) return usageError("queue list takes no arguments", "queue ");
-    return queueList(o);
-  }
-  if (sub == "show") {
-    if (a.positional.size() != 2) return usageError("queue show needs one message id", "queue ");
-    return queueShow(o, a.positional[1]);
-  }
-  return usageError("unknown queue subcommand '" + sub + "' (list, show)", "queue ");
+  if (sub == "list") return queueList(o);
+  return queueShow(o, a.positional[1]);
 }
 
 }  // namespace

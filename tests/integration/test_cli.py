@@ -71,7 +71,9 @@ class Cli(harness.ServerTestCase):
         for argv in (["frobnicate"], [], ["serve", "--no-such-option"],
                      ["hash-password", "extra-argument"], ["queue", "frobnicate", "-c", cfg],
                      ["queue", "show", "-c", cfg], ["queue", "-c", cfg],
-                     ["queue", "list", "--bogus", "-c", cfg], ["check-config", "-c"]):
+                     ["queue", "list", "--bogus", "-c", cfg], ["check-config", "-c"],
+                     # Usage errors win over a missing default config file (SPEC: exit 2).
+                     ["queue", "show"], ["queue", "frobnicate"], ["queue", "list", "extra"]):
             with self.subTest(argv=argv):
                 proc = subrelay(*argv, timeout=10, input=b"")
                 self.assertEqual(proc.returncode, 2, out_of(proc))
