@@ -133,6 +133,13 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
   void shutdown() {
+    // Nothing to finish before the greeting or in the middle of a TLS handshake: a client
+    // stuck there must not hold the shutdown for the whole grace time.
+    auto ph = session_.phase();
+    if (ph == smtp::Phase::Greeting || ph == smtp::Phase::TlsPending) {
+      conn_.close();
+      return;
+    }
     session_.onShutdown();
     drive();
   }

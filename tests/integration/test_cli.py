@@ -355,6 +355,27 @@ class Cli(harness.ServerTestCase):
         ids = srv.queue_ids()
         self.assertFalse(any(tok.encode() in srv.queue_raw(q) for q in ids))
 
+    def test_sigterm_not_held_by_stalled_handshakes(self):
+        # Clients that connected but never finish a TLS handshake (implicit TLS, or after
+        # STARTTLS) have nothing in flight: shutdown must not wait the grace time for them.
+        srv = self.start_server(accounts=[WEBSHOP], listeners=("starttls", "implicit"),
+                                limits={"shutdown_grace": "30s"})
+        stalled_implicit = socket.create_connection((harness.LOOPBACK, srv.port("implicit")), timeout=10)
+        self.addCleanup(stalled_implicit.close)
+        raw = harness.RawClient(srv.port("starttls"))
+        self.addCleanup(raw.close)
+        raw.ehlo()
+        raw.expect("STARTTLS", 220)  # and then no ClientHello
+        time.sleep(0.3)
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            srv.proc.wait(timeout=harness.scale(10))
+        except subprocess.TimeoutExpired:
+            self.fail("stalled TLS handshakes held the shutdown for the whole grace time")
+        self.assertEqual(srv.proc.returncode, 0)
+        self.assertLess(time.monotonic() - started, harness.scale(10))
+
     def test_sigint_exits_0(self):
         srv = self.start_server(accounts=[WEBSHOP], listeners=("starttls",))
         srv.proc.send_signal(signal.SIGINT)
