@@ -86,6 +86,7 @@ size_t countFields(const HeaderBlock& block, std::string_view name) {
 }
 
 namespace {
+using util::isAtext;
 
 // Lexical tokens of RFC 5322 3.2 after comments and whitespace are dropped.
 enum class Tok { Atom, Quoted, Literal, Special, End, Error };
@@ -96,35 +97,6 @@ struct Token {
   char special = 0;
 };
 
-// atext (3.2.3), extended with every non-ASCII byte for RFC 6532 (UTF-8 headers).
-bool isAtext(unsigned char c) {
-  if (c >= 0x80) return true;
-  if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) return true;
-  switch (c) {
-    case '!':
-    case '#':
-    case '$':
-    case '%':
-    case '&':
-    case '\'':
-    case '*':
-    case '+':
-    case '-':
-    case '/':
-    case '=':
-    case '?':
-    case '^':
-    case '_':
-    case '`':
-    case '{':
-    case '|':
-    case '}':
-    case '~':
-      return true;
-    default:
-      return false;
-  }
-}
 
 bool isSpecial(char c) {
   switch (c) {

@@ -10,6 +10,7 @@
 
 namespace subrelay::smtp {
 namespace {
+using util::isAtext;
 
 // RFC 5321 4.5.3.1.3: a path is at most 256 octets including "<" and ">".
 constexpr size_t kMaxMailbox = 254;
@@ -21,34 +22,6 @@ bool isDigit(unsigned char c) { return c >= '0' && c <= '9'; }
 bool isAlnum(unsigned char c) { return isAlpha(c) || isDigit(c); }
 bool isHex(unsigned char c) { return isDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'); }
 
-// RFC 5322 3.2.3 atext; RFC 6531 3.3 adds UTF8-non-ascii (validated as a whole elsewhere).
-bool isAtext(unsigned char c) {
-  if (isAlnum(c) || c >= 0x80) return true;
-  switch (c) {
-    case '!':
-    case '#':
-    case '$':
-    case '%':
-    case '&':
-    case '\'':
-    case '*':
-    case '+':
-    case '-':
-    case '/':
-    case '=':
-    case '?':
-    case '^':
-    case '_':
-    case '`':
-    case '{':
-    case '|':
-    case '}':
-    case '~':
-      return true;
-    default:
-      return false;
-  }
-}
 
 // RFC 5321 4.1.2 qtextSMTP = %d32-33 / %d35-91 / %d93-126 (+ UTF-8 per RFC 6531).
 bool isQtext(unsigned char c) { return (c >= 32 && c <= 126 && c != '"' && c != '\\') || c >= 0x80; }

@@ -42,6 +42,18 @@ std::vector<std::string_view> split(std::string_view s, char sep) {
   }
 }
 
+bool isAtext(unsigned char c) {
+  if (c >= 0x80) return true;
+  if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) return true;
+  switch (c) {
+    case '!': case '#': case '$': case '%': case '&': case '\'': case '*': case '+': case '-':
+    case '/': case '=': case '?': case '^': case '_': case '`': case '{': case '|': case '}': case '~':
+      return true;
+    default:
+      return false;
+  }
+}
+
 std::string hexEncode(std::string_view bytes) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;

@@ -13,6 +13,9 @@ std::string toLower(std::string_view s);
 std::string_view trim(std::string_view s);  // spaces and tabs
 std::vector<std::string_view> split(std::string_view s, char sep);
 std::string hexEncode(std::string_view bytes);
+// RFC 5322 3.2.3 atext, extended with every non-ASCII byte (RFC 6531 3.3 / RFC 6532
+// UTF-8; callers validate UTF-8 sequences as a whole where it matters).
+bool isAtext(unsigned char c);
 // Renders untrusted bytes for a log line: printable ASCII kept, the rest as \xNN, cut at max.
 std::string sanitizeForLog(std::string_view s, size_t max = 200);
 
