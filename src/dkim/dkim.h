@@ -76,6 +76,14 @@ util::Result<std::shared_ptr<const PrivateKey>> loadPrivateKeyPem(std::string_vi
 util::Result<std::shared_ptr<const PrivateKey>> loadPrivateKeyFile(const std::string& path, Algorithm expected);
 util::Result<std::shared_ptr<const PrivateKey>> generateKey(Algorithm alg, int rsaBits = 2048);
 
+// Checks a raw signature (same data convention as PrivateKey::signRaw) against the
+// public key of a TXT record value ("v=DKIM1; k=...; p=..."): for tests and for a
+// `dkim-keygen` self-check. RSA keys of 1024 bits and more verify (RFC 8301 3.2).
+util::Result<void> verifyRaw(std::string_view txtRecord, std::string_view data, std::string_view signature);
+
+// SHA-256 of data, 32 raw bytes (RFC 6376 3.3: the hash of both algorithms).
+std::string sha256(std::string_view data);
+
 // Splits a TXT value into quoted <=255-byte strings for a zone file (RFC 1035 3.3.14).
 std::string txtZoneStrings(std::string_view value);
 
@@ -97,7 +105,10 @@ struct SignOptions {
 // Message-ID, Reply-To, In-Reply-To, References, MIME-Version, Content-Type,
 // Content-Transfer-Encoding, List-Unsubscribe, List-Unsubscribe-Post. From, Subject,
 // Date, To, Cc and Reply-To are oversigned (h= lists them once more than present) so
-// they cannot be added later. No l= tag.
+// they cannot be added later; when absent they are still listed once (RFC 6376 5.4.2:
+// a name with no instance stands for the null string), as Stalwart and rspamd do.
+// Multiple instances are hashed bottom-up (5.4.2). DKIM-Signature fields already in
+// the message are neither signed nor touched. No l= tag.
 class Signer {
  public:
   virtual ~Signer() = default;
