@@ -26,6 +26,7 @@ SUBRELAY_TLS_PORT=25871
 POSTFIX_PORT=25872
 POSTFIX_TLS_PORT=25873
 TLS_MODE=starttls
+DKIM_MODE=rsa
 PASSWORD="bench-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 
 usage() {
@@ -41,6 +42,8 @@ usage: bench/submission.sh [options]
   --scenarios LIST    comma-separated subset of: pooled1,pooled,permsg,permsg-resume,halfload
   --build-dir DIR     build directory (default build-bench, release build)
   --tls MODE          starttls (default: port 587 style) or implicit (port 465 style) for every scenario
+  --dkim MODE         subrelay's signing: rsa (default: RSA-2048, the key OpenDKIM uses), dual
+                      (RSA-2048 and Ed25519 on every message) or none (no dkim section)
   --ports A,B,C,D     subrelay STARTTLS, subrelay implicit TLS, Postfix STARTTLS, Postfix implicit TLS
                       (default $SUBRELAY_PORT,$SUBRELAY_TLS_PORT,$POSTFIX_PORT,$POSTFIX_TLS_PORT)
   --json-out FILE     also write every run's loadgen JSON (one object per line) to FILE
@@ -61,6 +64,7 @@ while [[ $# -gt 0 ]]; do
     --build-dir) BUILD=$(realpath -m "$2"); shift 2 ;;
     --ports) IFS=, read -r SUBRELAY_PORT SUBRELAY_TLS_PORT POSTFIX_PORT POSTFIX_TLS_PORT <<<"$2"; shift 2 ;;
     --tls) TLS_MODE=$2; shift 2 ;;
+    --dkim) DKIM_MODE=$2; shift 2 ;;
     --json-out) JSON_OUT=$(realpath -m "$2"); shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -71,6 +75,8 @@ done
 for v in RUNS DURATION CONNECTIONS SIZE THREADS SUBRELAY_PORT SUBRELAY_TLS_PORT POSTFIX_PORT POSTFIX_TLS_PORT; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || { echo "submission.sh: bad value for $v: '${!v}'" >&2; exit 2; }
 done
+[[ $DKIM_MODE == none || $DKIM_MODE == rsa || $DKIM_MODE == dual ]] \
+  || { echo "submission.sh: --dkim none|rsa|dual, got '$DKIM_MODE'" >&2; exit 2; }
 (( RUNS <= 50 && DURATION <= 600 )) || { echo "submission.sh: --runs <= 50 and --duration <= 600" >&2; exit 2; }
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -157,6 +163,10 @@ chmod 644 "$TMP/key.pem"   # read by the Postfix and subrelay processes; a throw
 log "RSA-2048 DKIM key (the same key for subrelay and OpenDKIM)"
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$TMP/dkim.pem" >/dev/null 2>&1 \
   || die "openssl genpkey failed"
+if [[ $DKIM_MODE == dual ]]; then
+  log "Ed25519 DKIM key (subrelay only: --dkim dual)"
+  openssl genpkey -algorithm ed25519 -out "$TMP/dkim-ed.pem" >/dev/null 2>&1 || die "openssl genpkey ed25519 failed"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # subrelay
@@ -168,9 +178,16 @@ start_subrelay() {
   hash=$(printf %s "$PASSWORD" | "$SUBRELAY" hash-password) || die "subrelay hash-password failed"
   hash=$(printf %s "$hash" | tr -d '\r\n')
   [[ -n $hash ]] || die "subrelay hash-password printed nothing"
-  # Signs with the same RSA-2048 key as OpenDKIM does for Postfix.
-  write_subrelay_config "$hash" \
-    '"dkim": [ { "domain": "bench.test", "selector": "bench", "algorithm": "rsa-sha256", "private_key": "'"$TMP/dkim.pem"'" } ],'
+  # rsa: signs with the same RSA-2048 key as OpenDKIM does for Postfix; dual: that key
+  # and an Ed25519 one (two signatures per message); none: no signing at all.
+  local rsa_entry='{ "domain": "bench.test", "selector": "bench", "algorithm": "rsa-sha256", "private_key": "'"$TMP/dkim.pem"'" }'
+  local ed_entry='{ "domain": "bench.test", "selector": "benched", "algorithm": "ed25519-sha256", "private_key": "'"$TMP/dkim-ed.pem"'" }'
+  local dkim_section=""
+  case $DKIM_MODE in
+    rsa) dkim_section='"dkim": [ '"$rsa_entry"' ],' ;;
+    dual) dkim_section='"dkim": [ '"$rsa_entry"', '"$ed_entry"' ],' ;;
+  esac
+  write_subrelay_config "$hash" "$dkim_section"
   if ! "$SUBRELAY" check-config -c "$TMP/subrelay/config.json" >"$TMP/subrelay/check.log" 2>&1; then
     log "warning: subrelay rejects the dkim section ($(head -c 300 "$TMP/subrelay/check.log")): running without DKIM"
     write_subrelay_config "$hash" ""
@@ -198,8 +215,18 @@ start_subrelay() {
   done
   local id
   id=$("$SUBRELAY" queue list -c "$TMP/subrelay/config.json" 2>/dev/null | awk 'NR == 1 { print $1 }')
-  if [[ -n $id ]] && "$SUBRELAY" queue show "$id" --raw -c "$TMP/subrelay/config.json" 2>/dev/null \
-       | grep -q '^DKIM-Signature:'; then
+  local nsig=0
+  if [[ -n $id ]]; then
+    nsig=$("$SUBRELAY" queue show "$id" --raw -c "$TMP/subrelay/config.json" 2>/dev/null | grep -c '^DKIM-Signature:' || true)
+  fi
+  if [[ $DKIM_MODE == none ]]; then
+    SUBRELAY_DKIM=none
+    (( nsig == 0 )) || die "--dkim none, yet the probe message has $nsig DKIM-Signature fields"
+    log "subrelay signs nothing (--dkim none)"
+  elif [[ $DKIM_MODE == dual ]] && (( nsig == 2 )); then
+    SUBRELAY_DKIM=dual
+    log "subrelay dual-signs (RSA-2048 + Ed25519)"
+  elif (( nsig >= 1 )); then
     SUBRELAY_DKIM=yes
   else
     SUBRELAY_DKIM=no
@@ -599,6 +626,10 @@ if subrelay_dkim == "no":
     print("      so the ratios above compare unequal work.")
 elif subrelay_dkim == "yes":
     print("Both servers DKIM-sign every message with the same RSA-2048 key.")
+elif subrelay_dkim == "dual":
+    print("subrelay signs every message twice (RSA-2048 + Ed25519, --dkim dual); Postfix + OpenDKIM once (RSA-2048).")
+elif subrelay_dkim == "none":
+    print("subrelay signs nothing (--dkim none); Postfix + OpenDKIM, when compared, signs with RSA-2048.")
 print("srv cpu = server CPU ms per accepted message (Postfix: all its processes + OpenDKIM, measured until its queue is empty);")
 print("cli% = loadgen CPU as % of one core; busy% = whole machine (both cores, all processes).")
 print("Client and server share this machine's 2 cores: client TLS and SMTP work is taken from the server.")

@@ -4,14 +4,17 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "app/dev_config.h"
+#include "app/dkim_cmd.h"
 #include "app/queue_cmd.h"
 #include "app/server.h"
 #include "config/config.h"
@@ -35,6 +38,10 @@ constexpr const char* kMainHelp =
     "  serve [--dev]            run the gateway in the foreground (logs to stderr)\n"
     "  check-config             validate the configuration, print ok or every error\n"
     "  hash-password            read a password on stdin, print its password_hash\n"
+    "  dkim-keygen --domain D --selector S [--algorithm A] [--bits N] --out FILE\n"
+    "                           write a DKIM private key, print the TXT record to publish\n"
+    "  dns-records --domain D   print the DNS records D should publish: SPF, DKIM, DMARC,\n"
+    "                           MTA-STS and TLS-RPT\n"
     "  queue list [--json]      one line per queued message\n"
     "  queue show ID [--json] [--raw]\n"
     "                           one message's envelope and recipients, or its bytes\n"
@@ -88,6 +95,35 @@ constexpr const char* kQueueHelp =
     "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
     "  --data-dir   use this data directory instead of the config's data_dir\n";
 
+constexpr const char* kKeygenHelp =
+    "usage: subrelay dkim-keygen --domain D --selector S [--algorithm rsa-sha256|ed25519-sha256]\n"
+    "                            [--bits N] --out FILE [--force]\n"
+    "\n"
+    "Generates a DKIM signing key, writes it to FILE as PKCS#8 PEM with mode 0600 (atomically;\n"
+    "an existing FILE is kept unless --force), and prints the TXT record to publish at\n"
+    "S._domainkey.D in zone-file syntax (split into strings of at most 255 bytes) and the\n"
+    "entry to add to the \"dkim\" array of the configuration.\n"
+    "\n"
+    "  --domain D        signing domain (d=): the header From domain of the mail to sign\n"
+    "  --selector S      selector (s=), e.g. s2026; use a new one for each key rotation\n"
+    "  --algorithm A     rsa-sha256 (default) or ed25519-sha256 (RFC 8463); configure both\n"
+    "                    for dual signing, as not every receiver verifies Ed25519 yet\n"
+    "  --bits N          RSA key size, 2048 (default) to 4096 (RFC 8301: no 1024)\n"
+    "  --out FILE        where to write the private key\n"
+    "  --force           replace FILE if it exists\n";
+
+constexpr const char* kDnsHelp =
+    "usage: subrelay dns-records --domain D [-c PATH]\n"
+    "\n"
+    "Prints, in zone-file syntax with a one-line explanation each, the DNS records domain D\n"
+    "should publish to send through this gateway: SPF (authorising the gateway's hostname),\n"
+    "the DKIM TXT record of every selector configured for D (derived from its private key),\n"
+    "a DMARC starter policy (p=none with aggregate reports), and MTA-STS and TLS-RPT\n"
+    "suggestions (with the MTA-STS policy file to serve over HTTPS).\n"
+    "\n"
+    "  --domain D          the domain whose records to print\n"
+    "  -c, --config PATH   configuration file (default /etc/subrelay/config.json)\n";
+
 int usageError(const std::string& msg, const char* cmd) {
   std::fprintf(stderr, "subrelay: %s\nRun `subrelay %s--help` for usage.\n", msg.c_str(), cmd);
   return 2;
@@ -101,6 +137,13 @@ struct Args {
   bool json = false;
   bool raw = false;
   std::string dataDir;
+  // dkim-keygen / dns-records
+  std::string domain;
+  std::string selector;
+  std::string algorithm;
+  std::string bits;
+  std::string out;
+  bool force = false;
   std::vector<std::string> positional;
   std::string error;
 };
@@ -127,6 +170,12 @@ Args parseArgs(const std::vector<std::string>& argv) {
     else if (s == "--json") a.json = true;
     else if (s == "--raw") a.raw = true;
     else if (s == "--data-dir") a.dataDir = value("--data-dir");
+    else if (s == "--domain") a.domain = value("--domain");
+    else if (s == "--selector") a.selector = value("--selector");
+    else if (s == "--algorithm") a.algorithm = value("--algorithm");
+    else if (s == "--bits") a.bits = value("--bits");
+    else if (s == "--out") a.out = value("--out");
+    else if (s == "--force") a.force = true;
     else if (s.size() > 1 && s[0] == '-') a.error = "unknown option " + s;
     else a.positional.push_back(s);
     if (!a.error.empty()) break;
@@ -150,6 +199,18 @@ int cmdCheckConfig(const Args& a) {
       auto ctx = tls::TlsContext::serverFromFiles(cfg.tls.certificate, cfg.tls.privateKey);
       if (!ctx.ok()) errors.push_back(a.config + ": tls: " + ctx.error().message);
     }
+    // DKIM keys load as serve loads them: readable, PEM, of the configured algorithm,
+    // of an acceptable size (RFC 8301).
+    std::set<size_t> reported;
+    for (size_t i = 0; i < cfg.dkim.size(); ++i) {
+      std::string prefix = "dkim[" + std::to_string(i) + "]";
+      for (const auto& e : errors)
+        if (e.find(": " + prefix + ".") != std::string::npos || e.find(": " + prefix + ":") != std::string::npos)
+          reported.insert(i);
+    }
+    config::Config copy = cfg;
+    copy.sourcePath = a.config;
+    (void)loadDkimKeys(copy, errors, reported);
   }
   if (errors.empty()) {
     std::printf("ok\n");
@@ -252,7 +313,8 @@ int cliMain(int argc, char** argv) {
     const char* help;
   };
   static const Cmd kCmds[] = {{"serve", kServeHelp}, {"check-config", kCheckHelp},
-                              {"hash-password", kHashHelp}, {"queue", kQueueHelp}};
+                              {"hash-password", kHashHelp}, {"queue", kQueueHelp},
+                              {"dkim-keygen", kKeygenHelp}, {"dns-records", kDnsHelp}};
   const Cmd* found = nullptr;
   for (const auto& c : kCmds)
     if (cmd == c.name) found = &c;
@@ -278,6 +340,27 @@ int cliMain(int argc, char** argv) {
   if (cmd == "hash-password") {
     if (!a.positional.empty()) return usageError("hash-password takes no arguments", "hash-password ");
     return cmdHashPassword();
+  }
+  if (cmd == "dkim-keygen") {
+    if (!a.positional.empty()) return usageError("dkim-keygen takes no arguments", "dkim-keygen ");
+    KeygenOptions o;
+    o.domain = a.domain;
+    o.selector = a.selector;
+    if (!a.algorithm.empty()) o.algorithm = a.algorithm;
+    if (!a.bits.empty()) {
+      char* end = nullptr;
+      long b = std::strtol(a.bits.c_str(), &end, 10);
+      if (end == a.bits.c_str() || *end != '\0' || b <= 0 || b > 65536)
+        return usageError("--bits: expected a number of bits, got " + a.bits, "dkim-keygen ");
+      o.bits = static_cast<int>(b);
+    }
+    o.out = a.out;
+    o.force = a.force;
+    return cmdDkimKeygen(o);
+  }
+  if (cmd == "dns-records") {
+    if (!a.positional.empty()) return usageError("dns-records takes no arguments", "dns-records ");
+    return cmdDnsRecords(a.config, a.domain);
   }
   return cmdQueue(a);
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "dkim/dkim.h"
 #include "policy/authenticator.h"
 #include "queue/group_commit.h"
 #include "tls/tls_context.h"
@@ -32,6 +34,13 @@ class Runtime {
   std::unique_ptr<policy::Authenticator> auth;
   std::shared_ptr<tls::TlsContext> tlsServer;  // null when every listener is "none"
   queue::GroupCommitter* committer = nullptr;
+  // DKIM: keys by header From domain, loaded at start (an unloadable key fails start-up),
+  // and the per-domain x= distance (dkim[].expiry). The Signer is the seam that lets
+  // signing move out of process later (ARCHITECTURE.md); it is stateless and shared by
+  // the thread-pool jobs.
+  dkim::KeyRing dkimKeys;
+  std::map<std::string, std::chrono::seconds, std::less<>> dkimExpiry;
+  std::shared_ptr<const dkim::Signer> signer;
 
   const AccountRuntime* account(std::string_view name) const {
     auto it = accounts.find(name);

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "app/dev_config.h"
+#include "app/dkim_cmd.h"
 #include "app/runtime.h"
 #include "app/worker.h"
 #include "policy/password.h"
@@ -127,6 +128,23 @@ int runServe(const ServeOptions& opts) {
     rt->accounts.emplace(a.username, std::move(ar));
   }
   rt->auth = std::make_unique<policy::Authenticator>(std::move(creds));
+
+  // DKIM keys are loaded now so a bad key stops the start, not the first message.
+  {
+    std::vector<std::string> errors;
+    DkimSetup ds = loadDkimKeys(cfg, errors);
+    if (!errors.empty()) {
+      for (const auto& e : errors) std::fprintf(stderr, "%s\n", e.c_str());
+      std::fprintf(stderr, "subrelay: cannot load the DKIM keys above; fix them (check-config shows every problem)\n");
+      return 1;
+    }
+    rt->dkimKeys = std::move(ds.ring);
+    rt->dkimExpiry = std::move(ds.expiry);
+    rt->signer = std::make_shared<dkim::LocalSigner>();
+    for (size_t i = 0; i < cfg.dkim.size(); ++i)
+      util::logInfo("serve", "dkim key loaded domain=" + cfg.dkim[i].domain + " selector=" + cfg.dkim[i].selector +
+                                 " algorithm=" + cfg.dkim[i].algorithm);
+  }
 
   bool needTls = false;
   for (const auto& l : cfg.listeners) needTls = needTls || l.tls != config::ListenerTls::None;

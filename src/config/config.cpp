@@ -785,7 +785,7 @@ class ConfigReader {
       const std::string kp = item(p, i);
       const Json& o = arr[i];
       if (!v_.object(o, kp)) continue;
-      v_.rejectUnknown(o, kp, {"domain", "selector", "algorithm", "private_key"});
+      v_.rejectUnknown(o, kp, {"domain", "selector", "algorithm", "private_key", "expiry"});
       DkimKey k;
       bool domainOk = false;
       bool selectorOk = false;
@@ -817,6 +817,10 @@ class ConfigReader {
         v_.oneOf<std::string>(*a, kp + ".algorithm",
                               {{"rsa-sha256", "rsa-sha256"}, {"ed25519-sha256", "ed25519-sha256"}}, k.algorithm);
       if (const Json* f = v_.require(o, kp, "private_key")) v_.pathString(*f, kp + ".private_key", k.privateKey);
+      if (const Json* x = Validator::find(o, "expiry")) {
+        std::chrono::seconds e{0};
+        if (v_.duration(*x, kp + ".expiry", e)) k.expiry = e;
+      }
       if (domainOk && selectorOk) {
         auto [it, inserted] = seen.emplace(std::make_pair(k.domain, k.selector), i);
         if (!inserted)

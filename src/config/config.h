@@ -64,6 +64,8 @@ struct DkimKey {
   std::string selector;
   std::string algorithm = "rsa-sha256";  // or ed25519-sha256
   std::string privateKey;                // path
+  // dkim[].expiry: when set, signatures carry x= = t= + expiry (RFC 6376 3.5).
+  std::optional<std::chrono::seconds> expiry;
 };
 
 struct DomainTlsOverride {

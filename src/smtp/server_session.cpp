@@ -495,6 +495,7 @@ void ServerSession::appendContent(std::string_view bytes) {
   }
   if (contentTooBig_ || bareLineEnd_) return;
   content_.append(bytes);
+  if (cfg_.onContent) cfg_.onContent(bytes);
 }
 
 void ServerSession::markBareLineEnd() {
@@ -551,10 +552,12 @@ void ServerSession::resetTransaction() {
   dataState_ = DataState::LineStart;
   bdatActive_ = false;
   bdatCr_ = false;
+  if (cfg_.onContentReset) cfg_.onContentReset();
 }
 
 void ServerSession::startContent() {
   content_.clear();
+  if (cfg_.onContentReset) cfg_.onContentReset();
   contentBytes_ = 0;
   contentTooBig_ = false;
   bareLineEnd_ = false;
@@ -864,7 +867,10 @@ void ServerSession::finishBdatChunk() {
     return;
   }
   // Stored messages end with CRLF (the DATA path guarantees it by construction).
-  if (!content_.empty() && content_.back() != '\n') content_ += "\r\n";
+  if (!content_.empty() && content_.back() != '\n') {
+    content_ += "\r\n";
+    if (cfg_.onContent) cfg_.onContent("\r\n");
+  }
   emitStore();
 }
 

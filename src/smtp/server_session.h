@@ -49,6 +49,15 @@ struct SessionConfig {
   // Synchronous policy seam: may this authenticated account use this envelope sender?
   // Empty function = any sender allowed.
   std::function<bool(std::string_view account, std::string_view address)> senderAllowed;
+  // Optional content observer, so a driver can hash the message while it streams in
+  // (DKIM body hash, RFC 6376 3.7) instead of making a second pass over Store::content.
+  // onContent sees every piece of dot-unstuffed content in the order it is appended to
+  // what Store::content will hold (DATA and BDAT alike, including the CRLF a BDAT
+  // message without a final line end gets). onContentReset: the content seen so far is
+  // void (a new DATA/BDAT transaction, RSET, a refused or stored message); start over.
+  // The pieces are only meaningful when a Store follows before the next reset.
+  std::function<void(std::string_view chunk)> onContent;
+  std::function<void()> onContentReset;
 };
 
 struct Peer {

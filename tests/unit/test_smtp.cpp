@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -860,6 +861,51 @@ TEST_CASE("BDAT (RFC 3030)") {
     CHECK(h.last("BDAT x\r\n") == "501 5.5.4 Syntax: BDAT chunk-size [LAST]");
     CHECK(h.last("BDAT 5 FIRST\r\n") == "501 5.5.4 Syntax: BDAT chunk-size [LAST]");
     CHECK(h.last("BDAT 99999999999999999999\r\n") == "501 5.5.4 Syntax: BDAT chunk-size [LAST]");
+  }
+}
+
+TEST_CASE("content observer sees exactly the stored content (DATA and BDAT, bytewise)") {
+  // The app feeds a DKIM body hash from onContent (RFC 6376 3.7: no second pass), so
+  // the concatenation of the pieces since the last reset must equal Store::content.
+  auto seen = std::make_shared<std::string>();
+  auto resets = std::make_shared<int>(0);
+  SessionConfig c = testConfig();
+  c.onContent = [seen](std::string_view chunk) { seen->append(chunk); };
+  c.onContentReset = [seen, resets]() {
+    seen->clear();
+    ++*resets;
+  };
+  Harness h(std::move(c));
+  h.envelope();
+  SUBCASE("DATA with dot-stuffed lines") {
+    h.feedBytewise("DATA\r\n");
+    h.feedBytewise("Subject: dots\r\n\r\n..leading\r\n...\r\n.x\r\nlast line\r\n.\r\n");
+    auto* st = h.takeAction<Store>();
+    REQUIRE(st);
+    CHECK(st->content == "Subject: dots\r\n\r\n.leading\r\n..\r\nx\r\nlast line\r\n");
+    CHECK(*seen == st->content);
+    h.s.onStored(StoreOutcome{true, "O1", 0, "", ""});
+    h.step();
+    // A new transaction starts from nothing; RSET too.
+    h.feed("MAIL FROM:<alice@example.com>\r\nRCPT TO:<c@example.net>\r\n");
+    CHECK(seen->empty());
+    h.feed("DATA\r\nabandoned\r\n.\r\n");
+    REQUIRE(h.takeAction<Store>());
+    h.s.onStored(StoreOutcome{});
+    h.step();
+    int before = *resets;
+    h.feed("RSET\r\n");
+    CHECK(*resets > before);
+    CHECK(seen->empty());
+  }
+  SUBCASE("BDAT chunks, missing final CRLF") {
+    h.feedBytewise("BDAT 9\r\nSubject: ");
+    h.feedBytewise("BDAT 9\r\nb\r\n\r\n.a\r\n");
+    h.feedBytewise("BDAT 3 LAST\r\nend");
+    auto* st = h.takeAction<Store>();
+    REQUIRE(st);
+    CHECK(st->content == "Subject: b\r\n\r\n.a\r\nend\r\n");
+    CHECK(*seen == st->content);
   }
 }
 
