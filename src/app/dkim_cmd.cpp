@@ -109,13 +109,13 @@ DkimSetup loadDkimKeys(const config::Config& cfg, std::vector<std::string>& erro
     }
     std::string domain = util::toLower(k.domain);
     setup.ring.add(dkim::SignerKey{domain, k.selector, key.value()});
-    if (k.expiry) {
-      auto it = setup.expiry.find(domain);
-      if (it == setup.expiry.end())
-        setup.expiry.emplace(domain, *k.expiry);
-      else if (*k.expiry < it->second)
-        it->second = *k.expiry;
-    }
+    DkimDomainPolicy& pol = setup.domains[domain];
+    if (k.expiry && (!pol.expiry || *k.expiry < *pol.expiry)) pol.expiry = *k.expiry;
+    // The config loader guarantees one canonicalization per domain.
+    pol.headerCanon = k.canonicalization.rfind("simple/", 0) == 0 ? dkim::Canon::Simple : dkim::Canon::Relaxed;
+    pol.bodyCanon = k.canonicalization.size() >= 6 && k.canonicalization.substr(k.canonicalization.size() - 6) == "simple"
+                        ? dkim::Canon::Simple
+                        : dkim::Canon::Relaxed;
   }
   return setup;
 }

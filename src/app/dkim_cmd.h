@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <map>
+#include <optional>
 #include <memory>
 #include <set>
 #include <string>
@@ -18,9 +19,16 @@ namespace subrelay::app {
 // The keys of dkim[] loaded into a ring, plus the per-domain x= distance. The smallest
 // dkim[].expiry among a domain's keys applies to all its signatures, since one
 // SignOptions covers every signature of a message.
+// Per signing domain: what goes into SignOptions besides t=.
+struct DkimDomainPolicy {
+  std::optional<std::chrono::seconds> expiry;  // x= distance (smallest of the domain's keys)
+  dkim::Canon headerCanon = dkim::Canon::Relaxed;
+  dkim::Canon bodyCanon = dkim::Canon::Relaxed;
+};
+
 struct DkimSetup {
   dkim::KeyRing ring;
-  std::map<std::string, std::chrono::seconds, std::less<>> expiry;
+  std::map<std::string, DkimDomainPolicy, std::less<>> domains;
 };
 
 // Loads every dkim[i].private_key. Errors are lines "FILE: dkim[i].private_key: why"

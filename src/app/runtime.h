@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "app/dkim_cmd.h"
 #include "dkim/dkim.h"
 #include "policy/authenticator.h"
 #include "queue/group_commit.h"
@@ -39,7 +40,7 @@ class Runtime {
   // signing move out of process later (ARCHITECTURE.md); it is stateless and shared by
   // the thread-pool jobs.
   dkim::KeyRing dkimKeys;
-  std::map<std::string, std::chrono::seconds, std::less<>> dkimExpiry;
+  std::map<std::string, DkimDomainPolicy, std::less<>> dkimDomains;
   std::shared_ptr<const dkim::Signer> signer;
 
   const AccountRuntime* account(std::string_view name) const {

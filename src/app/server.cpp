@@ -139,7 +139,7 @@ int runServe(const ServeOptions& opts) {
       return 1;
     }
     rt->dkimKeys = std::move(ds.ring);
-    rt->dkimExpiry = std::move(ds.expiry);
+    rt->dkimDomains = std::move(ds.domains);
     rt->signer = std::make_shared<dkim::LocalSigner>();
     for (size_t i = 0; i < cfg.dkim.size(); ++i)
       util::logInfo("serve", "dkim key loaded domain=" + cfg.dkim[i].domain + " selector=" + cfg.dkim[i].selector +

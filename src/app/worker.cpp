@@ -371,8 +371,11 @@ class SmtpConnection final : public net::ConnectionHandler {
     if (keys != nullptr && !keys->empty() && rt.signer) {
       dkim::SignOptions opts;
       opts.timestamp = m.receivedAt;  // t= (RFC 6376 3.5)
-      auto ex = rt.dkimExpiry.find(domain);
-      if (ex != rt.dkimExpiry.end()) opts.expiresAfter = ex->second.count();
+      if (auto pol = rt.dkimDomains.find(domain); pol != rt.dkimDomains.end()) {
+        if (pol->second.expiry) opts.expiresAfter = pol->second.expiry->count();
+        opts.headerCanon = pol->second.headerCanon;
+        opts.bodyCanon = pol->second.bodyCanon;
+      }
       startSign(std::move(m), *keys, opts, std::move(digests), domain);
       return;
     }

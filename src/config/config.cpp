@@ -781,11 +781,12 @@ class ConfigReader {
     const std::string p = "dkim";
     if (!v_.array(arr, p)) return;
     std::map<std::pair<std::string, std::string>, size_t> seen;
+    std::map<std::string, std::pair<std::string, size_t>> canonByDomain;
     for (size_t i = 0; i < arr.size(); ++i) {
       const std::string kp = item(p, i);
       const Json& o = arr[i];
       if (!v_.object(o, kp)) continue;
-      v_.rejectUnknown(o, kp, {"domain", "selector", "algorithm", "private_key", "expiry"});
+      v_.rejectUnknown(o, kp, {"domain", "selector", "algorithm", "private_key", "expiry", "canonicalization"});
       DkimKey k;
       bool domainOk = false;
       bool selectorOk = false;
@@ -821,11 +822,27 @@ class ConfigReader {
         std::chrono::seconds e{0};
         if (v_.duration(*x, kp + ".expiry", e)) k.expiry = e;
       }
+      if (const Json* c = Validator::find(o, "canonicalization")) {
+        v_.oneOf<std::string>(*c, kp + ".canonicalization",
+                              {{"relaxed/relaxed", "relaxed/relaxed"},
+                               {"relaxed/simple", "relaxed/simple"},
+                               {"simple/simple", "simple/simple"},
+                               {"simple/relaxed", "simple/relaxed"}},
+                              k.canonicalization);
+      }
       if (domainOk && selectorOk) {
         auto [it, inserted] = seen.emplace(std::make_pair(k.domain, k.selector), i);
         if (!inserted)
           v_.fail(kp, "duplicate key for selector " + quote(k.selector) + " of domain " + quote(k.domain) +
                           " (also dkim[" + std::to_string(it->second) + "])");
+      }
+      if (domainOk) {
+        // One signing call covers all keys of a domain (dual signing), so they share c=.
+        auto [it, inserted] = canonByDomain.emplace(k.domain, std::make_pair(k.canonicalization, i));
+        if (!inserted && it->second.first != k.canonicalization)
+          v_.fail(kp + ".canonicalization", "every key of domain " + quote(k.domain) + " must use the same " +
+                                                "canonicalization (dkim[" + std::to_string(it->second.second) +
+                                                "] uses " + quote(it->second.first) + ")");
       }
       cfg_.dkim.push_back(std::move(k));
     }

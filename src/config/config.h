@@ -66,6 +66,9 @@ struct DkimKey {
   std::string privateKey;                // path
   // dkim[].expiry: when set, signatures carry x= = t= + expiry (RFC 6376 3.5).
   std::optional<std::chrono::seconds> expiry;
+  // dkim[].canonicalization: "header/body" c= value (RFC 6376 3.4, 3.5); every key of
+  // one domain must use the same one.
+  std::string canonicalization = "relaxed/relaxed";
 };
 
 struct DomainTlsOverride {

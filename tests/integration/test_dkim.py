@@ -91,8 +91,9 @@ class Dkim(harness.ServerTestCase):
         harness.run(["openssl", "genrsa", "-traditional", "-out", trad, "2048"], check=True, timeout=60)
         pub = harness.run(["openssl", "rsa", "-in", trad, "-pubout", "-outform", "DER"], check=True).stdout
         cls.dns["t1._domainkey.trad.test"] = "v=DKIM1; k=rsa; p=" + base64.b64encode(pub).decode()
+        # ... and simple/simple canonicalisation there, the strict alternative to relaxed.
         entries.append({"domain": "trad.test", "selector": "t1", "algorithm": "rsa-sha256",
-                        "private_key": trad})
+                        "private_key": trad, "canonicalization": "simple/simple"})
         cls.srv = cls.start_class_server(accounts=[ACCT], hostname="relay.dkim.test",
                                          extra_config={"dkim": entries})
         cls.testdns = os.path.join(cls.keydir, "testdns.txt")
@@ -172,12 +173,18 @@ class Dkim(harness.ServerTestCase):
         out = []
         out.append(("plain", harness.make_message(frm, ["a@example.net"], "plain " + token()), ()))
         long_subject = "Long subject " + " ".join(f"word{i}" for i in range(120))
+        # A field whose value starts on the continuation line. opendkim -t (2.11) fails
+        # simple/simple signatures over such a field even when dkimpy makes them itself
+        # (checked by hand: it alters the field when reading the file), so the simple/simple
+        # domain gets the value on the first line instead; relaxed domains keep the odd form.
+        reply_to = ("Reply-To: Replies\r\n <reply@" + domain + ">\r\n" if domain == "trad.test"
+                    else "Reply-To:\r\n <reply@" + domain + ">\r\n")
         folded = (f"From: App Name <{frm}>\r\n"
                   "To: one@example.net,\r\n  two@example.net,\r\n\tthree@example.net\r\n"
                   f"Subject: {long_subject[:70]}\r\n {long_subject[70:400]}\r\n\t{long_subject[400:]}\r\n"
                   "X-Spaces:   lots   of\t \t spaces   \r\n"
                   "X-Long: " + "x" * 900 + "\r\n"
-                  "Reply-To:\r\n <reply@" + domain + ">\r\n"
+                  + reply_to +
                   "MIME-Version: 1.0\r\n"
                   "Content-Type: text/plain;\r\n  charset=us-ascii\r\n"
                   "\r\n"
@@ -225,7 +232,7 @@ class Dkim(harness.ServerTestCase):
                     for _, f in mine:
                         t = sig_tags(f)
                         self.assertEqual(t["d"], domain)
-                        self.assertEqual(t.get("c"), "relaxed/relaxed")
+                        self.assertEqual(t.get("c"), "simple/simple" if domain == "trad.test" else "relaxed/relaxed")
                         self.assertIn("t", t)
                         if domain == "rsa.test":
                             self.assertEqual(int(t["x"]), int(t["t"]) + 7 * 86400)

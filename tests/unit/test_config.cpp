@@ -585,6 +585,25 @@ TEST_CASE("dkim") {
     CHECK(r.errors.size() == 7);
   }
   expectError(parse(withTop(R"(, "dkim": {})")), "dkim", "expected an array");
+  SUBCASE("canonicalization and expiry") {
+    LoadResult r = parse(withTop(R"(, "dkim": [
+        {"domain": "a.example", "selector": "r", "private_key": "/k1", "canonicalization": "simple/simple", "expiry": "7d"},
+        {"domain": "a.example", "selector": "e", "algorithm": "ed25519-sha256", "private_key": "/k2", "canonicalization": "simple/simple"},
+        {"domain": "b.example", "selector": "r", "private_key": "/k3"}])"));
+    expectOk(r);
+    CHECK(r.config->dkim[0].canonicalization == "simple/simple");
+    CHECK(r.config->dkim[0].expiry == std::chrono::seconds(7 * 86400));
+    CHECK(!r.config->dkim[1].expiry);
+    CHECK(r.config->dkim[2].canonicalization == "relaxed/relaxed");
+    LoadResult bad = parse(withTop(R"(, "dkim": [
+        {"domain": "a.example", "selector": "r", "private_key": "/k1", "canonicalization": "relaxed"},
+        {"domain": "b.example", "selector": "r", "private_key": "/k1", "canonicalization": "simple/simple"},
+        {"domain": "b.example", "selector": "e", "private_key": "/k2"}])"));
+    expectError(bad, "dkim[0].canonicalization", R"(expected one of "relaxed/relaxed")");
+    expectError(bad, "dkim[2].canonicalization",
+                "every key of domain \"b.example\" must use the same canonicalization (dkim[1] uses \"simple/simple\")");
+    CHECK(bad.errors.size() == 2);
+  }
 }
 
 TEST_CASE("delivery") {
