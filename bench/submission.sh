@@ -27,6 +27,7 @@ POSTFIX_PORT=25872
 POSTFIX_TLS_PORT=25873
 TLS_MODE=starttls
 DKIM_MODE=rsa
+LIMITS_MODE=none
 PASSWORD="bench-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 
 usage() {
@@ -44,6 +45,9 @@ usage: bench/submission.sh [options]
   --tls MODE          starttls (default: port 587 style) or implicit (port 465 style) for every scenario
   --dkim MODE         subrelay's signing: rsa (default: RSA-2048, the key OpenDKIM uses), dual
                       (RSA-2048 and Ed25519 on every message) or none (no dkim section)
+  --limits MODE       none (default) or all: the bench account gets a rate limit of every kind
+                      (messages/recipients per second..month, bytes per day), set high enough never
+                      to refuse, so every check and the window persistence run (issue 5's cost)
   --ports A,B,C,D     subrelay STARTTLS, subrelay implicit TLS, Postfix STARTTLS, Postfix implicit TLS
                       (default $SUBRELAY_PORT,$SUBRELAY_TLS_PORT,$POSTFIX_PORT,$POSTFIX_TLS_PORT)
   --json-out FILE     also write every run's loadgen JSON (one object per line) to FILE
@@ -65,6 +69,7 @@ while [[ $# -gt 0 ]]; do
     --ports) IFS=, read -r SUBRELAY_PORT SUBRELAY_TLS_PORT POSTFIX_PORT POSTFIX_TLS_PORT <<<"$2"; shift 2 ;;
     --tls) TLS_MODE=$2; shift 2 ;;
     --dkim) DKIM_MODE=$2; shift 2 ;;
+    --limits) LIMITS_MODE=$2; shift 2 ;;
     --json-out) JSON_OUT=$(realpath -m "$2"); shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -75,6 +80,7 @@ done
 for v in RUNS DURATION CONNECTIONS SIZE THREADS SUBRELAY_PORT SUBRELAY_TLS_PORT POSTFIX_PORT POSTFIX_TLS_PORT; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || { echo "submission.sh: bad value for $v: '${!v}'" >&2; exit 2; }
 done
+[[ $LIMITS_MODE == none || $LIMITS_MODE == all ]] || { echo "submission.sh: --limits none|all, got '$LIMITS_MODE'" >&2; exit 2; }
 [[ $DKIM_MODE == none || $DKIM_MODE == rsa || $DKIM_MODE == dual ]] \
   || { echo "submission.sh: --dkim none|rsa|dual, got '$DKIM_MODE'" >&2; exit 2; }
 (( RUNS <= 50 && DURATION <= 600 )) || { echo "submission.sh: --runs <= 50 and --duration <= 600" >&2; exit 2; }
@@ -235,6 +241,14 @@ start_subrelay() {
   fi
 }
 
+rate_limits_json() {
+  [[ $LIMITS_MODE == all ]] || return 0
+  local big=1000000000
+  printf ',\n      "rate_limits": { "messages_per_second": %s, "messages_per_minute": %s, "messages_per_hour": %s,' $big $big $big
+  printf ' "messages_per_day": %s, "messages_per_month": %s, "recipients_per_second": %s, "recipients_per_hour": %s,' $big $big $big $big
+  printf ' "recipients_per_day": %s, "bytes_per_day": 1000000000000 }' $big
+}
+
 write_subrelay_config() {  # password hash, dkim section (or empty)
   cat >"$TMP/subrelay/config.json" <<EOF
 {
@@ -248,7 +262,7 @@ write_subrelay_config() {  # password hash, dkim section (or empty)
   "limits": { "max_connections": 5000, "max_connections_per_ip": 5000 },
   $2
   "accounts": [
-    { "username": "bench", "password_hash": "$1", "senders": ["@bench.test"], "mode": "capture" }
+    { "username": "bench", "password_hash": "$1", "senders": ["@bench.test"], "mode": "capture"$(rate_limits_json) }
   ]
 }
 EOF

@@ -1,10 +1,19 @@
-// Runtime: what every worker loop shares while `serve` runs: the validated config,
-// accounts, the authenticator, the TLS context, the group committer and connection
-// counters. Read-mostly; the mutable parts are atomics or behind their own mutex.
+// Runtime: what every worker loop shares while `serve` runs.
+//
+// Two parts:
+//  - Settings: one immutable generation of everything SIGHUP reloads (config, accounts,
+//    the authenticator, the TLS context, DKIM keys). A reload builds a complete new
+//    Settings and installs it with one pointer swap; a session takes the current one when
+//    it is accepted and keeps it to the end ("sessions in progress finish under the
+//    config they started with"), so nothing a session reads changes under it.
+//  - state that outlives reloads: the group committer, connection and session counters,
+//    the rate limiters (AccountLimits keeps counts across a reload), the brute-force
+//    guard and the meters. Each is thread-safe on its own.
 #pragma once
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -12,12 +21,15 @@
 #include <unordered_map>
 #include <vector>
 
-#include "config/config.h"
 #include "app/dkim_cmd.h"
+#include "config/config.h"
 #include "dkim/dkim.h"
 #include "policy/authenticator.h"
+#include "policy/brute_force.h"
+#include "policy/rate_limiter.h"
 #include "queue/group_commit.h"
 #include "tls/tls_context.h"
+#include "util/clock.h"
 
 namespace subrelay::app {
 
@@ -28,37 +40,72 @@ struct AccountRuntime {
   config::AccountMode mode = config::AccountMode::Deliver;
 };
 
-class Runtime {
- public:
+struct Settings {
   std::shared_ptr<const config::Config> config;
   std::map<std::string, AccountRuntime, std::less<>> accounts;
-  std::unique_ptr<policy::Authenticator> auth;
+  std::shared_ptr<policy::Authenticator> auth;
   std::shared_ptr<tls::TlsContext> tlsServer;  // null when every listener is "none"
-  queue::GroupCommitter* committer = nullptr;
-  // DKIM: keys by header From domain, loaded at start (an unloadable key fails start-up),
-  // and the per-domain x= distance (dkim[].expiry). The Signer is the seam that lets
-  // signing move out of process later (ARCHITECTURE.md); it is stateless and shared by
-  // the thread-pool jobs.
+  // DKIM: keys by header From domain and the per-domain x=/c= policy. The Signer is the
+  // seam that lets signing move out of process later (ARCHITECTURE.md); it is stateless
+  // and shared by the thread-pool jobs.
   dkim::KeyRing dkimKeys;
   std::map<std::string, DkimDomainPolicy, std::less<>> dkimDomains;
   std::shared_ptr<const dkim::Signer> signer;
+  uint64_t generation = 1;
 
   const AccountRuntime* account(std::string_view name) const {
     auto it = accounts.find(name);
     return it == accounts.end() ? nullptr : &it->second;
   }
   bool senderAllowed(std::string_view account, std::string_view address) const;
+};
 
-  // Connection accounting (limits.max_connections, limits.max_connections_per_ip).
-  // Returns false (and counts nothing) when a limit would be exceeded.
+// Builds a complete Settings from a validated config: checks password hashes, loads
+// DKIM keys and the TLS certificate. Any failure -> nullptr and errors filled (one line
+// each, naming the file and what to do); nothing is half-built.
+std::shared_ptr<const Settings> buildSettings(const config::Config& cfg, bool dev, std::vector<std::string>& errors);
+
+// The policy parts of a config, in policy/'s types.
+std::vector<policy::AccountRules> accountRules(const config::Config& cfg);
+policy::AuthGuardConfig authGuardConfig(const config::Limits& limits);
+
+class Runtime {
+ public:
+  std::shared_ptr<const Settings> settings() const {
+    std::lock_guard lk(settingsMu_);
+    return settings_;
+  }
+  // Installs a new generation (reload); sessions already running keep theirs.
+  void install(std::shared_ptr<const Settings> s);
+
+  queue::GroupCommitter* committer = nullptr;
+  // Called (from the committer thread) after a message to deliver was committed.
+  std::function<void()> onQueued;
+  util::SystemClock clock;
+  policy::AccountLimits limits;
+  policy::AuthGuard guard;
+  policy::Meter meter;
+
+  // Connection accounting (limits.max_connections, limits.max_connections_per_ip),
+  // against the limits of the current settings. Returns false (and counts nothing)
+  // when a limit would be exceeded.
   bool admitConnection(const std::string& ip);
   void releaseConnection(const std::string& ip);
   uint32_t connections() const { return connections_.load(); }
 
+  // Concurrent authenticated sessions per account (limits.max_sessions_per_account;
+  // max 0 = no limit). False when the account already has max sessions.
+  bool admitAccountSession(const std::string& username, uint32_t max);
+  void releaseAccountSession(const std::string& username);
+
  private:
+  mutable std::mutex settingsMu_;
+  std::shared_ptr<const Settings> settings_;
   std::atomic<uint32_t> connections_{0};
   std::mutex ipMu_;
   std::unordered_map<std::string, uint32_t> perIp_;
+  std::mutex acctMu_;
+  std::unordered_map<std::string, uint32_t> perAccount_;
 };
 
 }  // namespace subrelay::app

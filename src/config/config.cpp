@@ -8,7 +8,11 @@
 // Extensions beyond SPEC.md (documented in docs/configuration.md):
 //   - limits.max_bad_commands, max_auth_failures, command_timeout, data_timeout,
 //     shutdown_grace, auth_failure_delay ("ms" unit allowed, "0s" disables the delay);
+//   - limits.max_sessions_per_account, auth_delay_after, auth_delay_base, auth_delay_max,
+//     auth_lockout_after, auth_lockout_window, auth_lockout_duration (brute-force defence);
 //   - delivery.tls_policy_overrides: { "domain": "opportunistic|required|verify" };
+//   - delivery.delay_notice (duration: "delayed" DSN after it), delivery.tls_ca_file (trust
+//     store for tls "verify" instead of the system's);
 //   - log_level, workers;
 //   - rate_limits.bytes_per_<period>;
 //   - duplicate keys in one JSON object are an error (a later value would silently win).
@@ -411,9 +415,9 @@ class Validator {
     return false;
   }
 
-  bool u32(const Json& v, const std::string& path, uint32_t& out) {
+  bool u32(const Json& v, const std::string& path, uint32_t& out, uint64_t min = 1) {
     uint64_t n = 0;
-    if (!integer(v, path, 1, kU32Max, n)) return false;
+    if (!integer(v, path, min, kU32Max, n)) return false;
     out = static_cast<uint32_t>(n);
     return true;
   }
@@ -624,7 +628,9 @@ class ConfigReader {
     v_.rejectUnknown(
         o, p,
         {"max_message_bytes", "max_recipients", "max_connections", "max_connections_per_ip", "max_bad_commands",
-         "max_auth_failures", "command_timeout", "data_timeout", "shutdown_grace", "auth_failure_delay"});
+         "max_auth_failures", "command_timeout", "data_timeout", "shutdown_grace", "auth_failure_delay",
+         "max_sessions_per_account", "auth_delay_after", "auth_delay_base", "auth_delay_max", "auth_lockout_after",
+         "auth_lockout_window", "auth_lockout_duration"});
     Limits& l = cfg_.limits;
     if (const Json* x = Validator::find(o, "max_message_bytes"))
       v_.integer(*x, p + ".max_message_bytes", 1, kU64Max, l.maxMessageBytes);
@@ -641,6 +647,20 @@ class ConfigReader {
     if (const Json* x = Validator::find(o, "shutdown_grace")) v_.duration(*x, p + ".shutdown_grace", l.shutdownGrace);
     if (const Json* x = Validator::find(o, "auth_failure_delay"))
       v_.durationMs(*x, p + ".auth_failure_delay", true, l.authFailureDelay);
+    if (const Json* x = Validator::find(o, "max_sessions_per_account"))
+      v_.u32(*x, p + ".max_sessions_per_account", l.maxSessionsPerAccount, 0);
+    if (const Json* x = Validator::find(o, "auth_delay_after"))
+      v_.u32(*x, p + ".auth_delay_after", l.authDelayAfter, 0);
+    if (const Json* x = Validator::find(o, "auth_delay_base"))
+      v_.durationMs(*x, p + ".auth_delay_base", true, l.authDelayBase);
+    if (const Json* x = Validator::find(o, "auth_delay_max"))
+      v_.durationMs(*x, p + ".auth_delay_max", true, l.authDelayMax);
+    if (const Json* x = Validator::find(o, "auth_lockout_after"))
+      v_.u32(*x, p + ".auth_lockout_after", l.authLockoutAfter, 0);
+    if (const Json* x = Validator::find(o, "auth_lockout_window"))
+      v_.duration(*x, p + ".auth_lockout_window", l.authLockoutWindow);
+    if (const Json* x = Validator::find(o, "auth_lockout_duration"))
+      v_.duration(*x, p + ".auth_lockout_duration", l.authLockoutDuration);
   }
 
   void readAccounts(const Json& arr) {
@@ -853,7 +873,7 @@ class ConfigReader {
     if (!v_.object(o, p)) return;
     v_.rejectUnknown(o, p,
                      {"resolvers", "port", "tls", "tls_policy_overrides", "retry_schedule", "max_queue_time",
-                      "max_connections", "max_connections_per_domain"});
+                      "max_connections", "max_connections_per_domain", "delay_notice", "tls_ca_file"});
     Delivery& d = cfg_.delivery;
     if (const Json* r = Validator::find(o, "resolvers")) readResolvers(*r, p + ".resolvers", d.resolvers);
     if (const Json* x = Validator::find(o, "port")) {
@@ -868,6 +888,13 @@ class ConfigReader {
     if (const Json* x = Validator::find(o, "max_connections")) v_.u32(*x, p + ".max_connections", d.maxConnections);
     if (const Json* x = Validator::find(o, "max_connections_per_domain"))
       v_.u32(*x, p + ".max_connections_per_domain", d.maxConnectionsPerDomain);
+    if (const Json* x = Validator::find(o, "delay_notice")) v_.duration(*x, p + ".delay_notice", d.delayNotice);
+    if (const Json* x = Validator::find(o, "tls_ca_file")) {
+      if (!x->is_string() || x->get<std::string>().empty())
+        v_.fail(p + ".tls_ca_file", "expected the path of a PEM file of trusted CA certificates");
+      else
+        d.tlsCaFile = x->get<std::string>();
+    }
   }
 
   bool readDeliveryTls(const Json& v, const std::string& p, DeliveryTls& out) {
@@ -1249,6 +1276,7 @@ std::vector<ConfigError> checkFiles(const Config& config) {
   check("tls.certificate", config.tls.certificate);
   check("tls.private_key", config.tls.privateKey);
   for (size_t i = 0; i < config.dkim.size(); ++i) check(item("dkim", i) + ".private_key", config.dkim[i].privateKey);
+  check("delivery.tls_ca_file", config.delivery.tlsCaFile);
   if (!config.dataDir.empty()) {
     struct stat st {};
     // A missing data_dir is created by serve; something else in its place is an error.

@@ -41,6 +41,18 @@ struct Limits {
   std::chrono::seconds dataTimeout{180};             // 4.5.3.2.5 data block: 3 minutes
   std::chrono::seconds shutdownGrace{30};            // SIGTERM: time for transactions in flight
   std::chrono::milliseconds authFailureDelay{1000};  // "0s" disables; "ms" unit allowed
+  // Concurrent authenticated sessions of one account; 0 = no limit.
+  uint32_t maxSessionsPerAccount = 100;
+  // Brute-force defence (policy::AuthGuard): after authDelayAfter failures from an
+  // address (or for a username) within authLockoutWindow, AUTH replies are delayed,
+  // doubling from authDelayBase up to authDelayMax; after authLockoutAfter failures the
+  // address is refused for authLockoutDuration (0 = never lock).
+  uint32_t authDelayAfter = 3;
+  std::chrono::milliseconds authDelayBase{1000};
+  std::chrono::milliseconds authDelayMax{30000};
+  uint32_t authLockoutAfter = 10;
+  std::chrono::seconds authLockoutWindow{900};
+  std::chrono::seconds authLockoutDuration{900};
 };
 
 // One rate limit: <what>_per_<period> = amount (issue 5 enforces them).
@@ -85,6 +97,11 @@ struct Delivery {
   std::chrono::seconds maxQueueTime{5 * 24 * 3600};
   uint32_t maxConnections = 200;
   uint32_t maxConnectionsPerDomain = 10;
+  // delivery.delay_notice: a "delayed" DSN (RFC 3464 action=delayed) once a recipient has
+  // waited this long; at or beyond max_queue_time there is none.
+  std::chrono::seconds delayNotice{4 * 3600};
+  // delivery.tls_ca_file: CA certificates for tls "verify"; "" = the system trust store.
+  std::string tlsCaFile;
 };
 
 struct Config {

@@ -52,13 +52,21 @@ std::string addressKey(std::string_view ip) {
   return buf;
 }
 
-AuthGuard::AuthGuard(AuthGuardConfig config) : config_(config) {
+AuthGuard::AuthGuard(AuthGuardConfig config) { applyConfig(config); }
+
+void AuthGuard::applyConfig(AuthGuardConfig config) {
+  config_ = config;
   // Keep enough timestamps to reach both the lock threshold and the delay cap; more
   // would only cost memory, since the verdict saturates there.
   size_t steps = 0;
-  for (milliseconds d = config_.baseDelay; d < config_.maxDelay && steps < 32; d *= 2) ++steps;
+  for (milliseconds d = config_.baseDelay; d.count() > 0 && d < config_.maxDelay && steps < 32; d *= 2) ++steps;
   kept_ = std::max<size_t>({config_.lockoutThreshold, config_.delayAfter + steps + 1, 1});
   if (config_.maxEntries == 0) config_.maxEntries = 1;
+}
+
+void AuthGuard::reconfigure(AuthGuardConfig config) {
+  std::lock_guard lk(mu_);
+  applyConfig(config);
 }
 
 void AuthGuard::prune(Entry& e, TimePoint now) const {

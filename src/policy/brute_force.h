@@ -70,6 +70,8 @@ class AuthGuard {
  public:
   using TimePoint = std::chrono::steady_clock::time_point;
   explicit AuthGuard(AuthGuardConfig config = {});
+  // New thresholds (config reload); the failures counted so far are kept.
+  void reconfigure(AuthGuardConfig config);
 
   // At connect: only whether the address is locked.
   Verdict checkAddress(std::string_view ip, TimePoint now);
@@ -95,6 +97,7 @@ class AuthGuard {
     std::list<std::string> order;  // front = least recently touched
   };
 
+  void applyConfig(AuthGuardConfig config);
   Entry* find(Table& t, const std::string& key, TimePoint now);
   Entry& touch(Table& t, const std::string& key);
   void prune(Entry& e, TimePoint now) const;

@@ -681,6 +681,12 @@ void ServerSession::handleMail(std::string_view args) {
     reply(553, "5.7.1", "Sender address not owned by this account");
     return;
   }
+  if (cfg_.mailPolicy) {
+    if (auto r = cfg_.mailPolicy(account_, env.declaredSize.value_or(0))) {
+      reply(r->code, r->enhanced, r->text);
+      return;
+    }
+  }
   env.mailFrom = std::move(p.address);
   env_ = std::move(env);
   mailGiven_ = true;
@@ -737,6 +743,12 @@ void ServerSession::handleRcpt(std::string_view args) {
   if (env_.recipients.size() >= cfg_.maxRecipients) {
     reply(452, "4.5.3", "Too many recipients");
     return;
+  }
+  if (cfg_.rcptPolicy) {
+    if (auto r = cfg_.rcptPolicy(account_, p.address)) {
+      reply(r->code, r->enhanced, r->text);
+      return;
+    }
   }
   env_.recipients.push_back(std::move(p.address));
   reply(250, "2.1.5", "Ok");

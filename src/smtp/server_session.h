@@ -28,6 +28,13 @@ namespace subrelay::smtp {
 
 using SessionId = uint64_t;
 
+// A refusal decided by policy outside the session (rate limits): the reply to send.
+struct PolicyRefusal {
+  int code = 451;
+  std::string enhanced = "4.7.1";
+  std::string text;
+};
+
 struct SessionConfig {
   std::string hostname = "localhost";
   // The listener advertises STARTTLS (listeners[].tls == "starttls").
@@ -49,6 +56,13 @@ struct SessionConfig {
   // Synchronous policy seam: may this authenticated account use this envelope sender?
   // Empty function = any sender allowed.
   std::function<bool(std::string_view account, std::string_view address)> senderAllowed;
+  // Account limits (issue 5), synchronous: nullopt = go on. mailPolicy runs after the
+  // sender check of an otherwise valid MAIL (declaredSize from SIZE=, 0 if none);
+  // rcptPolicy after every other check of a RCPT that would be accepted (it may count
+  // the recipient: it is accepted when nullopt comes back). A refusal is a reply; the
+  // session stays usable.
+  std::function<std::optional<PolicyRefusal>(std::string_view account, uint64_t declaredSize)> mailPolicy;
+  std::function<std::optional<PolicyRefusal>(std::string_view account, std::string_view recipient)> rcptPolicy;
   // Optional content observer, so a driver can hash the message while it streams in
   // (DKIM body hash, RFC 6376 3.7) instead of making a second pass over Store::content.
   // onContent sees every piece of dot-unstuffed content in the order it is appended to

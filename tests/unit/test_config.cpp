@@ -458,6 +458,35 @@ TEST_CASE("limits") {
   expectError(parse(withTop(R"(, "limits": [])")), "limits", "expected an object, got an empty array");
 }
 
+TEST_CASE("limits: brute-force thresholds and sessions per account") {
+  LoadResult d = parse(withTop(""));
+  REQUIRE(d.config);
+  CHECK(d.config->limits.maxSessionsPerAccount == 100);
+  CHECK(d.config->limits.authDelayAfter == 3);
+  CHECK(d.config->limits.authDelayBase == 1000ms);
+  CHECK(d.config->limits.authDelayMax == 30000ms);
+  CHECK(d.config->limits.authLockoutAfter == 10);
+  CHECK(d.config->limits.authLockoutWindow == 900s);
+  CHECK(d.config->limits.authLockoutDuration == 900s);
+  LoadResult r = parse(withTop(R"(, "limits": {"max_sessions_per_account": 0, "auth_delay_after": 5,
+      "auth_delay_base": "250ms", "auth_delay_max": "10s", "auth_lockout_after": 0,
+      "auth_lockout_window": "1h", "auth_lockout_duration": "2m"})"));
+  INFO(allErrors(r));
+  REQUIRE(r.config);
+  const Limits& l = r.config->limits;
+  CHECK(l.maxSessionsPerAccount == 0);
+  CHECK(l.authDelayAfter == 5);
+  CHECK(l.authDelayBase == 250ms);
+  CHECK(l.authDelayMax == 10000ms);
+  CHECK(l.authLockoutAfter == 0);
+  CHECK(l.authLockoutWindow == 3600s);
+  CHECK(l.authLockoutDuration == 120s);
+  expectError(parse(withTop(R"(, "limits": {"auth_lockout_window": "250ms"})")), "limits.auth_lockout_window",
+              "expected a duration");
+  expectError(parse(withTop(R"(, "limits": {"auth_delay_after": -1})")), "limits.auth_delay_after", "");
+  expectError(parse(withTop(R"(, "limits": {"auth_lockout_afer": 3})")), "limits.auth_lockout_afer", "");
+}
+
 TEST_CASE("accounts") {
   SUBCASE("valid, with normalisation") {
     LoadResult r = parse(withAccount(R"("senders": ["@Shop.Example.COM", "Alerts@Example.ORG", "x.y+z@b.example"],

@@ -615,6 +615,51 @@ TEST_CASE("RCPT TO") {
   CHECK(st->envelope.recipients == std::vector<std::string>{"r1@example.net", "r2@example.net", "r3@example.net"});
 }
 
+TEST_CASE("account policy seams: MAIL and RCPT refusals keep the session usable") {
+  auto c = testConfig();
+  int mailCalls = 0;
+  uint64_t lastSize = 99;
+  bool refuseMail = true;
+  c.mailPolicy = [&](std::string_view account, uint64_t declared) -> std::optional<PolicyRefusal> {
+    ++mailCalls;
+    CHECK(account == "alice");
+    lastSize = declared;
+    if (refuseMail) return PolicyRefusal{451, "4.7.1", "Rate limit messages_per_minute exceeded; try again in 7 seconds"};
+    return std::nullopt;
+  };
+  std::vector<std::string> seen;
+  c.rcptPolicy = [&](std::string_view, std::string_view rcpt) -> std::optional<PolicyRefusal> {
+    seen.emplace_back(rcpt);
+    if (seen.size() > 2) return PolicyRefusal{452, "4.5.3", "Rate limit recipients_per_hour exceeded; try again in 60 seconds"};
+    return std::nullopt;
+  };
+  Harness h(c);
+  h.login();
+  // Refused senders never reach the policy; a refused MAIL leaves no transaction.
+  CHECK(h.last("MAIL FROM:<mallory@evil.test>\r\n") == "553 5.7.1 Sender address not owned by this account");
+  CHECK(mailCalls == 0);
+  CHECK(h.last("MAIL FROM:<alice@example.com> SIZE=1234\r\n") ==
+        "451 4.7.1 Rate limit messages_per_minute exceeded; try again in 7 seconds");
+  CHECK(lastSize == 1234);
+  CHECK(h.last("RCPT TO:<b@example.net>\r\n") == "503 5.5.1 Error: need MAIL command");
+  refuseMail = false;
+  CHECK(h.last("MAIL FROM:<alice@example.com>\r\n") == "250 2.1.0 Ok");
+  CHECK(lastSize == 0);
+  // Syntax errors and duplicates are not charged; the third distinct recipient is refused.
+  CHECK(h.last("RCPT TO:<postmaster>\r\n") == "501 5.1.3 Recipient address must include a domain");
+  CHECK(h.last("RCPT TO:<r1@example.net>\r\n") == "250 2.1.5 Ok");
+  CHECK(h.last("RCPT TO:<r1@example.net>\r\n") == "250 2.1.5 Ok");
+  CHECK(h.last("RCPT TO:<r2@example.net>\r\n") == "250 2.1.5 Ok");
+  CHECK(h.last("RCPT TO:<r3@example.net>\r\n") == "452 4.5.3 Rate limit recipients_per_hour exceeded; try again in 60 seconds");
+  CHECK(seen == std::vector<std::string>{"r1@example.net", "r2@example.net", "r3@example.net"});
+  CHECK(h.last("DATA\r\n") == "354 End data with <CR><LF>.<CR><LF>");
+  h.feed("x\r\n.\r\n");
+  auto* st = h.takeAction<Store>();
+  REQUIRE(st);
+  CHECK(st->envelope.recipients == std::vector<std::string>{"r1@example.net", "r2@example.net"});
+  CHECK_FALSE(h.closed);
+}
+
 // ---- session: DATA -------------------------------------------------------------------
 
 TEST_CASE("DATA: store, unstuffing, outcome") {

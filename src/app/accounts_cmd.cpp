@@ -1,0 +1,129 @@
+#include "app/accounts_cmd.h"
+
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "queue/sqlite_store.h"
+#include "util/json_writer.h"
+#include "util/time_fmt.h"
+
+namespace subrelay::app {
+
+namespace {
+
+struct Row {
+  queue::MeterRow meter;
+  std::string mode;  // "" when the account is not in the config (e.g. removed)
+  std::vector<config::RateLimit> limits;
+  std::map<std::string, queue::RateWindowRow> windows;  // by rule
+};
+
+// The count of a day/month window that is still current; 0 once it has ended.
+uint64_t currentCount(const queue::RateWindowRow& w, const std::string& period, int64_t now) {
+  std::time_t t = static_cast<std::time_t>(now);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
+  if (period == "month") tm.tm_mday = 1;
+  int64_t start = static_cast<int64_t>(timegm(&tm));
+  return w.windowStart == start ? w.count : 0;
+}
+
+}  // namespace
+
+int accountsList(const AccountsCmdOptions& o) {
+  std::string path = (std::filesystem::path(o.dataDir) / "queue.db").string();
+  if (!std::filesystem::exists(path)) {
+    std::fprintf(stderr, "subrelay: no queue at %s (has `subrelay serve` run with this data_dir?)\n", path.c_str());
+    return 1;
+  }
+  queue::OpenOptions oo;
+  oo.readOnly = true;
+  oo.create = false;
+  auto store = queue::SqliteStore::open(path, oo);
+  if (!store.ok()) {
+    std::fprintf(stderr, "subrelay: %s\n", store.error().message.c_str());
+    return 1;
+  }
+  auto meters = store.value()->loadMeters();
+  auto windows = store.value()->loadRateWindows();
+  if (!meters.ok() || !windows.ok()) {
+    std::fprintf(stderr, "subrelay: %s\n", (!meters.ok() ? meters.error() : windows.error()).message.c_str());
+    return 1;
+  }
+  std::map<std::string, Row> rows;
+  if (o.config) {
+    for (const auto& a : o.config->accounts) {
+      Row& r = rows[a.username];
+      r.meter.username = a.username;
+      r.mode = std::string(config::jsonName(a.mode));
+      r.limits = a.rateLimits;
+    }
+  }
+  for (const auto& m : meters.value()) {
+    Row& r = rows[m.username];
+    r.meter = m;
+  }
+  for (const auto& w : windows.value()) {
+    auto it = rows.find(w.username);
+    if (it != rows.end()) it->second.windows[w.rule] = w;
+  }
+  const int64_t now = static_cast<int64_t>(std::time(nullptr));
+  if (!o.json)
+    std::printf("%-20s %-8s %10s %10s %10s %12s %10s  %s\n", "ACCOUNT", "MODE", "ACCEPTED", "REFUSED", "RCPTS",
+                "BYTES", "AUTHFAIL", "LIMITS (used/limit)");
+  for (const auto& [name, r] : rows) {
+    // Current use of each configured limit that is persisted (day/month windows).
+    std::string limitsText;
+    std::string limitsJson = "[";
+    for (size_t i = 0; i < r.limits.size(); ++i) {
+      const auto& l = r.limits[i];
+      util::JsonObject lj;
+      lj.str("rule", l.key).num("limit", static_cast<int64_t>(l.amount));
+      std::string used;
+      if (l.period == "day" || l.period == "month") {
+        uint64_t c = 0;
+        if (auto w = r.windows.find(l.key); w != r.windows.end()) c = currentCount(w->second, l.period, now);
+        lj.num("used", static_cast<int64_t>(c));
+        used = std::to_string(c) + "/";
+      } else {
+        lj.raw("used", "null");
+      }
+      if (!limitsText.empty()) limitsText += " ";
+      limitsText += l.key + "=" + used + std::to_string(l.amount);
+      if (i) limitsJson += ",";
+      limitsJson += lj.finish();
+    }
+    limitsJson += "]";
+    const auto& m = r.meter;
+    if (o.json) {
+      util::JsonObject j;
+      j.str("account", name);
+      if (r.mode.empty()) j.raw("mode", "null");
+      else j.str("mode", r.mode);
+      j.num("accepted", static_cast<int64_t>(m.accepted))
+          .num("refused_by_limit", static_cast<int64_t>(m.refusedByLimit))
+          .num("recipients", static_cast<int64_t>(m.recipients))
+          .num("bytes", static_cast<int64_t>(m.bytes))
+          .num("auth_failures", static_cast<int64_t>(m.authFailures));
+      if (m.updatedAt) j.str("updated_at", util::isoUtc(m.updatedAt));
+      else j.raw("updated_at", "null");
+      j.raw("limits", limitsJson);
+      std::printf("%s\n", j.finish().c_str());
+    } else {
+      std::printf("%-20s %-8s %10llu %10llu %10llu %12llu %10llu  %s\n", name.c_str(),
+                  r.mode.empty() ? "-" : r.mode.c_str(), static_cast<unsigned long long>(m.accepted),
+                  static_cast<unsigned long long>(m.refusedByLimit), static_cast<unsigned long long>(m.recipients),
+                  static_cast<unsigned long long>(m.bytes), static_cast<unsigned long long>(m.authFailures),
+                  limitsText.empty() ? "-" : limitsText.c_str());
+    }
+  }
+  return 0;
+}
+
+}  // namespace subrelay::app

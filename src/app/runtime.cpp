@@ -1,0 +1,139 @@
+// Runtime and Settings (runtime.h): building one generation of the reloadable
+// configuration, and the shared counters.
+#include "app/runtime.h"
+
+#include "policy/password.h"
+#include "policy/senders.h"
+#include "util/log.h"
+
+namespace subrelay::app {
+
+bool Settings::senderAllowed(std::string_view accountName, std::string_view address) const {
+  const AccountRuntime* a = account(accountName);
+  if (a == nullptr) return false;
+  if (a->anySender) return !address.empty();
+  return policy::senderAllowed(a->senders, address);
+}
+
+std::shared_ptr<const Settings> buildSettings(const config::Config& cfg, bool dev, std::vector<std::string>& errors) {
+  auto s = std::make_shared<Settings>();
+  // Passwords are checked now so a bad hash fails the start (or the reload), not the
+  // first login.
+  std::vector<policy::Credential> creds;
+  for (const auto& a : cfg.accounts) {
+    std::string why = policy::checkHashFormat(a.passwordHash);
+    if (!why.empty()) {
+      errors.push_back(cfg.sourcePath + ": accounts: " + a.username + ": " + why);
+      continue;
+    }
+    creds.push_back({a.username, a.passwordHash});
+    AccountRuntime ar;
+    ar.username = a.username;
+    ar.senders = a.senders;
+    ar.mode = dev ? config::AccountMode::Capture : a.mode;
+    ar.anySender = dev;  // --dev: any sender, so apps can be tried as they are
+    s->accounts.emplace(a.username, std::move(ar));
+  }
+  s->auth = std::make_shared<policy::Authenticator>(std::move(creds));
+
+  // DKIM keys are loaded now so a bad key stops the start, not the first message.
+  size_t before = errors.size();
+  DkimSetup ds = loadDkimKeys(cfg, errors);
+  if (errors.size() != before)
+    errors.push_back("subrelay: cannot load the DKIM keys above; fix them (check-config shows every problem)");
+  s->dkimKeys = std::move(ds.ring);
+  s->dkimDomains = std::move(ds.domains);
+  s->signer = std::make_shared<dkim::LocalSigner>();
+
+  bool needTls = false;
+  for (const auto& l : cfg.listeners) needTls = needTls || l.tls != config::ListenerTls::None;
+  if (needTls) {
+    auto ctx = tls::TlsContext::serverFromFiles(cfg.tls.certificate, cfg.tls.privateKey);
+    if (!ctx.ok()) {
+      errors.push_back("subrelay: TLS: " + ctx.error().message);
+    } else {
+      s->tlsServer = ctx.value();
+    }
+  }
+  s->config = std::make_shared<const config::Config>(cfg);
+  if (!errors.empty()) return nullptr;
+  return s;
+}
+
+std::vector<policy::AccountRules> accountRules(const config::Config& cfg) {
+  std::vector<policy::AccountRules> out;
+  for (const auto& a : cfg.accounts) {
+    policy::AccountRules ar;
+    ar.username = a.username;
+    for (const auto& r : a.rateLimits) {
+      // The config loader accepted only valid what/period names.
+      if (auto rule = policy::makeRateRule(r.key, r.what, r.period, r.amount)) ar.rules.push_back(*rule);
+    }
+    out.push_back(std::move(ar));
+  }
+  return out;
+}
+
+policy::AuthGuardConfig authGuardConfig(const config::Limits& l) {
+  policy::AuthGuardConfig g;
+  g.delayAfter = l.authDelayAfter;
+  g.baseDelay = l.authDelayBase;
+  g.maxDelay = l.authDelayMax;
+  // A username under attack from many addresses only earns delays, capped lower than an
+  // address's so its owner still gets in from a clean address.
+  g.maxUsernameDelay = std::min(l.authDelayMax, std::chrono::milliseconds(8000));
+  g.lockoutThreshold = l.authLockoutAfter;
+  g.window = l.authLockoutWindow;
+  g.lockoutDuration = l.authLockoutDuration;
+  return g;
+}
+
+void Runtime::install(std::shared_ptr<const Settings> s) {
+  {
+    std::lock_guard lk(settingsMu_);
+    settings_ = s;
+  }
+  limits.configure(accountRules(*s->config), policy::Instant::from(clock));
+  guard.reconfigure(authGuardConfig(s->config->limits));
+}
+
+bool Runtime::admitConnection(const std::string& ip) {
+  auto s = settings();
+  const auto& lim = s->config->limits;
+  std::lock_guard lk(ipMu_);
+  if (connections_.load() >= lim.maxConnections) return false;
+  uint32_t& n = perIp_[ip];
+  if (n >= lim.maxConnectionsPerIp) {
+    if (n == 0) perIp_.erase(ip);
+    return false;
+  }
+  ++n;
+  connections_.fetch_add(1);
+  return true;
+}
+
+void Runtime::releaseConnection(const std::string& ip) {
+  std::lock_guard lk(ipMu_);
+  auto it = perIp_.find(ip);
+  if (it != perIp_.end() && --it->second == 0) perIp_.erase(it);
+  connections_.fetch_sub(1);
+}
+
+bool Runtime::admitAccountSession(const std::string& username, uint32_t max) {
+  std::lock_guard lk(acctMu_);
+  uint32_t& n = perAccount_[username];
+  if (max != 0 && n >= max) {
+    if (n == 0) perAccount_.erase(username);
+    return false;
+  }
+  ++n;
+  return true;
+}
+
+void Runtime::releaseAccountSession(const std::string& username) {
+  std::lock_guard lk(acctMu_);
+  auto it = perAccount_.find(username);
+  if (it != perAccount_.end() && --it->second == 0) perAccount_.erase(it);
+}
+
+}  // namespace subrelay::app
