@@ -1,0 +1,254 @@
+"""Real peers for integration tests. For now: Unbound, a private unbound instance on loopback.
+
+    from peers import Unbound, testbed_zones
+    dns = Unbound(testbed_zones())      # starts it, waits until it answers
+    dns.port, dns.address ("127.0.0.1:5353" form), dns.close()
+
+Standard library only (run by /usr/bin/python3). unbound listens on 127.0.0.1 only, on
+port 5353 when that is free for both UDP and TCP, else on a free port the kernel picks.
+Every wait is bounded. Instances are stopped by close() and, failing that, at exit. The
+zones follow ../../shared/TESTBED.md; local-zone/local-data syntax is unbound.conf(5)'s.
+(MTA peers live in mta_peers.py.)
+"""
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_DNS_PORT = 5353
+UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
+
+_live = []
+_live_lock = threading.Lock()
+
+
+def _stop_all():
+    with _live_lock:
+        peers = list(_live)
+    for p in peers:
+        try:
+            p.close()
+        except Exception:
+            pass
+
+
+atexit.register(_stop_all)
+
+
+def _port_free(port):
+    """Free on 127.0.0.1 for both UDP and TCP."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                return False
+    return True
+
+
+def _pick_port(preferred):
+    if preferred and _port_free(preferred):
+        return preferred
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        if _port_free(port):
+            return port
+    raise RuntimeError("no free port for unbound on 127.0.0.1")
+
+
+def dns_query_packet(name, qtype=1, qid=0x1234):
+    """A minimal RFC 1035 query (RD set), for readiness probes."""
+    q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.rstrip(".").split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\x00" + struct.pack("!HH", qtype, 1)
+
+
+def testbed_zones():
+    """The zones of TESTBED.md plus a CNAME chain and a name with 80 A records (more than
+    fits in 1232 bytes of UDP: the answer is truncated, TC=1, and must be fetched over TCP)."""
+    lines = [
+        'local-zone: "mx.test." static',
+        'local-data: "mx.test. 300 IN MX 10 mx1.mx.test."',
+        'local-data: "mx.test. 300 IN MX 20 mx2.mx.test."',
+        'local-data: "mx.test. 300 IN SOA ns.mx.test. admin.mx.test. 1 3600 600 86400 30"',
+        'local-data: "mx1.mx.test. 300 IN A 127.0.0.11"',
+        'local-data: "mx2.mx.test. 300 IN A 127.0.0.12"',
+        'local-data: "mx3.mx.test. 300 IN AAAA ::1"',
+        'local-zone: "nomx.test." static',
+        'local-data: "nomx.test. 300 IN A 127.0.0.11"',
+        'local-data: "nomx.test. 300 IN SOA ns.nomx.test. admin.nomx.test. 1 3600 600 86400 30"',
+        'local-zone: "nullmx.test." static',
+        'local-data: "nullmx.test. 300 IN MX 0 ."',
+        'local-zone: "badmx.test." static',
+        'local-data: "badmx.test. 300 IN MX 10 nowhere.badmx.test."',
+        'local-zone: "timeout.test." deny',
+        'local-zone: "refused.test." refuse',
+        'local-zone: "servfail.test." transparent',
+        'local-data: \'sel._domainkey.example.test. 300 IN TXT "first part, " "second part"\'',
+        # CNAME chain: www -> alias1 -> alias2 -> host (A and AAAA), and a loop.
+        'local-zone: "cname.test." static',
+        'local-data: "www.cname.test. 300 IN CNAME alias1.cname.test."',
+        'local-data: "alias1.cname.test. 300 IN CNAME alias2.cname.test."',
+        'local-data: "alias2.cname.test. 120 IN CNAME host.cname.test."',
+        'local-data: "host.cname.test. 300 IN A 127.0.0.21"',
+        'local-data: "host.cname.test. 300 IN AAAA ::1"',
+        'local-data: "mail.cname.test. 300 IN CNAME mx.test."',
+        # 80 A records: about 1.3 kB over UDP, over the 1232-byte EDNS size.
+        'local-zone: "big.test." static',
+    ]
+    for i in range(80):
+        lines.append(f'local-data: "many.big.test. 300 IN A 127.0.{i // 250 + 1}.{i % 250 + 1}"')
+    forward = [
+        "forward-zone:",
+        '    name: "servfail.test."',
+        "    forward-addr: 127.0.0.1@9",
+        "    forward-tcp-upstream: yes",
+    ]
+    return lines, forward
+
+
+class Unbound:
+    """unbound on 127.0.0.1:port with the given server-clause lines (local-zone/local-data)
+    and extra top-level clauses (forward-zone...). `zones` is a list of lines, or the
+    (lines, extra) pair testbed_zones() returns."""
+
+    def __init__(self, zones=None, port=DEFAULT_DNS_PORT, workdir=None, start=True, timeout=10):
+        if zones is None:
+            zones = testbed_zones()
+        if isinstance(zones, tuple):
+            self.local_lines, self.extra_lines = list(zones[0]), list(zones[1])
+        else:
+            self.local_lines, self.extra_lines = list(zones), []
+        self.preferred_port = port
+        self.port = None
+        self.own_dir = workdir is None
+        self.dir = workdir or tempfile.mkdtemp(prefix="subrelay-unbound-")
+        self.conf = os.path.join(self.dir, "unbound.conf")
+        self.log = os.path.join(self.dir, "unbound.log")
+        self.proc = None
+        if start:
+            self.start(timeout=timeout)
+
+    @property
+    def address(self):
+        return f"{LOOPBACK}:{self.port}"
+
+    def write_config(self):
+        server = [
+            "server:",
+            f"    interface: {LOOPBACK}@{self.port}",
+            f"    port: {self.port}",
+            "    do-ip6: no",
+            "    do-tcp: yes",
+            '    username: ""',
+            '    chroot: ""',
+            f'    directory: "{self.dir}"',
+            "    do-daemonize: no",
+            f'    pidfile: "{os.path.join(self.dir, "unbound.pid")}"',
+            f'    logfile: "{self.log}"',
+            "    use-syslog: no",
+            "    verbosity: 1",
+            '    module-config: "iterator"',
+            "    do-not-query-localhost: no",
+            "    access-control: 127.0.0.0/8 allow",
+            "    num-threads: 1",
+            "    so-reuseport: no",
+            "    edns-buffer-size: 1232",
+            "    max-udp-size: 1232",
+            "    minimal-responses: yes",
+            "    tcp-upstream: no",
+            "    root-hints: \"\"",
+        ]
+        server += ["    " + line for line in self.local_lines]
+        with open(self.conf, "w") as f:
+            f.write("\n".join(server + self.extra_lines) + "\n")
+
+    def start(self, timeout=10):
+        deadline = time.monotonic() + timeout
+        last_err = ""
+        for _ in range(5):
+            self.port = _pick_port(self.preferred_port if self.port is None else None)
+            self.write_config()
+            if os.path.exists(UNBOUND + "-checkconf"):
+                check = subprocess.run([UNBOUND + "-checkconf", self.conf], capture_output=True,
+                                       timeout=30)
+                if check.returncode != 0:
+                    raise RuntimeError(f"unbound-checkconf: {check.stdout.decode()}{check.stderr.decode()}")
+            self.proc = subprocess.Popen([UNBOUND, "-d", "-c", self.conf], stdout=subprocess.DEVNULL,
+                                         stderr=open(os.path.join(self.dir, "stderr.log"), "wb"),
+                                         start_new_session=True)
+            with _live_lock:
+                _live.append(self)
+            if self._wait_ready(deadline):
+                return self
+            last_err = self.log_text()
+            self._kill()
+            if time.monotonic() > deadline:
+                break
+        raise RuntimeError(f"unbound did not answer on {self.address}:\n{last_err}")
+
+    def _wait_ready(self, deadline):
+        probe = dns_query_packet("mx.test", 15)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(0.2)
+                try:
+                    s.sendto(probe, (LOOPBACK, self.port))
+                    data, _ = s.recvfrom(4096)
+                    if len(data) >= 12 and data[:2] == probe[:2]:
+                        return True
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        return False
+
+    def log_text(self):
+        out = ""
+        for name in ("unbound.log", "stderr.log"):
+            try:
+                with open(os.path.join(self.dir, name), errors="replace") as f:
+                    out += f.read()
+            except OSError:
+                pass
+        return out
+
+    def _kill(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def close(self):
+        self._kill()
+        with _live_lock:
+            if self in _live:
+                _live.remove(self)
+        if self.own_dir and not os.environ.get("SUBRELAY_KEEP_TMP"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
