@@ -1,0 +1,138 @@
+// smtp::ClientSession: the delivery side of SMTP (RFC 5321), free of I/O. Server replies
+// go in as bytes (any split), commands come out as actions; the transport (delivery/)
+// owns the socket, the TLS engine and the timers.
+//
+//   onConnected() -> greeting -> EHLO (HELO when EHLO is refused) -> STARTTLS when
+//   offered (or required) -> EHLO again -> Idle
+//   Idle + send(message) -> MAIL, RCPT..., DATA (or pipelined when PIPELINING) ->
+//   per-recipient results -> Idle (RSET first when a transaction failed half-way)
+//   Idle + quit() -> QUIT -> Close
+//
+// Not here: MX choice, retries, the socket, the TLS library.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+namespace subrelay::smtp {
+
+enum class ClientTls {
+  Opportunistic,  // STARTTLS when offered, plaintext otherwise; a failed handshake -> retry in clear is NOT done here
+  Required,       // no STARTTLS offered -> the session fails (temporary) instead of sending in clear
+  Implicit,       // the transport already runs TLS from the first byte: no STARTTLS
+};
+
+struct ClientConfig {
+  std::string heloName;  // our host name for EHLO/HELO
+  ClientTls tls = ClientTls::Opportunistic;
+  size_t maxReplyLine = 4096;   // longer server lines -> protocol error (temporary)
+  size_t maxReplyLines = 1000;  // lines in one multi-line reply
+};
+
+// One message to send in one transaction: every recipient is for the same destination.
+struct OutboundMessage {
+  std::string mailFrom;                 // "" = null sender "<>"
+  std::vector<std::string> recipients;  // addresses without angle brackets
+  std::shared_ptr<const std::string> content;  // CRLF lines as stored; dot-stuffed here
+  bool eightBit = false;                // BODY=8BITMIME when the server offers it
+  bool smtputf8 = false;                // SMTPUTF8 needed: refused (5.6.7) when not offered
+  std::string envId;                    // unused for now (no DSN extension)
+};
+
+// A server reply as received (multi-line joined with "\n" in text).
+struct ServerReply {
+  int code = 0;                // 0: no reply (connection lost, timeout, local decision)
+  std::string enhanced;        // "5.1.1" when the reply carried one, else ""
+  std::string text;            // without code and enhanced code
+  std::string summary() const; // "550 5.1.1 no such user" (first line, for logs and DSNs)
+};
+
+enum class Outcome { Delivered, TempFail, PermFail };
+
+struct RecipientResult {
+  std::string recipient;
+  Outcome outcome = Outcome::TempFail;
+  ServerReply reply;  // the reply that decided (RCPT's, or DATA's / MAIL's for all)
+  std::string stage;  // "connect" "ehlo" "starttls" "rset" "mail" "rcpt" "data" "data-end" "local"
+};
+
+// What the transport must do next.
+struct SendBytes { std::string bytes; };
+struct StartTls {};    // begin the TLS handshake as client, then call onTlsEstablished()/onTlsFailed()
+struct CloseConnection {};
+struct SessionReady {};  // greeting/EHLO/STARTTLS done: send() may be called (once per Idle)
+struct TransactionDone { std::vector<RecipientResult> results; };
+// The session failed as a whole before or between transactions (greeting refused, TLS
+// required but not offered, protocol error, lost connection). If a transaction was in
+// progress, a TransactionDone with every recipient's result comes first.
+// stage: as in RecipientResult, or "idle" (421 or garbage between transactions).
+// Outcome is TempFail even for a 5xx greeting (554, RFC 5321 3.1): a host refusing
+// service says nothing final about the recipients, so the next MX is tried; reply.code
+// keeps the server's code for callers that want a stricter policy. When the server is
+// in a sane state (5xx greeting, EHLO/HELO refused, TLS required but unavailable) a
+// SendBytes "QUIT" comes before the SessionFailed: flush it before closing.
+struct SessionFailed { ServerReply reply; Outcome outcome = Outcome::TempFail; std::string stage; };
+using ClientAction = std::variant<SendBytes, StartTls, CloseConnection, SessionReady, TransactionDone, SessionFailed>;
+
+// RFC 5321 4.5.3.2 timeouts, by what the session is waiting for.
+struct ClientTimeouts {
+  std::chrono::seconds greeting{300};    // 4.5.3.2.1 initial 220: 5 min
+  std::chrono::seconds mail{300};        // 4.5.3.2.2 MAIL: 5 min (also EHLO, STARTTLS, RSET, QUIT)
+  std::chrono::seconds rcpt{300};        // 4.5.3.2.3 RCPT: 5 min
+  std::chrono::seconds dataInit{120};    // 4.5.3.2.4 DATA initiation: 2 min
+  std::chrono::seconds dataBlock{180};   // 4.5.3.2.5 data block: 3 min (per write: applied by the
+                                         // transport while it flushes the content; not returned by timeout())
+  std::chrono::seconds dataTerm{600};    // 4.5.3.2.6 DATA termination: 10 min
+};
+
+class ClientSession {
+ public:
+  explicit ClientSession(ClientConfig config, ClientTimeouts timeouts = {});
+  ~ClientSession();
+
+  void onConnected();                 // TCP (and implicit TLS) is up: wait for the greeting
+  void onBytes(std::string_view data);
+  void onTlsEstablished();
+  void onTlsFailed(std::string_view why);
+  void onConnectionLost(std::string_view why);
+  void onTimeout();                   // the timer for timeout() fired
+
+  // Only after SessionReady (and after each TransactionDone). Checks SIZE, SMTPUTF8.
+  void send(OutboundMessage message);
+  // Idle: QUIT, then CloseConnection on any reply, on loss or on timeout. Not idle
+  // (connecting, mid-transaction): no QUIT (the server's state is unknown), the
+  // transaction gets TempFail results and CloseConnection follows at once.
+  void quit();
+
+  std::vector<ClientAction> takeActions();
+
+  // How long the transport should wait for the next reply; nullopt when not waiting.
+  // After DATA's 354 this is dataTerm, counted from the end of the content's write.
+  // During the TLS handshake it is `mail` (RFC 5321 has no value for it).
+  std::optional<std::chrono::seconds> timeout() const;
+
+  // What the server offered (valid after SessionReady).
+  bool offersPipelining() const;
+  bool offersStartTls() const;
+  bool tlsActive() const;
+  std::optional<uint64_t> serverSizeLimit() const;  // SIZE n, n > 0
+  bool idle() const;    // ready for send()
+  bool closed() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// RFC 5321 4.5.2: lines starting with "." get one more "."; the content must end in CRLF
+// (one is added when missing) and the terminator "." CRLF is appended. Bare CR or LF in
+// the input become CRLF, so nothing on the wire is a bare line ending (SPEC: smuggling).
+std::string dotStuff(std::string_view content);
+
+}  // namespace subrelay::smtp
