@@ -1,5 +1,6 @@
 #include "app/queue_cmd.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
@@ -13,25 +14,82 @@ namespace subrelay::app {
 
 namespace {
 
-util::Result<std::unique_ptr<queue::SqliteStore>> openQueue(const std::string& dataDir) {
+// list/show open read-only (they must never change or migrate the file); the operator
+// actions open read-write without creating anything. Either way the file must exist.
+util::Result<std::unique_ptr<queue::SqliteStore>> openQueue(const std::string& dataDir, bool writable = false) {
   std::string path = (std::filesystem::path(dataDir) / "queue.db").string();
   if (!std::filesystem::exists(path))
     return util::makeError("no queue at " + path + " (has `subrelay serve` run with this data_dir?)");
   queue::OpenOptions oo;
-  oo.readOnly = true;
+  oo.readOnly = !writable;
   oo.create = false;
   return queue::SqliteStore::open(path, oo);
 }
 
-std::string recipientsJson(const queue::MessageInfo& m) {
+bool waiting(const queue::RecipientInfo& r) { return r.state == queue::kStateQueued || r.state == queue::kStateDeferred; }
+
+std::string humanAge(int64_t s) {
+  if (s < 120) return std::to_string(s) + "s";
+  if (s < 7200) return std::to_string(s / 60) + "m";
+  if (s < 172800) return std::to_string(s / 3600) + "h";
+  return std::to_string(s / 86400) + "d";
+}
+
+// "2026-11-28T14:00:00Z (in 5m)" or "... (due now)".
+std::string nextTry(int64_t at, int64_t now) {
+  return util::isoUtc(at) + (at <= now ? " (due now)" : " (in " + humanAge(at - now) + ")");
+}
+
+std::string plural(int64_t n, const char* word) {
+  return std::to_string(n) + " " + word + (n == 1 ? "" : "s");
+}
+
+std::string isoOrNull(int64_t t) {
+  std::string out;
+  if (t == 0) return "null";
+  util::jsonEscapeTo(out, util::isoUtc(t));
+  return out;
+}
+
+std::string recipientsJson(const queue::MessageInfo& m, int64_t now) {
   std::string out = "[";
   for (size_t i = 0; i < m.recipients.size(); ++i) {
     const auto& r = m.recipients[i];
     util::JsonObject o;
     o.str("address", r.address).str("state", r.state).num("attempts", r.attempts);
-    if (r.nextAttempt) o.str("next_attempt", util::isoUtc(r.nextAttempt));
-    else o.raw("next_attempt", "null");
+    // Only a waiting recipient has a next try; a delivered or failed one keeps none.
+    const int64_t next = waiting(r) ? r.nextAttempt : 0;
+    o.raw("next_attempt", isoOrNull(next));
     o.str("last_error", r.lastError);
+    o.num("index", r.index);
+    if (waiting(r)) o.num("next_attempt_in", std::max<int64_t>(0, next - now));
+    else o.raw("next_attempt_in", "null");
+    o.raw("leased_until", isoOrNull(r.leaseUntil > now ? r.leaseUntil : 0));
+    o.boolean("dsn_pending", r.dsnPending);
+    o.str("updated_at", util::isoUtc(r.updatedAt));
+    if (i) out += ",";
+    out += o.finish();
+  }
+  return out + "]";
+}
+
+std::string historyJson(const queue::MessageInfo& m) {
+  std::string out = "[";
+  for (size_t i = 0; i < m.attempts.size(); ++i) {
+    const auto& a = m.attempts[i];
+    std::string address;
+    for (const auto& r : m.recipients)
+      if (r.index == a.index) address = r.address;
+    util::JsonObject o;
+    o.str("recipient", address)
+        .num("index", a.index)
+        .str("at", util::isoUtc(a.at))
+        .str("mx", a.mx)
+        .str("tls_version", a.tlsVersion)
+        .str("tls_cipher", a.tlsCipher)
+        .num("code", a.code)
+        .str("reply", a.reply)
+        .str("result", a.result);
     if (i) out += ",";
     out += o.finish();
   }
@@ -43,46 +101,45 @@ util::JsonObject messageJson(const queue::MessageInfo& m, int64_t now) {
   std::string lastError;
   for (const auto& r : m.recipients) {
     attempts = std::max(attempts, r.attempts);
-    if (r.nextAttempt && (r.state == "queued" || r.state == "deferred") && (next == 0 || r.nextAttempt < next))
-      next = r.nextAttempt;
+    if (r.nextAttempt && waiting(r) && (next == 0 || r.nextAttempt < next)) next = r.nextAttempt;
     if (!r.lastError.empty()) lastError = r.lastError;
   }
   util::JsonObject o;
   o.str("id", m.id)
       .str("account", m.account)
       .str("sender", m.mailFrom)
-      .raw("recipients", recipientsJson(m))
+      .raw("recipients", recipientsJson(m, now))
       .num("size", m.size)
       .str("received_at", util::isoUtc(m.receivedAt))
       .num("age", now - m.receivedAt)
       .boolean("captured", m.captured)
       .num("attempts", attempts);
-  if (next) o.str("next_attempt", util::isoUtc(next));
-  else o.raw("next_attempt", "null");
+  o.raw("next_attempt", isoOrNull(next));
   o.str("last_error", lastError);
+  o.boolean("is_dsn", m.isDsn).boolean("smtputf8", m.smtputf8).boolean("eight_bit", m.eightBit);
   return o;
 }
 
-std::string humanAge(int64_t s) {
-  if (s < 120) return std::to_string(s) + "s";
-  if (s < 7200) return std::to_string(s / 60) + "m";
-  if (s < 172800) return std::to_string(s / 3600) + "h";
-  return std::to_string(s / 86400) + "d";
+// The one-line reason for a failed open or read; "no such message" gets the hint the
+// operator needs.
+int fail(const std::string& what) {
+  std::fprintf(stderr, "subrelay: %s\n", what.c_str());
+  return 1;
 }
+
+int noSuchMessage(const std::string& id) {
+  return fail("no message " + id + " in the queue (see `subrelay queue list`)");
+}
+
+bool isNotFound(const util::Error& e) { return e.message.rfind("no such message", 0) == 0; }
 
 }  // namespace
 
 int queueList(const QueueCmdOptions& o) {
   auto store = openQueue(o.dataDir);
-  if (!store.ok()) {
-    std::fprintf(stderr, "subrelay: %s\n", store.error().message.c_str());
-    return 1;
-  }
+  if (!store.ok()) return fail(store.error().message);
   auto msgs = store.value()->list();
-  if (!msgs.ok()) {
-    std::fprintf(stderr, "subrelay: reading the queue: %s\n", msgs.error().message.c_str());
-    return 1;
-  }
+  if (!msgs.ok()) return fail("reading the queue: " + msgs.error().message);
   int64_t now = static_cast<int64_t>(std::time(nullptr));
   for (const auto& m : msgs.value()) {
     if (o.json) {
@@ -90,11 +147,12 @@ int queueList(const QueueCmdOptions& o) {
       continue;
     }
     std::string line = m.id + "  " + humanAge(now - m.receivedAt) + "  " + std::to_string(m.size) + "B  " +
-                       m.account + "  <" + m.mailFrom + ">";
+                       m.account + "  <" + m.mailFrom + ">" + (m.isDsn ? "  (DSN)" : "");
     for (const auto& r : m.recipients) {
       line += "  " + r.address + " (" + r.state;
-      if (r.attempts) line += ", " + std::to_string(r.attempts) + " attempts";
-      if (r.nextAttempt && r.state == "deferred") line += ", next " + util::isoUtc(r.nextAttempt);
+      line += ", " + plural(r.attempts, "attempt");
+      if (waiting(r)) line += ", next " + nextTry(r.nextAttempt, now);
+      if (r.dsnPending) line += ", DSN pending";
       if (!r.lastError.empty()) line += ", last error: " + r.lastError;
       line += ")";
     }
@@ -105,21 +163,12 @@ int queueList(const QueueCmdOptions& o) {
 
 int queueShow(const QueueCmdOptions& o, const std::string& id) {
   auto store = openQueue(o.dataDir);
-  if (!store.ok()) {
-    std::fprintf(stderr, "subrelay: %s\n", store.error().message.c_str());
-    return 1;
-  }
+  if (!store.ok()) return fail(store.error().message);
   auto m = store.value()->show(id);
-  if (!m.ok()) {
-    std::fprintf(stderr, "subrelay: no message %s in the queue (see `subrelay queue list`)\n", id.c_str());
-    return 1;
-  }
+  if (!m.ok()) return isNotFound(m.error()) ? noSuchMessage(id) : fail(m.error().message);
   if (o.raw && !o.json) {
     auto c = store.value()->content(id);
-    if (!c.ok()) {
-      std::fprintf(stderr, "subrelay: %s\n", c.error().message.c_str());
-      return 1;
-    }
+    if (!c.ok()) return fail(c.error().message);
     std::fwrite(c->data(), 1, c->size(), stdout);
     return 0;
   }
@@ -130,7 +179,7 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
         .str("helo", m->heloName)
         .str("tls_version", m->tlsVersion)
         .str("tls_cipher", m->tlsCipher)
-        .boolean("smtputf8", m->smtputf8);
+        .raw("history", historyJson(m.value()));
     if (o.raw) {
       auto c = store.value()->content(id);
       if (c.ok()) obj.str("raw", c.value());
@@ -142,16 +191,82 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
   std::printf("id:        %s\naccount:   %s\nsender:    <%s>\nreceived:  %s (%s ago) from [%s] helo=%s\n",
               mi.id.c_str(), mi.account.c_str(), mi.mailFrom.c_str(), util::isoUtc(mi.receivedAt).c_str(),
               humanAge(now - mi.receivedAt).c_str(), mi.clientAddress.c_str(), mi.heloName.c_str());
-  std::printf("tls:       %s\nsize:      %lld bytes\ncaptured:  %s\nrecipients:\n",
+  std::printf("tls:       %s\nsize:      %lld bytes%s%s\ncaptured:  %s\n",
               mi.tlsVersion.empty() ? "none" : (mi.tlsVersion + " " + mi.tlsCipher).c_str(),
-              static_cast<long long>(mi.size), mi.captured ? "yes (never delivered)" : "no");
+              static_cast<long long>(mi.size), mi.eightBit ? ", 8bit" : "", mi.smtputf8 ? ", SMTPUTF8" : "",
+              mi.captured ? "yes (never delivered)" : "no");
+  if (mi.isDsn) std::printf("dsn:       yes (a delivery status notification we generated)\n");
+  std::printf("recipients:\n");
   for (const auto& r : mi.recipients) {
     std::printf("  <%s>  %s  attempts=%lld", r.address.c_str(), r.state.c_str(), static_cast<long long>(r.attempts));
-    if (r.nextAttempt && (r.state == "queued" || r.state == "deferred"))
-      std::printf("  next=%s", util::isoUtc(r.nextAttempt).c_str());
+    if (waiting(r)) std::printf("  next=%s", nextTry(r.nextAttempt, now).c_str());
+    if (r.leaseUntil > now) std::printf("  in-flight-until=%s", util::isoUtc(r.leaseUntil).c_str());
+    if (r.dsnPending) std::printf("  dsn=pending");
     if (!r.lastError.empty()) std::printf("  last_error=%s", r.lastError.c_str());
     std::printf("\n");
   }
+  std::printf("history:%s\n", mi.attempts.empty() ? " (no delivery attempts yet)" : "");
+  for (const auto& a : mi.attempts) {
+    std::string address;
+    for (const auto& r : mi.recipients)
+      if (r.index == a.index) address = r.address;
+    std::printf("  %s  <%s>  %s  mx=%s  tls=%s  code=%d  %s\n", util::isoUtc(a.at).c_str(), address.c_str(),
+                a.result.c_str(), a.mx.empty() ? "-" : a.mx.c_str(),
+                a.tlsVersion.empty() ? "none" : (a.tlsVersion + "/" + a.tlsCipher).c_str(), a.code, a.reply.c_str());
+  }
+  return 0;
+}
+
+// --- operator actions -----------------------------------------------------------------
+// Each opens the queue read-write next to a running serve: the write waits for serve's
+// commit in progress (busy timeout), and a scheduler sees the change at its next lease.
+
+int queueRetry(const QueueCmdOptions& o, const std::optional<std::string>& id) {
+  auto store = openQueue(o.dataDir, true);
+  if (!store.ok()) return fail(store.error().message);
+  auto n = store.value()->retryNow(id);
+  if (!n.ok()) return id && isNotFound(n.error()) ? noSuchMessage(*id) : fail("retry: " + n.error().message);
+  if (!id) {
+    std::printf("retry: %s due now\n", plural(n.value(), "recipient").c_str());
+  } else if (n.value() == 0) {
+    std::printf("retry: no recipient of %s is waiting for delivery (delivered, failed or captured)\n", id->c_str());
+  } else {
+    std::printf("retry: %s of %s due now\n", plural(n.value(), "recipient").c_str(), id->c_str());
+  }
+  return 0;
+}
+
+int queueDrop(const QueueCmdOptions& o, const std::string& id) {
+  auto store = openQueue(o.dataDir, true);
+  if (!store.ok()) return fail(store.error().message);
+  auto before = store.value()->show(id);
+  if (!before.ok()) return isNotFound(before.error()) ? noSuchMessage(id) : fail(before.error().message);
+  auto n = store.value()->drop(id);
+  if (!n.ok()) return isNotFound(n.error()) ? noSuchMessage(id) : fail("drop: " + n.error().message);
+  std::printf("drop: %s removed from the queue (account %s, sender <%s>, %s; no DSN sent)\n", id.c_str(),
+              before->account.c_str(), before->mailFrom.c_str(),
+              plural(static_cast<int64_t>(before->recipients.size()), "recipient").c_str());
+  return 0;
+}
+
+int queueBounce(const QueueCmdOptions& o, const std::string& id) {
+  auto store = openQueue(o.dataDir, true);
+  if (!store.ok()) return fail(store.error().message);
+  auto n = store.value()->bounce(id);
+  if (!n.ok()) return isNotFound(n.error()) ? noSuchMessage(id) : fail("bounce: " + n.error().message);
+  if (n.value() == 0) {
+    std::printf("bounce: no recipient of %s is waiting for delivery; nothing bounced\n", id.c_str());
+    return 0;
+  }
+  auto after = store.value()->show(id);
+  std::string dsn = "a DSN to the sender is pending";
+  if (after.ok()) {
+    if (after->isDsn) dsn = "no DSN (the message is itself a DSN)";
+    else if (after->mailFrom.empty()) dsn = "no DSN (null sender)";
+    else dsn = "a DSN to <" + after->mailFrom + "> is pending";
+  }
+  std::printf("bounce: %s of %s failed (bounced by operator); %s\n", plural(n.value(), "recipient").c_str(),
+              id.c_str(), dsn.c_str());
   return 0;
 }
 

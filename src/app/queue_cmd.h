@@ -1,7 +1,10 @@
-// `subrelay queue list|show`: read the SQLite queue directly (read-only, WAL), so they
-// work while `serve` runs.
+// `subrelay queue list|show|retry|drop|bounce`: the SQLite queue, directly. list and show
+// open it read-only; retry, drop and bounce open it read-write. WAL lets both run while
+// `serve` runs: readers never wait, and a writer waits (busy timeout) for serve's commit
+// in progress instead of failing.
 #pragma once
 
+#include <optional>
 #include <string>
 
 namespace subrelay::app {
@@ -14,5 +17,9 @@ struct QueueCmdOptions {
 
 int queueList(const QueueCmdOptions& o);
 int queueShow(const QueueCmdOptions& o, const std::string& id);
+// Operator actions. retry: id, or every waiting recipient when id is nullopt (--all).
+int queueRetry(const QueueCmdOptions& o, const std::optional<std::string>& id);
+int queueDrop(const QueueCmdOptions& o, const std::string& id);
+int queueBounce(const QueueCmdOptions& o, const std::string& id);
 
 }  // namespace subrelay::app

@@ -47,8 +47,55 @@ CREATE TABLE recipients (
 CREATE INDEX recipients_due ON recipients(state, next_attempt);
 )sql";
 
+// Version 2: delivery (issue 3) and account policy (issue 5).
+//  - recipients.lease_until: a scheduler that takes a recipient sets it to now + lease; a
+//    crash leaves it set, and once it passes the recipient is due again (at-least-once).
+//  - recipients.dsn_pending: a failed recipient whose DSN is not yet queued; the DSN and
+//    the flag's reset are one transaction, so a crash neither loses nor doubles it.
+//  - recipients.delay_notified: a "delayed" DSN was queued for it (only one per recipient).
+//  - messages.is_dsn: a bounce we generated (never bounced itself, RFC 3464 / 5321 6.1).
+//  - attempts: one row per delivery attempt per recipient (queue show history).
+//  - rate_windows: day/month windows of accounts[].rate_limits, written every few seconds.
+//  - meters: per-account counters since the database was created (`subrelay accounts`).
+constexpr const char* kV2 = R"sql(
+ALTER TABLE recipients ADD COLUMN lease_until INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE recipients ADD COLUMN dsn_pending INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE recipients ADD COLUMN delay_notified INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN is_dsn INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX recipients_dsn ON recipients(dsn_pending) WHERE dsn_pending = 1;
+CREATE TABLE attempts (
+  message_id  TEXT    NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+  idx         INTEGER NOT NULL,
+  at          INTEGER NOT NULL,
+  mx          TEXT    NOT NULL DEFAULT '',
+  tls_version TEXT    NOT NULL DEFAULT '',
+  tls_cipher  TEXT    NOT NULL DEFAULT '',
+  code        INTEGER NOT NULL DEFAULT 0,
+  reply       TEXT    NOT NULL DEFAULT '',
+  result      TEXT    NOT NULL
+);
+CREATE INDEX attempts_message ON attempts(message_id, idx, at);
+CREATE TABLE rate_windows (
+  username     TEXT    NOT NULL,
+  rule         TEXT    NOT NULL,
+  window_start INTEGER NOT NULL,
+  count        INTEGER NOT NULL,
+  PRIMARY KEY (username, rule)
+) WITHOUT ROWID;
+CREATE TABLE meters (
+  username          TEXT    NOT NULL PRIMARY KEY,
+  accepted          INTEGER NOT NULL DEFAULT 0,
+  refused_by_limit  INTEGER NOT NULL DEFAULT 0,
+  recipients        INTEGER NOT NULL DEFAULT 0,
+  bytes             INTEGER NOT NULL DEFAULT 0,
+  auth_failures     INTEGER NOT NULL DEFAULT 0,
+  updated_at        INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
+    {2, kV2},
 };
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <sqlite3.h>
 
 #include <chrono>
+#include <ctime>
 #include <random>
 
 #include "queue/schema.h"
@@ -59,13 +60,46 @@ int run(const Stmt& s) {
   return rc == SQLITE_ROW ? SQLITE_DONE : rc;
 }
 
+// A write transaction on the cached BEGIN IMMEDIATE / COMMIT / ROLLBACK statements that
+// rolls back when it goes out of scope uncommitted, so no error path leaves it open.
+class Txn {
+ public:
+  Txn(sqlite3* db, const Stmt& begin, const Stmt& commit, const Stmt& rollback)
+      : db_(db), commit_(commit), rollback_(rollback), open_(run(begin) == SQLITE_DONE) {}
+  ~Txn() {
+    if (open_ && !sqlite3_get_autocommit(db_)) run(rollback_);
+  }
+  Txn(const Txn&) = delete;
+  Txn& operator=(const Txn&) = delete;
+  bool open() const { return open_; }
+  bool commit() {
+    if (!open_) return false;
+    if (run(commit_) != SQLITE_DONE) return false;  // the destructor rolls back
+    open_ = false;
+    return true;
+  }
+
+ private:
+  sqlite3* db_;
+  const Stmt& commit_;
+  const Stmt& rollback_;
+  bool open_;
+};
+
 }  // namespace
 
 struct SqliteStore::Statements {
-  Stmt begin, commit, rollback;
+  Stmt begin, beginRead, commit, rollback;
   Stmt savepoint, release, rollbackTo;
   Stmt insertMessage, insertRecipient;
-  Stmt listAll, showOne, content, count;
+  Stmt listAll, showOne, showAttempts, content, count, exists;
+  // delivery
+  Stmt dueRows, lease, recordRecipient, insertAttempt, releaseLease, nextDue;
+  Stmt dsnRows, clearDsn, delayRows, setDelayNotified, messageSender;
+  // operators
+  Stmt retryOne, retryAll, dropOne, bounceOne;
+  // account policy
+  Stmt upsertWindow, loadWindows, addMeter, loadMeters;
 };
 
 namespace {
@@ -75,17 +109,93 @@ namespace {
 #define SUBRELAY_MESSAGE_COLUMNS                                                         \
   "SELECT m.id, m.account, m.mail_from, m.size, m.received_at, m.captured, m.smtputf8, " \
   "m.client_address, m.helo, m.tls_version, m.tls_cipher, "                              \
-  "r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_error, r.updated_at "   \
-  "FROM messages m LEFT JOIN recipients r ON r.message_id = m.id "
+  "r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_error, r.updated_at, "  \
+  "m.is_dsn, m.eight_bit, r.lease_until, r.dsn_pending "
+#define SUBRELAY_FROM_ALL "FROM messages m LEFT JOIN recipients r ON r.message_id = m.id "
+#define SUBRELAY_FROM_RCPT "FROM messages m JOIN recipients r ON r.message_id = m.id "
 
-constexpr const char* kListAll = SUBRELAY_MESSAGE_COLUMNS "ORDER BY m.received_at, m.id, r.idx";
-constexpr const char* kShowOne = SUBRELAY_MESSAGE_COLUMNS "WHERE m.id = ?1 ORDER BY r.idx";
+constexpr const char* kListAll = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_ALL "ORDER BY m.received_at, m.id, r.idx";
+constexpr const char* kShowOne = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_ALL "WHERE m.id = ?1 ORDER BY r.idx";
+constexpr const char* kShowAttempts =
+    "SELECT idx, at, mx, tls_version, tls_cipher, code, reply, result FROM attempts "
+    "WHERE message_id = ?1 ORDER BY at, rowid";
+
+// The states a scheduler may still act on. Captured recipients never get one of them, so
+// the captured check on messages is belt and braces.
+#define SUBRELAY_DELIVERABLE "r.state IN ('queued', 'deferred') AND m.captured = 0 "
+
+// Rows come oldest message first; leaseDue() stops reading after maxMessages messages,
+// so the statement never materialises the whole queue.
+constexpr const char* kDueRows = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_RCPT
+    "WHERE " SUBRELAY_DELIVERABLE "AND r.next_attempt <= ?1 AND r.lease_until <= ?1 "
+    "ORDER BY m.received_at, m.id, r.idx";
+constexpr const char* kLease = "UPDATE recipients SET lease_until = ?3 WHERE message_id = ?1 AND idx = ?2";
+
+// The outcome of an attempt is applied only to a recipient that is still deliverable: an
+// operator's bounce while the attempt ran wins over a deferral or a failure. A delivery
+// wins over everything (the mail did arrive), and cancels a DSN not yet queued.
+// A failure asks for a DSN unless the message is itself a DSN or has the null sender
+// (RFC 3464 section 2, RFC 5321 section 6.1: never bounce a bounce).
+constexpr const char* kRecordRecipient =
+    "UPDATE recipients SET state = ?3, attempts = attempts + 1, next_attempt = ?4, last_error = ?5, "
+    "updated_at = ?6, lease_until = 0, dsn_pending = CASE "
+    "WHEN ?3 = 'failed' THEN (SELECT is_dsn = 0 AND mail_from NOT IN ('', '<>') FROM messages WHERE id = ?1) "
+    "WHEN ?3 = 'delivered' THEN 0 ELSE dsn_pending END "
+    "WHERE message_id = ?1 AND idx = ?2 AND (state IN ('queued', 'deferred') OR ?3 = 'delivered')";
+constexpr const char* kInsertAttempt =
+    "INSERT INTO attempts (message_id, idx, at, mx, tls_version, tls_cipher, code, reply, result) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+constexpr const char* kReleaseLease = "UPDATE recipients SET lease_until = 0 WHERE message_id = ?1 AND idx = ?2";
+constexpr const char* kNextDue =
+    "SELECT min(max(r.next_attempt, r.lease_until)) " SUBRELAY_FROM_RCPT "WHERE " SUBRELAY_DELIVERABLE;
+
+constexpr const char* kDsnRows = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_RCPT
+    "WHERE r.dsn_pending = 1 ORDER BY m.received_at, m.id, r.idx";
+constexpr const char* kClearDsn =
+    "UPDATE recipients SET dsn_pending = 0 WHERE message_id = ?1 AND idx = ?2";
+constexpr const char* kDelayRows = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_RCPT
+    "WHERE r.state = 'deferred' AND r.delay_notified = 0 AND m.is_dsn = 0 AND m.mail_from NOT IN ('', '<>') "
+    "AND m.received_at < ?1 ORDER BY m.received_at, m.id, r.idx";
+constexpr const char* kSetDelayNotified =
+    "UPDATE recipients SET delay_notified = 1 WHERE message_id = ?1 AND idx = ?2";
+constexpr const char* kMessageSender = "SELECT mail_from, is_dsn FROM messages WHERE id = ?1";
+
+constexpr const char* kRetryOne =
+    "UPDATE recipients SET next_attempt = 0, lease_until = 0 "
+    "WHERE message_id = ?1 AND state IN ('queued', 'deferred')";
+constexpr const char* kRetryAll =
+    "UPDATE recipients SET next_attempt = 0, lease_until = 0 WHERE state IN ('queued', 'deferred')";
+// Recipients and attempts go with it: ON DELETE CASCADE (foreign_keys is on).
+constexpr const char* kDropOne = "DELETE FROM messages WHERE id = ?1";
+constexpr const char* kBounceOne =
+    "UPDATE recipients SET state = 'failed', last_error = 'bounced by operator', next_attempt = 0, "
+    "lease_until = 0, updated_at = ?2, dsn_pending = "
+    "(SELECT is_dsn = 0 AND mail_from NOT IN ('', '<>') FROM messages WHERE id = ?1) "
+    "WHERE message_id = ?1 AND state IN ('queued', 'deferred')";
+
+constexpr const char* kUpsertWindow =
+    "INSERT INTO rate_windows (username, rule, window_start, count) VALUES (?1, ?2, ?3, ?4) "
+    "ON CONFLICT (username, rule) DO UPDATE SET window_start = excluded.window_start, count = excluded.count";
+constexpr const char* kLoadWindows =
+    "SELECT username, rule, window_start, count FROM rate_windows ORDER BY username, rule";
+constexpr const char* kAddMeter =
+    "INSERT INTO meters (username, accepted, refused_by_limit, recipients, bytes, auth_failures, updated_at) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (username) DO UPDATE SET "
+    "accepted = accepted + excluded.accepted, refused_by_limit = refused_by_limit + excluded.refused_by_limit, "
+    "recipients = recipients + excluded.recipients, bytes = bytes + excluded.bytes, "
+    "auth_failures = auth_failures + excluded.auth_failures, updated_at = excluded.updated_at";
+constexpr const char* kLoadMeters =
+    "SELECT username, accepted, refused_by_limit, recipients, bytes, auth_failures, updated_at "
+    "FROM meters ORDER BY username";
+#undef SUBRELAY_DELIVERABLE
+#undef SUBRELAY_FROM_RCPT
+#undef SUBRELAY_FROM_ALL
 #undef SUBRELAY_MESSAGE_COLUMNS
 
 constexpr const char* kInsertMessage =
     "INSERT INTO messages (id, account, mail_from, size, received_at, captured, smtputf8, "
-    "eight_bit, client_address, helo, tls_version, tls_cipher, content) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+    "eight_bit, client_address, helo, tls_version, tls_cipher, content, is_dsn) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 constexpr const char* kInsertRecipient =
     "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt, last_error, updated_at) "
     "VALUES (?1, ?2, ?3, ?4, 0, ?5, '', ?6)";
@@ -104,6 +214,8 @@ void readRow(sqlite3_stmt* s, MessageInfo& info, bool fresh) {
     info.heloName = columnText(s, 8);
     info.tlsVersion = columnText(s, 9);
     info.tlsCipher = columnText(s, 10);
+    info.isDsn = sqlite3_column_int(s, 18) != 0;
+    info.eightBit = sqlite3_column_int(s, 19) != 0;
   }
   if (sqlite3_column_type(s, 11) == SQLITE_NULL) return;  // LEFT JOIN: no recipients
   RecipientInfo r;
@@ -114,8 +226,30 @@ void readRow(sqlite3_stmt* s, MessageInfo& info, bool fresh) {
   r.nextAttempt = sqlite3_column_int64(s, 15);
   r.lastError = columnText(s, 16);
   r.updatedAt = sqlite3_column_int64(s, 17);
+  r.leaseUntil = sqlite3_column_int64(s, 20);
+  r.dsnPending = sqlite3_column_int(s, 21) != 0;
   info.recipients.push_back(std::move(r));
 }
+
+// Reads rows of the message+recipient columns into one MessageInfo per message, stopping
+// before the (maxMessages + 1)-th message. False on a step error.
+bool readGrouped(sqlite3_stmt* st, size_t maxMessages, std::vector<MessageInfo>& out) {
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    std::string id = columnText(st, 0);
+    bool fresh = out.empty() || out.back().id != id;
+    if (fresh) {
+      if (out.size() >= maxMessages) return true;
+      out.emplace_back();
+    }
+    readRow(st, out.back(), fresh);
+  }
+  return rc == SQLITE_DONE;
+}
+
+// uint64 counters are stored in SQLite's signed 64-bit integers; counts never get near 2^63.
+sqlite3_int64 toDb(uint64_t v) { return static_cast<sqlite3_int64>(v); }
+uint64_t fromDb(sqlite3_int64 v) { return v < 0 ? 0 : static_cast<uint64_t>(v); }
 
 }  // namespace
 
@@ -210,6 +344,7 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
   Statements& s = *store->stmts_;
   const Prep preps[] = {
       {&s.begin, "BEGIN IMMEDIATE"},
+      {&s.beginRead, "BEGIN"},
       {&s.commit, "COMMIT"},
       {&s.rollback, "ROLLBACK"},
       {&s.savepoint, "SAVEPOINT msg"},
@@ -219,8 +354,29 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.insertRecipient, kInsertRecipient},
       {&s.listAll, kListAll},
       {&s.showOne, kShowOne},
+      {&s.showAttempts, kShowAttempts},
       {&s.content, "SELECT content FROM messages WHERE id = ?1"},
       {&s.count, "SELECT count(*) FROM messages"},
+      {&s.exists, "SELECT 1 FROM messages WHERE id = ?1"},
+      {&s.dueRows, kDueRows},
+      {&s.lease, kLease},
+      {&s.recordRecipient, kRecordRecipient},
+      {&s.insertAttempt, kInsertAttempt},
+      {&s.releaseLease, kReleaseLease},
+      {&s.nextDue, kNextDue},
+      {&s.dsnRows, kDsnRows},
+      {&s.clearDsn, kClearDsn},
+      {&s.delayRows, kDelayRows},
+      {&s.setDelayNotified, kSetDelayNotified},
+      {&s.messageSender, kMessageSender},
+      {&s.retryOne, kRetryOne},
+      {&s.retryAll, kRetryAll},
+      {&s.dropOne, kDropOne},
+      {&s.bounceOne, kBounceOne},
+      {&s.upsertWindow, kUpsertWindow},
+      {&s.loadWindows, kLoadWindows},
+      {&s.addMeter, kAddMeter},
+      {&s.loadMeters, kLoadMeters},
   };
   for (const auto& p : preps) {
     sqlite3_stmt* st = nullptr;
@@ -229,6 +385,50 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
     p.target->reset(st);
   }
   return store;
+}
+
+std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
+  const Statements& s = *stmts_;
+  {
+    Use u(s.insertMessage);
+    sqlite3_stmt* st = u.get();
+    bindText(st, 1, m.id);
+    bindText(st, 2, m.account);
+    bindText(st, 3, m.mailFrom);
+    sqlite3_bind_int64(st, 4, static_cast<sqlite3_int64>(m.content.size()));
+    sqlite3_bind_int64(st, 5, m.receivedAt);
+    sqlite3_bind_int(st, 6, m.captured ? 1 : 0);
+    sqlite3_bind_int(st, 7, m.smtputf8 ? 1 : 0);
+    sqlite3_bind_int(st, 8, m.eightBit ? 1 : 0);
+    bindText(st, 9, m.clientAddress);
+    bindText(st, 10, m.heloName);
+    bindText(st, 11, m.tlsVersion);
+    bindText(st, 12, m.tlsCipher);
+    sqlite3_bind_int(st, 14, m.isDsn ? 1 : 0);
+    // The message body can be tens of MB: bound in place, not copied (SQLITE_STATIC).
+    int rc = sqlite3_bind_blob64(st, 13, m.content.data(), m.content.size(), SQLITE_STATIC);
+    if (rc == SQLITE_OK) rc = sqlite3_step(st);
+    if (rc != SQLITE_DONE) {
+      return sqlite3_extended_errcode(db_) == SQLITE_CONSTRAINT_PRIMARYKEY
+                 ? "duplicate queue id " + m.id
+                 : "cannot store message " + m.id + ": " + sqlite3_errmsg(db_);
+    }
+  }
+  const char* state = m.captured ? kStateCaptured : kStateQueued;
+  // Captured recipients are never due; queued ones are due at once.
+  const int64_t next = m.captured ? 0 : m.receivedAt;
+  for (size_t i = 0; i < m.recipients.size(); ++i) {
+    Use u(s.insertRecipient);
+    sqlite3_stmt* st = u.get();
+    bindText(st, 1, m.id);
+    sqlite3_bind_int64(st, 2, static_cast<sqlite3_int64>(i));
+    bindText(st, 3, m.recipients[i]);
+    sqlite3_bind_text(st, 4, state, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, next);
+    sqlite3_bind_int64(st, 6, m.receivedAt);
+    if (sqlite3_step(st) != SQLITE_DONE) return "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
+  }
+  return {};
 }
 
 std::vector<util::Result<std::string>> SqliteStore::insertBatch(const std::vector<NewMessage>& batch) {
@@ -254,46 +454,7 @@ std::vector<util::Result<std::string>> SqliteStore::insertBatch(const std::vecto
     if (m.id.empty()) return util::makeError("message has no queue id");
     if (m.recipients.empty()) return util::makeError("message " + m.id + " has no recipients");
     if (run(s.savepoint) != SQLITE_DONE) return dbError("cannot create savepoint");
-
-    std::string failure;
-    {
-      Use u(s.insertMessage);
-      sqlite3_stmt* st = u.get();
-      bindText(st, 1, m.id);
-      bindText(st, 2, m.account);
-      bindText(st, 3, m.mailFrom);
-      sqlite3_bind_int64(st, 4, static_cast<sqlite3_int64>(m.content.size()));
-      sqlite3_bind_int64(st, 5, m.receivedAt);
-      sqlite3_bind_int(st, 6, m.captured ? 1 : 0);
-      sqlite3_bind_int(st, 7, m.smtputf8 ? 1 : 0);
-      sqlite3_bind_int(st, 8, m.eightBit ? 1 : 0);
-      bindText(st, 9, m.clientAddress);
-      bindText(st, 10, m.heloName);
-      bindText(st, 11, m.tlsVersion);
-      bindText(st, 12, m.tlsCipher);
-      // The message body can be tens of MB: bound in place, not copied (SQLITE_STATIC).
-      int rc = sqlite3_bind_blob64(st, 13, m.content.data(), m.content.size(), SQLITE_STATIC);
-      if (rc == SQLITE_OK) rc = sqlite3_step(st);
-      if (rc != SQLITE_DONE) {
-        failure = sqlite3_extended_errcode(db_) == SQLITE_CONSTRAINT_PRIMARYKEY
-                      ? "duplicate queue id " + m.id
-                      : "cannot store message " + m.id + ": " + sqlite3_errmsg(db_);
-      }
-    }
-    const char* state = m.captured ? kStateCaptured : kStateQueued;
-    // Captured recipients are never due; queued ones are due at once.
-    const int64_t next = m.captured ? 0 : m.receivedAt;
-    for (size_t i = 0; failure.empty() && i < m.recipients.size(); ++i) {
-      Use u(s.insertRecipient);
-      sqlite3_stmt* st = u.get();
-      bindText(st, 1, m.id);
-      sqlite3_bind_int64(st, 2, static_cast<sqlite3_int64>(i));
-      bindText(st, 3, m.recipients[i]);
-      sqlite3_bind_text(st, 4, state, -1, SQLITE_STATIC);
-      sqlite3_bind_int64(st, 5, next);
-      sqlite3_bind_int64(st, 6, m.receivedAt);
-      if (sqlite3_step(st) != SQLITE_DONE) failure = "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
-    }
+    std::string failure = insertMessageLocked(m);
     if (!failure.empty()) {
       // ROLLBACK TO undoes the rows but keeps the savepoint open; RELEASE closes it.
       run(s.rollbackTo);
@@ -347,24 +508,48 @@ util::Result<std::vector<MessageInfo>> SqliteStore::list() {
 }
 
 util::Result<MessageInfo> SqliteStore::showLocked(const std::string& id) {
-  Use u(stmts_->showOne);
+  MessageInfo info;
+  {
+    Use u(stmts_->showOne);
+    sqlite3_stmt* st = u.get();
+    bindText(st, 1, id);
+    bool found = false;
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+      readRow(st, info, !found);
+      found = true;
+    }
+    if (rc != SQLITE_DONE) return dbError("cannot read message " + id);
+    if (!found) return util::makeError("no such message: " + id);
+  }
+  Use u(stmts_->showAttempts);
   sqlite3_stmt* st = u.get();
   bindText(st, 1, id);
-  MessageInfo info;
-  bool found = false;
   int rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-    readRow(st, info, !found);
-    found = true;
+    AttemptInfo a;
+    a.index = sqlite3_column_int64(st, 0);
+    a.at = sqlite3_column_int64(st, 1);
+    a.mx = columnText(st, 2);
+    a.tlsVersion = columnText(st, 3);
+    a.tlsCipher = columnText(st, 4);
+    a.code = sqlite3_column_int(st, 5);
+    a.reply = columnText(st, 6);
+    a.result = columnText(st, 7);
+    info.attempts.push_back(std::move(a));
   }
-  if (rc != SQLITE_DONE) return dbError("cannot read message " + id);
-  if (!found) return util::makeError("no such message: " + id);
+  if (rc != SQLITE_DONE) return dbError("cannot read the attempts of " + id);
   return info;
 }
 
 util::Result<MessageInfo> SqliteStore::show(const std::string& id) {
   std::lock_guard lock(mu_);
-  return showLocked(id);
+  // Two statements (message + recipients, attempts) in one read transaction: one snapshot.
+  // A deferred BEGIN takes no lock, so this works on a read-only connection too.
+  if (run(stmts_->beginRead) != SQLITE_DONE) return dbError("cannot read message " + id);
+  auto out = showLocked(id);
+  run(stmts_->commit);
+  return out;
 }
 
 util::Result<std::string> SqliteStore::content(const std::string& id) {
@@ -383,6 +568,352 @@ util::Result<int64_t> SqliteStore::count() {
   Use u(stmts_->count);
   if (sqlite3_step(u.get()) != SQLITE_ROW) return dbError("cannot count queue");
   return static_cast<int64_t>(sqlite3_column_int64(u.get(), 0));
+}
+
+// --- delivery -------------------------------------------------------------------------
+
+namespace {
+
+util::Error readOnlyError() { return util::makeError("queue database is open read-only"); }
+
+}  // namespace
+
+util::Result<std::vector<DueMessage>> SqliteStore::leaseDue(int64_t now, int64_t leaseSeconds, size_t maxMessages) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  std::vector<DueMessage> out;
+  if (maxMessages == 0) return out;
+  const Statements& s = *stmts_;
+  // IMMEDIATE: the write lock is taken before the SELECT, so a second process that leases
+  // at the same moment waits for our COMMIT and then no longer sees these rows as due.
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin lease transaction");
+  std::vector<MessageInfo> rows;
+  {
+    Use u(s.dueRows);
+    sqlite3_bind_int64(u.get(), 1, now);
+    if (!readGrouped(u.get(), maxMessages, rows)) return dbError("cannot read due recipients");
+  }
+  const int64_t until = now + leaseSeconds;
+  for (auto& m : rows) {
+    DueMessage d;
+    d.id = std::move(m.id);
+    d.account = std::move(m.account);
+    d.mailFrom = std::move(m.mailFrom);
+    d.size = m.size;
+    d.receivedAt = m.receivedAt;
+    d.smtputf8 = m.smtputf8;
+    d.eightBit = m.eightBit;
+    d.isDsn = m.isDsn;
+    for (auto& r : m.recipients) {
+      Use u(s.lease);
+      bindText(u.get(), 1, d.id);
+      sqlite3_bind_int64(u.get(), 2, r.index);
+      sqlite3_bind_int64(u.get(), 3, until);
+      if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot lease recipients of " + d.id);
+      d.recipients.push_back(DueRecipient{r.index, std::move(r.address), r.attempts});
+    }
+    out.push_back(std::move(d));
+  }
+  if (!txn.commit()) return dbError("cannot commit lease");
+  return out;
+}
+
+util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>& records) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  if (records.empty()) return {};
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin attempts transaction");
+  for (const auto& rec : records) {
+    {
+      Use u(s.recordRecipient);
+      sqlite3_stmt* st = u.get();
+      bindText(st, 1, rec.messageId);
+      sqlite3_bind_int64(st, 2, rec.index);
+      bindText(st, 3, rec.newState);
+      sqlite3_bind_int64(st, 4, rec.nextAttempt);
+      bindText(st, 5, rec.lastError);
+      sqlite3_bind_int64(st, 6, rec.attempt.at);
+      if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record attempt for " + rec.messageId);
+    }
+    {
+      Use u(s.exists);
+      bindText(u.get(), 1, rec.messageId);
+      int rc = sqlite3_step(u.get());
+      if (rc == SQLITE_DONE) continue;  // dropped by an operator while the attempt ran
+      if (rc != SQLITE_ROW) return dbError("cannot record attempt for " + rec.messageId);
+    }
+    Use u(s.insertAttempt);
+    sqlite3_stmt* st = u.get();
+    const AttemptInfo& a = rec.attempt;
+    bindText(st, 1, rec.messageId);
+    sqlite3_bind_int64(st, 2, rec.index);
+    sqlite3_bind_int64(st, 3, a.at);
+    bindText(st, 4, a.mx);
+    bindText(st, 5, a.tlsVersion);
+    bindText(st, 6, a.tlsCipher);
+    sqlite3_bind_int(st, 7, a.code);
+    bindText(st, 8, a.reply);
+    bindText(st, 9, a.result.empty() ? rec.newState : a.result);
+    if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record attempt for " + rec.messageId);
+  }
+  if (!txn.commit()) return dbError("cannot commit attempts");
+  return {};
+}
+
+util::Result<void> SqliteStore::releaseLeases(const std::string& messageId, const std::vector<int64_t>& indexes) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  if (indexes.empty()) return {};
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin release transaction");
+  for (int64_t idx : indexes) {
+    Use u(s.releaseLease);
+    bindText(u.get(), 1, messageId);
+    sqlite3_bind_int64(u.get(), 2, idx);
+    if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot release lease of " + messageId);
+  }
+  if (!txn.commit()) return dbError("cannot commit lease release");
+  return {};
+}
+
+util::Result<void> SqliteStore::clearLeases() {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  char* msg = nullptr;
+  if (sqlite3_exec(db_, "UPDATE recipients SET lease_until = 0 WHERE lease_until != 0", nullptr, nullptr, &msg) !=
+      SQLITE_OK) {
+    std::string why = msg ? msg : "unknown error";
+    sqlite3_free(msg);
+    return util::makeError("cannot clear delivery leases: " + why);
+  }
+  return {};
+}
+
+util::Result<std::optional<int64_t>> SqliteStore::nextDue() {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->nextDue);
+  if (sqlite3_step(u.get()) != SQLITE_ROW) return dbError("cannot read the next due time");
+  // An aggregate always returns one row; NULL when nothing is deliverable.
+  if (sqlite3_column_type(u.get(), 0) == SQLITE_NULL) return std::optional<int64_t>{};
+  return std::optional<int64_t>{sqlite3_column_int64(u.get(), 0)};
+}
+
+util::Result<std::vector<DsnWork>> SqliteStore::pendingDsns(size_t maxMessages) {
+  std::lock_guard lock(mu_);
+  std::vector<MessageInfo> rows;
+  {
+    Use u(stmts_->dsnRows);
+    if (!readGrouped(u.get(), maxMessages, rows)) return dbError("cannot read pending DSNs");
+  }
+  std::vector<DsnWork> out;
+  out.reserve(rows.size());
+  for (auto& m : rows) out.push_back(DsnWork{std::move(m)});
+  return out;
+}
+
+util::Result<std::vector<DsnWork>> SqliteStore::pendingDelayNotices(int64_t receivedBefore, size_t maxMessages) {
+  std::lock_guard lock(mu_);
+  std::vector<MessageInfo> rows;
+  {
+    Use u(stmts_->delayRows);
+    sqlite3_bind_int64(u.get(), 1, receivedBefore);
+    if (!readGrouped(u.get(), maxMessages, rows)) return dbError("cannot read pending delay notices");
+  }
+  std::vector<DsnWork> out;
+  out.reserve(rows.size());
+  for (auto& m : rows) out.push_back(DsnWork{std::move(m)});
+  return out;
+}
+
+util::Result<void> SqliteStore::completeDsn(const std::string& messageId, const std::vector<int64_t>& indexes,
+                                            const std::optional<NewMessage>& dsn) {
+  std::lock_guard lock(mu_);
+  return completeNotice(messageId, indexes, dsn, false);
+}
+
+util::Result<void> SqliteStore::completeDelayNotice(const std::string& messageId, const std::vector<int64_t>& indexes,
+                                                    const std::optional<NewMessage>& dsn) {
+  std::lock_guard lock(mu_);
+  return completeNotice(messageId, indexes, dsn, true);
+}
+
+util::Result<void> SqliteStore::completeNotice(const std::string& messageId, const std::vector<int64_t>& indexes,
+                                               const std::optional<NewMessage>& dsn, bool delay) {
+  if (readOnly_) return readOnlyError();
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin DSN transaction");
+  // Whether the original may be answered at all is decided here, from the stored
+  // envelope, not trusted to the caller: never to the null sender, never for a DSN.
+  bool answerable = false;
+  {
+    Use u(s.messageSender);
+    bindText(u.get(), 1, messageId);
+    int rc = sqlite3_step(u.get());
+    if (rc == SQLITE_ROW) {
+      std::string from = columnText(u.get(), 0);
+      answerable = !from.empty() && from != "<>" && sqlite3_column_int(u.get(), 1) == 0;
+    } else if (rc != SQLITE_DONE) {
+      return dbError("cannot read message " + messageId);
+    }
+    // SQLITE_DONE: the message was dropped meanwhile; nothing to answer, nothing to clear.
+  }
+  if (answerable && dsn) {
+    if (dsn->id.empty() || dsn->recipients.empty()) return util::makeError("DSN for " + messageId + " has no id or recipient");
+    NewMessage m = *dsn;
+    m.isDsn = true;  // whatever the caller said: a DSN is never bounced itself
+    std::string failure = insertMessageLocked(m);
+    if (!failure.empty()) return util::makeError(std::move(failure));
+  }
+  for (int64_t idx : indexes) {
+    Use u(delay ? s.setDelayNotified : s.clearDsn);
+    bindText(u.get(), 1, messageId);
+    sqlite3_bind_int64(u.get(), 2, idx);
+    if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot update recipients of " + messageId);
+  }
+  if (!txn.commit()) return dbError("cannot commit DSN of " + messageId);
+  return {};
+}
+
+// --- operators ------------------------------------------------------------------------
+
+util::Result<void> SqliteStore::requireMessageLocked(const std::string& id) {
+  Use u(stmts_->exists);
+  bindText(u.get(), 1, id);
+  int rc = sqlite3_step(u.get());
+  if (rc == SQLITE_ROW) return {};
+  if (rc == SQLITE_DONE) return util::makeError("no such message: " + id);
+  return dbError("cannot read message " + id);
+}
+
+util::Result<int64_t> SqliteStore::retryNow(const std::optional<std::string>& id) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin retry transaction");
+  if (id) {
+    if (auto r = requireMessageLocked(*id); !r) return r.error();
+  }
+  Use u(id ? s.retryOne : s.retryAll);
+  if (id) bindText(u.get(), 1, *id);
+  if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot schedule a retry");
+  const int64_t changed = static_cast<int64_t>(sqlite3_changes(db_));
+  if (!txn.commit()) return dbError("cannot commit retry");
+  return changed;
+}
+
+util::Result<int64_t> SqliteStore::drop(const std::string& id) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin drop transaction");
+  Use u(s.dropOne);
+  bindText(u.get(), 1, id);
+  if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot drop " + id);
+  const int64_t changed = static_cast<int64_t>(sqlite3_changes(db_));  // messages only: cascades are not counted
+  if (changed == 0) return util::makeError("no such message: " + id);
+  if (!txn.commit()) return dbError("cannot commit drop of " + id);
+  return changed;
+}
+
+util::Result<int64_t> SqliteStore::bounce(const std::string& id) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin bounce transaction");
+  if (auto r = requireMessageLocked(id); !r) return r.error();
+  Use u(s.bounceOne);
+  bindText(u.get(), 1, id);
+  sqlite3_bind_int64(u.get(), 2, static_cast<sqlite3_int64>(std::time(nullptr)));
+  if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot bounce " + id);
+  const int64_t changed = static_cast<int64_t>(sqlite3_changes(db_));
+  if (!txn.commit()) return dbError("cannot commit bounce of " + id);
+  return changed;
+}
+
+// --- account policy -------------------------------------------------------------------
+
+util::Result<void> SqliteStore::saveRateWindows(const std::vector<RateWindowRow>& rows) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  if (rows.empty()) return {};
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin rate window transaction");
+  for (const auto& row : rows) {
+    Use u(s.upsertWindow);
+    bindText(u.get(), 1, row.username);
+    bindText(u.get(), 2, row.rule);
+    sqlite3_bind_int64(u.get(), 3, row.windowStart);
+    sqlite3_bind_int64(u.get(), 4, toDb(row.count));
+    if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot save rate window of " + row.username);
+  }
+  if (!txn.commit()) return dbError("cannot commit rate windows");
+  return {};
+}
+
+util::Result<std::vector<RateWindowRow>> SqliteStore::loadRateWindows() {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->loadWindows);
+  sqlite3_stmt* st = u.get();
+  std::vector<RateWindowRow> out;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+    out.push_back(RateWindowRow{columnText(st, 0), columnText(st, 1), sqlite3_column_int64(st, 2),
+                                fromDb(sqlite3_column_int64(st, 3))});
+  if (rc != SQLITE_DONE) return dbError("cannot load rate windows");
+  return out;
+}
+
+util::Result<void> SqliteStore::addMeters(const std::vector<MeterRow>& deltas, int64_t now) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  if (deltas.empty()) return {};
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin meters transaction");
+  for (const auto& d : deltas) {
+    Use u(s.addMeter);
+    sqlite3_stmt* st = u.get();
+    bindText(st, 1, d.username);
+    sqlite3_bind_int64(st, 2, toDb(d.accepted));
+    sqlite3_bind_int64(st, 3, toDb(d.refusedByLimit));
+    sqlite3_bind_int64(st, 4, toDb(d.recipients));
+    sqlite3_bind_int64(st, 5, toDb(d.bytes));
+    sqlite3_bind_int64(st, 6, toDb(d.authFailures));
+    sqlite3_bind_int64(st, 7, now);
+    if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot add meters of " + d.username);
+  }
+  if (!txn.commit()) return dbError("cannot commit meters");
+  return {};
+}
+
+util::Result<std::vector<MeterRow>> SqliteStore::loadMeters() {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->loadMeters);
+  sqlite3_stmt* st = u.get();
+  std::vector<MeterRow> out;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    MeterRow m;
+    m.username = columnText(st, 0);
+    m.accepted = fromDb(sqlite3_column_int64(st, 1));
+    m.refusedByLimit = fromDb(sqlite3_column_int64(st, 2));
+    m.recipients = fromDb(sqlite3_column_int64(st, 3));
+    m.bytes = fromDb(sqlite3_column_int64(st, 4));
+    m.authFailures = fromDb(sqlite3_column_int64(st, 5));
+    m.updatedAt = sqlite3_column_int64(st, 6);
+    out.push_back(std::move(m));
+  }
+  if (rc != SQLITE_DONE) return dbError("cannot load meters");
+  return out;
 }
 
 std::string newQueueId() {

@@ -11,7 +11,9 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "queue/store.h"
 
@@ -38,13 +40,75 @@ class SqliteStore final : public Store {
   util::Result<std::string> content(const std::string& id) override;
   util::Result<int64_t> count() override;
 
+  // --- delivery (issue 3) ---
+  // Recipients in state queued/deferred with next_attempt <= now and lease_until <= now,
+  // of messages that are not captured, oldest message first, at most maxMessages
+  // messages: each gets lease_until = now + leaseSeconds in the same transaction, so a
+  // second scheduler (or the same one after a crash, once the lease passed) does not
+  // take them twice while the lease holds.
+  util::Result<std::vector<DueMessage>> leaseDue(int64_t now, int64_t leaseSeconds, size_t maxMessages);
+  // One transaction: an attempts row each; recipients get state, attempts + 1,
+  // next_attempt, last_error, updated_at = attempt.at, lease_until = 0, and
+  // dsn_pending = 1 when the new state is failed, the message is not a DSN and its
+  // sender is not "<>" (stored as ""). A record whose message was dropped meanwhile is
+  // skipped; one whose recipient an operator bounced meanwhile only adds its attempts row,
+  // unless it was delivered (a delivery always wins, and clears dsn_pending).
+  util::Result<void> recordAttempts(const std::vector<AttemptRecord>& records);
+  // Clears every lease: at start-up of the one serve process of this data_dir, leases
+  // left by a previous process are void (its attempts never finished).
+  util::Result<void> clearLeases();
+  // Releases leases without counting an attempt (shutdown with work in hand).
+  util::Result<void> releaseLeases(const std::string& messageId, const std::vector<int64_t>& indexes);
+  // Earliest next_attempt (or lease_until, if later) among deliverable recipients;
+  // nullopt when none: the scheduler's timer.
+  util::Result<std::optional<int64_t>> nextDue();
+  // Recipients with dsn_pending = 1, grouped per message, at most maxMessages.
+  util::Result<std::vector<DsnWork>> pendingDsns(size_t maxMessages);
+  // One transaction: inserts the DSN (when given; its isDsn should be true) and clears
+  // dsn_pending of those recipients. With a null sender (or a DSN as the original, or an
+  // original dropped meanwhile) nothing is inserted. The inserted message gets isDsn = true.
+  util::Result<void> completeDsn(const std::string& messageId, const std::vector<int64_t>& indexes,
+                                 const std::optional<NewMessage>& dsn);
+  // Deferred recipients of non-DSN messages with a real sender, received before
+  // `receivedBefore` and not yet notified: for the "delayed" DSN.
+  util::Result<std::vector<DsnWork>> pendingDelayNotices(int64_t receivedBefore, size_t maxMessages);
+  // Like completeDsn, but sets delay_notified = 1.
+  util::Result<void> completeDelayNotice(const std::string& messageId, const std::vector<int64_t>& indexes,
+                                         const std::optional<NewMessage>& dsn);
+  // Operators. Each returns the number of recipients (or messages for drop) changed; an id
+  // that is not in the queue is an error "no such message: ID" (not 0), so the CLI can
+  // tell "nothing to do" from "wrong id".
+  // retry: next_attempt = 0, lease_until = 0 for queued/deferred recipients of id (or all).
+  util::Result<int64_t> retryNow(const std::optional<std::string>& id);
+  // drop: deletes the message, its recipients and attempts.
+  util::Result<int64_t> drop(const std::string& id);
+  // bounce: queued/deferred recipients -> failed, last_error "bounced by operator",
+  // dsn_pending = 1 (unless DSN/null sender); the running scheduler then sends the DSN.
+  util::Result<int64_t> bounce(const std::string& id);
+
+  // --- account policy (issue 5) ---
+  // Upserts rows (username, rule) -> (window_start, count); one transaction.
+  util::Result<void> saveRateWindows(const std::vector<RateWindowRow>& rows);
+  util::Result<std::vector<RateWindowRow>> loadRateWindows();
+  // Adds the deltas to each account's counters (upsert); one transaction.
+  util::Result<void> addMeters(const std::vector<MeterRow>& deltas, int64_t now);
+  util::Result<std::vector<MeterRow>> loadMeters();
+
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 2;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);
   util::Result<MessageInfo> showLocked(const std::string& id);
   util::Error dbError(const std::string& what) const;
+  // Inserts one message and its recipients inside the caller's transaction: "" on
+  // success, else why not (the caller rolls back).
+  std::string insertMessageLocked(const NewMessage& m);
+  // completeDsn / completeDelayNotice: `delay` picks the flag.
+  util::Result<void> completeNotice(const std::string& messageId, const std::vector<int64_t>& indexes,
+                                    const std::optional<NewMessage>& dsn, bool delay);
+  // "no such message" unless id exists (inside the caller's transaction).
+  util::Result<void> requireMessageLocked(const std::string& id);
 
   struct Statements;
   std::mutex mu_;

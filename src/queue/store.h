@@ -42,6 +42,7 @@ struct NewMessage {
   bool captured = false;
   bool smtputf8 = false;
   bool eightBit = false;
+  bool isDsn = false;                   // a bounce we generated: never bounced itself
   std::string clientAddress;
   std::string heloName;
   std::string tlsVersion;               // "" when no TLS
@@ -57,6 +58,20 @@ struct RecipientInfo {
   int64_t nextAttempt = 0;              // unix seconds, 0 = none
   std::string lastError;
   int64_t updatedAt = 0;
+  int64_t leaseUntil = 0;
+  bool dsnPending = false;
+};
+
+// One delivery attempt of one recipient (the attempts table; `queue show` history).
+struct AttemptInfo {
+  int64_t index = 0;        // recipient index
+  int64_t at = 0;           // unix seconds
+  std::string mx;           // "mx1.example.com [127.0.0.11]:25", "" when no connection
+  std::string tlsVersion;   // "" = plaintext / none
+  std::string tlsCipher;
+  int code = 0;             // SMTP reply code, 0 when none (DNS, network)
+  std::string reply;        // reply text or local reason
+  std::string result;       // "delivered" "deferred" "failed"
 };
 
 struct MessageInfo {
@@ -71,7 +86,64 @@ struct MessageInfo {
   std::string heloName;
   std::string tlsVersion;
   std::string tlsCipher;
+  bool isDsn = false;
+  bool eightBit = false;
   std::vector<RecipientInfo> recipients;
+  std::vector<AttemptInfo> attempts;  // filled by show(), oldest first; empty in list()
+};
+
+// --- delivery (issue 3) -------------------------------------------------------------
+
+// A message with the recipients a scheduler just leased.
+struct DueRecipient {
+  int64_t index = 0;
+  std::string address;
+  int64_t attempts = 0;  // attempts so far
+};
+struct DueMessage {
+  std::string id;
+  std::string account;
+  std::string mailFrom;
+  int64_t size = 0;
+  int64_t receivedAt = 0;
+  bool smtputf8 = false;
+  bool eightBit = false;
+  bool isDsn = false;
+  std::vector<DueRecipient> recipients;  // only the leased ones
+};
+
+// The outcome of one attempt for one recipient, written by recordAttempts().
+struct AttemptRecord {
+  std::string messageId;
+  int64_t index = 0;
+  AttemptInfo attempt;          // row for the attempts table (attempt.index ignored)
+  std::string newState;         // kStateDelivered / kStateDeferred / kStateFailed
+  int64_t nextAttempt = 0;      // for deferred
+  std::string lastError;        // "" for delivered
+};
+
+// Failed recipients whose DSN is not queued yet (dsn_pending = 1), per message.
+struct DsnWork {
+  MessageInfo message;                 // recipients: only the pending ones
+};
+
+// --- account policy (issue 5) -------------------------------------------------------
+
+struct RateWindowRow {
+  std::string username;
+  std::string rule;          // "messages_per_day"
+  int64_t windowStart = 0;   // unix seconds
+  uint64_t count = 0;
+};
+
+struct MeterRow {
+  std::string username;
+  uint64_t accepted = 0;
+  uint64_t refusedByLimit = 0;
+  uint64_t recipients = 0;
+  uint64_t bytes = 0;
+  uint64_t authFailures = 0;
+  int64_t updatedAt = 0;
 };
 
 // A queue id: 16 lower-case hex characters, time-ordered (48-bit milliseconds since the

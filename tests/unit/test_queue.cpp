@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -276,6 +277,644 @@ TEST_CASE_TEMPLATE("store contract", B, FileBackend, MemoryBackend) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The delivery, operator and account-policy side of the contract (schema version 2).
+
+namespace {
+
+constexpr int64_t kT0 = 1'800'000'000;
+
+AttemptRecord outcome(const std::string& id, int64_t index, const std::string& state, int64_t at,
+                      int64_t next = 0, std::string error = {}, int code = 0) {
+  AttemptRecord rec;
+  rec.messageId = id;
+  rec.index = index;
+  rec.attempt.at = at;
+  rec.attempt.mx = "mx1.example.org [192.0.2.25]:25";
+  rec.attempt.tlsVersion = "TLSv1.3";
+  rec.attempt.tlsCipher = "TLS_AES_128_GCM_SHA256";
+  rec.attempt.code = code;
+  rec.attempt.reply = error.empty() ? "2.0.0 Ok" : error;
+  rec.attempt.result = state;
+  rec.newState = state;
+  rec.nextAttempt = next;
+  rec.lastError = std::move(error);
+  return rec;
+}
+
+std::set<std::string> dueIds(const std::vector<DueMessage>& due) {
+  std::set<std::string> out;
+  for (const auto& d : due) out.insert(d.id);
+  return out;
+}
+
+const RecipientInfo& rcpt(const MessageInfo& m, size_t i) {
+  REQUIRE(i < m.recipients.size());
+  return m.recipients[i];
+}
+
+NewMessage makeDsn(const std::string& id, const std::string& to, int64_t at) {
+  NewMessage d = makeMessage(id, at, 0);
+  d.account = "";
+  d.mailFrom = "";
+  d.recipients = {to};
+  d.content = "Subject: Undelivered Mail\r\n\r\nsorry\r\n";
+  d.isDsn = true;
+  return d;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
+  B backend;
+  auto store = backend.open();
+  CAPTURE(B::kName);
+
+  SUBCASE("new messages: isDsn and eightBit are stored, list and show carry them") {
+    NewMessage a = makeMessage("0000000000000a01", kT0, 1);
+    a.eightBit = true;
+    NewMessage d = makeDsn("0000000000000a02", "orders@shop.example.com", kT0 + 1);
+    for (const auto& r : store->insertBatch({a, d})) REQUIRE(r.ok());
+    auto all = store->list();
+    REQUIRE(all.ok());
+    REQUIRE(all->size() == 2);
+    CHECK((*all)[0].eightBit);
+    CHECK_FALSE((*all)[0].isDsn);
+    CHECK_FALSE((*all)[1].eightBit);
+    CHECK((*all)[1].isDsn);
+    CHECK((*all)[0].attempts.empty());
+    auto shown = store->show(d.id);
+    REQUIRE(shown.ok());
+    CHECK(shown->isDsn);
+    CHECK(shown->attempts.empty());
+    CHECK(rcpt(*shown, 0).leaseUntil == 0);
+    CHECK_FALSE(rcpt(*shown, 0).dsnPending);
+  }
+
+  SUBCASE("leaseDue: only due recipients, never captured ones, oldest message first") {
+    NewMessage early = makeMessage("0000000000000b01", kT0 - 100, 2);
+    NewMessage late = makeMessage("0000000000000b02", kT0 + 100, 1);  // not due yet
+    NewMessage cap = makeMessage("0000000000000b03", kT0 - 200, 2);
+    cap.captured = true;
+    NewMessage mid = makeMessage("0000000000000b04", kT0 - 50, 3);
+    mid.smtputf8 = true;
+    mid.eightBit = true;
+    for (const auto& r : store->insertBatch({early, late, cap, mid})) REQUIRE(r.ok());
+
+    auto due = store->leaseDue(kT0, 300, 10);
+    REQUIRE(due.ok());
+    REQUIRE(due->size() == 2);
+    CHECK((*due)[0].id == early.id);
+    CHECK((*due)[1].id == mid.id);
+    CHECK((*due)[0].recipients.size() == 2);
+    REQUIRE((*due)[1].recipients.size() == 3);
+    CHECK((*due)[1].recipients[2].index == 2);
+    CHECK((*due)[1].recipients[2].address == mid.recipients[2]);
+    CHECK((*due)[1].recipients[2].attempts == 0);
+    CHECK((*due)[1].smtputf8);
+    CHECK((*due)[1].eightBit);
+    CHECK((*due)[1].account == "webshop");
+    CHECK((*due)[1].mailFrom == mid.mailFrom);
+    CHECK((*due)[1].size == static_cast<int64_t>(mid.content.size()));
+    CHECK((*due)[1].receivedAt == mid.receivedAt);
+    CHECK(store->show(mid.id)->recipients[1].leaseUntil == kT0 + 300);
+
+    // The lease excludes them until it expires; the late message becomes due on its own.
+    CHECK(store->leaseDue(kT0 + 10, 300, 10)->empty());
+    auto later = store->leaseDue(kT0 + 150, 300, 10);
+    REQUIRE(later.ok());
+    CHECK(dueIds(*later) == std::set<std::string>{late.id});
+    // An expired lease (a crashed scheduler) makes the recipients due again.
+    auto again = store->leaseDue(kT0 + 300, 60, 10);
+    REQUIRE(again.ok());
+    CHECK(dueIds(*again) == std::set<std::string>{early.id, mid.id});
+    // Captured recipients were never leased.
+    {
+      auto shown = store->show(cap.id);  // named: a temporary would die before the loop
+      REQUIRE(shown.ok());
+      for (const auto& r : shown->recipients) CHECK(r.leaseUntil == 0);
+    }
+  }
+
+  SUBCASE("leaseDue: at most maxMessages messages, the rest stays due") {
+    std::vector<NewMessage> batch;
+    for (int i = 0; i < 5; ++i) batch.push_back(makeMessage("0000000000000c0" + std::to_string(i), kT0 + i, 2));
+    for (const auto& r : store->insertBatch(batch)) REQUIRE(r.ok());
+    auto first = store->leaseDue(kT0 + 10, 300, 2);
+    REQUIRE(first.ok());
+    REQUIRE(first->size() == 2);
+    CHECK((*first)[0].id == batch[0].id);
+    CHECK((*first)[1].id == batch[1].id);
+    CHECK((*first)[1].recipients.size() == 2);  // whole messages, not split by the limit
+    auto second = store->leaseDue(kT0 + 10, 300, 10);
+    REQUIRE(second.ok());
+    CHECK(dueIds(*second) == std::set<std::string>{batch[2].id, batch[3].id, batch[4].id});
+    CHECK(store->leaseDue(kT0 + 10, 300, 0)->empty());
+  }
+
+  SUBCASE("recordAttempts: states, counters, history, and when a DSN is owed") {
+    NewMessage m = makeMessage("0000000000000d01", kT0, 3);
+    NewMessage nullSender = makeMessage("0000000000000d02", kT0, 1);
+    nullSender.mailFrom.clear();
+    NewMessage dsn = makeDsn("0000000000000d03", "someone@example.org", kT0);
+    for (const auto& r : store->insertBatch({m, nullSender, dsn})) REQUIRE(r.ok());
+    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 3);
+
+    REQUIRE(store
+                ->recordAttempts({outcome(m.id, 0, kStateDelivered, kT0 + 5, 0, "", 250),
+                                  outcome(m.id, 1, kStateDeferred, kT0 + 6, kT0 + 600, "451 4.7.1 greylisted", 451),
+                                  outcome(m.id, 2, kStateFailed, kT0 + 7, 0, "550 5.1.1 no such user", 550),
+                                  outcome(nullSender.id, 0, kStateFailed, kT0 + 8, 0, "550 5.1.1 no", 550),
+                                  outcome(dsn.id, 0, kStateFailed, kT0 + 9, 0, "550 5.1.1 no", 550)})
+                .ok());
+    auto info = store->show(m.id);
+    REQUIRE(info.ok());
+    CHECK(rcpt(*info, 0).state == kStateDelivered);
+    CHECK(rcpt(*info, 0).attempts == 1);
+    CHECK(rcpt(*info, 0).lastError.empty());
+    CHECK(rcpt(*info, 0).updatedAt == kT0 + 5);
+    CHECK(rcpt(*info, 0).leaseUntil == 0);
+    CHECK_FALSE(rcpt(*info, 0).dsnPending);
+    CHECK(rcpt(*info, 1).state == kStateDeferred);
+    CHECK(rcpt(*info, 1).nextAttempt == kT0 + 600);
+    CHECK(rcpt(*info, 1).lastError == "451 4.7.1 greylisted");
+    CHECK(rcpt(*info, 1).leaseUntil == 0);
+    CHECK_FALSE(rcpt(*info, 1).dsnPending);
+    CHECK(rcpt(*info, 2).state == kStateFailed);
+    CHECK(rcpt(*info, 2).dsnPending);
+    REQUIRE(info->attempts.size() == 3);
+    CHECK(info->attempts[0].index == 0);
+    CHECK(info->attempts[0].at == kT0 + 5);
+    CHECK(info->attempts[0].mx == "mx1.example.org [192.0.2.25]:25");
+    CHECK(info->attempts[0].tlsVersion == "TLSv1.3");
+    CHECK(info->attempts[0].tlsCipher == "TLS_AES_128_GCM_SHA256");
+    CHECK(info->attempts[0].code == 250);
+    CHECK(info->attempts[0].result == kStateDelivered);
+    CHECK(info->attempts[1].index == 1);
+    CHECK(info->attempts[1].reply == "451 4.7.1 greylisted");
+    CHECK(info->attempts[2].result == kStateFailed);
+    CHECK(info->attempts[2].code == 550);
+
+    // Never a DSN to the null sender, never a DSN about a DSN.
+    CHECK(rcpt(*store->show(nullSender.id), 0).state == kStateFailed);
+    CHECK_FALSE(rcpt(*store->show(nullSender.id), 0).dsnPending);
+    CHECK_FALSE(rcpt(*store->show(dsn.id), 0).dsnPending);
+
+    // The deferred one is due again at its next attempt, not before; counters accumulate.
+    CHECK(store->leaseDue(kT0 + 599, 300, 10)->empty());
+    auto due = store->leaseDue(kT0 + 600, 300, 10);
+    REQUIRE(due.ok());
+    REQUIRE(due->size() == 1);
+    REQUIRE(due->at(0).recipients.size() == 1);
+    CHECK(due->at(0).recipients[0].index == 1);
+    CHECK(due->at(0).recipients[0].attempts == 1);
+    REQUIRE(store->recordAttempts({outcome(m.id, 1, kStateDelivered, kT0 + 601)}).ok());
+    info = store->show(m.id);
+    CHECK(rcpt(*info, 1).attempts == 2);
+    CHECK(rcpt(*info, 1).state == kStateDelivered);
+    CHECK(info->attempts.size() == 4);
+    CHECK(store->nextDue()->has_value() == false);
+  }
+
+  SUBCASE("recordAttempts is one transaction; an unknown or dropped message is skipped") {
+    REQUIRE(store->insertBatch({makeMessage("0000000000000e01", kT0, 1)})[0].ok());
+    CHECK(store->recordAttempts({}).ok());
+    CHECK(store
+              ->recordAttempts({outcome("ffffffffffffffff", 0, kStateDelivered, kT0),
+                                outcome("0000000000000e01", 0, kStateDeferred, kT0 + 1, kT0 + 60, "421 busy")})
+              .ok());
+    auto info = store->show("0000000000000e01");
+    CHECK(rcpt(*info, 0).state == kStateDeferred);
+    CHECK(info->attempts.size() == 1);
+  }
+
+  SUBCASE("an operator's bounce during an attempt wins over a deferral, not over a delivery") {
+    REQUIRE(store->insertBatch({makeMessage("0000000000000e11", kT0, 2)})[0].ok());
+    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 1);
+    REQUIRE(store->bounce("0000000000000e11").value() == 2);
+    REQUIRE(store
+                ->recordAttempts({outcome("0000000000000e11", 0, kStateDeferred, kT0 + 1, kT0 + 60, "421 busy"),
+                                  outcome("0000000000000e11", 1, kStateDelivered, kT0 + 1)})
+                .ok());
+    auto info = store->show("0000000000000e11");
+    CHECK(rcpt(*info, 0).state == kStateFailed);
+    CHECK(rcpt(*info, 0).lastError == "bounced by operator");
+    CHECK(rcpt(*info, 0).dsnPending);
+    CHECK(rcpt(*info, 1).state == kStateDelivered);
+    CHECK_FALSE(rcpt(*info, 1).dsnPending);
+    CHECK(info->attempts.size() == 2);  // both attempts are history either way
+  }
+
+  SUBCASE("releaseLeases makes recipients due again without counting an attempt") {
+    REQUIRE(store->insertBatch({makeMessage("0000000000000f01", kT0, 3)})[0].ok());
+    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 1);
+    REQUIRE(store->releaseLeases("0000000000000f01", {0, 2}).ok());
+    CHECK(store->releaseLeases("0000000000000f01", {}).ok());
+    auto due = store->leaseDue(kT0 + 1, 300, 10);
+    REQUIRE(due.ok());
+    REQUIRE(due->size() == 1);
+    REQUIRE(due->at(0).recipients.size() == 2);
+    CHECK(due->at(0).recipients[0].index == 0);
+    CHECK(due->at(0).recipients[1].index == 2);
+    {
+      auto shown = store->show("0000000000000f01");  // named: a temporary would die before the loop
+      REQUIRE(shown.ok());
+      for (const auto& r : shown->recipients) CHECK(r.attempts == 0);
+    }
+  }
+
+  SUBCASE("clearLeases voids every lease (start-up after a crash)") {
+    REQUIRE(store->insertBatch({makeMessage("0000000000000f11", kT0, 2), makeMessage("0000000000000f12", kT0, 1)})[0].ok());
+    REQUIRE(store->leaseDue(kT0, 3600, 10)->size() == 2);
+    CHECK(store->leaseDue(kT0 + 1, 3600, 10)->empty());
+    REQUIRE(store->clearLeases().ok());
+    auto due = store->leaseDue(kT0 + 1, 3600, 10);
+    REQUIRE(due.ok());
+    CHECK(dueIds(*due) == std::set<std::string>{"0000000000000f11", "0000000000000f12"});
+  }
+
+  SUBCASE("nextDue: earliest next attempt or lease end; nothing when nothing is deliverable") {
+    CHECK_FALSE(store->nextDue().value().has_value());
+    NewMessage cap = makeMessage("0000000000001001", kT0 - 1000, 1);
+    cap.captured = true;
+    REQUIRE(store->insertBatch({cap})[0].ok());
+    CHECK_FALSE(store->nextDue().value().has_value());  // captured: never due
+
+    REQUIRE(store->insertBatch({makeMessage("0000000000001002", kT0 + 50, 1)})[0].ok());
+    CHECK(store->nextDue().value() == std::optional<int64_t>(kT0 + 50));
+    REQUIRE(store->insertBatch({makeMessage("0000000000001003", kT0, 1)})[0].ok());
+    CHECK(store->nextDue().value() == std::optional<int64_t>(kT0));
+    REQUIRE(store->leaseDue(kT0, 300, 1)->size() == 1);  // 1003 leased until kT0 + 300
+    CHECK(store->nextDue().value() == std::optional<int64_t>(kT0 + 50));
+    REQUIRE(store->recordAttempts({outcome("0000000000001003", 0, kStateDeferred, kT0, kT0 + 10, "421")}).ok());
+    CHECK(store->nextDue().value() == std::optional<int64_t>(kT0 + 10));
+  }
+
+  SUBCASE("pendingDsns / completeDsn: the DSN and the flag reset are one transaction") {
+    NewMessage m = makeMessage("0000000000001101", kT0, 3);
+    NewMessage n = makeMessage("0000000000001102", kT0 + 1, 1);
+    for (const auto& r : store->insertBatch({m, n})) REQUIRE(r.ok());
+    REQUIRE(store->leaseDue(kT0 + 1, 300, 10)->size() == 2);
+    REQUIRE(store
+                ->recordAttempts({outcome(m.id, 0, kStateFailed, kT0 + 2, 0, "550 a", 550),
+                                  outcome(m.id, 1, kStateDelivered, kT0 + 2),
+                                  outcome(m.id, 2, kStateFailed, kT0 + 2, 0, "550 c", 550),
+                                  outcome(n.id, 0, kStateFailed, kT0 + 3, 0, "554 n", 554)})
+                .ok());
+    auto work = store->pendingDsns(10);
+    REQUIRE(work.ok());
+    REQUIRE(work->size() == 2);
+    const MessageInfo& w = work->at(0).message;
+    CHECK(w.id == m.id);
+    CHECK(w.mailFrom == m.mailFrom);
+    REQUIRE(w.recipients.size() == 2);  // only the pending ones
+    CHECK(w.recipients[0].index == 0);
+    CHECK(w.recipients[0].lastError == "550 a");
+    CHECK(w.recipients[1].index == 2);
+    CHECK(store->pendingDsns(1)->size() == 1);
+
+    // A DSN whose id collides fails as a whole: the flags stay set.
+    auto clash = store->completeDsn(m.id, {0, 2}, makeDsn(n.id, m.mailFrom, kT0 + 4));
+    CHECK_FALSE(clash.ok());
+    CHECK(store->pendingDsns(10)->size() == 2);
+    CHECK(store->count().value() == 2);
+
+    REQUIRE(store->completeDsn(m.id, {0, 2}, makeDsn("0000000000001103", m.mailFrom, kT0 + 4)).ok());
+    CHECK(store->count().value() == 3);
+    auto dsn = store->show("0000000000001103");
+    REQUIRE(dsn.ok());
+    CHECK(dsn->isDsn);
+    CHECK(dsn->mailFrom.empty());
+    CHECK(rcpt(*dsn, 0).address == m.mailFrom);
+    CHECK(rcpt(*dsn, 0).state == kStateQueued);  // deliverable like any message
+    {
+      auto shown = store->show(m.id);  // named: a temporary would die before the loop
+      REQUIRE(shown.ok());
+      for (const auto& r : shown->recipients) CHECK_FALSE(r.dsnPending);
+    }
+    work = store->pendingDsns(10);
+    REQUIRE(work->size() == 1);
+    CHECK(work->at(0).message.id == n.id);
+
+    // The DSN itself failing owes nothing.
+    REQUIRE(store->leaseDue(kT0 + 5, 300, 10).ok());
+    REQUIRE(store->recordAttempts({outcome("0000000000001103", 0, kStateFailed, kT0 + 6, 0, "550")}).ok());
+    CHECK(store->pendingDsns(10)->size() == 1);
+
+    // Without a DSN message (the caller decided none is needed) only the flag is cleared.
+    REQUIRE(store->completeDsn(n.id, {0}, std::nullopt).ok());
+    CHECK(store->pendingDsns(10)->empty());
+    CHECK(store->count().value() == 3);
+  }
+
+  SUBCASE("completeDsn: nothing is inserted for a null sender") {
+    NewMessage m = makeMessage("0000000000001201", kT0, 1);
+    m.mailFrom.clear();
+    REQUIRE(store->insertBatch({m})[0].ok());
+    // Force the flag, as a database written by an older rule might have it.
+    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 1);
+    REQUIRE(store->recordAttempts({outcome(m.id, 0, kStateFailed, kT0 + 1, 0, "550")}).ok());
+    CHECK(store->pendingDsns(10)->empty());
+    REQUIRE(store->completeDsn(m.id, {0}, makeDsn("0000000000001202", "nobody@example.org", kT0 + 2)).ok());
+    CHECK(store->count().value() == 1);
+    CHECK_FALSE(store->show("0000000000001202").ok());
+    // And for a message that no longer exists: nothing inserted, no error.
+    REQUIRE(store->completeDsn("ffffffffffffffff", {0}, makeDsn("0000000000001203", "x@example.org", kT0)).ok());
+    CHECK(store->count().value() == 1);
+  }
+
+  SUBCASE("delay notices: deferred, old enough, real sender, not a DSN, only once") {
+    NewMessage old1 = makeMessage("0000000000001301", kT0, 2);
+    NewMessage young = makeMessage("0000000000001302", kT0 + 5000, 1);
+    NewMessage nul = makeMessage("0000000000001303", kT0, 1);
+    nul.mailFrom.clear();
+    NewMessage dsn = makeDsn("0000000000001304", "a@example.org", kT0);
+    for (const auto& r : store->insertBatch({old1, young, nul, dsn})) REQUIRE(r.ok());
+    REQUIRE(store->leaseDue(kT0 + 5000, 300, 10)->size() == 4);
+    std::vector<AttemptRecord> recs;
+    for (const auto* m : {&old1, &young, &nul, &dsn})
+      recs.push_back(outcome(m->id, 0, kStateDeferred, kT0 + 5001, kT0 + 6000, "421 later"));
+    recs.push_back(outcome(old1.id, 1, kStateDelivered, kT0 + 5001));
+    REQUIRE(store->recordAttempts(recs).ok());
+
+    auto work = store->pendingDelayNotices(kT0 + 1000, 10);
+    REQUIRE(work.ok());
+    REQUIRE(work->size() == 1);
+    CHECK(work->at(0).message.id == old1.id);
+    REQUIRE(work->at(0).message.recipients.size() == 1);
+    CHECK(work->at(0).message.recipients[0].index == 0);
+    CHECK(store->pendingDelayNotices(kT0 + 6000, 10)->size() == 2);
+    CHECK(store->pendingDelayNotices(kT0 + 6000, 1)->size() == 1);
+
+    REQUIRE(store->completeDelayNotice(old1.id, {0}, makeDsn("0000000000001305", old1.mailFrom, kT0 + 5002)).ok());
+    CHECK(store->show("0000000000001305")->isDsn);
+    CHECK(store->pendingDelayNotices(kT0 + 1000, 10)->empty());
+    // The recipient itself is untouched: still deferred, still due later.
+    CHECK(rcpt(*store->show(old1.id), 0).state == kStateDeferred);
+    CHECK_FALSE(rcpt(*store->show(old1.id), 0).dsnPending);
+  }
+
+  SUBCASE("retryNow: one message or all, only waiting recipients, unknown id is an error") {
+    NewMessage a = makeMessage("0000000000001401", kT0, 2);
+    NewMessage b = makeMessage("0000000000001402", kT0, 1);
+    NewMessage cap = makeMessage("0000000000001403", kT0, 1);
+    cap.captured = true;
+    for (const auto& r : store->insertBatch({a, b, cap})) REQUIRE(r.ok());
+    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 2);
+    REQUIRE(store
+                ->recordAttempts({outcome(a.id, 0, kStateDeferred, kT0 + 1, kT0 + 3600, "421"),
+                                  outcome(a.id, 1, kStateDelivered, kT0 + 1),
+                                  outcome(b.id, 0, kStateDeferred, kT0 + 1, kT0 + 7200, "421")})
+                .ok());
+    CHECK(store->leaseDue(kT0 + 2, 300, 10)->empty());
+
+    auto one = store->retryNow(a.id);
+    REQUIRE(one.ok());
+    CHECK(one.value() == 1);
+    CHECK(rcpt(*store->show(a.id), 0).nextAttempt == 0);
+    CHECK(rcpt(*store->show(a.id), 1).state == kStateDelivered);
+    CHECK(dueIds(store->leaseDue(kT0 + 2, 300, 10).value()) == std::set<std::string>{a.id});
+
+    auto all = store->retryNow(std::nullopt);
+    REQUIRE(all.ok());
+    CHECK(all.value() == 2);  // a's leased recipient too: the lease is cleared
+    CHECK(dueIds(store->leaseDue(kT0 + 3, 300, 10).value()) == std::set<std::string>{a.id, b.id});
+
+    auto missing = store->retryNow(std::string("ffffffffffffffff"));
+    REQUIRE_FALSE(missing.ok());
+    CHECK(missing.error().message.find("no such message") != std::string::npos);
+    CHECK(store->retryNow(cap.id).value() == 0);
+  }
+
+  SUBCASE("drop removes the message, its recipients and attempts") {
+    NewMessage a = makeMessage("0000000000001501", kT0, 2);
+    for (const auto& r : store->insertBatch({a, makeMessage("0000000000001502", kT0, 1)})) REQUIRE(r.ok());
+    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 2);
+    REQUIRE(store->recordAttempts({outcome(a.id, 0, kStateDeferred, kT0 + 1, kT0 + 60, "421")}).ok());
+    auto d = store->drop(a.id);
+    REQUIRE(d.ok());
+    CHECK(d.value() == 1);
+    CHECK_FALSE(store->show(a.id).ok());
+    CHECK(store->count().value() == 1);
+    auto again = store->drop(a.id);
+    REQUIRE_FALSE(again.ok());
+    CHECK(again.error().message.find("no such message") != std::string::npos);
+    // Its leased recipients are gone too: the result of the attempt in flight is ignored.
+    CHECK(store->recordAttempts({outcome(a.id, 1, kStateDelivered, kT0 + 2)}).ok());
+    CHECK(store->count().value() == 1);
+  }
+
+  SUBCASE("bounce: waiting recipients fail with a DSN owed, others are untouched") {
+    NewMessage a = makeMessage("0000000000001601", kT0, 3);
+    NewMessage nul = makeMessage("0000000000001602", kT0, 1);
+    nul.mailFrom.clear();
+    NewMessage dsn = makeDsn("0000000000001603", "x@example.org", kT0);
+    for (const auto& r : store->insertBatch({a, nul, dsn})) REQUIRE(r.ok());
+    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 3);
+    REQUIRE(store
+                ->recordAttempts({outcome(a.id, 0, kStateDelivered, kT0 + 1),
+                                  outcome(a.id, 1, kStateDeferred, kT0 + 1, kT0 + 60, "421 later")})
+                .ok());
+    auto b = store->bounce(a.id);
+    REQUIRE(b.ok());
+    CHECK(b.value() == 2);
+    auto info = store->show(a.id);
+    CHECK(rcpt(*info, 0).state == kStateDelivered);
+    CHECK_FALSE(rcpt(*info, 0).dsnPending);
+    for (size_t i : {1u, 2u}) {
+      CHECK(rcpt(*info, i).state == kStateFailed);
+      CHECK(rcpt(*info, i).lastError == "bounced by operator");
+      CHECK(rcpt(*info, i).dsnPending);
+      CHECK(rcpt(*info, i).leaseUntil == 0);
+    }
+    CHECK(store->bounce(a.id).value() == 0);  // nothing left waiting
+    CHECK(store->bounce(nul.id).value() == 1);
+    CHECK_FALSE(rcpt(*store->show(nul.id), 0).dsnPending);
+    CHECK(store->bounce(dsn.id).value() == 1);
+    CHECK_FALSE(rcpt(*store->show(dsn.id), 0).dsnPending);
+    auto work = store->pendingDsns(10);
+    REQUIRE(work->size() == 1);
+    CHECK(work->at(0).message.id == a.id);
+    CHECK_FALSE(store->bounce("ffffffffffffffff").ok());
+    CHECK(store->leaseDue(kT0 + 1000, 300, 10)->empty());
+  }
+
+  SUBCASE("rate windows: upsert per (username, rule), load all") {
+    CHECK(store->loadRateWindows().value().empty());
+    CHECK(store->saveRateWindows({}).ok());
+    REQUIRE(store
+                ->saveRateWindows({{"webshop", "messages_per_day", kT0, 10},
+                                   {"webshop", "recipients_per_month", kT0 - 86400, 400},
+                                   {"ci", "messages_per_day", kT0, 1}})
+                .ok());
+    REQUIRE(store->saveRateWindows({{"webshop", "messages_per_day", kT0 + 86400, 3}}).ok());
+    auto rows = store->loadRateWindows();
+    REQUIRE(rows.ok());
+    REQUIRE(rows->size() == 3);
+    CHECK(rows->at(0).username == "ci");
+    CHECK(rows->at(1).username == "webshop");
+    CHECK(rows->at(1).rule == "messages_per_day");
+    CHECK(rows->at(1).windowStart == kT0 + 86400);
+    CHECK(rows->at(1).count == 3);
+    CHECK(rows->at(2).rule == "recipients_per_month");
+    CHECK(rows->at(2).count == 400);
+  }
+
+  SUBCASE("meters: deltas add up per account") {
+    CHECK(store->loadMeters().value().empty());
+    MeterRow d;
+    d.username = "webshop";
+    d.accepted = 2;
+    d.recipients = 5;
+    d.bytes = 1000;
+    MeterRow c;
+    c.username = "ci";
+    c.authFailures = 3;
+    REQUIRE(store->addMeters({d, c}, kT0).ok());
+    d.refusedByLimit = 1;
+    d.bytes = 24;
+    REQUIRE(store->addMeters({d}, kT0 + 10).ok());
+    CHECK(store->addMeters({}, kT0 + 20).ok());
+    auto rows = store->loadMeters();
+    REQUIRE(rows.ok());
+    REQUIRE(rows->size() == 2);
+    CHECK(rows->at(0).username == "ci");
+    CHECK(rows->at(0).authFailures == 3);
+    CHECK(rows->at(0).updatedAt == kT0);
+    const MeterRow& w = rows->at(1);
+    CHECK(w.accepted == 4);
+    CHECK(w.recipients == 10);
+    CHECK(w.bytes == 1024);
+    CHECK(w.refusedByLimit == 1);
+    CHECK(w.authFailures == 0);
+    CHECK(w.updatedAt == kT0 + 10);
+  }
+}
+
+TEST_CASE("writes through a read-only store fail cleanly; reads of the new tables work") {
+  TempDir dir;
+  const std::string path = dir.file("q.db");
+  auto writer = mustOpen(path);
+  REQUIRE(writer->insertBatch({makeMessage("0000000000001701", kT0, 1)})[0].ok());
+  REQUIRE(writer->addMeters({MeterRow{"webshop", 1, 0, 1, 10, 0, 0}}, kT0).ok());
+  OpenOptions ro;
+  ro.readOnly = true;
+  auto reader = mustOpen(path, ro);
+  CHECK_FALSE(reader->leaseDue(kT0, 60, 10).ok());
+  CHECK_FALSE(reader->recordAttempts({outcome("0000000000001701", 0, kStateDelivered, kT0)}).ok());
+  CHECK_FALSE(reader->retryNow(std::nullopt).ok());
+  CHECK_FALSE(reader->drop("0000000000001701").ok());
+  CHECK_FALSE(reader->bounce("0000000000001701").ok());
+  CHECK_FALSE(reader->saveRateWindows({{"a", "b", 1, 1}}).ok());
+  CHECK_FALSE(reader->addMeters({MeterRow{"webshop", 1, 0, 0, 0, 0, 0}}, kT0).ok());
+  CHECK(reader->nextDue().value() == std::optional<int64_t>(kT0));
+  CHECK(reader->pendingDsns(10).value().empty());
+  CHECK(reader->loadMeters().value().size() == 1);
+  CHECK(reader->show("0000000000001701").ok());
+  CHECK(reader->count().value() == 1);
+}
+
+TEST_CASE("two connections cannot lease the same recipients") {
+  TempDir dir;
+  const std::string path = dir.file("q.db");
+  {
+    auto store = mustOpen(path);
+    std::vector<NewMessage> batch;
+    for (int i = 0; i < 200; ++i) batch.push_back(makeMessage(newQueueId(), kT0 + i, 2));
+    for (const auto& r : store->insertBatch(batch)) REQUIRE(r.ok());
+  }
+  // Each thread has its own connection, as two processes would.
+  std::mutex mu;
+  std::vector<std::string> leased;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      auto opened = SqliteStore::open(path);
+      if (!opened) {
+        ++failures;
+        return;
+      }
+      auto store = std::move(opened).value();
+      for (;;) {
+        auto due = store->leaseDue(kT0 + 1000, 600, 7);
+        if (!due) {
+          ++failures;
+          return;
+        }
+        if (due->empty()) return;
+        std::lock_guard lock(mu);
+        for (const auto& d : *due)
+          for (const auto& r : d.recipients) leased.push_back(d.id + "/" + std::to_string(r.index));
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(failures.load() == 0);
+  CHECK(leased.size() == 400);
+  CHECK(std::set<std::string>(leased.begin(), leased.end()).size() == 400);  // no recipient twice
+}
+
+TEST_CASE("a version 1 database with messages migrates to version 2 and keeps them") {
+  TempDir dir;
+  const std::string path = dir.file("v1.db");
+  {
+    // What a subrelay of schema version 1 left behind: only the first migration applied.
+    RawDb raw(path);
+    std::vector<schema::Migration> v1(schema::migrations().begin(), schema::migrations().begin() + 1);
+    REQUIRE(v1.back().version == 1);
+    REQUIRE(schema::migrate(raw.get(), v1, 1).ok());
+    REQUIRE(raw.exec(
+        "INSERT INTO messages (id, account, mail_from, size, received_at, captured, smtputf8, eight_bit, "
+        "client_address, helo, tls_version, tls_cipher, content) VALUES "
+        "('0000000000000111', 'webshop', 'orders@shop.example.com', 4, 1700000000, 0, 1, 1, '192.0.2.1', "
+        "'h.example', 'TLSv1.3', 'X', x'41424344')"));
+    REQUIRE(raw.exec("INSERT INTO recipients VALUES ('0000000000000111', 0, 'a@example.org', 'deferred', 2, "
+                     "1700000600, '421 try later', 1700000300)"));
+    REQUIRE(raw.exec("INSERT INTO recipients VALUES ('0000000000000111', 1, 'b@example.org', 'delivered', 1, "
+                     "0, '', 1700000300)"));
+    REQUIRE(raw.text("PRAGMA user_version") == "1");
+  }
+  {
+    // A reader does not migrate: it asks for serve to run once.
+    OpenOptions ro;
+    ro.readOnly = true;
+    auto r = SqliteStore::open(path, ro);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().message.find("older") != std::string::npos);
+  }
+  auto store = mustOpen(path);
+  CHECK(store->schemaVersion() == 2);
+  auto info = store->show("0000000000000111");
+  REQUIRE(info.ok());
+  CHECK(info->account == "webshop");
+  CHECK(info->smtputf8);
+  CHECK(info->eightBit);
+  CHECK_FALSE(info->isDsn);
+  CHECK(info->attempts.empty());
+  REQUIRE(info->recipients.size() == 2);
+  CHECK(rcpt(*info, 0).state == kStateDeferred);
+  CHECK(rcpt(*info, 0).attempts == 2);
+  CHECK(rcpt(*info, 0).lastError == "421 try later");
+  CHECK(rcpt(*info, 0).leaseUntil == 0);
+  CHECK_FALSE(rcpt(*info, 0).dsnPending);
+  CHECK(rcpt(*info, 1).state == kStateDelivered);
+  CHECK(store->content("0000000000000111").value() == "ABCD");
+  // And the migrated queue works as a version 2 one.
+  CHECK(store->nextDue().value() == std::optional<int64_t>(1700000600));
+  auto due = store->leaseDue(1700000600, 60, 10);
+  REQUIRE(due.ok());
+  REQUIRE(due->size() == 1);
+  CHECK(due->at(0).recipients.size() == 1);
+  REQUIRE(store->recordAttempts({outcome("0000000000000111", 0, kStateFailed, 1700000601, 0, "550 gone")}).ok());
+  CHECK(store->pendingDsns(10)->size() == 1);
+  REQUIRE(store->addMeters({MeterRow{"webshop", 1, 0, 1, 4, 0, 0}}, 1700000601).ok());
+  store.reset();
+  RawDb raw(path);
+  CHECK(raw.text("PRAGMA user_version") == "2");
+  CHECK(raw.text("SELECT count(*) FROM attempts") == "1");
+}
+
+// ---------------------------------------------------------------------------------------
 
 TEST_CASE("queue ids are 16 hex characters, unique and increasing") {
   std::vector<std::string> ids;
@@ -317,7 +956,14 @@ TEST_CASE("foreign keys are on: deleting a message removes its recipients") {
   REQUIRE(raw.exec("DELETE FROM messages WHERE id='0000000000000fff'"));
   CHECK(raw.text("SELECT count(*) FROM recipients") == "0");
   // The schema's REFERENCES clause is real: an orphan recipient is refused.
-  CHECK_FALSE(raw.exec("INSERT INTO recipients VALUES ('nope', 0, 'a@b', 'queued', 0, 0, '', 0)"));
+  CHECK_FALSE(raw.exec("INSERT INTO recipients (message_id, idx, address, state, updated_at) "
+                       "VALUES ('nope', 0, 'a@b', 'queued', 0)"));
+  // Attempts too (schema version 2), and they go with their message.
+  CHECK_FALSE(raw.exec("INSERT INTO attempts (message_id, idx, at, result) VALUES ('nope', 0, 0, 'failed')"));
+  REQUIRE(store->insertBatch({makeMessage("0000000000000ffe")})[0].ok());
+  REQUIRE(raw.exec("INSERT INTO attempts (message_id, idx, at, result) VALUES ('0000000000000ffe', 0, 0, 'failed')"));
+  REQUIRE(raw.exec("DELETE FROM messages WHERE id='0000000000000ffe'"));
+  CHECK(raw.text("SELECT count(*) FROM attempts") == "0");
 }
 
 TEST_CASE("open options") {
@@ -431,31 +1077,34 @@ TEST_CASE("the migration runner applies later steps in order and rolls back a fa
   }
   RawDb raw(path);
   std::vector<schema::Migration> steps(schema::migrations().begin(), schema::migrations().end());
-  steps.push_back({2, "ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 0"});
-  steps.push_back({3, "CREATE TABLE suppressions(address TEXT PRIMARY KEY)"});
+  // Hypothetical later steps, numbered after this build's last one.
+  constexpr int kB = SqliteStore::kSchemaVersion;
+  const auto v = [](int n) { return std::to_string(n); };
+  steps.push_back({kB + 1, "ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 0"});
+  steps.push_back({kB + 2, "CREATE TABLE suppressions(address TEXT PRIMARY KEY)"});
 
-  auto to3 = schema::migrate(raw.get(), steps, 3);
-  REQUIRE(to3.ok());
-  CHECK(to3.value() == 3);
-  CHECK(raw.text("PRAGMA user_version") == "3");
+  auto to2 = schema::migrate(raw.get(), steps, kB + 2);
+  REQUIRE(to2.ok());
+  CHECK(to2.value() == kB + 2);
+  CHECK(raw.text("PRAGMA user_version") == v(kB + 2));
   CHECK(raw.text("SELECT priority FROM messages") == "0");  // old rows kept, column added
   CHECK(raw.text("SELECT count(*) FROM sqlite_master WHERE name='suppressions'") == "1");
 
   // Migrating again is a no-op.
-  CHECK(schema::migrate(raw.get(), steps, 3).value() == 3);
+  CHECK(schema::migrate(raw.get(), steps, kB + 2).value() == kB + 2);
 
-  // Step 4 half-succeeds: its first statement must not survive the failure.
-  steps.push_back({4, "CREATE TABLE half(x); THIS IS NOT SQL"});
-  auto to4 = schema::migrate(raw.get(), steps, 4);
-  REQUIRE_FALSE(to4.ok());
-  CHECK(to4.error().message.find("version 4") != std::string::npos);
-  CHECK(raw.text("PRAGMA user_version") == "3");
+  // The next step half-succeeds: its first statement must not survive the failure.
+  steps.push_back({kB + 3, "CREATE TABLE half(x); THIS IS NOT SQL"});
+  auto to3 = schema::migrate(raw.get(), steps, kB + 3);
+  REQUIRE_FALSE(to3.ok());
+  CHECK(to3.error().message.find("version " + v(kB + 3)) != std::string::npos);
+  CHECK(raw.text("PRAGMA user_version") == v(kB + 2));
   CHECK(raw.text("SELECT count(*) FROM sqlite_master WHERE name='half'") == "0");
   CHECK(sqlite3_get_autocommit(raw.get()) != 0);  // no transaction left open
 
   // A target with no path to it is an error, not a silent partial upgrade.
-  CHECK_FALSE(schema::migrate(raw.get(), steps, 7).ok());
-  CHECK(raw.text("PRAGMA user_version") == "3");
+  CHECK_FALSE(schema::migrate(raw.get(), steps, kB + 6).ok());
+  CHECK(raw.text("PRAGMA user_version") == v(kB + 2));
 
   // The store of this build refuses the now-newer file.
   CHECK_FALSE(SqliteStore::open(path).ok());
