@@ -15,6 +15,7 @@
 
 #include "app/dev_config.h"
 #include "app/dkim_cmd.h"
+#include "app/accounts_cmd.h"
 #include "app/queue_cmd.h"
 #include "app/server.h"
 #include "config/config.h"
@@ -45,6 +46,9 @@ constexpr const char* kMainHelp =
     "  queue list [--json]      one line per queued message\n"
     "  queue show ID [--json] [--raw]\n"
     "                           one message's envelope and recipients, or its bytes\n"
+    "  queue retry ID|--all, queue drop ID, queue bounce ID\n"
+    "                           operator actions on queued messages\n"
+    "  accounts [--json]        per-account counters and rate-limit use\n"
     "\n"
     "options for every command:\n"
     "  -c, --config PATH        configuration file (default /etc/subrelay/config.json)\n"
@@ -85,15 +89,35 @@ constexpr const char* kHashHelp =
 constexpr const char* kQueueHelp =
     "usage: subrelay queue list [--json] [-c PATH | --dev | --data-dir DIR]\n"
     "       subrelay queue show ID [--json] [--raw] [-c PATH | --dev | --data-dir DIR]\n"
+    "       subrelay queue retry ID|--all [-c PATH | --dev | --data-dir DIR]\n"
+    "       subrelay queue drop ID [-c PATH | --dev | --data-dir DIR]\n"
+    "       subrelay queue bounce ID [-c PATH | --dev | --data-dir DIR]\n"
     "\n"
-    "Reads the queue database (<data_dir>/queue.db) directly; works while serve runs.\n"
+    "Reads and changes the queue database (<data_dir>/queue.db) directly; works while serve runs.\n"
     "  list         one line per message: id, age, size, account, sender, recipients with\n"
     "               state, attempts, next attempt and last error\n"
-    "  show ID      one message's envelope and per-recipient state\n"
+    "  show ID      one message's envelope, per-recipient state and delivery attempts\n"
+    "  retry ID     make the queued and deferred recipients of ID due now (--all: of every\n"
+    "               message)\n"
+    "  drop ID      delete the message and its history; nobody is notified\n"
+    "  bounce ID    mark its queued and deferred recipients failed (\"bounced by operator\");\n"
+    "               serve then sends one DSN to the sender (none for the null sender)\n"
     "  --json       one JSON object per line (list) or one object (show)\n"
     "  --raw        (show) print exactly the stored message bytes\n"
     "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
     "  --data-dir   use this data directory instead of the config's data_dir\n";
+
+constexpr const char* kAccountsHelp =
+    "usage: subrelay accounts [--json] [-c PATH | --dev | --data-dir DIR]\n"
+    "\n"
+    "Per-account meters since the queue database was created: messages accepted, refused\n"
+    "by a rate limit, recipients, bytes, failed AUTH attempts; and the use of each\n"
+    "day/month rate limit in its current window. Reads <data_dir>/queue.db directly and\n"
+    "works while serve runs (serve writes the counters every 2 seconds and at exit).\n"
+    "With the config, every configured account is listed, also those without traffic.\n"
+    "  --json       one JSON object per account and line\n"
+    "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
+    "  --data-dir   use this data directory (the config is then not read)\n";
 
 constexpr const char* kKeygenHelp =
     "usage: subrelay dkim-keygen --domain D --selector S [--algorithm rsa-sha256|ed25519-sha256]\n"
@@ -136,6 +160,7 @@ struct Args {
   bool dev = false;
   bool json = false;
   bool raw = false;
+  bool all = false;  // queue retry --all
   std::string dataDir;
   // dkim-keygen / dns-records
   std::string domain;
@@ -169,6 +194,7 @@ Args parseArgs(const std::vector<std::string>& argv) {
     } else if (s == "--dev") a.dev = true;
     else if (s == "--json") a.json = true;
     else if (s == "--raw") a.raw = true;
+    else if (s == "--all") a.all = true;
     else if (s == "--data-dir") a.dataDir = value("--data-dir");
     else if (s == "--domain") a.domain = value("--domain");
     else if (s == "--selector") a.selector = value("--selector");
@@ -258,12 +284,18 @@ int cmdHashPassword() {
 }
 
 int cmdQueue(const Args& a) {
-  if (a.positional.empty()) return usageError("queue needs a subcommand: list or show", "queue ");
+  if (a.positional.empty())
+    return usageError("queue needs a subcommand: list, show, retry, drop or bounce", "queue ");
   const std::string& sub = a.positional[0];
   // Usage errors first (exit 2), before the config is read.
-  if (sub != "list" && sub != "show") return usageError("unknown queue subcommand '" + sub + "' (list, show)", "queue ");
+  if (sub != "list" && sub != "show" && sub != "retry" && sub != "drop" && sub != "bounce")
+    return usageError("unknown queue subcommand '" + sub + "' (list, show, retry, drop, bounce)", "queue ");
   if (sub == "list" && a.positional.size() != 1) return usageError("queue list takes no arguments", "queue ");
-  if (sub == "show" && a.positional.size() != 2) return usageError("queue show needs one message id", "queue ");
+  if (sub == "retry" && a.positional.size() != (a.all ? 1u : 2u))
+    return usageError("queue retry needs one message id or --all", "queue ");
+  if (sub != "list" && sub != "retry" && a.positional.size() != 2)
+    return usageError("queue " + sub + " needs one message id", "queue ");
+  if (a.all && sub != "retry") return usageError("--all is an option of queue retry only", "queue ");
   QueueCmdOptions o;
   o.json = a.json;
   o.raw = a.raw;
@@ -287,7 +319,30 @@ int cmdQueue(const Args& a) {
     o.dataDir = lr.config->dataDir;
   }
   if (sub == "list") return queueList(o);
+  if (sub == "retry") return queueRetry(o, a.all ? std::nullopt : std::optional<std::string>(a.positional[1]));
+  if (sub == "drop") return queueDrop(o, a.positional[1]);
+  if (sub == "bounce") return queueBounce(o, a.positional[1]);
   return queueShow(o, a.positional[1]);
+}
+
+int cmdAccounts(const Args& a) {
+  AccountsCmdOptions o;
+  o.json = a.json;
+  if (!a.dataDir.empty()) {
+    o.dataDir = a.dataDir;
+  } else if (a.dev) {
+    o.dataDir = kDevDataDir;
+  } else {
+    auto lr = config::loadConfigFile(a.config);
+    if (!lr.config) {
+      for (const auto& l : lr.formatErrors()) std::fprintf(stderr, "%s\n", l.c_str());
+      std::fprintf(stderr, "subrelay: cannot read the configuration (use -c PATH, --dev or --data-dir)\n");
+      return 1;
+    }
+    o.dataDir = lr.config->dataDir;
+    o.config = std::move(lr.config);
+  }
+  return accountsList(o);
 }
 
 }  // namespace
@@ -314,7 +369,8 @@ int cliMain(int argc, char** argv) {
   };
   static const Cmd kCmds[] = {{"serve", kServeHelp}, {"check-config", kCheckHelp},
                               {"hash-password", kHashHelp}, {"queue", kQueueHelp},
-                              {"dkim-keygen", kKeygenHelp}, {"dns-records", kDnsHelp}};
+                              {"dkim-keygen", kKeygenHelp}, {"dns-records", kDnsHelp},
+                              {"accounts", kAccountsHelp}};
   const Cmd* found = nullptr;
   for (const auto& c : kCmds)
     if (cmd == c.name) found = &c;
@@ -361,6 +417,10 @@ int cliMain(int argc, char** argv) {
   if (cmd == "dns-records") {
     if (!a.positional.empty()) return usageError("dns-records takes no arguments", "dns-records ");
     return cmdDnsRecords(a.config, a.domain);
+  }
+  if (cmd == "accounts") {
+    if (!a.positional.empty()) return usageError("accounts takes no arguments", "accounts ");
+    return cmdAccounts(a);
   }
   return cmdQueue(a);
 }

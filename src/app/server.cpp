@@ -1,32 +1,28 @@
 #include "app/server.h"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <thread>
 
 #include "app/dev_config.h"
+#include "app/delivery_service.h"
 #include "app/dkim_cmd.h"
 #include "app/runtime.h"
 #include "app/worker.h"
-#include "policy/password.h"
-#include "policy/senders.h"
 #include "queue/sqlite_store.h"
 #include "util/log.h"
 
 namespace subrelay::app {
-
-bool Runtime::senderAllowed(std::string_view accountName, std::string_view address) const {
-  const AccountRuntime* a = account(accountName);
-  if (a == nullptr) return false;
-  if (a->anySender) return !address.empty();
-  return policy::senderAllowed(a->senders, address);
-}
 
 namespace {
 
@@ -71,6 +67,101 @@ std::string joinHostPort(const std::string& host, uint16_t port) {
   return host + ":" + std::to_string(port);
 }
 
+// Writes the rate windows and meters changed since the last call into the queue
+// database through its own connection (WAL: no contention with the committer beyond the
+// write lock for a moment).
+class PolicyPersister {
+ public:
+  PolicyPersister(Runtime& rt, std::string dbPath) : rt_(rt), dbPath_(std::move(dbPath)) {}
+
+  util::Result<void> restore() {
+    auto st = queue::SqliteStore::open(dbPath_);
+    if (!st.ok()) return st.error();
+    store_ = std::move(st.value());
+    auto windows = store_->loadRateWindows();
+    if (!windows.ok()) return windows.error();
+    std::vector<policy::WindowState> rows;
+    for (const auto& w : windows.value()) rows.push_back({w.username, w.rule, w.windowStart, w.count});
+    rt_.limits.restore(rows);
+    // The meters in the database are totals; this process adds its own deltas.
+    last_ = rt_.meter.snapshot();
+    return {};
+  }
+
+  void flush() {
+    if (!store_) return;
+    auto changed = rt_.limits.drainChanged();
+    if (!changed.empty()) {
+      std::vector<queue::RateWindowRow> rows;
+      for (const auto& w : changed) rows.push_back({w.username, w.key, w.windowStart, w.count});
+      if (auto r = store_->saveRateWindows(rows); !r.ok())
+        util::logError("serve", "cannot save rate-limit windows: " + r.error().message);
+    }
+    auto now = rt_.meter.snapshot();
+    std::vector<queue::MeterRow> deltas;
+    for (const auto& [user, c] : now) {
+      policy::MeterCounts before;
+      if (auto it = last_.find(user); it != last_.end()) before = it->second;
+      queue::MeterRow d;
+      d.username = user;
+      d.accepted = c.accepted - before.accepted;
+      d.refusedByLimit = c.refusedByLimit - before.refusedByLimit;
+      d.recipients = c.recipients - before.recipients;
+      d.bytes = c.bytes - before.bytes;
+      d.authFailures = c.authFailures - before.authFailures;
+      if (d.accepted || d.refusedByLimit || d.recipients || d.bytes || d.authFailures) deltas.push_back(d);
+    }
+    if (deltas.empty()) return;
+    if (auto r = store_->addMeters(deltas, util::unixSeconds(std::chrono::system_clock::now())); !r.ok()) {
+      util::logError("serve", "cannot save account meters: " + r.error().message);
+      return;  // retried with the next flush: last_ stays where it was
+    }
+    last_ = std::move(now);
+  }
+
+ private:
+  Runtime& rt_;
+  std::string dbPath_;
+  std::unique_ptr<queue::SqliteStore> store_;
+  std::map<std::string, policy::MeterCounts> last_;
+};
+
+// SIGHUP: accounts, limits, keys and certificates from the file, all or nothing. A
+// broken file is refused with its errors logged, and the running config stays.
+// Listeners, data_dir and workers need a restart (they own sockets and files).
+std::shared_ptr<const config::Config> reloadConfig(Runtime& rt, const std::string& path) {
+  util::logInfo("serve", "SIGHUP: reloading " + path);
+  auto lr = config::loadConfigFile(path);
+  if (!lr.config) {
+    for (const auto& line : lr.formatErrors()) util::logError("serve", "reload: " + line);
+    util::logError("serve", "reload refused: the configuration above is invalid; still running the previous one");
+    return nullptr;
+  }
+  std::vector<std::string> errors;
+  auto fresh = buildSettings(*lr.config, false, errors);
+  if (!fresh) {
+    for (const auto& e : errors) util::logError("serve", "reload: " + e);
+    util::logError("serve", "reload refused; still running the previous configuration");
+    return nullptr;
+  }
+  auto old = rt.settings();
+  const auto& oc = *old->config;
+  const auto& nc = *fresh->config;
+  bool listenersChanged = oc.listeners.size() != nc.listeners.size();
+  for (size_t i = 0; !listenersChanged && i < nc.listeners.size(); ++i)
+    listenersChanged = oc.listeners[i].address != nc.listeners[i].address || oc.listeners[i].tls != nc.listeners[i].tls;
+  if (listenersChanged || oc.dataDir != nc.dataDir || oc.workers != nc.workers)
+    util::logWarn("serve", "reload: listeners, data_dir and workers keep their running values until a restart");
+  auto next = std::make_shared<Settings>(*fresh);
+  next->generation = old->generation + 1;
+  rt.install(next);
+  util::setLogLevel(parseLevel(nc.logLevel));
+  util::logInfo("serve", "reload done: generation " + std::to_string(next->generation) + ", " +
+                             std::to_string(nc.accounts.size()) + " accounts, " + std::to_string(nc.dkim.size()) +
+                             " DKIM keys; sessions in progress keep the previous configuration");
+  return next->config;
+}
+
 }  // namespace
 
 int runServe(const ServeOptions& opts) {
@@ -107,54 +198,18 @@ int runServe(const ServeOptions& opts) {
   }
   util::setLogLevel(parseLevel(cfg.logLevel));
 
-  // Passwords are checked at start so a bad hash fails now, not at the first login.
-  for (const auto& a : cfg.accounts) {
-    std::string why = policy::checkHashFormat(a.passwordHash);
-    if (!why.empty()) {
-      std::fprintf(stderr, "%s: accounts: %s: %s\n", cfg.sourcePath.c_str(), a.username.c_str(), why.c_str());
-      return 1;
-    }
-  }
-
   auto rt = std::make_unique<Runtime>();
-  std::vector<policy::Credential> creds;
-  for (const auto& a : cfg.accounts) {
-    creds.push_back({a.username, a.passwordHash});
-    AccountRuntime ar;
-    ar.username = a.username;
-    ar.senders = a.senders;
-    ar.mode = dev ? config::AccountMode::Capture : a.mode;
-    ar.anySender = dev;  // --dev: any sender, so apps can be tried as they are
-    rt->accounts.emplace(a.username, std::move(ar));
-  }
-  rt->auth = std::make_unique<policy::Authenticator>(std::move(creds));
-
-  // DKIM keys are loaded now so a bad key stops the start, not the first message.
   {
     std::vector<std::string> errors;
-    DkimSetup ds = loadDkimKeys(cfg, errors);
-    if (!errors.empty()) {
+    auto settings = buildSettings(cfg, dev, errors);
+    if (!settings) {
       for (const auto& e : errors) std::fprintf(stderr, "%s\n", e.c_str());
-      std::fprintf(stderr, "subrelay: cannot load the DKIM keys above; fix them (check-config shows every problem)\n");
       return 1;
     }
-    rt->dkimKeys = std::move(ds.ring);
-    rt->dkimDomains = std::move(ds.domains);
-    rt->signer = std::make_shared<dkim::LocalSigner>();
+    rt->install(settings);
     for (size_t i = 0; i < cfg.dkim.size(); ++i)
       util::logInfo("serve", "dkim key loaded domain=" + cfg.dkim[i].domain + " selector=" + cfg.dkim[i].selector +
                                  " algorithm=" + cfg.dkim[i].algorithm);
-  }
-
-  bool needTls = false;
-  for (const auto& l : cfg.listeners) needTls = needTls || l.tls != config::ListenerTls::None;
-  if (needTls) {
-    auto ctx = tls::TlsContext::serverFromFiles(cfg.tls.certificate, cfg.tls.privateKey);
-    if (!ctx.ok()) {
-      std::fprintf(stderr, "subrelay: TLS: %s\n", ctx.error().message.c_str());
-      return 1;
-    }
-    rt->tlsServer = ctx.value();
   }
 
   std::error_code ec;
@@ -169,9 +224,33 @@ int runServe(const ServeOptions& opts) {
     std::fprintf(stderr, "subrelay: queue %s: %s\n", dbPath.c_str(), store.error().message.c_str());
     return 1;
   }
+  // One serve per data_dir: the delivery service treats every lease in the queue as left
+  // by a dead process, which is only true if no other serve uses this queue.
+  int lockFd = ::open((std::filesystem::path(cfg.dataDir) / "serve.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lockFd < 0 || ::flock(lockFd, LOCK_EX | LOCK_NB) != 0) {
+    std::fprintf(stderr, "subrelay: another `subrelay serve` is using data_dir %s (%s); stop it first\n",
+                 cfg.dataDir.c_str(), lockFd < 0 ? std::strerror(errno) : "serve.lock is held");
+    return 1;
+  }
+  auto delivery = DeliveryService::create(cfg, dbPath);
+  if (!delivery.ok()) {
+    std::fprintf(stderr, "subrelay: delivery: %s\n", delivery.error().message.c_str());
+    return 1;
+  }
+  DeliveryService* deliveryPtr = delivery.value().get();
+  rt->onQueued = [deliveryPtr]() { deliveryPtr->notify(); };
+
   queue::GroupCommitter committer(*store.value());
   rt->committer = &committer;
-  rt->config = std::make_shared<const config::Config>(cfg);
+
+  // Day/month rate windows and meters survive restarts: restored now, written every
+  // few seconds by this thread (one small transaction, not one write per message) and
+  // once more at shutdown.
+  PolicyPersister persister(*rt, dbPath);
+  if (auto r = persister.restore(); !r.ok()) {
+    std::fprintf(stderr, "subrelay: queue %s: %s\n", dbPath.c_str(), r.error().message.c_str());
+    return 1;
+  }
 
   unsigned nworkers = cfg.workers ? cfg.workers : std::max(1u, std::thread::hardware_concurrency());
   std::vector<std::unique_ptr<Worker>> workers;
@@ -196,15 +275,24 @@ int runServe(const ServeOptions& opts) {
                  devPassword.c_str(), kDevDataDir);
   }
   for (auto& w : workers) w->start();
+  delivery.value()->start();
   util::logInfo("serve", "subrelay started: " + std::to_string(nworkers) + " workers, queue " + dbPath +
                              ", config " + cfg.sourcePath);
   sdNotify("READY=1");
 
   for (;;) {
-    int sig = 0;
-    if (sigwait(&sigs, &sig) != 0) continue;
+    timespec tick{2, 0};
+    int sig = sigtimedwait(&sigs, nullptr, &tick);
+    if (sig < 0) {
+      persister.flush();
+      continue;
+    }
     if (sig == SIGHUP) {
-      util::logWarn("serve", "SIGHUP: configuration reload is not supported yet; restart to apply changes");
+      if (dev) {
+        util::logWarn("serve", "SIGHUP: --dev runs on its embedded config; nothing to reload");
+      } else {
+        if (auto fresh = reloadConfig(*rt, opts.configPath)) delivery.value()->reconfigure(*fresh);
+      }
       continue;
     }
     util::logInfo("serve", std::string("received ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") +
@@ -216,6 +304,9 @@ int runServe(const ServeOptions& opts) {
   for (auto& w : workers) w->join();
   committer.stop();
   workers.clear();
+  // Transactions in flight to MX hosts get the same grace as inbound ones.
+  delivery.value()->stop(rt->settings()->config->limits.shutdownGrace);
+  persister.flush();
   util::logInfo("serve", "stopped; queued messages are safe in " + dbPath);
   return 0;
 }

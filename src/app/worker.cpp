@@ -11,6 +11,7 @@
 #include "message/headers.h"
 #include "net/connection.h"
 #include "net/uv_handle.h"
+#include "smtp/reply.h"
 #include "smtp/server_session.h"
 #include "util/clock.h"
 #include "util/log.h"
@@ -20,8 +21,14 @@ namespace subrelay::app {
 
 namespace {
 
-smtp::SessionConfig sessionConfigFor(const Runtime& rt, const config::Listener& l) {
-  const auto& cfg = *rt.config;
+std::optional<smtp::PolicyRefusal> toRefusal(const policy::Decision& d) {
+  if (d.allowed) return std::nullopt;
+  policy::PolicyReply r = policy::rateLimitReply(d);
+  return smtp::PolicyRefusal{r.code, r.enhanced, r.text};
+}
+
+smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const config::Listener& l) {
+  const auto& cfg = *st.config;
   smtp::SessionConfig sc;
   sc.hostname = cfg.hostname;
   sc.starttlsAvailable = l.tls == config::ListenerTls::StartTls;
@@ -34,9 +41,27 @@ smtp::SessionConfig sessionConfigFor(const Runtime& rt, const config::Listener& 
   sc.maxAuthFailures = cfg.limits.maxAuthFailures;
   sc.commandTimeout = cfg.limits.commandTimeout;
   sc.dataBlockTimeout = cfg.limits.dataTimeout;
-  const Runtime* rtp = &rt;
-  sc.senderAllowed = [rtp](std::string_view account, std::string_view address) {
-    return rtp->senderAllowed(account, address);
+  // The Settings outlive the session: the connection holds them (settings_).
+  const Settings* stp = &st;
+  Runtime* rtp = &rt;
+  sc.senderAllowed = [stp](std::string_view account, std::string_view address) {
+    return stp->senderAllowed(account, address);
+  };
+  // accounts[].rate_limits: a message is checked at MAIL (with SIZE= when given) and
+  // again at the end of data with its real size; a recipient counts once accepted.
+  sc.mailPolicy = [rtp](std::string_view account, uint64_t declaredSize) -> std::optional<smtp::PolicyRefusal> {
+    auto d = rtp->limits.checkMessage(account, declaredSize, policy::Instant::from(rtp->clock));
+    if (!d.allowed) rtp->meter.addRefusedByLimit(account);
+    return toRefusal(d);
+  };
+  sc.rcptPolicy = [rtp](std::string_view account, std::string_view) -> std::optional<smtp::PolicyRefusal> {
+    auto d = rtp->limits.tryConsume(account, policy::Metric::Recipients, 1, policy::Instant::from(rtp->clock));
+    if (!d.allowed) {
+      rtp->meter.addRefusedByLimit(account);
+      return toRefusal(d);
+    }
+    rtp->meter.addRecipients(account);
+    return std::nullopt;
   };
   return sc;
 }
@@ -60,8 +85,9 @@ class SmtpConnection final : public net::ConnectionHandler {
       : worker_(w),
         listener_(l),
         id_(id),
+        settings_(w.runtime().settings()),
         conn_(w.loop(), this),
-        session_(withContentObserver(sessionConfigFor(w.runtime(), l)), id) {}
+        session_(withContentObserver(sessionConfigFor(*settings_, w.runtime(), l)), id) {}
 
   bool accept(uv_stream_t* server) {
     if (!conn_.accept(server)) return false;
@@ -70,18 +96,36 @@ class SmtpConnection final : public net::ConnectionHandler {
       util::logWarn("smtpd", "connection refused client=" + conn_.peerAddress() +
                                  " reason=too-many-connections");
       // RFC 5321 3.1: a server may answer 421 instead of 220 and close.
-      conn_.write("421 4.7.0 " + rt.config->hostname + " Too many connections, try again later\r\n");
+      conn_.write("421 4.7.0 " + settings_->config->hostname + " Too many connections, try again later\r\n");
       conn_.closeAfterWrite();
       return true;
     }
     admitted_ = true;
+    // Brute-force defence: an address locked for failed AUTHs is refused at once.
+    policy::Verdict v = rt.guard.checkAddress(conn_.peerAddress(), rt.clock.now());
+    if (v.kind == policy::Verdict::Kind::Refuse) {
+      policy::PolicyReply r = policy::authRefusalReply(v, true);
+      util::logWarn("smtpd", "connection refused client=" + conn_.peerAddress() + " reason=auth-lockout retry_after=" +
+                                 std::to_string(v.retryAfter.count()) + "s");
+      refusal_ = smtp::formatReply(r.code, r.enhanced, r.text);
+      if (listener_.tls == config::ListenerTls::Implicit) {
+        // RFC 8314 3.3: on an implicit-TLS port even the refusal is sent inside TLS, so
+        // the client can read why (a plaintext 421 would be a TLS protocol error).
+        conn_.startTls(settings_->tlsServer);
+        conn_.setIdleTimeout(std::chrono::seconds(10));
+        return true;
+      }
+      conn_.write(refusal_);
+      conn_.closeAfterWrite();
+      return true;
+    }
     peer_.address = conn_.peerAddress();
     peer_.port = conn_.peerPort();
     peer_.loopback = conn_.peerLoopback();
     util::logDebug("smtpd", "connect conn=" + tag() + " client=" + peer_.address);
     if (listener_.tls == config::ListenerTls::Implicit) {
       // RFC 8314 3.3: TLS from the first byte; the greeting comes after the handshake.
-      conn_.startTls(rt.tlsServer);
+      conn_.startTls(settings_->tlsServer);
       conn_.setIdleTimeout(std::chrono::seconds(60));
     } else {
       session_.onConnect(peer_);
@@ -91,11 +135,17 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
   void onPlaintext(std::string_view data) override {
+    if (!refusal_.empty()) return;
     session_.onBytes(data);
     drive();
   }
 
   void onTlsEstablished() override {
+    if (!refusal_.empty()) {
+      conn_.write(refusal_);
+      conn_.closeAfterWrite();
+      return;
+    }
     const tls::TlsEngine* e = conn_.tls();
     smtp::TlsInfo info{e->version(), e->cipher()};
     if (listener_.tls == config::ListenerTls::Implicit && session_.phase() == smtp::Phase::Greeting) {
@@ -125,6 +175,8 @@ class SmtpConnection final : public net::ConnectionHandler {
 
   void onClosed() override {
     if (admitted_) worker_.runtime().releaseConnection(peer_.address);
+    if (accountCounted_) worker_.runtime().releaseAccountSession(session_.account());
+    wipe(pendingPassword_);
     if (authTimer_) {
       authTimer_->data = nullptr;
       net::closeHandle(authTimer_);
@@ -149,35 +201,47 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
   void forceClose() { conn_.close(); }
 
+  // The verifier's answer. A failure is answered after limits.auth_failure_delay, on a
+  // timer, never on the loop.
   void authDone(bool ok, bool cached) {
     if (conn_.closing()) return;
+    Runtime& rt = worker_.runtime();
+    const auto now = rt.clock.now();
     if (ok) {
-      session_.onAuthResult(smtp::AuthVerdict::Ok);
+      rt.guard.recordSuccess(peer_.address, authUser_, now);
+      uint32_t maxSessions = settings_->config->limits.maxSessionsPerAccount;
+      if (!rt.admitAccountSession(authUser_, maxSessions)) {
+        util::logWarn("smtpd", "auth refused conn=" + tag() + " client=" + peer_.address +
+                                   " user=" + util::sanitizeForLog(authUser_, 64) + " reason=max-sessions-per-account");
+        session_.onAuthResult(smtp::AuthVerdict::Refused,
+                              "Too many concurrent sessions for this account (limit " + std::to_string(maxSessions) +
+                                  "), try again later");
+        drive();
+        return;
+      }
+      accountCounted_ = true;
       util::logInfo("smtpd", "auth ok conn=" + tag() + " client=" + peer_.address +
                                  " user=" + util::sanitizeForLog(authUser_, 64) + (cached ? " cached=yes" : ""));
+      session_.onAuthResult(smtp::AuthVerdict::Ok);
       drive();
       return;
     }
+    rt.guard.recordFailure(peer_.address, authUser_, now);
+    // Counted under the account only when it exists: arbitrary names must not grow the
+    // meters.
+    rt.meter.addAuthFailure(settings_->account(authUser_) ? std::string_view(authUser_) : "(unknown)");
     util::logWarn("smtpd", "auth failed conn=" + tag() + " client=" + peer_.address +
                                " user=" + util::sanitizeForLog(authUser_, 64));
-    // A failed AUTH costs the client a delay (never the event loop): a timer, then 535.
-    auto delay = worker_.runtime().config->limits.authFailureDelay;
-    authTimer_ = net::newHandle<uv_timer_t>();
-    uv_timer_init(worker_.loop(), authTimer_);
-    authTimer_->data = this;
-    uv_timer_start(
-        authTimer_,
-        [](uv_timer_t* t) {
-          auto* self = static_cast<SmtpConnection*>(t->data);
-          if (self == nullptr) return;
-          self->authTimer_->data = nullptr;
-          net::closeHandle(self->authTimer_);
-          self->authTimer_ = nullptr;
-          if (self->conn_.closing()) return;
-          self->session_.onAuthResult(smtp::AuthVerdict::Failed);
-          self->drive();
-        },
-        static_cast<uint64_t>(delay.count()), 0);
+    auto delay = settings_->config->limits.authFailureDelay;
+    if (delay.count() <= 0) {
+      session_.onAuthResult(smtp::AuthVerdict::Failed);
+      drive();
+      return;
+    }
+    startAuthTimer(delay, [this]() {
+      session_.onAuthResult(smtp::AuthVerdict::Failed);
+      drive();
+    });
   }
 
   void stored(const util::Result<std::string>& r, size_t size, size_t rcpts, std::string from, bool captured) {
@@ -185,6 +249,10 @@ class SmtpConnection final : public net::ConnectionHandler {
     if (r.ok()) {
       out.ok = true;
       out.queueId = r.value();
+      // Charged only now that it is stored (rate_limiter.h: never for mail not accepted).
+      Runtime& rt = worker_.runtime();
+      rt.limits.commitMessage(session_.account(), size, policy::Instant::from(rt.clock));
+      rt.meter.addAccepted(session_.account(), size);
       util::logInfo("queue", "accepted id=" + r.value() + " account=" + util::sanitizeForLog(session_.account(), 64) +
                                  " from=<" + util::sanitizeForLog(from, 200) + "> rcpts=" + std::to_string(rcpts) +
                                  " size=" + std::to_string(size) + " client=" + peer_.address +
@@ -206,7 +274,7 @@ class SmtpConnection final : public net::ConnectionHandler {
   // With DKIM keys configured, the body hash is fed while the message streams in
   // (RFC 6376 3.7), so signing needs no second pass over the body.
   smtp::SessionConfig withContentObserver(smtp::SessionConfig sc) {
-    if (worker_.runtime().dkimKeys.empty()) return sc;
+    if (settings_->dkimKeys.empty()) return sc;
     sc.onContent = [this](std::string_view chunk) {
       if (!bodyHash_) bodyHash_.emplace();
       bodyHash_->update(chunk);
@@ -230,7 +298,7 @@ class SmtpConnection final : public net::ConnectionHandler {
           // The 220 goes out in clear; everything after it through the engine.
           conn_.write(out);
           out.clear();
-          conn_.startTls(worker_.runtime().tlsServer);
+          conn_.startTls(settings_->tlsServer);
         } else if (auto* au = std::get_if<smtp::Authenticate>(&a)) {
           conn_.write(out);
           out.clear();
@@ -262,6 +330,7 @@ class SmtpConnection final : public net::ConnectionHandler {
   struct AuthWork {
     uv_work_t req;
     Worker* worker;
+    std::shared_ptr<policy::Authenticator> auth;
     uint64_t sessionId;
     std::string user;
     std::string password;
@@ -271,25 +340,55 @@ class SmtpConnection final : public net::ConnectionHandler {
   void startAuth(smtp::Authenticate& au) {
     Runtime& rt = worker_.runtime();
     authUser_ = au.username;
-    // Fast path: this exact credential verified before (HMAC cache) -> no scrypt.
-    if (rt.auth->cachedOk(au.username, au.password)) {
+    // Brute-force defence first: a locked address gets 454 without a password check.
+    policy::Verdict v = rt.guard.check(peer_.address, au.username, rt.clock.now());
+    if (v.kind == policy::Verdict::Kind::Refuse) {
       wipe(au.password);
+      policy::PolicyReply r = policy::authRefusalReply(v, false);
+      util::logWarn("smtpd", "auth refused conn=" + tag() + " client=" + peer_.address + " user=" +
+                                 util::sanitizeForLog(authUser_, 64) + " reason=auth-lockout retry_after=" +
+                                 std::to_string(v.retryAfter.count()) + "s");
+      session_.onAuthResult(smtp::AuthVerdict::Refused, r.text);
+      drive();
+      return;
+    }
+    if (v.kind == policy::Verdict::Kind::Delay && v.delay.count() > 0) {
+      // The progressive delay is served BEFORE the password check, so a guesser with many
+      // parallel connections gets one scrypt per delay and connection, not one per
+      // attempt; the reply (right or wrong password alike) comes after it.
+      pendingPassword_ = std::move(au.password);
+      wipe(au.password);
+      startAuthTimer(v.delay, [this]() {
+        std::string pw = std::move(pendingPassword_);
+        wipe(pendingPassword_);
+        verify(authUser_, pw);
+        wipe(pw);
+      });
+      return;
+    }
+    verify(au.username, au.password);
+    wipe(au.password);
+  }
+
+  void verify(const std::string& user, std::string& password) {
+    // Fast path: this exact credential verified before (HMAC cache) -> no scrypt.
+    if (settings_->auth->cachedOk(user, password)) {
       authDone(true, true);
       return;
     }
     auto* w = new AuthWork{};
     w->req.data = w;
     w->worker = &worker_;
+    w->auth = settings_->auth;
     w->sessionId = id_;
-    w->user = std::move(au.username);
-    w->password = std::move(au.password);
-    wipe(au.password);
+    w->user = user;
+    w->password = password;
     // scrypt takes tens of milliseconds: run it on libuv's thread pool.
     uv_queue_work(
         worker_.loop(), &w->req,
         [](uv_work_t* req) {
           auto* work = static_cast<AuthWork*>(req->data);
-          work->ok = work->worker->runtime().auth->verify(work->user, work->password) == policy::AuthCheck::Ok;
+          work->ok = work->auth->verify(work->user, work->password) == policy::AuthCheck::Ok;
           wipe(work->password);
         },
         [](uv_work_t* req, int) {
@@ -299,9 +398,40 @@ class SmtpConnection final : public net::ConnectionHandler {
         });
   }
 
+  // One timer per connection for the AUTH delays (never two at once: the session waits).
+  void startAuthTimer(std::chrono::milliseconds delay, std::function<void()> fn) {
+    authTimerFn_ = std::move(fn);
+    authTimer_ = net::newHandle<uv_timer_t>();
+    uv_timer_init(worker_.loop(), authTimer_);
+    authTimer_->data = this;
+    uv_timer_start(
+        authTimer_,
+        [](uv_timer_t* t) {
+          auto* self = static_cast<SmtpConnection*>(t->data);
+          if (self == nullptr) return;
+          self->authTimer_->data = nullptr;
+          net::closeHandle(self->authTimer_);
+          self->authTimer_ = nullptr;
+          auto fn = std::move(self->authTimerFn_);
+          self->authTimerFn_ = nullptr;
+          if (self->conn_.closing()) return;
+          fn();
+        },
+        static_cast<uint64_t>(delay.count()), 0);
+  }
+
   void startStore(smtp::Store& st) {
     Runtime& rt = worker_.runtime();
-    const AccountRuntime* acct = rt.account(st.account);
+    const Settings& set = *settings_;
+    const AccountRuntime* acct = set.account(st.account);
+    // accounts[].rate_limits, now with the real size (MAIL only knew SIZE=, if that).
+    policy::Decision rd = rt.limits.checkMessage(st.account, st.content.size(), policy::Instant::from(rt.clock));
+    if (!rd.allowed) {
+      rt.meter.addRefusedByLimit(st.account);
+      policy::PolicyReply r = policy::rateLimitReply(rd);
+      refuseStore(r.code, r.enhanced.c_str(), r.text);
+      return;
+    }
     // RFC 6409 8.1: the MSA may check that the submitter is allowed to use the
     // addresses it claims; we require every header From mailbox to be the account's.
     auto headers = message::scanHeaders(st.content);
@@ -319,7 +449,7 @@ class SmtpConnection final : public net::ConnectionHandler {
       return;
     }
     for (const auto& a : addrs) {
-      if (acct == nullptr || !rt.senderAllowed(st.account, a)) {
+      if (acct == nullptr || !set.senderAllowed(st.account, a)) {
         refuseStore(550, "5.7.1", "From header address <" + util::sanitizeForLog(a, 100) +
                                       "> not owned by this account");
         return;
@@ -343,7 +473,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     auto now = std::chrono::system_clock::now();
     m.receivedAt = util::unixSeconds(now);
     message::TraceInfo ti;
-    ti.hostname = rt.config->hostname;
+    ti.hostname = set.config->hostname;
     ti.heloName = st.heloName;
     ti.clientAddress = st.peer.address;
     ti.account = st.account;
@@ -367,11 +497,11 @@ class SmtpConnection final : public net::ConnectionHandler {
     std::string_view first = addrs.front();
     size_t at = first.rfind('@');
     std::string domain = at == std::string_view::npos ? std::string() : util::toLower(first.substr(at + 1));
-    const std::vector<dkim::SignerKey>* keys = domain.empty() ? nullptr : rt.dkimKeys.forDomain(domain);
-    if (keys != nullptr && !keys->empty() && rt.signer) {
+    const std::vector<dkim::SignerKey>* keys = domain.empty() ? nullptr : set.dkimKeys.forDomain(domain);
+    if (keys != nullptr && !keys->empty() && set.signer) {
       dkim::SignOptions opts;
       opts.timestamp = m.receivedAt;  // t= (RFC 6376 3.5)
-      if (auto pol = rt.dkimDomains.find(domain); pol != rt.dkimDomains.end()) {
+      if (auto pol = set.dkimDomains.find(domain); pol != set.dkimDomains.end()) {
         if (pol->second.expiry) opts.expiresAfter = pol->second.expiry->count();
         opts.headerCanon = pol->second.headerCanon;
         opts.bodyCanon = pol->second.bodyCanon;
@@ -404,7 +534,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     w->req.data = w;
     w->worker = &worker_;
     w->sessionId = id_;
-    w->signer = worker_.runtime().signer;
+    w->signer = settings_->signer;
     w->keys = keys;
     w->opts = opts;
     w->digests = std::move(digests);
@@ -447,8 +577,11 @@ class SmtpConnection final : public net::ConnectionHandler {
     bool captured = m.captured;
     Worker* w = &worker_;
     uint64_t sid = id_;
-    rt.committer->submit(std::move(m), [w, sid, size, rcpts, fromAddr, captured](util::Result<std::string> r) {
-      // Runs on the committer thread: hop back to this connection's loop.
+    Runtime* rtp = &rt;
+    rt.committer->submit(std::move(m), [w, rtp, sid, size, rcpts, fromAddr, captured](util::Result<std::string> r) {
+      // Runs on the committer thread: wake the delivery service, then hop back to this
+      // connection's loop.
+      if (r.ok() && !captured && rtp->onQueued) rtp->onQueued();
       w->post([w, sid, size, rcpts, fromAddr, captured, r = std::move(r)]() {
         if (SmtpConnection* c = w->find(sid)) c->stored(r, size, rcpts, fromAddr, captured);
       });
@@ -469,38 +602,20 @@ class SmtpConnection final : public net::ConnectionHandler {
   Worker& worker_;
   config::Listener listener_;
   uint64_t id_;
+  // This session's generation of the configuration, kept to the end (reload).
+  std::shared_ptr<const Settings> settings_;
   net::Connection conn_;
   smtp::ServerSession session_;
   smtp::Peer peer_;
   bool admitted_ = false;
   std::string authUser_;
   uv_timer_t* authTimer_ = nullptr;
+  std::function<void()> authTimerFn_;
+  std::string pendingPassword_;  // held only while a progressive AUTH delay runs
+  bool accountCounted_ = false;  // holds a slot of limits.max_sessions_per_account
+  std::string refusal_;          // refused at connect (implicit TLS: sent after the handshake)
   std::optional<dkim::StreamingBodyHash> bodyHash_;
 };
-
-// ---------------------------------------------------------------------------------
-// Runtime
-// ---------------------------------------------------------------------------------
-bool Runtime::admitConnection(const std::string& ip) {
-  const auto& lim = config->limits;
-  std::lock_guard lk(ipMu_);
-  if (connections_.load() >= lim.maxConnections) return false;
-  uint32_t& n = perIp_[ip];
-  if (n >= lim.maxConnectionsPerIp) {
-    if (n == 0) perIp_.erase(ip);
-    return false;
-  }
-  ++n;
-  connections_.fetch_add(1);
-  return true;
-}
-
-void Runtime::releaseConnection(const std::string& ip) {
-  std::lock_guard lk(ipMu_);
-  auto it = perIp_.find(ip);
-  if (it != perIp_.end() && --it->second == 0) perIp_.erase(it);
-  connections_.fetch_sub(1);
-}
 
 // ---------------------------------------------------------------------------------
 // Worker
@@ -597,7 +712,7 @@ void Worker::beginShutdown() {
   graceTimer_ = net::newHandle<uv_timer_t>();
   uv_timer_init(&loop_, graceTimer_);
   graceTimer_->data = this;
-  auto grace = std::chrono::duration_cast<std::chrono::milliseconds>(rt_.config->limits.shutdownGrace);
+  auto grace = std::chrono::duration_cast<std::chrono::milliseconds>(rt_.settings()->config->limits.shutdownGrace);
   uv_timer_start(
       graceTimer_,
       [](uv_timer_t* t) {

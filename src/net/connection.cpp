@@ -144,6 +144,42 @@ void Connection::onRead(ssize_t nread, const uv_buf_t* buf) {
   }
 }
 
+void Connection::connect(const std::string& ip, uint16_t port) {
+  sockaddr_storage ss{};
+  if (uv_ip4_addr(ip.c_str(), port, reinterpret_cast<sockaddr_in*>(&ss)) != 0 &&
+      uv_ip6_addr(ip.c_str(), port, reinterpret_cast<sockaddr_in6*>(&ss)) != 0) {
+    handler_->onConnected(UV_EINVAL);
+    return;
+  }
+  peerAddress_ = ip;
+  peerPort_ = port;
+  peerLoopback_ = isLoopbackAddress(reinterpret_cast<sockaddr*>(&ss));
+  auto* req = new uv_connect_t{};
+  req->data = this;
+  int rc = uv_tcp_connect(req, tcp_, reinterpret_cast<sockaddr*>(&ss), [](uv_connect_t* r, int status) {
+    auto* self = static_cast<Connection*>(r->data);
+    delete r;
+    // Cancelled: the handle is closing and the Connection may be on its way out.
+    if (status == UV_ECANCELED || self == nullptr || self->closing_) return;
+    if (status == 0) {
+      uv_tcp_nodelay(self->tcp_, 1);
+      self->resumeReading();
+    }
+    self->handler_->onConnected(status);
+  });
+  if (rc != 0) {
+    delete req;
+    handler_->onConnected(rc);
+  }
+}
+
+void Connection::startTlsClient(std::shared_ptr<tls::TlsContext> ctx, const std::string& serverName) {
+  tls_ = std::make_unique<tls::TlsEngine>(std::move(ctx), serverName);
+  tlsEstablished_ = false;
+  tls_->start();
+  flushTls();
+}
+
 void Connection::startTls(std::shared_ptr<tls::TlsContext> ctx) {
   tls_ = std::make_unique<tls::TlsEngine>(std::move(ctx));
   tls_->start();

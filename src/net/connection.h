@@ -29,6 +29,9 @@ class ConnectionHandler {
   virtual void onIdleTimeout() = 0;
   virtual void onPeerClosed() {}
   virtual void onClosed() = 0;
+  // Outbound connections only: the result of connect() (0 or a libuv error code). On
+  // failure the owner usually calls close().
+  virtual void onConnected(int /*status*/) {}
 };
 
 class Connection {
@@ -45,8 +48,16 @@ class Connection {
   uint16_t peerPort() const { return peerPort_; }
   bool peerLoopback() const { return peerLoopback_; }
 
+  // Outbound: connects to ip:port (a numeric IPv4 or IPv6 address) and, on success,
+  // starts reading; handler->onConnected(status) reports the result. The caller bounds the
+  // time with its own timer (RFC 5321 4.5.3.2 has no connect timeout; we use one).
+  void connect(const std::string& ip, uint16_t port);
+
   // Server-side TLS from now on (STARTTLS, or at once for implicit TLS).
   void startTls(std::shared_ptr<tls::TlsContext> ctx);
+  // Client-side TLS (outbound STARTTLS); serverName is sent as SNI and, when the
+  // context verifies, checked against the certificate.
+  void startTlsClient(std::shared_ptr<tls::TlsContext> ctx, const std::string& serverName);
   const tls::TlsEngine* tls() const { return tls_.get(); }
 
   void write(std::string_view plaintext);

@@ -254,15 +254,19 @@ def hash_password(password):
 
 
 class Account:
-    def __init__(self, username, password, senders, mode="capture"):
+    def __init__(self, username, password, senders, mode="capture", rate_limits=None):
         self.username = username
         self.password = password
         self.senders = list(senders)
         self.mode = mode
+        self.rate_limits = rate_limits
 
     def to_json(self):
-        return {"username": self.username, "password_hash": hash_password(self.password),
-                "senders": self.senders, "mode": self.mode}
+        j = {"username": self.username, "password_hash": hash_password(self.password),
+             "senders": self.senders, "mode": self.mode}
+        if self.rate_limits:
+            j["rate_limits"] = dict(self.rate_limits)
+        return j
 
 
 def default_accounts():
