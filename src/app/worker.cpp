@@ -412,10 +412,10 @@ class SmtpConnection final : public net::ConnectionHandler {
           self->authTimer_->data = nullptr;
           net::closeHandle(self->authTimer_);
           self->authTimer_ = nullptr;
-          auto fn = std::move(self->authTimerFn_);
+          auto due = std::move(self->authTimerFn_);
           self->authTimerFn_ = nullptr;
           if (self->conn_.closing()) return;
-          fn();
+          due();
         },
         static_cast<uint64_t>(delay.count()), 0);
   }

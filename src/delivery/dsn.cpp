@@ -59,6 +59,19 @@ size_t utf8Length(std::string_view s, size_t i) {
   return n;
 }
 
+// The character starting at s[i] (not ASCII): kept when allowed and well-formed UTF-8,
+// else one '?'. Advances i past it.
+void appendNonAscii(std::string& out, std::string_view s, size_t& i, bool allowUtf8) {
+  const size_t n = allowUtf8 ? utf8Length(s, i) : 0;
+  if (n > 0) {
+    out.append(s.substr(i, n));
+    i += n;
+  } else {
+    out += '?';
+    ++i;
+  }
+}
+
 // Untrusted text for one line: controls (CR and LF included) and runs of white space
 // become one space, ends trimmed; non-ASCII kept only when allowed and well-formed UTF-8.
 std::string cleanText(std::string_view s, bool allowUtf8) {
@@ -76,12 +89,8 @@ std::string cleanText(std::string_view s, bool allowUtf8) {
     if (c < 0x80) {
       out += static_cast<char>(c);
       ++i;
-    } else if (const size_t n = allowUtf8 ? utf8Length(s, i) : 0; n > 0) {
-      out.append(s.substr(i, n));
-      i += n;
     } else {
-      out += '?';
-      ++i;
+      appendNonAscii(out, s, i, allowUtf8);
     }
   }
   return out;
@@ -96,12 +105,8 @@ std::string cleanAddress(std::string_view s) {
     if (c < 0x80) {
       out += (c < 0x20 || c == 0x7f) ? '?' : static_cast<char>(c);
       ++i;
-    } else if (const size_t n = utf8Length(s, i); n > 0) {
-      out.append(s.substr(i, n));
-      i += n;
     } else {
-      out += '?';
-      ++i;
+      appendNonAscii(out, s, i, true);
     }
   }
   return out;

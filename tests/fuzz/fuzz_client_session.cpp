@@ -10,6 +10,8 @@
 //   - every send() gets exactly one TransactionDone, with one result per recipient,
 //     and a final connection loss leaves the session closed with nothing outstanding;
 //   - the three ways of splitting the server bytes give the same actions.
+#include "fuzz_check.h"
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -25,23 +27,9 @@ using namespace subrelay::smtp;
 
 namespace {
 
-[[noreturn]] void fail(const char* what) {
-  std::fprintf(stderr, "fuzz_client_session invariant violated: %s\n", what);
-  std::abort();
-}
+constexpr const char* kFuzzTarget = "fuzz_client_session";
+using subrelay::fuzz::onlyCrlf;
 
-#define FUZZ_CHECK(cond)      \
-  do {                        \
-    if (!(cond)) fail(#cond); \
-  } while (0)
-
-bool onlyCrlf(std::string_view s) {
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\r' && (i + 1 >= s.size() || s[i + 1] != '\n')) return false;
-    if (s[i] == '\n' && (i == 0 || s[i - 1] != '\r')) return false;
-  }
-  return true;
-}
 
 enum class Split { Whole, Bytewise, Irregular };
 

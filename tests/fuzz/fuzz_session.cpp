@@ -13,6 +13,8 @@
 //     design, happened).
 // Two configurations are run: a permissive one over cleartext, and a strict one with
 // small limits over implicit TLS.
+#include "fuzz_check.h"
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -27,23 +29,9 @@ namespace {
 
 constexpr size_t kMaxBuffered = size_t{256} * 1024;  // kMaxPendingInput in server_session.cpp
 
-[[noreturn]] void fail(const char* what) {
-  std::fprintf(stderr, "fuzz_session invariant violated: %s\n", what);
-  std::abort();
-}
+constexpr const char* kFuzzTarget = "fuzz_session";
+using subrelay::fuzz::onlyCrlf;
 
-#define FUZZ_CHECK(cond)      \
-  do {                        \
-    if (!(cond)) fail(#cond); \
-  } while (0)
-
-bool onlyCrlf(std::string_view s) {
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\r' && (i + 1 >= s.size() || s[i + 1] != '\n')) return false;
-    if (s[i] == '\n' && (i == 0 || s[i - 1] != '\r')) return false;
-  }
-  return true;
-}
 
 void checkReplies(std::string_view bytes) {
   FUZZ_CHECK(!bytes.empty());
@@ -151,7 +139,7 @@ Run drive(std::string_view input, int variant, Split split) {
         }
       }
     }
-    fail("actions never settle");
+    subrelay::fuzz::fail(kFuzzTarget, "actions never settle");
   };
 
   s.onConnect(Peer{"203.0.113.9", 1234, false},

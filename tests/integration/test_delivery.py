@@ -285,6 +285,19 @@ class Delivery(ServerTestCase):
         self.assertRegex(info["recipients"][0]["last_error"].lower(), r"certificate|verify|tls")
         self.srv.cli("queue", "drop", qid)
 
+    def test_delay_notice_once(self):
+        srv = self.start_server(accounts=[ACCOUNT],
+                                extra_config=self.delivery_config(retry_schedule=["1h"], delay_notice="1s"))
+        qid = submit(srv, ["tempfail-3@third.test"])
+        wait_states(srv, qid, lambda s: s == {"tempfail-3@third.test": "deferred"})
+        dsn, raw = find_dsn(srv, qid)
+        text = dsn_status_fields(raw)
+        self.assertIn("Action: delayed", text)
+        self.assertIn("Will-Retry-Until:", text)
+        time.sleep(2.5)  # several scheduler ticks later: still one notice
+        notices = [m for m in srv.queue_list() if m["sender"] == "" and qid.encode() in srv.queue_raw(m["id"])]
+        self.assertEqual(len(notices), 1)
+
     def test_queue_retry_makes_a_deferred_recipient_due(self):
         srv = self.start_server(accounts=[ACCOUNT],
                                 extra_config=self.delivery_config(retry_schedule=["1h"]))
