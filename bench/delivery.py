@@ -6,7 +6,8 @@ STARTTLS (issue 3).
                       [--size 4096] [--per-domain 10] [--domains 1]
 
 Per run: subrelay is started with delivery pointed at a dead resolver, N messages of SIZE
-bytes are submitted (STARTTLS-less implicit TLS + AUTH, pooled), subrelay is stopped; then
+bytes are submitted (implicit TLS + AUTH, pooled), subrelay is stopped, `queue retry --all`
+makes them due; then
 it is started again with delivery.resolvers = a local unbound (MX -> 127.0.0.51) and the
 clock runs from the start until every recipient is `delivered` in the queue (polled in
 SQLite). The receiving MTA is a private Postfix (STARTTLS offered, TLS 1.3, queue files
@@ -61,7 +62,7 @@ def main():
         for run in range(args.runs):
             srv = harness.Server(accounts=[acct], listeners=("implicit",),
                                  limits={"max_connections_per_ip": 500},
-                                 extra_config={"log_level": "warning",
+                                 extra_config={
                                                "delivery": {"resolvers": ["127.0.0.1:9"], "port": port}})
             srv.start()
             conn = harness.smtp_ssl(srv.port("implicit"))
@@ -72,7 +73,10 @@ def main():
                 harness.submit(conn, "app@bench.test", [to], msg)
             conn.quit()
             srv.stop()
-            srv.extra_config = {"log_level": "warning",
+            # The fill phase had no DNS: what it tried is deferred; make everything due now.
+            subprocess.run([args.binary, "queue", "retry", "--all", "--data-dir", srv.data_dir], check=True,
+                           capture_output=True)
+            srv.extra_config = {
                                 "delivery": {"resolvers": [dns.address], "port": port,
                                              "max_connections_per_domain": args.per_domain}}
             db = os.path.join(srv.data_dir, "queue.db")
@@ -82,11 +86,11 @@ def main():
             while True:
                 with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as c:
                     done = c.execute("SELECT count(*) FROM recipients WHERE state='delivered'").fetchone()[0]
-                    failed = c.execute("SELECT count(*) FROM recipients WHERE state IN ('failed','deferred')").fetchone()[0]
+                    failed = c.execute("SELECT count(*) FROM recipients WHERE state = 'failed'").fetchone()[0]
                 if done >= args.messages:
                     break
                 if failed:
-                    raise SystemExit(f"{failed} recipients failed/deferred; see {srv.log_path}")
+                    raise SystemExit(f"{failed} recipients failed; see {srv.log_path}")
                 if time.monotonic() - t0 > 600:
                     raise SystemExit(f"only {done} delivered after 600 s")
                 time.sleep(0.02)

@@ -86,6 +86,8 @@ done
 (( RUNS <= 50 && DURATION <= 600 )) || { echo "submission.sh: --runs <= 50 and --duration <= 600" >&2; exit 2; }
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+log "rate limits on the bench account: $LIMITS_MODE (--limits)"
 die() { log "error: $*"; exit 1; }
 
 SCENARIOS=(pooled1 pooled permsg permsg-resume halfload)

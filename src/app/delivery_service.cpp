@@ -116,6 +116,8 @@ struct DeliveryService::Impl {
   uv_timer_t* tick = nullptr;
   uv_timer_t* flushTimer = nullptr;
   uv_timer_t* graceTimer = nullptr;
+  uv_timer_t* refillTimer = nullptr;
+  bool moreDue = false;  // the last lease was a full batch: more may be waiting
   Settings settings;
   std::unique_ptr<dns::UvResolver> resolver;
   std::unique_ptr<delivery::RouteResolver> routes;
@@ -478,6 +480,7 @@ void DeliveryService::Impl::pull() {
     util::logError("delivery", "cannot read the queue: " + due.error().message);
     return;
   }
+  moreDue = due.value().size() >= kLeaseBatch;
   for (auto& m : due.value()) {
     auto meta = std::make_shared<MessageMeta>();
     meta->due = std::move(m);
@@ -516,6 +519,18 @@ std::optional<Job> DeliveryService::Impl::nextJob(const std::string& domain) {
   Job j = std::move(it->second.front());
   it->second.pop_front();
   --queuedJobs;
+  // A backlog: lease the next batch before this one runs dry instead of waiting for the
+  // tick (which alone would cap delivery at one batch per second).
+  if (moreDue && !stopping && queuedJobs < kLeaseBatch / 2 && !uv_is_active(reinterpret_cast<uv_handle_t*>(refillTimer)))
+    uv_timer_start(
+        refillTimer,
+        [](uv_timer_t* t) {
+          auto* self = static_cast<Impl*>(t->data);
+          if (self == nullptr || self->stopping) return;
+          self->pull();
+          self->dispatch();
+        },
+        0, 0);
   return j;
 }
 
@@ -776,7 +791,7 @@ void DeliveryService::Impl::maybeEndLoop() {
   queuedJobs = 0;
   resolver.reset();  // closes its handles
   routes.reset();
-  for (uv_timer_t** t : {&tick, &flushTimer, &graceTimer}) {
+  for (uv_timer_t** t : {&tick, &flushTimer, &graceTimer, &refillTimer}) {
     if (*t) {
       (*t)->data = nullptr;
       net::closeHandle(*t);
@@ -840,6 +855,9 @@ void DeliveryService::start() {
   d.flushTimer = net::newHandle<uv_timer_t>();
   uv_timer_init(&d.loop, d.flushTimer);
   d.flushTimer->data = &d;
+  d.refillTimer = net::newHandle<uv_timer_t>();
+  uv_timer_init(&d.loop, d.refillTimer);
+  d.refillTimer->data = &d;
   d.resolver = std::make_unique<dns::UvResolver>(&d.loop, d.servers, d.clock);
   std::random_device rd;
   d.routes = std::make_unique<delivery::RouteResolver>(*d.resolver, (static_cast<uint64_t>(rd()) << 32) | rd());

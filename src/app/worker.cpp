@@ -176,6 +176,10 @@ class SmtpConnection final : public net::ConnectionHandler {
   void onClosed() override {
     if (admitted_) worker_.runtime().releaseConnection(peer_.address);
     if (accountCounted_) worker_.runtime().releaseAccountSession(session_.account());
+    // An AUTH whose delay was still running counts as a failure. (A client that gives up
+    // early is normally not noticed before the delay ends: reading is paused meanwhile,
+    // so the guess is still checked and counted; this covers shutdown and errors.)
+    if (authDelayPending_) worker_.runtime().guard.recordFailure(peer_.address, authUser_, worker_.runtime().clock.now());
     wipe(pendingPassword_);
     if (authTimer_) {
       authTimer_->data = nullptr;
@@ -340,8 +344,11 @@ class SmtpConnection final : public net::ConnectionHandler {
   void startAuth(smtp::Authenticate& au) {
     Runtime& rt = worker_.runtime();
     authUser_ = au.username;
-    // Brute-force defence first: a locked address gets 454 without a password check.
-    policy::Verdict v = rt.guard.check(peer_.address, au.username, rt.clock.now());
+    // Brute-force defence first: a locked address gets 454 without a password check. A
+    // credential verified before (HMAC cache) does not pay for guesses made at its
+    // username from elsewhere: the owner of an attacked account still logs in at once.
+    const bool knownGood = settings_->auth->cachedOk(au.username, au.password);
+    policy::Verdict v = rt.guard.check(peer_.address, au.username, rt.clock.now(), knownGood);
     if (v.kind == policy::Verdict::Kind::Refuse) {
       wipe(au.password);
       policy::PolicyReply r = policy::authRefusalReply(v, false);
@@ -358,7 +365,9 @@ class SmtpConnection final : public net::ConnectionHandler {
       // attempt; the reply (right or wrong password alike) comes after it.
       pendingPassword_ = std::move(au.password);
       wipe(au.password);
+      authDelayPending_ = true;
       startAuthTimer(v.delay, [this]() {
+        authDelayPending_ = false;
         std::string pw = std::move(pendingPassword_);
         wipe(pendingPassword_);
         verify(authUser_, pw);
@@ -612,6 +621,7 @@ class SmtpConnection final : public net::ConnectionHandler {
   uv_timer_t* authTimer_ = nullptr;
   std::function<void()> authTimerFn_;
   std::string pendingPassword_;  // held only while a progressive AUTH delay runs
+  bool authDelayPending_ = false;
   bool accountCounted_ = false;  // holds a slot of limits.max_sessions_per_account
   std::string refusal_;          // refused at connect (implicit TLS: sent after the handshake)
   std::optional<dkim::StreamingBodyHash> bodyHash_;

@@ -130,7 +130,7 @@ Verdict AuthGuard::checkAddress(std::string_view ip, TimePoint now) {
   return e ? lockVerdict(*e, now) : Verdict{};
 }
 
-Verdict AuthGuard::check(std::string_view ip, std::string_view username, TimePoint now) {
+Verdict AuthGuard::check(std::string_view ip, std::string_view username, TimePoint now, bool knownGood) {
   std::lock_guard lock(mu_);
   Verdict v;
   milliseconds delay{0};
@@ -139,9 +139,8 @@ Verdict AuthGuard::check(std::string_view ip, std::string_view username, TimePoi
     if (v.kind == Verdict::Kind::Refuse) return v;
     delay = delayFor(e->failures.size(), config_.maxDelay);
   }
-  if (const Entry* e = find(usernames_, std::string(username), now)) {
-    delay = std::max(delay, delayFor(e->failures.size(), config_.maxUsernameDelay));
-  }
+  const Entry* u = knownGood ? nullptr : find(usernames_, std::string(username), now);
+  if (u != nullptr) delay = std::max(delay, delayFor(u->failures.size(), config_.maxUsernameDelay));
   if (delay > milliseconds(0)) {
     v.kind = Verdict::Kind::Delay;
     v.delay = delay;

@@ -76,7 +76,12 @@ class AuthGuard {
   // At connect: only whether the address is locked.
   Verdict checkAddress(std::string_view ip, TimePoint now);
   // At AUTH: lock, else the delay due to the address's and the username's failures.
-  Verdict check(std::string_view ip, std::string_view username, TimePoint now);
+  // knownGood: the credential equals one verified before (the Authenticator's cache), so
+  // the guesses others make at this username are not charged to its owner; the address's
+  // own failures still are. (Callers count an AUTH abandoned during its delay as a
+  // failure, so the fast answer for a known-good credential is no oracle: guessing it
+  // needs the password already.)
+  Verdict check(std::string_view ip, std::string_view username, TimePoint now, bool knownGood = false);
   void recordFailure(std::string_view ip, std::string_view username, TimePoint now);
   void recordSuccess(std::string_view ip, std::string_view username, TimePoint now);
 

@@ -77,11 +77,16 @@ class BruteForce(ServerTestCase):
             code, text, dt = timed_auth(c, WEBSHOP.username, WEBSHOP.password)
             self.assertEqual(code, 235, text)
             self.assertLess(dt, scale(1.0))
-        # ...and the owner of the attacked username too (at most the username's capped delay).
+        # ...and the owner of the attacked username too: the first time at most the
+        # username's capped delay, then (a credential verified before) at once.
         with client(srv, "127.0.0.7") as c:
             code, text, dt = timed_auth(c, CI.username, CI.password)
             self.assertEqual(code, 235, text)
             self.assertLess(dt, scale(1.0) + 1.2)
+        with client(srv, "127.0.0.8") as c:
+            code, text, dt = timed_auth(c, CI.username, CI.password)
+            self.assertEqual(code, 235, text)
+            self.assertLess(dt, 0.25 * scale(1.0))
         # The lock ends after auth_lockout_duration.
         time.sleep(4.2)
         with client(srv, attacker) as c:
@@ -96,6 +101,26 @@ class BruteForce(ServerTestCase):
         out = srv.cli("accounts", "--json").stdout.decode()
         self.assertRegex(out, r'"account":"ci",[^\n]*"auth_failures":4')
         self.assertRegex(out, r'"account":"\(unknown\)",[^\n]*"auth_failures":2')
+
+    def test_auth_abandoned_during_its_delay_counts_as_a_failure(self):
+        srv = self.start_server(accounts=[WEBSHOP, CI], limits=dict(LIMITS, auth_delay_base="2s",
+                                                                      auth_delay_max="2s"))
+        source = "127.0.0.10"
+        with client(srv, source) as c:
+            for i in range(3):
+                self.assertEqual(timed_auth(c, CI.username, f"bad-{i}")[0], 535)
+        # Each of these would be answered after 2 s: the client gives up at once instead.
+        # The server does not stop reading for it: the guess is still checked and counted
+        # when its delay is over, so dropping slow attempts gains a guesser nothing.
+        for i in range(3):
+            c = client(srv, source)
+            c.send(plain(CI.username, f"abandoned-{i}") + "\r\n")
+            time.sleep(0.1)
+            c.close()
+        time.sleep(2.0 + scale(1.0))
+        # 3 + 3 failures reach auth_lockout_after (6): the address is locked now.
+        with RawClient(srv.port("implicit"), implicit_tls=True, source=source, read_greeting=False) as c:
+            self.assertEqual(c.reply()[0], 421)
 
     def test_unknown_usernames_cost_the_same_as_wrong_passwords(self):
         srv = self.start_server(accounts=[WEBSHOP, CI], limits=dict(LIMITS, auth_delay_after=100))

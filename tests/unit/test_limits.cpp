@@ -524,6 +524,19 @@ TEST_CASE("a username attacked from many addresses is slowed, never locked") {
   CHECK(g.check("192.0.2.201", "bob", c.now()).kind == Verdict::Kind::Allow);
 }
 
+TEST_CASE("a known-good credential does not pay for guesses at its username") {
+  FakeClock c;
+  AuthGuard g;
+  for (int i = 0; i < 50; ++i) g.recordFailure("10.1.0." + std::to_string(i), "ci", c.now());
+  CHECK(g.check("192.0.2.9", "ci", c.now()).kind == Verdict::Kind::Delay);
+  CHECK(g.check("192.0.2.9", "ci", c.now(), true).kind == Verdict::Kind::Allow);
+  // The address's own failures still count, known-good or not.
+  for (int i = 0; i < 4; ++i) g.recordFailure("192.0.2.9", "other", c.now());
+  Verdict v = g.check("192.0.2.9", "ci", c.now(), true);
+  CHECK(v.kind == Verdict::Kind::Delay);
+  CHECK(v.delay == 2000ms);
+}
+
 TEST_CASE("unknown usernames cost the same as wrong passwords") {
   FakeClock c;
   AuthGuard g;
