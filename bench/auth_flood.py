@@ -2,7 +2,7 @@
 """What a flood of failed AUTH attempts from one address does to a legitimate client.
 
     bench/auth_flood.py [--binary build-bench/src/app/subrelay] [--attempts 1000] [--parallel 50]
-                        [--seconds 10] [--runs 3]
+                        [--seconds 10] [--runs 3] [--settings defaults,no-lockout,none]
 
 Starts `subrelay serve` (release build) on loopback with two accounts. For each defence setting
 it measures a legitimate client from 127.0.0.6 (a) connection per message: TCP + implicit TLS +
@@ -266,6 +266,7 @@ def main():
     ap.add_argument("--parallel", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--settings", default="defaults,no-lockout,none")
+    ap.add_argument("--runs", type=int, default=3, help="runs per setting; the table shows each and the median")
     args = ap.parse_args()
     if not os.access(args.binary, os.X_OK):
         raise SystemExit(f"{args.binary}: not built (meson setup build-bench --buildtype=release && ninja -C build-bench)")
@@ -278,19 +279,25 @@ def main():
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", os.path.join(workdir, "key.pem"), "-out", os.path.join(workdir, "cert.pem"),
                     "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True)
-    rows = []
+    keys = (("base_permsg", "conn/msg, no attack"), ("flood_permsg", "conn/msg, during attack"),
+            ("base_pooled", "pooled, no attack"), ("flood_pooled", "pooled, during attack"))
     try:
         for name in args.settings.split(","):
-            r = run_setting(args, name, settings[name], workdir)
-            rows.append(r)
-            ms = lambda xs, p: f"{pct(xs, p) * 1000:7.1f}"
-            print(f"\n== {name}: attacker {args.attempts} attempts over {args.parallel} connections from 127.0.0.5 -> "
-                  f"{r['attacker']}")
-            print(f"{'legit client (127.0.0.6)':34} {'median ms':>9} {'p99 ms':>8} {'n':>6}")
-            for key, label in (("base_permsg", "conn/msg, no attack"), ("flood_permsg", "conn/msg, during attack"),
-                               ("base_pooled", "pooled, no attack"), ("flood_pooled", "pooled, during attack")):
-                xs = r[key]
-                print(f"{label:34} {ms(xs, 50):>9} {ms(xs, 99):>8} {len(xs):>6}")
+            runs = [run_setting(args, f"{name}-{i}", settings[name], workdir) for i in range(args.runs)]
+            print(f"\n== {name}: attacker {args.attempts} attempts over {args.parallel} connections from 127.0.0.5")
+            for i, r in enumerate(runs):
+                print(f"   run {i + 1} attacker: {r['attacker']}")
+            print(f"{'legit client (127.0.0.6)':30} " + " ".join(f"{'run' + str(i + 1) + ' p50/p99':>16}" for i in range(len(runs)))
+                  + f" {'MEDIAN p50/p99 ms':>18}")
+            for key, label in keys:
+                cells, p50s, p99s = [], [], []
+                for r in runs:
+                    a, b = pct(r[key], 50) * 1000, pct(r[key], 99) * 1000
+                    p50s.append(a)
+                    p99s.append(b)
+                    cells.append(f"{a:7.1f}/{b:7.1f}")
+                print(f"{label:30} " + " ".join(f"{c:>16}" for c in cells)
+                      + f" {statistics.median(p50s):8.1f}/{statistics.median(p99s):8.1f}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
