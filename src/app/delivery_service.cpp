@@ -112,6 +112,7 @@ struct DeliveryService::Impl {
 
   // --- loop thread only ---
   uv_loop_t loop{};
+  bool loopStarted = false;
   uv_async_t* async = nullptr;
   uv_timer_t* tick = nullptr;
   uv_timer_t* flushTimer = nullptr;
@@ -811,7 +812,9 @@ DeliveryService::DeliveryService(std::unique_ptr<Impl> impl) : impl_(std::move(i
 
 DeliveryService::~DeliveryService() {
   if (impl_->thread.joinable()) stop(std::chrono::seconds(0));
-  uv_loop_close(&impl_->loop);
+  // Only a started service has a loop (serve may fail between create() and start(), e.g.
+  // on a port in use).
+  if (impl_->loopStarted) uv_loop_close(&impl_->loop);
 }
 
 util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const config::Config& cfg,
@@ -843,6 +846,7 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
 void DeliveryService::start() {
   Impl& d = *impl_;
   uv_loop_init(&d.loop);
+  d.loopStarted = true;
   d.async = net::newHandle<uv_async_t>();
   uv_async_init(&d.loop, d.async, [](uv_async_t* a) {
     auto* self = static_cast<Impl*>(a->data);

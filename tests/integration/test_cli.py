@@ -221,6 +221,29 @@ class Cli(harness.ServerTestCase):
         self.assertEqual(proc.returncode, 1, out_of(proc))
         self.assertIn("limits.max_recipientz", out_of(proc))
 
+    def test_serve_port_in_use_and_second_serve_exit_1(self):
+        # A port someone else holds: one clear line and exit 1 (not a crash on the way out).
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        self.addCleanup(holder.close)
+        _, cfg = self.base_config()
+        cfg["listeners"] = [{"address": f"127.0.0.1:{holder.getsockname()[1]}", "tls": "starttls"}]
+        path, _ = self.check_config(cfg)
+        proc = subrelay("serve", "-c", path, timeout=30)
+        self.assertEqual(proc.returncode, 1, out_of(proc))
+        self.assertIn("Address already in use", out_of(proc))
+        # A second serve on the data_dir of a running one is refused before it listens.
+        srv = self.start_server(accounts=[WEBSHOP], listeners=("starttls",))
+        other = dict(srv.config())
+        other["listeners"] = [{"address": f"127.0.0.1:{harness.free_port()}", "tls": "starttls"}]
+        path2 = os.path.join(srv.workdir, "second.json")
+        with open(path2, "w") as f:
+            json.dump(other, f)
+        proc = subrelay("serve", "-c", path2, timeout=30)
+        self.assertEqual(proc.returncode, 1, out_of(proc))
+        self.assertIn("another `subrelay serve` is using data_dir", out_of(proc))
+
     # -- queue list / show while serve runs ------------------------------------------------------
     def test_queue_list_and_show(self):
         srv = self.start_server(accounts=[WEBSHOP, CI], listeners=("starttls",))
