@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "policy/rate_limiter.h"
 #include "queue/sqlite_store.h"
 #include "util/json_writer.h"
 #include "util/time_fmt.h"
@@ -24,14 +25,8 @@ struct Row {
 };
 
 // The count of a day/month window that is still current; 0 once it has ended.
-uint64_t currentCount(const queue::RateWindowRow& w, const std::string& period, int64_t now) {
-  std::time_t t = static_cast<std::time_t>(now);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
-  if (period == "month") tm.tm_mday = 1;
-  int64_t start = static_cast<int64_t>(timegm(&tm));
-  return w.windowStart == start ? w.count : 0;
+uint64_t currentCount(const queue::RateWindowRow& w, policy::Period period) {
+  return w.windowStart == policy::windowStart(period, std::chrono::system_clock::now()) ? w.count : 0;
 }
 
 }  // namespace
@@ -73,7 +68,6 @@ int accountsList(const AccountsCmdOptions& o) {
     auto it = rows.find(w.username);
     if (it != rows.end()) it->second.windows[w.rule] = w;
   }
-  const int64_t now = static_cast<int64_t>(std::time(nullptr));
   if (!o.json)
     std::printf("%-20s %-8s %10s %10s %10s %12s %10s  %s\n", "ACCOUNT", "MODE", "ACCEPTED", "REFUSED", "RCPTS",
                 "BYTES", "AUTHFAIL", "LIMITS (used/limit)");
@@ -86,9 +80,10 @@ int accountsList(const AccountsCmdOptions& o) {
       util::JsonObject lj;
       lj.str("rule", l.key).num("limit", static_cast<int64_t>(l.amount));
       std::string used;
-      if (l.period == "day" || l.period == "month") {
+      auto rule = policy::makeRateRule(l.key, l.what, l.period, l.amount);
+      if (rule && (rule->period == policy::Period::Day || rule->period == policy::Period::Month)) {
         uint64_t c = 0;
-        if (auto w = r.windows.find(l.key); w != r.windows.end()) c = currentCount(w->second, l.period, now);
+        if (auto w = r.windows.find(l.key); w != r.windows.end()) c = currentCount(w->second, rule->period);
         lj.num("used", static_cast<int64_t>(c));
         used = std::to_string(c) + "/";
       } else {

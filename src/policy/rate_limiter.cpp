@@ -41,6 +41,12 @@ std::pair<int64_t, int64_t> windowBounds(Period p, std::chrono::system_clock::ti
   return {util::unixSeconds(start), util::unixSeconds(next)};
 }
 
+}  // namespace
+
+int64_t windowStart(Period p, std::chrono::system_clock::time_point wall) { return windowBounds(p, wall).first; }
+
+namespace {
+
 // Whole seconds, rounded up, at least 1: "try again in 0 seconds" would invite a retry
 // that fails again.
 seconds ceilSeconds(Int128 ns) {

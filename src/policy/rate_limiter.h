@@ -75,6 +75,9 @@ struct PolicyReply {
 // with the wait in the text; 552 5.3.4 for a message that can never fit a bytes rule.
 PolicyReply rateLimitReply(const Decision& d);
 
+// Unix seconds of the first instant of the day/month window (UTC) that holds `wall`.
+int64_t windowStart(Period p, std::chrono::system_clock::time_point wall);
+
 // Persisted form of one day/month window (later a SQLite row).
 struct WindowState {
   std::string username;

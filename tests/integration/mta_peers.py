@@ -394,6 +394,26 @@ class _Peer:
     def __exit__(self, *exc):
         self.stop()
 
+    # For peers that are one child process (self.proc, log in self.log_path); PostfixMx,
+    # which daemonizes, has its own stop().
+    def stop(self, timeout=10):
+        if not self.started:
+            return
+        try:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=scale(timeout))
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=scale(timeout))
+        finally:
+            self.started = False
+            self._unregister()
+
+    def log(self):
+        return _read(self.log_path)
+
     def _register(self):
         with _live_lock:
             if self not in _live:
@@ -827,23 +847,6 @@ class SmtpSink(_Peer):
             raise PeerError(f"{e}\nsmtp-sink log:\n{self.log()}")
         return self
 
-    def stop(self, timeout=10):
-        if not self.started:
-            return
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=scale(timeout))
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=scale(timeout))
-        finally:
-            self.started = False
-            self._unregister()
-
-    def log(self):
-        return _read(self.log_path)
 
     def _open_files(self):
         """Dump files smtp-sink still writes (a transaction in progress)."""
@@ -1171,23 +1174,6 @@ class AioSink(_Peer):
         wait_listening(self.ip, self.port, timeout, alive=lambda: self.proc.poll() is None)
         return self
 
-    def stop(self, timeout=10):
-        if not self.started:
-            return
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=scale(timeout))
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=scale(timeout))
-        finally:
-            self.started = False
-            self._unregister()
-
-    def log(self):
-        return _read(self.log_path)
 
     def messages(self):
         """Accepted messages in order: the JSON envelope (seq, mail_from, mail_options,
