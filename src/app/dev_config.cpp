@@ -1,6 +1,11 @@
 #include "app/dev_config.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <filesystem>
 #include <fstream>
@@ -38,12 +43,29 @@ std::string randomPassword() {
   return pw;
 }
 
+// Written through a new file created with its final mode (a key must never be readable
+// by others, not even between creation and a chmod).
 bool writeFile(const std::string& path, const std::string& data, mode_t mode) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  if (!f) return false;
-  f << data;
-  f.close();
-  return ::chmod(path.c_str(), mode) == 0 && f.good();
+  const std::string tmp = path + ".new";
+  ::unlink(tmp.c_str());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+  if (fd < 0) return false;
+  size_t off = 0;
+  while (off < data.size()) {
+    ssize_t n = ::write(fd, data.data() + off, data.size() - off);
+    if (n <= 0) {
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      return false;
+    }
+    off += static_cast<size_t>(n);
+  }
+  const bool ok = ::fsync(fd) == 0 && ::close(fd) == 0;
+  if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    ::unlink(tmp.c_str());
+    return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -51,7 +73,12 @@ bool writeFile(const std::string& path, const std::string& data, mode_t mode) {
 util::Result<DevSetup> makeDevSetup() {
   namespace fs = std::filesystem;
   std::error_code ec;
-  fs::create_directories(std::string(kDevDataDir) + "/tls", ec);
+  // 0700 from the start (mkdir's mode, not a chmod afterwards): the queue and the key
+  // live here.
+  for (const std::string& dir : {std::string(kDevDataDir), std::string(kDevDataDir) + "/tls"}) {
+    if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)
+      return util::makeError("cannot create ./" + dir + ": " + std::strerror(errno));
+  }
   if (ec) return util::makeError(std::string("cannot create ./") + kDevDataDir + ": " + ec.message());
 
   DevSetup out;

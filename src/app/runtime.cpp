@@ -2,6 +2,8 @@
 // configuration, and the shared counters.
 #include "app/runtime.h"
 
+#include <sys/statvfs.h>
+
 #include "policy/password.h"
 #include "policy/senders.h"
 #include "util/log.h"
@@ -11,7 +13,10 @@ namespace subrelay::app {
 bool Settings::senderAllowed(std::string_view accountName, std::string_view address) const {
   const AccountRuntime* a = account(accountName);
   if (a == nullptr) return false;
-  if (a->anySender) return !address.empty();
+  // MAIL FROM:<> only where accounts[].allow_null_sender says so (the header From of
+  // such a message is still checked, against the senders below).
+  if (address.empty()) return a->allowNullSender;
+  if (a->anySender) return true;
   return policy::senderAllowed(a->senders, address);
 }
 
@@ -32,6 +37,7 @@ std::shared_ptr<const Settings> buildSettings(const config::Config& cfg, bool de
     ar.senders = a.senders;
     ar.mode = dev ? config::AccountMode::Capture : a.mode;
     ar.anySender = dev;  // --dev: any sender, so apps can be tried as they are
+    ar.allowNullSender = a.allowNullSender;
     s->accounts.emplace(a.username, std::move(ar));
   }
   s->auth = std::make_shared<policy::Authenticator>(std::move(creds));
@@ -100,11 +106,15 @@ void Runtime::install(std::shared_ptr<const Settings> s) {
 bool Runtime::admitConnection(const std::string& ip) {
   auto s = settings();
   const auto& lim = s->config->limits;
+  // One host usually owns a whole IPv6 /64 (RFC 4291 2.5.4 interface identifiers):
+  // counted per address it could rotate through 2^64 of them. The same key as the
+  // brute-force guard's.
+  const std::string key = policy::addressKey(ip);
   std::lock_guard lk(ipMu_);
   if (connections_.load() >= lim.maxConnections) return false;
-  uint32_t& n = perIp_[ip];
+  uint32_t& n = perIp_[key];
   if (n >= lim.maxConnectionsPerIp) {
-    if (n == 0) perIp_.erase(ip);
+    if (n == 0) perIp_.erase(key);
     return false;
   }
   ++n;
@@ -113,10 +123,34 @@ bool Runtime::admitConnection(const std::string& ip) {
 }
 
 void Runtime::releaseConnection(const std::string& ip) {
+  const std::string key = policy::addressKey(ip);
   std::lock_guard lk(ipMu_);
-  auto it = perIp_.find(ip);
+  auto it = perIp_.find(key);
   if (it != perIp_.end() && --it->second == 0) perIp_.erase(it);
   connections_.fetch_sub(1);
+}
+
+namespace {
+// Room kept free beyond a message's declared size: SQLite's WAL, the index pages and
+// the next commits of sessions already past MAIL.
+constexpr uint64_t kStorageMargin = 4 * 1024 * 1024;
+}  // namespace
+
+bool Runtime::storageAvailable(uint64_t declaredSize) {
+  const int64_t nowMs = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::steady_clock::now().time_since_epoch())
+                            .count();
+  int64_t last = storageCheckedMs_.load();
+  if (nowMs - last >= 1000 && storageCheckedMs_.compare_exchange_strong(last, nowMs)) {
+    struct statvfs sv {};
+    if (!dataDir.empty() && ::statvfs(dataDir.c_str(), &sv) == 0) {
+      freeBytes_.store(static_cast<uint64_t>(sv.f_bavail) * sv.f_frsize);
+      // A failed commit is forgotten once the file system has room again.
+      if (freeBytes_.load() >= kStorageMargin) storeFull_.store(false);
+    }
+  }
+  if (storeFull_.load()) return false;
+  return freeBytes_.load() >= declaredSize + kStorageMargin;
 }
 
 bool Runtime::admitAccountSession(const std::string& username, uint32_t max) {

@@ -37,6 +37,7 @@ struct AccountRuntime {
   std::string username;
   std::vector<std::string> senders;
   bool anySender = false;  // only the embedded --dev account
+  bool allowNullSender = false;
   config::AccountMode mode = config::AccountMode::Deliver;
 };
 
@@ -86,12 +87,21 @@ class Runtime {
   policy::AuthGuard guard;
   policy::Meter meter;
 
-  // Connection accounting (limits.max_connections, limits.max_connections_per_ip),
-  // against the limits of the current settings. Returns false (and counts nothing)
-  // when a limit would be exceeded.
+  // Connection accounting (limits.max_connections, limits.max_connections_per_ip, an
+  // IPv6 client counted by its /64), against the limits of the current settings.
+  // Returns false (and counts nothing) when a limit would be exceeded. Every true must be
+  // paired with one releaseConnection() of the same address.
   bool admitConnection(const std::string& ip);
   void releaseConnection(const std::string& ip);
   uint32_t connections() const { return connections_.load(); }
+
+  // Room for new mail, checked at MAIL (like Postfix's queue_minfree): false while the
+  // file system of data_dir has less free space than the declared SIZE plus a margin of
+  // kStorageMargin, or after a commit failed for lack of space until the next check
+  // (at most once a second) finds room again.
+  bool storageAvailable(uint64_t declaredSize = 0);
+  void noteStoreFull(bool full) { storeFull_.store(full); }
+  std::string dataDir;
 
   // Concurrent authenticated sessions per account (limits.max_sessions_per_account;
   // max 0 = no limit). False when the account already has max sessions.
@@ -102,6 +112,9 @@ class Runtime {
   mutable std::mutex settingsMu_;
   std::shared_ptr<const Settings> settings_;
   std::atomic<uint32_t> connections_{0};
+  std::atomic<bool> storeFull_{false};
+  std::atomic<int64_t> storageCheckedMs_{0};
+  std::atomic<uint64_t> freeBytes_{~uint64_t{0}};
   std::mutex ipMu_;
   std::unordered_map<std::string, uint32_t> perIp_;
   std::mutex acctMu_;

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@
 #include "app/dkim_cmd.h"
 #include "app/runtime.h"
 #include "app/worker.h"
+#include "net/listener.h"
 #include "queue/sqlite_store.h"
 #include "util/log.h"
 
@@ -174,6 +176,10 @@ int runServe(const ServeOptions& opts) {
   sigaddset(&sigs, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
+  // Everything serve creates (data_dir, queue.db and its WAL, the dev certificate and
+  // key, serve.lock) holds mail or secrets: private from the first byte, whatever umask
+  // we were started with (not chmod-ed afterwards, which leaves a window).
+  ::umask(::umask(0) | 077);
 
   config::Config cfg;
   bool dev = opts.dev;
@@ -218,7 +224,18 @@ int runServe(const ServeOptions& opts) {
     std::fprintf(stderr, "subrelay: cannot create data_dir %s: %s\n", cfg.dataDir.c_str(), ec.message().c_str());
     return 1;
   }
+  struct stat dst {};
+  if (::stat(cfg.dataDir.c_str(), &dst) == 0 && (dst.st_mode & 077) != 0)
+    util::logWarn("serve", "data_dir " + cfg.dataDir + " can be read by other users (mode " +
+                               std::to_string((dst.st_mode >> 6) & 7) + std::to_string((dst.st_mode >> 3) & 7) +
+                               std::to_string(dst.st_mode & 7) + "); run `chmod 700 " + cfg.dataDir + "`");
   std::string dbPath = (std::filesystem::path(cfg.dataDir) / "queue.db").string();
+  // A queue.db made by an older version with the default umask: close it to others.
+  for (const char* suffix : {"", "-wal", "-shm"}) {
+    const std::string f = dbPath + suffix;
+    struct stat fst {};
+    if (::stat(f.c_str(), &fst) == 0 && (fst.st_mode & 077) != 0) ::chmod(f.c_str(), fst.st_mode & 0700);
+  }
   auto store = queue::SqliteStore::open(dbPath);
   if (!store.ok()) {
     std::fprintf(stderr, "subrelay: queue %s: %s\n", dbPath.c_str(), store.error().message.c_str());
@@ -239,6 +256,7 @@ int runServe(const ServeOptions& opts) {
   }
   DeliveryService* deliveryPtr = delivery.value().get();
   rt->onQueued = [deliveryPtr]() { deliveryPtr->notify(); };
+  rt->dataDir = cfg.dataDir;
 
   queue::GroupCommitter committer(*store.value());
   rt->committer = &committer;
@@ -255,6 +273,12 @@ int runServe(const ServeOptions& opts) {
   unsigned nworkers = cfg.workers ? cfg.workers : std::max(1u, std::thread::hardware_concurrency());
   std::vector<std::unique_ptr<Worker>> workers;
   for (unsigned i = 0; i < nworkers; ++i) workers.push_back(std::make_unique<Worker>(*rt, static_cast<int>(i)));
+  for (const auto& l : cfg.listeners) {
+    if (auto free = net::Listener::checkAddressFree(l.host, l.port); !free.ok()) {
+      std::fprintf(stderr, "subrelay: %s\n", free.error().message.c_str());
+      return 1;
+    }
+  }
   for (const auto& l : cfg.listeners) {
     uint16_t port = l.port;
     for (auto& w : workers) {

@@ -8,11 +8,13 @@
 #include <utility>
 
 #include "message/fixups.h"
-#include "message/headers.h"
+#include "message/header_scanner.h"
 #include "net/connection.h"
 #include "net/uv_handle.h"
+#include "policy/password.h"
 #include "smtp/reply.h"
 #include "smtp/server_session.h"
+#include "submission/cleanup.h"
 #include "util/clock.h"
 #include "util/log.h"
 #include "util/strings.h"
@@ -20,6 +22,11 @@
 namespace subrelay::app {
 
 namespace {
+
+// Unsent output per connection: past the high mark reading stops until it drains to the
+// low mark (a client that pipelines and never reads cannot make us queue its replies).
+constexpr size_t kOutputHigh = 64 * 1024;
+constexpr size_t kOutputLow = 16 * 1024;
 
 std::optional<smtp::PolicyRefusal> toRefusal(const policy::Decision& d) {
   if (d.allowed) return std::nullopt;
@@ -39,6 +46,7 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
   sc.maxRecipients = cfg.limits.maxRecipients;
   sc.maxBadCommands = cfg.limits.maxBadCommands;
   sc.maxAuthFailures = cfg.limits.maxAuthFailures;
+  sc.maxJunkCommands = cfg.limits.maxJunkCommands;
   sc.commandTimeout = cfg.limits.commandTimeout;
   sc.dataBlockTimeout = cfg.limits.dataTimeout;
   // The Settings outlive the session: the connection holds them (settings_).
@@ -50,6 +58,10 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
   // accounts[].rate_limits: a message is checked at MAIL (with SIZE= when given) and
   // again at the end of data with its real size; a recipient counts once accepted.
   sc.mailPolicy = [rtp](std::string_view account, uint64_t declaredSize) -> std::optional<smtp::PolicyRefusal> {
+    // RFC 3463 4.3.1 / RFC 5321 4.5.3.1.10: a temporary refusal while the queue's file
+    // system cannot take the message, before the client sends it.
+    if (!rtp->storageAvailable(declaredSize))
+      return smtp::PolicyRefusal{452, "4.3.1", "Insufficient system storage, try again later"};
     auto d = rtp->limits.checkMessage(account, declaredSize, policy::Instant::from(rtp->clock));
     if (!d.allowed) rtp->meter.addRefusedByLimit(account);
     return toRefusal(d);
@@ -67,6 +79,12 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
 }
 
 using StreamingDigests = dkim::StreamingBodyHash::Digests;
+
+std::string headerLimitText(message::HeaderScanner::Violation v, const config::Limits& lim) {
+  if (v == message::HeaderScanner::Violation::TooManyFields)
+    return "Too many header fields (limit " + std::to_string(lim.maxHeaderFields) + ")";
+  return "Message header section too large (limit " + std::to_string(lim.maxHeaderBytes) + " bytes)";
+}
 
 void wipe(std::string& s) {
   if (!s.empty()) explicit_bzero(s.data(), s.size());
@@ -92,7 +110,15 @@ class SmtpConnection final : public net::ConnectionHandler {
   bool accept(uv_stream_t* server) {
     if (!conn_.accept(server)) return false;
     Runtime& rt = worker_.runtime();
-    if (!rt.admitConnection(conn_.peerAddress())) {
+    // Known before anything is counted: onClosed() releases what was admitted under it.
+    peer_.address = conn_.peerAddress();
+    peer_.port = conn_.peerPort();
+    peer_.loopback = conn_.peerLoopback();
+    // A client that does not read its replies: reading stops past kOutputHigh, and if
+    // nothing drains within the command timeout (a total) the connection is closed.
+    conn_.setOutputLimits(kOutputHigh, kOutputLow,
+                          std::chrono::duration_cast<std::chrono::milliseconds>(settings_->config->limits.commandTimeout));
+    if (!rt.admitConnection(peer_.address)) {
       util::logWarn("smtpd", "connection refused client=" + conn_.peerAddress() +
                                  " reason=too-many-connections");
       // RFC 5321 3.1: a server may answer 421 instead of 220 and close.
@@ -119,9 +145,6 @@ class SmtpConnection final : public net::ConnectionHandler {
       conn_.closeAfterWrite();
       return true;
     }
-    peer_.address = conn_.peerAddress();
-    peer_.port = conn_.peerPort();
-    peer_.loopback = conn_.peerLoopback();
     util::logDebug("smtpd", "connect conn=" + tag() + " client=" + peer_.address);
     if (listener_.tls == config::ListenerTls::Implicit) {
       // RFC 8314 3.3: TLS from the first byte; the greeting comes after the handshake.
@@ -157,8 +180,23 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
   void onTlsFailed(std::string_view why) override {
+    if (tls::TlsEngine::isCertificateRejection(why)) {
+      // Not the client's fault in the usual case: it was told our certificate is not to
+      // be trusted. Say so, so the operator looks at tls.certificate.
+      util::logWarn("smtpd", "TLS handshake failed conn=" + tag() + " client=" + peer_.address +
+                                 " reason=client-rejected-certificate: client rejected our certificate (" +
+                                 util::sanitizeForLog(why) +
+                                 "); check that tls.certificate holds the full chain for the name clients use");
+      return;
+    }
     util::logInfo("smtpd", "TLS handshake failed conn=" + tag() + " client=" + peer_.address +
                                " error=" + util::sanitizeForLog(why));
+  }
+
+  void onOutputStalled() override {
+    util::logInfo("smtpd", "closing conn=" + tag() + " client=" + peer_.address +
+                               " reason=output-stalled pending=" + std::to_string(conn_.pendingWriteBytes()) +
+                               ": the client has not read its replies");
   }
 
   void onIdleTimeout() override {
@@ -236,6 +274,12 @@ class SmtpConnection final : public net::ConnectionHandler {
     rt.meter.addAuthFailure(settings_->account(authUser_) ? std::string_view(authUser_) : "(unknown)");
     util::logWarn("smtpd", "auth failed conn=" + tag() + " client=" + peer_.address +
                                " user=" + util::sanitizeForLog(authUser_, 64));
+    lastFailedCredential_ = std::move(pendingCredential_);
+    answerAuthFailure();
+  }
+
+  // The failure reply, after limits.auth_failure_delay (a timer, never the loop).
+  void answerAuthFailure() {
     auto delay = settings_->config->limits.authFailureDelay;
     if (delay.count() <= 0) {
       session_.onAuthResult(smtp::AuthVerdict::Failed);
@@ -262,6 +306,15 @@ class SmtpConnection final : public net::ConnectionHandler {
                                  " size=" + std::to_string(size) + " client=" + peer_.address +
                                  " tls=" + (conn_.tls() ? conn_.tls()->version() : std::string("none")) +
                                  (captured ? " captured=yes" : ""));
+    } else if (r.error().storageFull) {
+      // RFC 3463 4.3.1 "mail system full": the client should try again later, and MAIL is
+      // refused up front until there is room again (Runtime::storageAvailable).
+      worker_.runtime().noteStoreFull(true);
+      util::logError("queue", "store failed conn=" + tag() + " reason=storage-full error=" + r.error().message);
+      out.ok = false;
+      out.code = 452;
+      out.enhanced = "4.3.1";
+      out.text = "Insufficient system storage, try again later";
     } else {
       util::logError("queue", "store failed conn=" + tag() + " error=" + r.error().message);
       out.ok = false;
@@ -275,16 +328,55 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
  private:
-  // With DKIM keys configured, the body hash is fed while the message streams in
-  // (RFC 6376 3.7), so signing needs no second pass over the body.
+  // Every message streams through a HeaderScanner: it enforces limits.max_header_bytes
+  // and max_header_fields as the data arrives (a flood of tiny fields is refused without
+  // being kept), and it decides where the body starts, by the same rule the fix-ups use.
+  // With DKIM keys configured, the body hash is fed from there while the message streams
+  // in (RFC 6376 3.7), so signing needs no second pass over the body.
   smtp::SessionConfig withContentObserver(smtp::SessionConfig sc) {
-    if (settings_->dkimKeys.empty()) return sc;
-    sc.onContent = [this](std::string_view chunk) {
-      if (!bodyHash_) bodyHash_.emplace();
-      bodyHash_->update(chunk);
+    sc.onContent = [this](std::string_view chunk) -> std::optional<smtp::PolicyRefusal> { return onContent(chunk); };
+    sc.onContentReset = [this]() {
+      headerScan_.reset();
+      bodyHash_.reset();
+      bodyStarted_ = false;
     };
-    sc.onContentReset = [this]() { bodyHash_.reset(); };
     return sc;
+  }
+
+  std::optional<smtp::PolicyRefusal> onContent(std::string_view chunk) {
+    const bool hashing = !settings_->dkimKeys.empty();
+    if (!headerScan_) {
+      const auto& lim = settings_->config->limits;
+      headerScan_.emplace(message::HeaderScanner::Limits{lim.maxHeaderBytes, lim.maxHeaderFields});
+      headerScan_->keepUndecided(hashing);
+    }
+    const size_t at = headerScan_->feed(chunk);
+    if (headerScan_->violation() != message::HeaderScanner::Violation::None)
+      return smtp::PolicyRefusal{552, "5.3.4", headerLimitText(headerScan_->violation(), settings_->config->limits)};
+    if (!hashing || at == std::string_view::npos) return std::nullopt;
+    if (!bodyHash_) bodyHash_.emplace();
+    if (!bodyStarted_) {
+      bodyStarted_ = true;
+      bodyHash_->updateBody(headerScan_->bodyPrefix());  // a body line begun in an earlier piece
+    }
+    bodyHash_->updateBody(chunk.substr(at));
+    return std::nullopt;
+  }
+
+  // The body digests of the message just received: the scan ends where the message does
+  // (an unfinished line that never became a header field is body).
+  std::optional<StreamingDigests> finishBodyHash() {
+    if (settings_->dkimKeys.empty()) return std::nullopt;
+    if (!bodyHash_) bodyHash_.emplace();
+    if (headerScan_ && !bodyStarted_) {
+      headerScan_->finish();
+      bodyHash_->updateBody(headerScan_->bodyPrefix());
+    }
+    StreamingDigests d = bodyHash_->finish();
+    bodyHash_.reset();
+    headerScan_.reset();
+    bodyStarted_ = false;
+    return d;
   }
 
   // "worker.counter", short and unique per process, for log lines.
@@ -311,6 +403,8 @@ class SmtpConnection final : public net::ConnectionHandler {
           conn_.write(out);
           out.clear();
           startStore(*st);
+        } else if (auto* n = std::get_if<smtp::Notice>(&a)) {
+          util::logInfo("smtpd", "refused conn=" + tag() + " client=" + peer_.address + " " + n->what);
         } else if (std::holds_alternative<smtp::Close>(a)) {
           conn_.write(out);
           out.clear();
@@ -326,9 +420,17 @@ class SmtpConnection final : public net::ConnectionHandler {
     // the handshake's, which the connection consumes itself: keep reading then.
     if (!session_.wantsInput() && session_.phase() != smtp::Phase::TlsPending) conn_.pauseReading();
     else conn_.resumeReading();
-    conn_.setIdleTimeout(session_.phase() == smtp::Phase::TlsPending
-                             ? std::chrono::milliseconds(std::chrono::seconds(60))
-                             : std::chrono::milliseconds(session_.timeoutFor()));
+    // RFC 5321 4.5.3.2 timeouts as deadlines: restarted when the client completed a
+    // command or another block of data (or the phase changed), never by a trickle of
+    // single bytes.
+    const uint64_t progress = session_.progress();
+    const smtp::Phase phase = session_.phase();
+    if (progress != timerProgress_ || phase != timerPhase_) {
+      timerProgress_ = progress;
+      timerPhase_ = phase;
+      conn_.setIdleTimeout(phase == smtp::Phase::TlsPending ? std::chrono::milliseconds(std::chrono::seconds(60))
+                                                            : std::chrono::milliseconds(session_.timeoutFor()));
+    }
   }
 
   struct AuthWork {
@@ -344,6 +446,7 @@ class SmtpConnection final : public net::ConnectionHandler {
   void startAuth(smtp::Authenticate& au) {
     Runtime& rt = worker_.runtime();
     authUser_ = au.username;
+    pendingCredential_ = settings_->auth->fingerprint(au.username, au.password);
     // Brute-force defence first: a locked address gets 454 without a password check. A
     // credential verified before (HMAC cache) does not pay for guesses made at its
     // username from elsewhere: the owner of an attacked account still logs in at once.
@@ -357,6 +460,15 @@ class SmtpConnection final : public net::ConnectionHandler {
                                  std::to_string(v.retryAfter.count()) + "s");
       session_.onAuthResult(smtp::AuthVerdict::Refused, r.text);
       drive();
+      return;
+    }
+    // The same credential that just failed in this session (smtplib retries a failed
+    // PLAIN with LOGIN): the same answer, without a second check, counted once.
+    if (!lastFailedCredential_.empty() && policy::constantTimeEquals(pendingCredential_, lastFailedCredential_)) {
+      wipe(au.password);
+      util::logInfo("smtpd", "auth failed conn=" + tag() + " client=" + peer_.address +
+                                 " user=" + util::sanitizeForLog(authUser_, 64) + " repeat=yes");
+      answerAuthFailure();
       return;
     }
     if (v.kind == policy::Verdict::Kind::Delay && v.delay.count() > 0) {
@@ -441,37 +553,21 @@ class SmtpConnection final : public net::ConnectionHandler {
       refuseStore(r.code, r.enhanced.c_str(), r.text);
       return;
     }
-    // RFC 6409 8.1: the MSA may check that the submitter is allowed to use the
-    // addresses it claims; we require every header From mailbox to be the account's.
-    auto headers = message::scanHeaders(st.content);
-    size_t fromCount = message::countFields(headers, "From");
-    if (fromCount != 1) {
-      refuseStore(550, "5.6.0",
-                  fromCount == 0 ? "Message has no From header field (RFC 5322 3.6)"
-                                 : "Message has more than one From header field (RFC 5322 3.6)");
-      return;
-    }
-    const message::HeaderField* from = message::findField(headers, "From");
-    auto addrs = message::parseAddressList(from->value);
-    if (addrs.empty()) {
-      refuseStore(550, "5.6.0", "Cannot parse the From header field (RFC 5322 3.6.2)");
-      return;
-    }
-    for (const auto& a : addrs) {
-      if (acct == nullptr || !set.senderAllowed(st.account, a)) {
-        refuseStore(550, "5.7.1", "From header address <" + util::sanitizeForLog(a, 100) +
-                                      "> not owned by this account");
-        return;
-      }
-    }
 
-    queue::NewMessage m;
+    auto* w = new CleanupWork{};
+    w->req.data = w;
+    w->worker = &worker_;
+    w->sessionId = id_;
+    w->settings = settings_;
+    w->content = std::move(st.content);
+    w->digests = finishBodyHash();
+
+    queue::NewMessage& m = w->msg;
     m.id = queue::newQueueId();
     m.account = st.account;
     m.mailFrom = st.envelope.mailFrom;
     m.recipients = st.envelope.recipients;
-    m.captured = acct->mode == config::AccountMode::Capture;
-    m.smtputf8 = st.envelope.smtputf8;
+    m.captured = acct != nullptr && acct->mode == config::AccountMode::Capture;
     m.eightBit = st.envelope.eightBitMime;
     m.clientAddress = st.peer.address;
     m.heloName = st.heloName;
@@ -481,7 +577,15 @@ class SmtpConnection final : public net::ConnectionHandler {
     }
     auto now = std::chrono::system_clock::now();
     m.receivedAt = util::unixSeconds(now);
-    message::TraceInfo ti;
+
+    submission::CleanupRequest& cr = w->cleanup;
+    cr.mailFrom = st.envelope.mailFrom;
+    cr.recipients = st.envelope.recipients;
+    // The Settings generation is held by the job, so the predicate stays valid there.
+    cr.owns = [stp = settings_.get(), account = st.account](std::string_view address) {
+      return stp->senderAllowed(account, address);
+    };
+    message::TraceInfo& ti = cr.trace;
     ti.hostname = set.config->hostname;
     ti.heloName = st.heloName;
     ti.clientAddress = st.peer.address;
@@ -490,93 +594,95 @@ class SmtpConnection final : public net::ConnectionHandler {
     ti.tlsCipher = m.tlsCipher;
     ti.queueId = m.id;
     if (st.envelope.recipients.size() == 1) ti.recipient = st.envelope.recipients.front();
-    ti.smtputf8 = st.envelope.smtputf8;
+    ti.smtputf8 = st.envelope.smtputf8;  // how it was submitted (Received "with")
     ti.when = now;
-    m.content = message::applySubmissionFixups(st.content, ti);
-    st.content.clear();
-    st.content.shrink_to_fit();
 
-    // RFC 6376 3.5 / issue: the signing domain is the header From domain; subdomains
-    // only with their own key. The first From mailbox decides (all are the account's).
+    // The header checks, fix-ups and DKIM signing (RSA-2048 about a millisecond, RSA-4096
+    // several; a 1 MiB header section a scan) run on libuv's thread pool, like the scrypt
+    // of AUTH, so other sessions on this loop are not held up. The session is Waiting
+    // meanwhile, so nothing changes under the job.
+    uv_queue_work(worker_.loop(), &w->req, &CleanupWork::run, &CleanupWork::done);
+  }
+
+  struct CleanupWork {
+    uv_work_t req;
+    Worker* worker;
+    uint64_t sessionId;
+    std::shared_ptr<const Settings> settings;
+    std::string content;  // as received
     std::optional<StreamingDigests> digests;
-    if (bodyHash_) {
-      digests = bodyHash_->finish();
-      bodyHash_.reset();
-    }
-    std::string_view first = addrs.front();
-    size_t at = first.rfind('@');
-    std::string domain = at == std::string_view::npos ? std::string() : util::toLower(first.substr(at + 1));
-    const std::vector<dkim::SignerKey>* keys = domain.empty() ? nullptr : set.dkimKeys.forDomain(domain);
-    if (keys != nullptr && !keys->empty() && set.signer) {
+    submission::CleanupRequest cleanup;
+    queue::NewMessage msg;
+    // Outcome: a refusal (code != 0), a signing error, or msg ready to commit.
+    int code = 0;
+    std::string enhanced;
+    std::string text;
+    std::string signError;
+    std::string domain;
+    size_t signatures = 0;
+
+    static void run(uv_work_t* req) {
+      auto* w = static_cast<CleanupWork*>(req->data);
+      submission::CleanupResult r = submission::cleanup(w->content, w->cleanup);
+      w->content.clear();
+      w->content.shrink_to_fit();
+      if (!r.ok) {
+        w->code = r.code;
+        w->enhanced = std::move(r.enhanced);
+        w->text = std::move(r.text);
+        return;
+      }
+      w->msg.content = std::move(r.content);
+      w->msg.smtputf8 = r.smtputf8;
+      // RFC 6376 3.5: the signing domain is the header From domain; subdomains only with
+      // their own key.
+      const Settings& set = *w->settings;
+      const std::vector<dkim::SignerKey>* keys =
+          r.signingDomain.empty() ? nullptr : set.dkimKeys.forDomain(r.signingDomain);
+      if (keys == nullptr || keys->empty() || !set.signer) return;
       dkim::SignOptions opts;
-      opts.timestamp = m.receivedAt;  // t= (RFC 6376 3.5)
-      if (auto pol = set.dkimDomains.find(domain); pol != set.dkimDomains.end()) {
+      opts.timestamp = w->msg.receivedAt;  // t= (RFC 6376 3.5)
+      if (auto pol = set.dkimDomains.find(r.signingDomain); pol != set.dkimDomains.end()) {
         if (pol->second.expiry) opts.expiresAfter = pol->second.expiry->count();
         opts.headerCanon = pol->second.headerCanon;
         opts.bodyCanon = pol->second.bodyCanon;
       }
-      startSign(std::move(m), *keys, opts, std::move(digests), domain);
-      return;
+      w->domain = r.signingDomain;
+      auto sigs = set.signer->sign(w->msg.content, *keys, opts, w->digests ? &*w->digests : nullptr);
+      if (!sigs.ok()) {
+        w->signError = sigs.error().message;
+        return;
+      }
+      // RFC 6376 5.6: the DKIM-Signature is prepended; ours go above our Received, so
+      // what is stored is exactly what leaves.
+      w->msg.content.insert(0, sigs.value());
+      w->signatures = keys->size();
     }
-    commit(std::move(m));
-  }
 
-  struct SignWork {
-    uv_work_t req;
-    Worker* worker;
-    uint64_t sessionId;
-    std::shared_ptr<const dkim::Signer> signer;
-    std::vector<dkim::SignerKey> keys;
-    dkim::SignOptions opts;
-    std::optional<StreamingDigests> digests;
-    queue::NewMessage msg;
-    std::string domain;
-    util::Result<std::string> sigs = util::Error{"not signed"};
+    static void done(uv_work_t* req, int status) {
+      std::unique_ptr<CleanupWork> w(static_cast<CleanupWork*>(req->data));
+      SmtpConnection* c = w->worker->find(w->sessionId);
+      // Gone: the client left before its 250, so nothing was promised.
+      if (c == nullptr || c->conn_.closing()) return;
+      if (status != 0 || !w->signError.empty()) {
+        std::string why = status != 0 ? std::string("cancelled") : w->signError;
+        util::logError("dkim", "signing failed conn=" + c->tag() + " domain=" + w->domain + " error=" +
+                                   util::sanitizeForLog(why));
+        c->refuseStore(451, "4.3.0", "Temporary failure signing message, try again later");
+        c->drive();
+        return;
+      }
+      if (w->code != 0) {
+        c->refuseStore(w->code, w->enhanced.c_str(), std::move(w->text));
+        c->drive();
+        return;
+      }
+      if (w->signatures > 0)
+        util::logDebug("dkim", "signed conn=" + c->tag() + " domain=" + w->domain +
+                                   " signatures=" + std::to_string(w->signatures));
+      c->commit(std::move(w->msg));
+    }
   };
-
-  // RSA-2048 signing takes about a millisecond, RSA-4096 several: on libuv's thread pool,
-  // like the scrypt of AUTH, so other sessions on this loop are not held up. The
-  // session is Waiting meanwhile, so the message cannot change under the job.
-  void startSign(queue::NewMessage m, const std::vector<dkim::SignerKey>& keys, const dkim::SignOptions& opts,
-                 std::optional<StreamingDigests> digests, const std::string& domain) {
-    auto* w = new SignWork{};
-    w->req.data = w;
-    w->worker = &worker_;
-    w->sessionId = id_;
-    w->signer = settings_->signer;
-    w->keys = keys;
-    w->opts = opts;
-    w->digests = std::move(digests);
-    w->msg = std::move(m);
-    w->domain = domain;
-    uv_queue_work(
-        worker_.loop(), &w->req,
-        [](uv_work_t* req) {
-          auto* work = static_cast<SignWork*>(req->data);
-          work->sigs = work->signer->sign(work->msg.content, work->keys, work->opts,
-                                          work->digests ? &*work->digests : nullptr);
-        },
-        [](uv_work_t* req, int status) {
-          std::unique_ptr<SignWork> work(static_cast<SignWork*>(req->data));
-          SmtpConnection* c = work->worker->find(work->sessionId);
-          // Gone: the client left before its 250, so nothing was promised.
-          if (c == nullptr || c->conn_.closing()) return;
-          if (status != 0 || !work->sigs.ok()) {
-            std::string why = status != 0 ? std::string("cancelled") : work->sigs.error().message;
-            util::logError("dkim", "signing failed conn=" + c->tag() + " domain=" + work->domain + " error=" +
-                                       util::sanitizeForLog(why));
-            c->refuseStore(451, "4.3.0", "Temporary failure signing message, try again later");
-            c->drive();
-            return;
-          }
-          // RFC 6376 5.6: the DKIM-Signature is prepended; ours go above our Received,
-          // so what is stored is exactly what leaves.
-          work->msg.content.insert(0, work->sigs.value());
-          util::logDebug("dkim", "signed conn=" + c->tag() + " domain=" + work->domain +
-                                     " signatures=" + std::to_string(work->keys.size()));
-          c->commit(std::move(work->msg));
-        });
-  }
 
   void commit(queue::NewMessage m) {
     Runtime& rt = worker_.runtime();
@@ -623,8 +729,16 @@ class SmtpConnection final : public net::ConnectionHandler {
   std::string pendingPassword_;  // held only while a progressive AUTH delay runs
   bool authDelayPending_ = false;
   bool accountCounted_ = false;  // holds a slot of limits.max_sessions_per_account
+  // Keyed fingerprints (Authenticator::fingerprint), never passwords: the AUTH being
+  // checked, and the last one that failed in this session.
+  std::string pendingCredential_;
+  std::string lastFailedCredential_;
   std::string refusal_;          // refused at connect (implicit TLS: sent after the handshake)
   std::optional<dkim::StreamingBodyHash> bodyHash_;
+  std::optional<message::HeaderScanner> headerScan_;
+  bool bodyStarted_ = false;
+  uint64_t timerProgress_ = ~uint64_t{0};
+  smtp::Phase timerPhase_ = smtp::Phase::Closed;
 };
 
 // ---------------------------------------------------------------------------------

@@ -10,6 +10,8 @@
 //     shutdown_grace, auth_failure_delay ("ms" unit allowed, "0s" disables the delay);
 //   - limits.max_sessions_per_account, auth_delay_after, auth_delay_base, auth_delay_max,
 //     auth_lockout_after, auth_lockout_window, auth_lockout_duration (brute-force defence);
+//   - limits.max_header_fields, max_junk_commands (SPEC.md names max_header_bytes and
+//     accounts[].allow_null_sender);
 //   - delivery.tls_policy_overrides: { "domain": "opportunistic|required|verify" };
 //   - delivery.delay_notice (duration: "delayed" DSN after it), delivery.tls_ca_file (trust
 //     store for tls "verify" instead of the system's);
@@ -17,6 +19,8 @@
 //   - rate_limits.bytes_per_<period>;
 //   - duplicate keys in one JSON object are an error (a later value would silently win).
 #include "config/config.h"
+
+#include "idna/idna.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -297,8 +301,14 @@ std::string senderProblem(std::string_view s, std::string& out) {
     return "there is no '@'";
   }
   std::string_view local = s.substr(0, at);
-  std::string_view domain = s.substr(at + 1);
-  if (domain.empty()) return "the domain after '@' is missing";
+  std::string_view written = s.substr(at + 1);
+  if (written.empty()) return "the domain after '@' is missing";
+  // Internationalised domains are kept as A-labels (RFC 5891), the form every client
+  // address is compared in, whichever form the administrator wrote.
+  std::string idnaWhy;
+  std::optional<std::string> ascii = idna::toAscii(written, &idnaWhy);
+  if (!ascii) return "the domain is not a valid internationalized domain name (IDNA2008): " + idnaWhy;
+  const std::string& domain = *ascii;
   std::string why = domainProblem(domain);
   if (!why.empty()) return "the domain is not valid: " + why;
   if (!local.empty()) {
@@ -317,7 +327,7 @@ std::string senderProblem(std::string_view s, std::string& out) {
   }
   // The local part stays as written (RFC 5321 2.4: it may be case-sensitive); the domain
   // is case-insensitive, so it is compared in lower case.
-  out = std::string(local) + "@" + util::toLower(domain);
+  out = std::string(local) + "@" + domain;
   return {};
 }
 
@@ -412,6 +422,15 @@ class Validator {
       return false;
     }
     fail(path, expectation(false) + ", got " + describe(v));
+    return false;
+  }
+
+  bool boolean(const Json& v, const std::string& path, bool& out) {
+    if (v.is_boolean()) {
+      out = v.get<bool>();
+      return true;
+    }
+    fail(path, "expected true or false, got " + describe(v));
     return false;
   }
 
@@ -630,7 +649,8 @@ class ConfigReader {
         {"max_message_bytes", "max_recipients", "max_connections", "max_connections_per_ip", "max_bad_commands",
          "max_auth_failures", "command_timeout", "data_timeout", "shutdown_grace", "auth_failure_delay",
          "max_sessions_per_account", "auth_delay_after", "auth_delay_base", "auth_delay_max", "auth_lockout_after",
-         "auth_lockout_window", "auth_lockout_duration"});
+         "auth_lockout_window", "auth_lockout_duration", "max_header_bytes", "max_header_fields",
+         "max_junk_commands"});
     Limits& l = cfg_.limits;
     if (const Json* x = Validator::find(o, "max_message_bytes"))
       v_.integer(*x, p + ".max_message_bytes", 1, kU64Max, l.maxMessageBytes);
@@ -661,6 +681,12 @@ class ConfigReader {
       v_.duration(*x, p + ".auth_lockout_window", l.authLockoutWindow);
     if (const Json* x = Validator::find(o, "auth_lockout_duration"))
       v_.duration(*x, p + ".auth_lockout_duration", l.authLockoutDuration);
+    if (const Json* x = Validator::find(o, "max_header_bytes"))
+      v_.integer(*x, p + ".max_header_bytes", 1024, kU32Max, l.maxHeaderBytes);
+    if (const Json* x = Validator::find(o, "max_header_fields"))
+      v_.u32(*x, p + ".max_header_fields", l.maxHeaderFields, 10);
+    if (const Json* x = Validator::find(o, "max_junk_commands"))
+      v_.u32(*x, p + ".max_junk_commands", l.maxJunkCommands, 0);
   }
 
   void readAccounts(const Json& arr) {
@@ -683,7 +709,7 @@ class ConfigReader {
   // True when the username is valid (so it can be checked for duplicates).
   bool readAccount(const Json& o, const std::string& p, Account& a) {
     if (!v_.object(o, p)) return false;
-    v_.rejectUnknown(o, p, {"username", "password_hash", "senders", "rate_limits", "mode"});
+    v_.rejectUnknown(o, p, {"username", "password_hash", "senders", "rate_limits", "mode", "allow_null_sender"});
     bool nameOk = false;
     if (const Json* u = v_.require(o, p, "username")) {
       if (v_.string(*u, p + ".username", a.username)) {
@@ -710,6 +736,7 @@ class ConfigReader {
     if (const Json* m = Validator::find(o, "mode"))
       v_.oneOf<AccountMode>(*m, p + ".mode", {{"deliver", AccountMode::Deliver}, {"capture", AccountMode::Capture}},
                             a.mode);
+    if (const Json* n = Validator::find(o, "allow_null_sender")) v_.boolean(*n, p + ".allow_null_sender", a.allowNullSender);
     return nameOk;
   }
 

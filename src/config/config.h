@@ -53,6 +53,12 @@ struct Limits {
   uint32_t authLockoutAfter = 10;
   std::chrono::seconds authLockoutWindow{900};
   std::chrono::seconds authLockoutDuration{900};
+  // The header section of a message (RFC 5322 2.1): octets, the empty line included,
+  // and fields; beyond either, 552 5.3.4 at the end of data.
+  uint64_t maxHeaderBytes = 1048576;
+  uint32_t maxHeaderFields = 10000;
+  // NOOP/RSET/HELP/VRFY/EHLO/HELO per session between accepted messages; 0 = no limit.
+  uint32_t maxJunkCommands = 100;
 };
 
 // One rate limit: <what>_per_<period> = amount (issue 5 enforces them).
@@ -69,6 +75,9 @@ struct Account {
   std::vector<std::string> senders;  // "@domain" or "local@domain", lower-cased domain
   std::vector<RateLimit> rateLimits;
   AccountMode mode = AccountMode::Deliver;
+  // MAIL FROM:<> (an MTA relaying its bounces through us); the header From is still
+  // checked against senders.
+  bool allowNullSender = false;
 };
 
 struct DkimKey {

@@ -281,6 +281,14 @@ void StreamingBodyHash::update(std::string_view bytes) {
   }
 }
 
+void StreamingBodyHash::updateBody(std::string_view bytes) {
+  State& s = *s_;
+  s.inBody = true;
+  if (bytes.empty()) return;
+  s.simple.feed(bytes);
+  s.relaxed.feed(bytes);
+}
+
 StreamingBodyHash::Digests StreamingBodyHash::finish() {
   Digests d;
   d.simple = s_->simple.finish();

@@ -42,6 +42,10 @@ class StreamingBodyHash {
   StreamingBodyHash(StreamingBodyHash&&) noexcept;
   StreamingBodyHash& operator=(StreamingBodyHash&&) noexcept;
   void update(std::string_view messageBytes);
+  // Body octets only, for a caller that finds the header/body boundary itself (the
+  // server takes it from message::HeaderScanner, the one rule the fix-ups also follow).
+  // Not to be mixed with update() on one object.
+  void updateBody(std::string_view bodyBytes);
   struct Digests {
     std::string simple;   // 32 raw bytes
     std::string relaxed;  // 32 raw bytes

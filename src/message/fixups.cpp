@@ -212,7 +212,10 @@ std::string withProtocol(bool tls, bool smtputf8) {
 }
 
 std::string applySubmissionFixups(std::string_view message, const TraceInfo& info) {
-  const HeaderBlock block = scanHeaders(message);
+  return applySubmissionFixups(message, scanHeaders(message), info);
+}
+
+std::string applySubmissionFixups(std::string_view message, const HeaderBlock& block, const TraceInfo& info) {
   // Where the client's header fields end: the added fields go there (after the client's,
   // so any signature or ordering it relies on stays intact).
   const size_t headerEnd = block.fields.empty() ? 0 : block.fields.back().offset + block.fields.back().length;

@@ -25,6 +25,10 @@ struct TraceInfo {
 // Returns the message with Received prepended and Message-ID/Date added (at the end of
 // the header block) when missing. The Message-ID is "<queueId.random@hostname>".
 std::string applySubmissionFixups(std::string_view message, const TraceInfo& info);
+// The same with the header section already scanned (scanHeaders(message)), so a caller
+// that has looked at the fields does not make the scan a second time.
+struct HeaderBlock;
+std::string applySubmissionFixups(std::string_view message, const HeaderBlock& block, const TraceInfo& info);
 
 // The transmission type of RFC 3848 / RFC 6531: ESMTPSA, ESMTPA, UTF8SMTPSA, UTF8SMTPA.
 std::string withProtocol(bool tls, bool smtputf8);

@@ -8,6 +8,8 @@
 // cannot parse yields no address at all rather than a guess.
 #include "message/headers.h"
 
+#include "message/header_scanner.h"
+
 #include "util/strings.h"
 
 namespace subrelay::message {
@@ -16,59 +18,33 @@ namespace {
 
 bool isWsp(char c) { return c == ' ' || c == '\t'; }
 
-// ftext (RFC 5322 3.6.8): printable US-ASCII except ":".
-bool isFtext(char c) { return c >= 33 && c <= 126 && c != ':'; }
-
 }  // namespace
 
 HeaderBlock scanHeaders(std::string_view m) {
+  // The boundary and the fields come from HeaderScanner, the one definition the fix-ups
+  // and the streaming DKIM body hash share.
   HeaderBlock block;
-  const size_t n = m.size();
-  size_t pos = 0;
-  while (pos < n) {
-    // The empty line that ends the header section (2.1); a bare LF is tolerated here
-    // because some clients write one, and rejecting bare LFs is the SMTP layer's job.
-    if (m[pos] == '\n' || (m[pos] == '\r' && pos + 1 < n && m[pos + 1] == '\n')) {
-      block.hasBodySeparator = true;
-      block.bodyOffset = pos + (m[pos] == '\n' ? 1 : 2);
-      return block;
-    }
-    // field-name *WSP ":" — the WSP is the obsolete syntax of 4.5.
-    size_t i = pos;
-    while (i < n && isFtext(m[i])) ++i;
-    const size_t nameEnd = i;
-    while (i < n && isWsp(m[i])) ++i;
-    if (nameEnd == pos || i >= n || m[i] != ':') break;  // not a field: the body starts here
-    const size_t colon = i;
-
-    // The field runs to the first line break not followed by WSP (2.2.3).
-    size_t next = n;
-    size_t from = colon + 1;
-    for (;;) {
-      size_t lf = m.find('\n', from);
-      if (lf == std::string_view::npos) {
-        next = n;
-        break;
-      }
-      next = lf + 1;
-      if (next >= n || !isWsp(m[next])) break;
-      from = next;
-    }
+  HeaderScanner sc;
+  sc.onField([&](const FieldSpan& f) {
+    const auto off = static_cast<size_t>(f.offset);
+    const auto colon = static_cast<size_t>(f.colon);
+    const auto next = static_cast<size_t>(f.end);
     size_t valueEnd = next;
     if (valueEnd > colon + 1 && m[valueEnd - 1] == '\n') {
       --valueEnd;
       if (valueEnd > colon + 1 && m[valueEnd - 1] == '\r') --valueEnd;
     }
-    HeaderField f;
-    f.name = m.substr(pos, nameEnd - pos);
-    f.value = m.substr(colon + 1, valueEnd - colon - 1);
-    f.offset = pos;
-    f.length = next - pos;
-    block.fields.push_back(f);
-    pos = next;
-  }
-  block.bodyOffset = pos;
-  block.hasBodySeparator = false;
+    HeaderField hf;
+    hf.name = m.substr(off, static_cast<size_t>(f.nameEnd) - off);
+    hf.value = m.substr(colon + 1, valueEnd - colon - 1);
+    hf.offset = off;
+    hf.length = next - off;
+    block.fields.push_back(hf);
+  });
+  sc.feed(m);
+  sc.finish();
+  block.bodyOffset = static_cast<size_t>(sc.bodyOffset());
+  block.hasBodySeparator = sc.hasSeparator();
   return block;
 }
 

@@ -1,5 +1,6 @@
 #include "net/connection.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -65,25 +66,65 @@ void Connection::readCb(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
 
 void Connection::resumeReading() {
   paused_ = false;
-  if (reading_ || closing_ || tcp_ == nullptr) return;
-  reading_ = true;
-  uv_read_start(
-      asStream(tcp_),
-      [](uv_handle_t*, size_t, uv_buf_t* b) {
-        b->base = tReadBuffer;
-        b->len = kReadBufferSize;
-      },
-      &Connection::readCb);
-  armTimer();
+  updateReading();
 }
 
 void Connection::pauseReading() {
   paused_ = true;
-  if (!reading_ || tcp_ == nullptr) return;
-  reading_ = false;
-  uv_read_stop(asStream(tcp_));
-  // While we are not reading the client is waiting for us, not idle.
-  if (timer_) uv_timer_stop(timer_);
+  updateReading();
+}
+
+// Reads while the owner wants input and the peer is reading our output.
+void Connection::updateReading() {
+  if (closing_ || closeAfterWrite_ || tcp_ == nullptr) return;
+  const bool want = !paused_ && !outputBlocked_;
+  if (want && !reading_) {
+    reading_ = true;
+    uv_read_start(
+        asStream(tcp_),
+        [](uv_handle_t*, size_t, uv_buf_t* b) {
+          b->base = tReadBuffer;
+          b->len = kReadBufferSize;
+        },
+        &Connection::readCb);
+    armTimer();
+  } else if (!want && reading_) {
+    reading_ = false;
+    uv_read_stop(asStream(tcp_));
+    // While we are not reading the client is waiting for us, not idle. (A blocked
+    // output has its own deadline on the timer: leave it.)
+    if (timer_ && !outputBlocked_) uv_timer_stop(timer_);
+  }
+}
+
+void Connection::setOutputLimits(size_t high, size_t low, std::chrono::milliseconds stall) {
+  outputHigh_ = high;
+  outputLow_ = std::min(low, high);
+  outputStall_ = stall;
+}
+
+// Called whenever pendingWrite_ changes.
+void Connection::checkOutputPressure() {
+  if (outputHigh_ == 0 || closing_ || closeAfterWrite_) return;
+  if (!outputBlocked_ && pendingWrite_ > outputHigh_) {
+    outputBlocked_ = true;
+    updateReading();
+    if (timer_ && outputStall_.count() > 0) {
+      uv_timer_start(
+          timer_,
+          [](uv_timer_t* t) {
+            auto* self = static_cast<Connection*>(t->data);
+            if (self == nullptr || self->closing_) return;
+            self->handler_->onOutputStalled();
+            self->close();
+          },
+          static_cast<uint64_t>(outputStall_.count()), 0);
+    }
+  } else if (outputBlocked_ && pendingWrite_ <= outputLow_) {
+    outputBlocked_ = false;
+    if (timer_) uv_timer_stop(timer_);
+    updateReading();
+  }
 }
 
 void Connection::setIdleTimeout(std::chrono::milliseconds timeout) {
@@ -92,7 +133,8 @@ void Connection::setIdleTimeout(std::chrono::milliseconds timeout) {
 }
 
 void Connection::armTimer() {
-  if (timer_ == nullptr || closing_) return;
+  // The timer belongs to the output deadline or the close-after-write bound then.
+  if (timer_ == nullptr || closing_ || outputBlocked_ || closeAfterWrite_) return;
   if (idleTimeout_.count() <= 0 || !reading_) {
     uv_timer_stop(timer_);
     return;
@@ -116,7 +158,6 @@ void Connection::onRead(ssize_t nread, const uv_buf_t* buf) {
     return;
   }
   if (nread == 0) return;
-  armTimer();
   std::string_view bytes(buf->base, static_cast<size_t>(nread));
   if (!tls_) {
     handler_->onPlaintext(bytes);
@@ -218,6 +259,7 @@ void Connection::writeRaw(std::string_view bytes) {
   wr->conn = this;
   wr->req.data = wr;
   pendingWrite_ += wr->data.size();
+  checkOutputPressure();
   uv_buf_t b = uv_buf_init(wr->data.data(), static_cast<unsigned>(wr->data.size()));
   int rc = uv_write(&wr->req, asStream(tcp_), &b, 1, [](uv_write_t* req, int status) {
     auto* w = static_cast<WriteReq*>(req->data);
@@ -231,6 +273,7 @@ void Connection::writeRaw(std::string_view bytes) {
       c->close();
       return;
     }
+    c->checkOutputPressure();
     c->maybeFinishClose();
   });
   if (rc != 0) {

@@ -27,6 +27,9 @@ class ConnectionHandler {
   virtual void onTlsEstablished() = 0;
   virtual void onTlsFailed(std::string_view why) = 0;
   virtual void onIdleTimeout() = 0;
+  // Output stayed above the high-water mark for the whole stall timeout (a peer that does
+  // not read). The default closes the connection; handlers may log first.
+  virtual void onOutputStalled() {}
   virtual void onPeerClosed() {}
   virtual void onClosed() = 0;
   // Outbound connections only: the result of connect() (0 or a libuv error code). On
@@ -69,8 +72,18 @@ class Connection {
 
   void pauseReading();
   void resumeReading();
-  // (Re)armed on every read; fires handler->onIdleTimeout() after this long without input.
+  // A deadline, not an inactivity timer: fires handler->onIdleTimeout() this long after
+  // the call (or after reading resumes), however many bytes arrive meanwhile, so a peer
+  // that trickles a byte at a time cannot hold the connection. The owner sets it again
+  // when the peer has made real progress (a whole command, a block of data).
   void setIdleTimeout(std::chrono::milliseconds timeout);
+
+  // Output backpressure: once more than `high` bytes wait to be written, reading stops
+  // (whatever the owner asked) until they drain to `low`; if they have not drained after
+  // `stall` (a total, not re-armed by partial progress), handler->onOutputStalled() is
+  // called and the connection closed. high 0 = off (the default).
+  void setOutputLimits(size_t high, size_t low, std::chrono::milliseconds stall);
+  bool outputBlocked() const { return outputBlocked_; }
 
   size_t pendingWriteBytes() const { return pendingWrite_; }
 
@@ -79,6 +92,8 @@ class Connection {
   void writeRaw(std::string_view bytes);
   void flushTls();
   void armTimer();
+  void updateReading();
+  void checkOutputPressure();
   void maybeFinishClose();
   static void readCb(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf);
 
@@ -95,7 +110,11 @@ class Connection {
   bool paused_ = false;
   bool closing_ = false;
   bool closeAfterWrite_ = false;
+  bool outputBlocked_ = false;
   size_t pendingWrite_ = 0;
+  size_t outputHigh_ = 0;
+  size_t outputLow_ = 0;
+  std::chrono::milliseconds outputStall_{0};
   std::chrono::milliseconds idleTimeout_{0};
 };
 

@@ -16,6 +16,43 @@ Listener::Listener(uv_loop_t* loop, AcceptFn onAccept) : loop_(loop), onAccept_(
 
 Listener::~Listener() { close(); }
 
+util::Result<void> Listener::checkAddressFree(const std::string& host, uint16_t port) {
+  if (port == 0) return {};
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  const std::string portStr = std::to_string(port);
+  int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), portStr.c_str(), &hints, &res);
+  if (rc != 0) return util::makeError("cannot resolve listen address " + host + ": " + gai_strerror(rc));
+  int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    freeaddrinfo(res);
+    return util::makeError(std::string("socket: ") + std::strerror(errno));
+  }
+  int one = 1;
+  // SO_REUSEADDR only: a port in TIME_WAIT after our own restart is free; one that a
+  // socket listens on is not.
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (res->ai_family == AF_INET6) {
+    int zero = 0;
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+  }
+  const int b = ::bind(fd, res->ai_addr, res->ai_addrlen);
+  const int err = errno;
+  freeaddrinfo(res);
+  ::close(fd);
+  if (b == 0) return {};
+  const std::string where = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + portStr;
+  if (err == EADDRINUSE)
+    return util::makeError("cannot listen on " + where +
+                           ": another process is listening there (Address already in use); stop it or choose "
+                           "another listeners[].address");
+  return util::makeError("cannot listen on " + where + ": " + std::strerror(err) +
+                         (err == EACCES ? " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" : ""));
+}
+
 util::Result<void> Listener::listen(const std::string& host, uint16_t port, int backlog) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;

@@ -27,6 +27,11 @@ class Listener {
   // host: "127.0.0.1", "::", "0.0.0.0", "localhost"; port 0 = ephemeral.
   util::Result<void> listen(const std::string& host, uint16_t port, int backlog = 1024);
   uint16_t boundPort() const { return port_; }
+  // SO_REUSEPORT lets any process of the same user join a port, and the kernel would
+  // then split our clients with it (two `serve` with different data_dirs answering at
+  // random). Before the workers bind, this binds the address once WITHOUT SO_REUSEPORT
+  // and lets go: that fails while any other socket listens there. Port 0 is not checked.
+  static util::Result<void> checkAddressFree(const std::string& host, uint16_t port);
   void close();
 
  private:

@@ -30,6 +30,12 @@ class Authenticator {
   // True when verify() would be answered from the cache (no scrypt needed): lets the
   // caller skip the thread hop.
   bool cachedOk(std::string_view username, std::string_view password);
+  // HMAC-SHA256(process key, username, password): lets a session recognise a credential
+  // it has already seen fail without keeping the password (a client retrying the same
+  // wrong password with another mechanism is one failure, not two).
+  std::string fingerprint(std::string_view username, std::string_view password) const {
+    return mac(username, password);
+  }
 
  private:
   std::string mac(std::string_view username, std::string_view password) const;

@@ -134,12 +134,17 @@ Verdict AuthGuard::check(std::string_view ip, std::string_view username, TimePoi
   std::lock_guard lock(mu_);
   Verdict v;
   milliseconds delay{0};
+  bool addressFailed = false;
   if (const Entry* e = find(addresses_, addressKey(ip), now)) {
     v = lockVerdict(*e, now);
     if (v.kind == Verdict::Kind::Refuse) return v;
     delay = delayFor(e->failures.size(), config_.maxDelay);
+    addressFailed = !e->failures.empty();
   }
-  const Entry* u = knownGood ? nullptr : find(usernames_, std::string(username), now);
+  // The username's count only slows addresses that have failed themselves: the guesser
+  // pays for the guesses at that name, its owner logging in from a clean address does
+  // not (otherwise anyone could make every login of a known username wait).
+  const Entry* u = (knownGood || !addressFailed) ? nullptr : find(usernames_, std::string(username), now);
   if (u != nullptr) delay = std::max(delay, delayFor(u->failures.size(), config_.maxUsernameDelay));
   if (delay > milliseconds(0)) {
     v.kind = Verdict::Kind::Delay;

@@ -9,9 +9,10 @@
 // at AUTH).
 //
 // Only addresses are ever locked. A username attacked from many addresses only earns
-// delays, capped lower (`maxUsernameDelay`): locking the username would let anyone lock
-// its owner out, so its legitimate client from a clean address, with the right
-// password, still gets in, just slower while the attack lasts. Usernames are counted
+// delays, capped lower (`maxUsernameDelay`), and only for addresses that have failed
+// themselves within the window: locking or slowing the username for everyone would let
+// anyone lock its owner out, so its legitimate client from a clean address logs in with
+// no added delay while the attack lasts. Usernames are counted
 // whether or not the account exists, so unknown names cost the same as wrong passwords
 // (the Authenticator already equalises the scrypt time); nothing here reveals which
 // names exist.

@@ -11,9 +11,12 @@
 // - The null sender, and any address whose shape is ambiguous (two '@' outside
 //   quotes, an unterminated quote, CR, LF or NUL) never matches: a check that might
 //   read the domain differently from the next hop must fail closed.
+// - Domains compare in their IDNA2008 A-label form, so "@exämple.com" owns
+//   a@xn--exmple-cua.com and a@EXÄMPLE.com alike (RFC 5891, UTS #46 mapping).
 // Syntax validation of MAIL FROM itself lives in smtp/; this only decides ownership.
 #include "policy/senders.h"
 
+#include "idna/idna.h"
 #include "util/strings.h"
 
 namespace subrelay::policy {
@@ -71,16 +74,31 @@ bool senderAllowed(const std::vector<std::string>& senders, std::string_view add
   std::string_view local, domain;
   bool quoted = false;
   if (!splitStrict(address, local, domain, quoted)) return false;
+  // Internationalised domains compare as A-labels (idna.h): the UTF-8 form an SMTPUTF8
+  // client writes and the xn-- form are the same domain. A name IDNA2008 refuses owns
+  // nothing. Plain ASCII names skip this (the common case costs nothing).
+  std::string normalized;
+  if (idna::needsIdna(domain)) {
+    auto a = idna::toAscii(domain);
+    if (!a) return false;
+    normalized = std::move(*a);
+    domain = normalized;
+  }
+  auto sameDomain = [&](std::string_view want) {
+    if (!idna::needsIdna(want)) return util::iequals(want, domain);
+    auto a = idna::toAscii(want);  // entries from config are A-labels already
+    return a && *a == util::toLower(domain);
+  };
   for (const std::string& entry : senders) {
     if (entry.size() > 1 && entry.front() == '@') {
       std::string_view want = std::string_view(entry).substr(1);
-      if (want.find('@') == std::string_view::npos && util::iequals(want, domain)) return true;
+      if (want.find('@') == std::string_view::npos && sameDomain(want)) return true;
       continue;
     }
     std::string_view wantLocal, wantDomain;
     bool wantQuoted = false;
     if (!splitStrict(entry, wantLocal, wantDomain, wantQuoted)) continue;
-    if (util::iequals(wantDomain, domain) && localPartsMatch(wantLocal, wantQuoted, local, quoted)) {
+    if (sameDomain(wantDomain) && localPartsMatch(wantLocal, wantQuoted, local, quoted)) {
       return true;
     }
   }

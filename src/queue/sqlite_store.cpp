@@ -3,6 +3,8 @@
 // Schema and migrations live in schema.cpp; the writer thread in group_commit.cpp.
 #include "queue/sqlite_store.h"
 
+#include <cerrno>
+
 #include <sqlite3.h>
 
 #include <chrono>
@@ -263,8 +265,19 @@ SqliteStore::~SqliteStore() {
 
 int SqliteStore::schemaVersion() const { return version_; }
 
+namespace {
+// Out of room: SQLITE_FULL, or an I/O error whose cause is a full disk or quota.
+bool outOfSpace(sqlite3* db) {
+  if ((sqlite3_errcode(db) & 0xff) == SQLITE_FULL) return true;
+  const int e = sqlite3_system_errno(db);
+  return (sqlite3_errcode(db) & 0xff) == SQLITE_IOERR && (e == ENOSPC || e == EDQUOT);
+}
+}  // namespace
+
 util::Error SqliteStore::dbError(const std::string& what) const {
-  return util::makeError(what + ": " + sqlite3_errmsg(db_));
+  util::Error e = util::makeError(what + ": " + sqlite3_errmsg(db_));
+  e.storageFull = outOfSpace(db_);
+  return e;
 }
 
 util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& path, OpenOptions opts) {
@@ -409,6 +422,7 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
     int rc = sqlite3_bind_blob64(st, 13, m.content.data(), m.content.size(), SQLITE_STATIC);
     if (rc == SQLITE_OK) rc = sqlite3_step(st);
     if (rc != SQLITE_DONE) {
+      lastOutOfSpace_ = outOfSpace(db_);
       return sqlite3_extended_errcode(db_) == SQLITE_CONSTRAINT_PRIMARYKEY
                  ? "duplicate queue id " + m.id
                  : "cannot store message " + m.id + ": " + sqlite3_errmsg(db_);
@@ -426,7 +440,10 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
     sqlite3_bind_text(st, 4, state, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, next);
     sqlite3_bind_int64(st, 6, m.receivedAt);
-    if (sqlite3_step(st) != SQLITE_DONE) return "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
+    if (sqlite3_step(st) != SQLITE_DONE) {
+      lastOutOfSpace_ = outOfSpace(db_);
+      return "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
+    }
   }
   return {};
 }
@@ -454,12 +471,15 @@ std::vector<util::Result<std::string>> SqliteStore::insertBatch(const std::vecto
     if (m.id.empty()) return util::makeError("message has no queue id");
     if (m.recipients.empty()) return util::makeError("message " + m.id + " has no recipients");
     if (run(s.savepoint) != SQLITE_DONE) return dbError("cannot create savepoint");
+    lastOutOfSpace_ = false;
     std::string failure = insertMessageLocked(m);
     if (!failure.empty()) {
       // ROLLBACK TO undoes the rows but keeps the savepoint open; RELEASE closes it.
       run(s.rollbackTo);
       run(s.release);
-      return util::makeError(std::move(failure));
+      util::Error e = util::makeError(std::move(failure));
+      e.storageFull = lastOutOfSpace_;
+      return e;
     }
     if (run(s.release) != SQLITE_DONE) return dbError("cannot release savepoint");
     return m.id;
@@ -474,7 +494,9 @@ std::vector<util::Result<std::string>> SqliteStore::insertBatch(const std::vecto
     // silently open a fresh transaction: stop and fail the batch.
     if (sqlite3_get_autocommit(db_)) {
       std::string why = out.back().ok() ? sqlite3_errmsg(db_) : out.back().error().message;
-      return failAll(util::makeError("queue transaction aborted: " + why));
+      util::Error e = util::makeError("queue transaction aborted: " + why);
+      e.storageFull = out.back().ok() ? outOfSpace(db_) : out.back().error().storageFull;
+      return failAll(e);
     }
   }
   if (!any) {

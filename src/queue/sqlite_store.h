@@ -115,6 +115,7 @@ class SqliteStore final : public Store {
   sqlite3* db_;
   int version_;
   bool readOnly_;
+  bool lastOutOfSpace_ = false;  // set by insertMessageLocked on a failed step
   std::unique_ptr<Statements> stmts_;
 };
 

@@ -33,6 +33,12 @@ constexpr std::string_view kLoginPassPrompt = "UGFzc3dvcmQ6";  // "Password:"
 
 constexpr std::string_view kSizeExceeded = "Message size exceeds fixed maximum message size";
 constexpr std::string_view kBareLineEnd = "Message contains bare CR or LF (RFC 5321 2.3.8); send CRLF line endings";
+// RFC 5322 2.3 / RFC 5321 2.3.8 and 4.1.1.4: NUL is not text. A NUL before a "." line
+// is also a known way to make filters and the next hop disagree about where data ends.
+constexpr std::string_view kNulInContent = "Message contains NUL characters";
+// What ends a run of ordinary content in DATA: a line end or a NUL (explicit length:
+// the NUL is part of the set).
+constexpr std::string_view kDataSpecials{"\r\n\0", 3};
 
 bool parseDecimal(std::string_view s, uint64_t& out) {
   // 19 digits always fit in uint64_t; longer is more than any limit anyway.
@@ -149,6 +155,7 @@ void ServerSession::onStored(const StoreOutcome& outcome) {
   pending_ = Pending::None;
   phase_ = Phase::Command;
   if (outcome.ok) {
+    junkCommands_ = 0;  // mail moved: the commands before it were not junk
     reply(250, "2.0.0", "Ok: queued as " + outcome.queueId);
   } else {
     // The outcome comes from another module: never let it turn into a success or a
@@ -309,6 +316,7 @@ void ServerSession::process() {
 }
 
 void ServerSession::handleLine(std::string_view raw) {
+  ++linesHandled_;
   // raw ends with LF. RFC 5321 2.3.8: lines end with CRLF, and a bare CR or LF must not
   // be treated as one; refusing the line keeps us from reading it differently than a
   // downstream server would.
@@ -329,6 +337,18 @@ void ServerSession::handleLine(std::string_view raw) {
     return;
   }
   Command cmd = parseCommand(line);
+  switch (cmd.verb) {
+    case Verb::Helo:
+    case Verb::Ehlo:
+    case Verb::Rset:
+    case Verb::Noop:
+    case Verb::Help:
+    case Verb::Vrfy:
+      if (!countJunk()) return;
+      break;
+    default:
+      break;
+  }
   switch (cmd.verb) {
     case Verb::Helo:
       handleEhlo(cmd.args, false);
@@ -400,6 +420,7 @@ void ServerSession::handleLine(std::string_view raw) {
 // bare CR, is content, and marks the message as refused.
 size_t ServerSession::consumeData(size_t pos) {
   const size_t n = in_.size();
+  dataBytesSeen_ += n - pos;  // all of it is data up to the end marker at most
   while (pos < n) {
     const char c = in_[pos];
     switch (dataState_) {
@@ -433,16 +454,18 @@ size_t ServerSession::consumeData(size_t pos) {
         dataState_ = DataState::Mid;
         break;
       case DataState::Mid: {
-        size_t end = in_.find_first_of("\r\n", pos);
+        size_t end = std::string_view(in_).find_first_of(kDataSpecials, pos);
         if (end == std::string::npos) end = n;
         appendContent(std::string_view(in_.data() + pos, end - pos));
         pos = end;
         if (pos < n) {
           if (in_[pos] == '\r') {
             dataState_ = DataState::Cr;
-          } else {
+          } else if (in_[pos] == '\n') {
             markBareLineEnd();
             appendContent("\n");
+          } else {
+            markNul();  // stays Mid: a NUL is not a line end
           }
           ++pos;
         }
@@ -469,11 +492,13 @@ size_t ServerSession::consumeData(size_t pos) {
 size_t ServerSession::consumeBdat(size_t pos) {
   uint64_t avail = in_.size() - pos;
   size_t take = static_cast<size_t>(avail < bdatRemaining_ ? avail : bdatRemaining_);
+  dataBytesSeen_ += take;
   if (!bdatDiscard_) {
     std::string_view chunk(in_.data() + pos, take);
     for (char c : chunk) {
       if (bdatCr_ && c != '\n') markBareLineEnd();
       if (c == '\n' && !bdatCr_) markBareLineEnd();
+      if (c == '\0') markNul();
       bdatCr_ = (c == '\r');
     }
     appendContent(chunk);
@@ -493,17 +518,43 @@ void ServerSession::appendContent(std::string_view bytes) {
     content_.clear();
     content_.shrink_to_fit();
   }
-  if (contentTooBig_ || bareLineEnd_) return;
+  if (contentTooBig_ || bareLineEnd_ || nulSeen_ || contentRefusal_) return;
   content_.append(bytes);
-  if (cfg_.onContent) cfg_.onContent(bytes);
+  if (cfg_.onContent) {
+    if (auto refusal = cfg_.onContent(bytes)) {
+      contentRefusal_ = std::move(*refusal);
+      dropContent();
+    }
+  }
+}
+
+void ServerSession::dropContent() {
+  content_.clear();  // the message will be refused; keep nothing of it
+  content_.shrink_to_fit();
 }
 
 void ServerSession::markBareLineEnd() {
   if (bareLineEnd_) return;
   bareLineEnd_ = true;
-  content_.clear();  // the message will be refused; keep nothing of it
-  content_.shrink_to_fit();
+  dropContent();
 }
+
+void ServerSession::markNul() {
+  if (nulSeen_) return;
+  nulSeen_ = true;
+  dropContent();
+}
+
+// True: go on with the command. False: the junk limit was passed and the session closed.
+bool ServerSession::countJunk() {
+  if (cfg_.maxJunkCommands == 0) return true;
+  if (++junkCommands_ <= cfg_.maxJunkCommands) return true;
+  notice("reason=junk-commands limit=" + std::to_string(cfg_.maxJunkCommands));
+  closeWith(421, "4.7.0", "Too many commands without a mail transaction");
+  return false;
+}
+
+void ServerSession::notice(std::string what) { actions_.emplace_back(Notice{std::move(what)}); }
 
 // ---- replies --------------------------------------------------------------------------
 
@@ -549,6 +600,8 @@ void ServerSession::resetTransaction() {
   contentBytes_ = 0;
   contentTooBig_ = false;
   bareLineEnd_ = false;
+  nulSeen_ = false;
+  contentRefusal_.reset();
   dataState_ = DataState::LineStart;
   bdatActive_ = false;
   bdatCr_ = false;
@@ -561,6 +614,8 @@ void ServerSession::startContent() {
   contentBytes_ = 0;
   contentTooBig_ = false;
   bareLineEnd_ = false;
+  nulSeen_ = false;
+  contentRefusal_.reset();
   dataState_ = DataState::LineStart;
   bdatCr_ = false;
 }
@@ -678,7 +733,12 @@ void ServerSession::handleMail(std::string_view args) {
   }
   // RFC 6409 8.1 / SPEC: refuse senders the account does not own.
   if (cfg_.senderAllowed && !cfg_.senderAllowed(account_, p.address)) {
-    reply(553, "5.7.1", "Sender address not owned by this account");
+    // The null sender (RFC 5321 4.5.5) is how an MTA relaying through us sends its own
+    // bounces; it is no address an account can own, so it is a switch of its own.
+    if (p.address.empty())
+      reply(550, "5.7.1", "Null sender <> not allowed for this account (accounts[].allow_null_sender)");
+    else
+      reply(553, "5.7.1", "Sender address not owned by this account");
     return;
   }
   if (cfg_.mailPolicy) {
@@ -785,12 +845,26 @@ void ServerSession::finishData() {
     resetTransaction();
     return;
   }
+  if (refuseBadContent()) return;
+  emitStore();
+}
+
+// The content-level refusals, in the order a client can act on them. True: answered.
+bool ServerSession::refuseBadContent() {
   if (bareLineEnd_) {
     reply(550, "5.6.0", kBareLineEnd);
-    resetTransaction();
-    return;
+  } else if (nulSeen_) {
+    reply(550, "5.6.0", kNulInContent);
+  } else if (contentRefusal_) {
+    PolicyRefusal r = std::move(*contentRefusal_);
+    int code = (r.code >= 400 && r.code <= 599) ? r.code : 554;
+    if (!isValidEnhancedCode(r.enhanced, code)) r.enhanced = code >= 500 ? "5.6.0" : "4.6.0";
+    reply(code, r.enhanced, r.text);
+  } else {
+    return false;
   }
-  emitStore();
+  resetTransaction();
+  return true;
 }
 
 void ServerSession::emitStore() {
@@ -869,19 +943,22 @@ void ServerSession::finishBdatChunk() {
     return;
   }
   if (bdatLast_ && bdatCr_) markBareLineEnd();  // a CR as the very last octet
-  if (bareLineEnd_) {
-    reply(550, "5.6.0", kBareLineEnd);
-    resetTransaction();
-    return;
-  }
+  if (refuseBadContent()) return;
   if (!bdatLast_) {
     reply(250, "2.0.0", "Ok: " + std::to_string(bdatChunk_) + " octets received");
     return;
   }
   // Stored messages end with CRLF (the DATA path guarantees it by construction).
   if (!content_.empty() && content_.back() != '\n') {
+    // Not counted against SIZE: the client did not send it.
     content_ += "\r\n";
-    if (cfg_.onContent) cfg_.onContent("\r\n");
+    if (cfg_.onContent) {
+      if (auto refusal = cfg_.onContent("\r\n")) {
+        contentRefusal_ = std::move(*refusal);
+        dropContent();
+      }
+    }
+    if (refuseBadContent()) return;
   }
   emitStore();
 }
@@ -958,6 +1035,10 @@ void ServerSession::handleAuth(std::string_view args) {
       reply(334, {}, kLoginUserPrompt);
       return;
     }
+    if (initial->size() > cfg_.maxUsernameBytes) {
+      usernameTooLong();
+      return;
+    }
     loginUser_ = std::move(*initial);
     authStep_ = AuthStep::LoginPass;
     reply(334, {}, kLoginPassPrompt);
@@ -986,6 +1067,10 @@ void ServerSession::handleAuthResponse(std::string_view line) {
       handlePlain(*decoded);
       break;
     case AuthStep::LoginUser:
+      if (decoded->size() > cfg_.maxUsernameBytes) {
+        usernameTooLong();
+        break;
+      }
       loginUser_ = std::move(*decoded);
       authStep_ = AuthStep::LoginPass;
       reply(334, {}, kLoginPassPrompt);
@@ -1024,7 +1109,18 @@ void ServerSession::handlePlain(std::string_view message) {
 void ServerSession::requestAuth(std::string_view mechanism, std::string username, std::string password) {
   // RFC 4616 2: authcid and passwd are 1*SAFE (no NUL). Control characters in a user
   // name are never legitimate and would reach logs; refuse without asking the verifier.
+  if (username.size() > cfg_.maxUsernameBytes) {
+    usernameTooLong();
+    return;
+  }
   if (username.empty() || password.empty() || hasControlChars(username) || password.find('\0') != std::string::npos) {
+    authFailed("Authentication credentials invalid");
+    return;
+  }
+  if (password.size() > cfg_.maxPasswordBytes) {
+    // Answered like a wrong password, without the verifier: no account has a password
+    // this long, so there is nothing to check and nothing to count.
+    notice("reason=password-too-long");
     authFailed("Authentication credentials invalid");
     return;
   }
@@ -1032,6 +1128,11 @@ void ServerSession::requestAuth(std::string_view mechanism, std::string username
   actions_.emplace_back(Authenticate{std::string(mechanism), std::move(username), std::move(password)});
   pending_ = Pending::Auth;
   phase_ = Phase::Waiting;
+}
+
+void ServerSession::usernameTooLong() {
+  notice("reason=username-too-long");
+  badCommand(501, "5.5.2", "Username too long (at most " + std::to_string(cfg_.maxUsernameBytes) + " bytes)");
 }
 
 void ServerSession::authFailed(std::string_view text) {

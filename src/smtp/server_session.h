@@ -49,6 +49,16 @@ struct SessionConfig {
   size_t maxAuthLine = 12288;
   uint32_t maxBadCommands = 20;   // then 421 4.7.0 and close
   uint32_t maxAuthFailures = 3;   // then 421 4.7.0 and close
+  // Commands that move no mail (NOOP, RSET, HELP, VRFY, EHLO, HELO) allowed per session
+  // between accepted messages (Postfix's smtpd_junk_command_limit); beyond it 421 4.7.0
+  // and close, so one connection cannot stay forever doing nothing. 0 = no limit.
+  uint32_t maxJunkCommands = 100;
+  // AUTH identities and secrets longer than these are refused before any work (no
+  // password check, no brute-force table entry): RFC 4616 puts no bound on them, but
+  // no real account name or password comes near (a username over 255 octets could not
+  // even be an email address, RFC 5321 4.5.3.1.3).
+  size_t maxUsernameBytes = 255;
+  size_t maxPasswordBytes = 1024;
   // RFC 5321 4.5.3.2 timeouts the driver applies (see timeoutFor()).
   std::chrono::seconds commandTimeout{300};
   std::chrono::seconds dataBlockTimeout{180};
@@ -70,7 +80,10 @@ struct SessionConfig {
   // message without a final line end gets). onContentReset: the content seen so far is
   // void (a new DATA/BDAT transaction, RSET, a refused or stored message); start over.
   // The pieces are only meaningful when a Store follows before the next reset.
-  std::function<void(std::string_view chunk)> onContent;
+  // A refusal returned by onContent ends the keeping of this message (no more pieces are
+  // passed on, nothing is stored): the rest of the data is read and dropped, and the
+  // refusal is the reply at its end (header limits live in the driver's observer).
+  std::function<std::optional<PolicyRefusal>(std::string_view chunk)> onContent;
   std::function<void()> onContentReset;
 };
 
@@ -120,8 +133,14 @@ struct Store {
 };
 // Flush pending Sends, then close the connection.
 struct Close {};
+// Something the session refused on its own that an operator may want to see in the log
+// (the driver logs it; the session never logs). `what` is "key=value" words, no secrets
+// and nothing the client wrote.
+struct Notice {
+  std::string what;
+};
 
-using Action = std::variant<Send, StartTls, Authenticate, Store, Close>;
+using Action = std::variant<Send, StartTls, Authenticate, Store, Close, Notice>;
 
 // ---- outcomes ----------------------------------------------------------------------
 
@@ -186,6 +205,11 @@ class ServerSession {
   bool wantsInput() const;
   // Unprocessed input held by the session (bounded; for metrics and tests).
   size_t bufferedBytes() const { return in_.size(); }
+  // Grows when the client has done something worth waiting for again: a complete
+  // command line, or each further 64 KiB of message data. A driver restarts its
+  // RFC 5321 4.5.3.2 timer only when this (or the phase) changes, so the timeouts are
+  // deadlines that a client trickling single bytes cannot stretch.
+  uint64_t progress() const { return linesHandled_ + (dataBytesSeen_ >> 16); }
 
  private:
   // Implementation state lives in server_session.cpp; members are listed here so the
@@ -208,6 +232,10 @@ class ServerSession {
   size_t consumeBdat(size_t pos);
   void appendContent(std::string_view bytes);
   void markBareLineEnd();
+  void markNul();
+  void dropContent();
+  bool countJunk();
+  void notice(std::string what);
   void reply(int code, std::string_view enhanced, std::string_view text);
   void replyMulti(int code, std::string_view enhanced, const std::vector<std::string>& lines);
   void send(std::string bytes);
@@ -224,6 +252,8 @@ class ServerSession {
   void handlePlain(std::string_view message);
   void requestAuth(std::string_view mechanism, std::string username, std::string password);
   void authFailed(std::string_view text);
+  void usernameTooLong();
+  bool refuseBadContent();
   void handleStartTls(std::string_view args);
   void badCommand(int code, std::string_view enhanced, std::string_view text);
   void finishData();
@@ -250,6 +280,10 @@ class ServerSession {
   uint64_t bdatChunk_ = 0;
   uint32_t badCommands_ = 0;
   uint32_t authFailures_ = 0;
+  uint64_t linesHandled_ = 0;
+  uint64_t dataBytesSeen_ = 0;  // DATA/BDAT octets over the session, kept or not
+  uint32_t junkCommands_ = 0;
+  std::optional<PolicyRefusal> contentRefusal_;  // from onContent: the reply at end of data
   Phase phase_ = Phase::Greeting;
   AuthStep authStep_ = AuthStep::None;
   Pending pending_ = Pending::None;
@@ -262,6 +296,7 @@ class ServerSession {
   bool mailGiven_ = false;
   bool contentTooBig_ = false;
   bool bareLineEnd_ = false;
+  bool nulSeen_ = false;      // a NUL octet in the content (refused like bare CR/LF)
   bool bdatActive_ = false;   // this transaction has received BDAT data (no DATA now)
   bool bdatCr_ = false;       // the last BDAT byte so far was a CR
   bool bdatLast_ = false;

@@ -9,6 +9,8 @@
 // STARTTLS sequencing live in net/ and smtp/.
 #include "tls/tls_engine.h"
 
+#include <cctype>
+
 #include <arpa/inet.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -115,6 +117,19 @@ void TlsEngine::failFrom(int ret, const char* during) {
     ERR_clear_error();
   }
   fail(std::move(why));
+}
+
+bool TlsEngine::isCertificateRejection(std::string_view error) {
+  // BoringSSL says "SSLV3_ALERT_BAD_CERTIFICATE" / "TLSV1_ALERT_UNKNOWN_CA", OpenSSL
+  // "sslv3 alert bad certificate" / "tlsv1 alert unknown ca": compare in one form.
+  std::string e;
+  e.reserve(error.size());
+  for (char c : error) e += c == '_' ? ' ' : static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (e.find("alert") == std::string::npos) return false;
+  for (const char* what : {"alert bad certificate", "alert unsupported certificate", "alert certificate revoked",
+                           "alert certificate expired", "alert certificate unknown", "alert unknown ca"})
+    if (e.find(what) != std::string::npos) return true;
+  return false;
 }
 
 void TlsEngine::start() {

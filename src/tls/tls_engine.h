@@ -44,6 +44,11 @@ class TlsEngine {
   EngineState state() const { return state_; }
   bool handshakeDone() const { return state_ == EngineState::Open || state_ == EngineState::Closed; }
   const std::string& error() const { return error_; }
+  // True when error() says the peer ended the handshake with an alert about our
+  // certificate (RFC 8446 6.2 / RFC 5246 7.2.2: bad_certificate, unsupported_certificate,
+  // certificate_revoked, certificate_expired, certificate_unknown, unknown_ca): the
+  // client does not trust what we present, which the operator must fix, not the client.
+  static bool isCertificateRejection(std::string_view error);
 
   std::string version() const;          // "TLSv1.3"
   std::string cipher() const;           // "TLS_AES_128_GCM_SHA256"

@@ -11,6 +11,9 @@ namespace subrelay::util {
 
 struct Error {
   std::string message;
+  // The storage ran out of room (SQLITE_FULL, ENOSPC, EDQUOT): answered 452 4.3.1
+  // ("insufficient system storage", RFC 3463) rather than a generic temporary error.
+  bool storageFull = false;
 };
 
 template <typename T>

@@ -926,3 +926,69 @@ def main():
     print(f"{passed} passed, {failed} failed" +
           (f", {len(result.skipped)} skipped" if result.skipped else ""), flush=True)
     sys.exit(0 if ok else 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Additions for test_hostile.py, test_authenticated.py and test_interop.py (nothing above
+# depends on them)
+# --------------------------------------------------------------------------------------------
+
+def rss_kb(pid):
+    """VmRSS of a process in KiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def connect_socket(port, host=LOOPBACK, source=None, rcvbuf=None, sndbuf=None, timeout=10):
+    """A connected TCP socket; rcvbuf/sndbuf (SO_RCVBUF/SO_SNDBUF) are set before connect(),
+    so the window the kernel offers is small from the start. IPv6 when host contains ':'."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sndbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        if source:
+            s.bind((source, 0))
+        s.settimeout(scale(timeout))
+        s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+class SocketRawClient(RawClient):
+    """RawClient over a socket the caller connected (see connect_socket)."""
+
+    def __init__(self, sock, implicit_tls=False, timeout=10, ctx=None, read_greeting=True):
+        self.timeout = scale(timeout)
+        self.sock = sock
+        self.sock.settimeout(self.timeout)
+        self.buf = b""
+        self.transcript = []
+        if implicit_tls:
+            self.sock = (ctx or client_context()).wrap_socket(self.sock,
+                                                               server_hostname=LOOPBACK)
+        self.greeting = self.reply() if read_greeting else None
+
+
+def accounts_meters(srv):
+    """`subrelay accounts --json` as {account name: object}."""
+    proc = srv.cli("accounts", "--json")
+    if proc.returncode != 0:
+        raise AssertionError(f"subrelay accounts --json exited {proc.returncode}: "
+                             f"{proc.stderr.decode(errors='replace')}")
+    out = {}
+    for line in proc.stdout.decode().splitlines():
+        if line.strip():
+            o = json.loads(line)
+            out[o["account"]] = o
+    return out

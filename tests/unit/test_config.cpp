@@ -957,3 +957,34 @@ TEST_CASE("loadConfigFile and checkFiles") {
     CHECK(s.errors[0].line == 2);
   }
 }
+
+TEST_CASE("issue 9: header and junk limits, allow_null_sender, IDN senders") {
+  LoadResult d = parse(withTop(""));
+  REQUIRE(d.config);
+  CHECK(d.config->limits.maxHeaderBytes == 1048576);
+  CHECK(d.config->limits.maxHeaderFields == 10000);
+  CHECK(d.config->limits.maxJunkCommands == 100);
+  LoadResult r = parse(withTop(R"(, "limits": {"max_header_bytes": 65536, "max_header_fields": 500, "max_junk_commands": 0})"));
+  INFO(allErrors(r));
+  REQUIRE(r.config);
+  CHECK(r.config->limits.maxHeaderBytes == 65536);
+  CHECK(r.config->limits.maxHeaderFields == 500);
+  CHECK(r.config->limits.maxJunkCommands == 0);
+  expectError(parse(withTop(R"(, "limits": {"max_header_bytes": 10})")), "limits.max_header_bytes", "from 1024");
+  expectError(parse(withTop(R"(, "limits": {"max_header_fields": "many"})")), "limits.max_header_fields", "");
+
+  LoadResult n = parse(withAccount(R"("senders": ["@shop.example.com"], "allow_null_sender": true)"));
+  expectOk(n);
+  CHECK(n.config->accounts[0].allowNullSender);
+  CHECK_FALSE(parse(withAccount(R"("senders": ["@shop.example.com"])")).config->accounts[0].allowNullSender);
+  expectError(parse(withAccount(R"("senders": ["@shop.example.com"], "allow_null_sender": "yes")")),
+              "accounts[0].allow_null_sender", "expected true or false");
+
+  // IDNA2008: written in UTF-8, upper case or as an A-label, kept as the A-label.
+  LoadResult i = parse(withAccount(R"("senders": ["@ex)" "\xc3\xa4" R"(mple.com", "Info@EX)" "\xc3\x84" R"(MPLE.org", "@XN--EXMPLE-CUA.net"])"));
+  expectOk(i);
+  CHECK(i.config->accounts[0].senders ==
+        std::vector<std::string>{"@xn--exmple-cua.com", "Info@xn--exmple-cua.org", "@xn--exmple-cua.net"});
+  expectError(parse(withAccount(R"("senders": ["@xn--zz.com"])")), "accounts[0].senders[0]", "IDNA2008");
+  expectError(parse(withAccount(R"("senders": ["@-bad.com"])")), "accounts[0].senders[0]", "");
+}

@@ -513,11 +513,15 @@ TEST_CASE("a username attacked from many addresses is slowed, never locked") {
     const std::string ip = "10.0." + std::to_string(i / 250) + "." + std::to_string(i % 250);
     g.recordFailure(ip, "admin", c.now());
   }
-  // The legitimate owner from a clean address: delayed (capped), not refused.
-  Verdict v = g.check("192.0.2.200", "admin", c.now());
+  // The legitimate owner from a clean address: no delay at all, never refused.
+  CHECK(g.check("192.0.2.200", "admin", c.now()).kind == Verdict::Kind::Allow);
+  CHECK(g.checkAddress("192.0.2.200", c.now()).kind == Verdict::Kind::Allow);
+  // A guessing address pays for the name's failures (capped) once it has failed itself.
+  Verdict v = g.check("10.0.0.1", "admin", c.now());
   CHECK(v.kind == Verdict::Kind::Delay);
   CHECK(v.delay == 8000ms);
-  CHECK(g.checkAddress("192.0.2.200", c.now()).kind == Verdict::Kind::Allow);
+  g.recordFailure("192.0.2.200", "admin", c.now());
+  CHECK(g.check("192.0.2.200", "admin", c.now()).delay == 8000ms);
   g.recordSuccess("192.0.2.200", "admin", c.now());
   CHECK(g.check("192.0.2.200", "admin", c.now()).kind == Verdict::Kind::Allow);
   // Another user from a clean address never noticed.
@@ -528,10 +532,11 @@ TEST_CASE("a known-good credential does not pay for guesses at its username") {
   FakeClock c;
   AuthGuard g;
   for (int i = 0; i < 50; ++i) g.recordFailure("10.1.0." + std::to_string(i), "ci", c.now());
+  g.recordFailure("192.0.2.9", "ci", c.now());  // the owner mistyped once
   CHECK(g.check("192.0.2.9", "ci", c.now()).kind == Verdict::Kind::Delay);
   CHECK(g.check("192.0.2.9", "ci", c.now(), true).kind == Verdict::Kind::Allow);
   // The address's own failures still count, known-good or not.
-  for (int i = 0; i < 4; ++i) g.recordFailure("192.0.2.9", "other", c.now());
+  for (int i = 0; i < 3; ++i) g.recordFailure("192.0.2.9", "other", c.now());
   Verdict v = g.check("192.0.2.9", "ci", c.now(), true);
   CHECK(v.kind == Verdict::Kind::Delay);
   CHECK(v.delay == 2000ms);
@@ -628,4 +633,19 @@ TEST_CASE("lockoutThreshold 0 disables the lock but keeps the delays") {
   Verdict v = g.check("192.0.2.77", "u", c.now());
   CHECK(v.kind == Verdict::Kind::Delay);
   CHECK(v.delay == 30000ms);
+}
+
+TEST_CASE("issue 9: a username under attack from one address does not slow its owner elsewhere") {
+  FakeClock c;
+  AuthGuard g;
+  for (int i = 0; i < 8; ++i) g.recordFailure("198.51.100.7", "webshop", c.now());
+  // The guesser is slowed by its address and the name...
+  CHECK(g.check("198.51.100.7", "webshop", c.now()).kind == Verdict::Kind::Delay);
+  // ...the owner at a clean address is not, whether or not its credential was cached.
+  CHECK(g.check("192.0.2.44", "webshop", c.now()).kind == Verdict::Kind::Allow);
+  CHECK(g.check("192.0.2.44", "webshop", c.now(), false).delay == 0ms);
+  // A new address of the attacker gets its first guess undelayed, then the name's delay.
+  CHECK(g.check("198.51.100.8", "webshop", c.now()).kind == Verdict::Kind::Allow);
+  g.recordFailure("198.51.100.8", "webshop", c.now());
+  CHECK(g.check("198.51.100.8", "webshop", c.now()).kind == Verdict::Kind::Delay);
 }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "message/fixups.h"
+#include "message/header_scanner.h"
 #include "message/headers.h"
 
 using namespace subrelay::message;
@@ -394,4 +395,108 @@ TEST_CASE("fix-ups: messages without a proper header/body separator stay valid")
   check("Subject: x\r\nforgot the empty line\r\n", "forgot the empty line\r\n");
   check("\r\nbody only\r\n", "body only\r\n");
   check(" starts folded\r\n", " starts folded\r\n");
+}
+
+// ---- HeaderScanner (issue 9: header limits, one header/body boundary) ------------------
+
+namespace {
+
+struct Streamed {
+  bool inBody = false;
+  uint64_t bodyOffset = 0;
+  uint64_t fields = 0;
+  std::string body;  // the body octets as a streaming caller sees them
+  HeaderScanner::Violation violation = HeaderScanner::Violation::None;
+};
+
+Streamed stream(std::string_view msg, size_t piece, HeaderScanner::Limits lim = {}) {
+  HeaderScanner sc(lim);
+  sc.keepUndecided(true);
+  Streamed out;
+  bool started = false;
+  for (size_t pos = 0; pos < msg.size(); pos += piece) {
+    std::string_view chunk = msg.substr(pos, piece);
+    size_t at = sc.feed(chunk);
+    if (at == std::string_view::npos) continue;
+    if (!started) {
+      started = true;
+      out.body += sc.bodyPrefix();
+    }
+    out.body += chunk.substr(at);
+  }
+  if (!started && sc.violation() == HeaderScanner::Violation::None) {
+    sc.finish();
+    out.body += sc.bodyPrefix();
+  }
+  out.inBody = sc.inBody();
+  out.bodyOffset = sc.bodyOffset();
+  out.fields = sc.fields();
+  out.violation = sc.violation();
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("HeaderScanner: any split gives scanHeaders' boundary and the same body") {
+  const char* messages[] = {
+      "From: a@b.test\r\nSubject: x\r\n\r\nbody\r\n",
+      "From: a@b.test\r\nSubject: x\r\nThis line is body text\r\n",  // no empty line (issue 9 #8)
+      "From: a@b.test\r\nSubject: folded\r\n  more\r\n\tand more\r\nBody without separator: no\r\n",
+      "From: a@b.test\r\nSubject : obsolete WSP\r\n\r\nb\r\n",
+      "This line is body text\r\n",
+      "\r\nbody only\r\n",
+      "From: a@b.test\r\n",
+      "From: a@b.test\r\nX-Long-Name-Without-Colon-That-Is-Body\r\nmore\r\n",
+      " leading WSP is body\r\nFrom: x\r\n",
+      "From: a@b.test\r\n\r\n",
+      "From: a@b.test\r\nSubject: Gr\xc3\xbc\xc3\x9f""e\r\n\xc3\xa4 body starts here\r\n",
+      "A:\r\nB:\r\n\r\n",
+      "",
+  };
+  for (const char* m : messages) {
+    CAPTURE(m);
+    const std::string msg(m);
+    const HeaderBlock block = scanHeaders(msg);
+    for (size_t piece : {size_t{1}, size_t{2}, size_t{3}, size_t{7}, msg.size() + 1}) {
+      CAPTURE(piece);
+      Streamed s = stream(msg, piece == 0 ? 1 : piece);
+      CHECK(s.bodyOffset == block.bodyOffset);
+      CHECK(s.fields == block.fields.size());
+      CHECK(s.body == msg.substr(block.bodyOffset));
+    }
+  }
+}
+
+TEST_CASE("HeaderScanner: header limits hold while the data streams") {
+  SUBCASE("too many octets: refused before the header ends, nothing kept") {
+    std::string msg;
+    for (int i = 0; i < 3000; ++i) msg += "X-Field: " + std::string(90, 'v') + "\r\n";
+    msg += "\r\nbody\r\n";
+    Streamed s = stream(msg, 4096, {64 * 1024, 0});
+    CHECK(s.violation == HeaderScanner::Violation::TooManyBytes);
+    CHECK(s.body.empty());
+  }
+  SUBCASE("too many fields") {
+    std::string msg;
+    for (int i = 0; i < 20000; ++i) msg += "a:b\r\n";
+    msg += "\r\n";
+    Streamed s = stream(msg, 65536, {0, 10000});
+    CHECK(s.violation == HeaderScanner::Violation::TooManyFields);
+  }
+  SUBCASE("a body line that never ends (no colon) counts as header until decided") {
+    std::string msg(3 * 1024 * 1024, 'x');
+    HeaderScanner sc({1024 * 1024, 0});
+    sc.keepUndecided(true);
+    for (size_t pos = 0; pos < msg.size(); pos += 65536) sc.feed(std::string_view(msg).substr(pos, 65536));
+    CHECK(sc.violation() == HeaderScanner::Violation::TooManyBytes);
+    CHECK(sc.bodyPrefix().empty());  // nothing held after the refusal
+  }
+  SUBCASE("within the limits") {
+    std::string msg;
+    for (int i = 0; i < 900; ++i) msg += "X-Field: " + std::string(1000, 'v') + "\r\n";
+    msg += "\r\nbody\r\n";
+    Streamed s = stream(msg, 65536, {1048576, 10000});
+    CHECK(s.violation == HeaderScanner::Violation::None);
+    CHECK(s.body == "body\r\n");
+  }
 }

@@ -243,6 +243,21 @@ TEST_CASE("sender rules") {
   CHECK(senderAllowed(utf8, "j\xc3\xb6rg@EXAMPLE.de"));
   CHECK_FALSE(senderAllowed(utf8, "J\xc3\x96rg@example.de"));
 
+  // IDN domains (issue 9): the A-label entry owns the UTF-8, mixed-case and A-label
+  // forms; a name IDNA2008 refuses owns nothing.
+  const std::vector<std::string> idn = {"@xn--exmple-cua.com", "info@xn--exmple-cua.org"};
+  CHECK(senderAllowed(idn, "a@xn--exmple-cua.com"));
+  CHECK(senderAllowed(idn, "a@XN--EXMPLE-CUA.COM"));
+  CHECK(senderAllowed(idn, "a@ex\xc3\xa4mple.com"));
+  CHECK(senderAllowed(idn, "a@EX\xc3\x84MPLE.com"));
+  CHECK(senderAllowed(idn, "Info@ex\xc3\xa4mple.org"));
+  CHECK_FALSE(senderAllowed(idn, "other@ex\xc3\xa4mple.org"));
+  CHECK_FALSE(senderAllowed(idn, "a@ex\xc3\xa4mple.net"));
+  CHECK_FALSE(senderAllowed(idn, "a@xn--zz.com"));
+  CHECK_FALSE(senderAllowed(idn, "a@example.com"));
+  // An entry written in UTF-8 (not through the config loader) still compares.
+  CHECK(senderAllowed({"@ex\xc3\xa4mple.com"}, "a@xn--exmple-cua.com"));
+
   // Malformed rules never match anything.
   const std::vector<std::string> junk = {"", "@", "example.org", "a@b@c", "@a@b"};
   CHECK_FALSE(senderAllowed(junk, "x@example.org"));

@@ -529,9 +529,14 @@ TEST_CASE("AUTH LOGIN") {
   }
   SUBCASE("long SASL lines use maxAuthLine") {
     std::string pw(6000, 'p');
-    h.feed("AUTH LOGIN " + base64Encode("alice") + "\r\n");
-    CHECK(h.feed(base64Encode(pw) + "\r\n").empty());
-    auto* a = h.takeAction<Authenticate>();
+    auto big = testConfig();
+    big.maxPasswordBytes = 8192;
+    Harness hb(big);
+    hb.connect(true);
+    hb.feed("EHLO client.test\r\n");
+    hb.feed("AUTH LOGIN " + base64Encode("alice") + "\r\n");
+    CHECK(hb.feed(base64Encode(pw) + "\r\n").empty());
+    auto* a = hb.takeAction<Authenticate>();
     REQUIRE(a);
     CHECK(a->password == pw);
   }
@@ -915,7 +920,10 @@ TEST_CASE("content observer sees exactly the stored content (DATA and BDAT, byte
   auto seen = std::make_shared<std::string>();
   auto resets = std::make_shared<int>(0);
   SessionConfig c = testConfig();
-  c.onContent = [seen](std::string_view chunk) { seen->append(chunk); };
+  c.onContent = [seen](std::string_view chunk) -> std::optional<PolicyRefusal> {
+    seen->append(chunk);
+    return std::nullopt;
+  };
   c.onContentReset = [seen, resets]() {
     seen->clear();
     ++*resets;
@@ -1385,4 +1393,136 @@ TEST_CASE("transcripts: whole, byte by byte, irregular pieces") {
     CHECK(whole == bytewise);
     CHECK(whole == irregular);
   }
+}
+
+// ---- hardening (issue 9) ------------------------------------------------------------------
+
+TEST_CASE("junk commands: limit, 421, reset by an accepted message") {
+  auto c = testConfig();
+  c.maxJunkCommands = 5;
+  SUBCASE("NOOP/RSET/HELP/VRFY/EHLO all count; the sixth closes") {
+    Harness h(c);
+    h.connect();
+    CHECK(h.last("EHLO a\r\n").rfind("250 ", 0) == 0);
+    CHECK(h.last("NOOP\r\n") == "250 2.0.0 Ok");
+    CHECK(h.last("RSET\r\n") == "250 2.0.0 Ok");
+    CHECK(h.last("HELP\r\n").rfind("214 ", 0) == 0);
+    CHECK(h.last("VRFY x\r\n").rfind("252 ", 0) == 0);
+    CHECK(h.last("NOOP\r\n") == "421 4.7.0 Too many commands without a mail transaction");
+    CHECK(h.closed);
+    auto* n = h.takeAction<Notice>();
+    REQUIRE(n);
+    CHECK(n->what.find("reason=junk-commands") != std::string::npos);
+  }
+  SUBCASE("pipelined flood: answered up to the limit, then one 421, nothing more") {
+    Harness h(c);
+    h.connect();
+    std::string flood;
+    for (int i = 0; i < 1000; ++i) flood += "EHLO a\r\n";
+    h.feed(flood);
+    CHECK(h.closed);
+    auto lines = splitLines(h.out);
+    CHECK(lines.back() == "421 4.7.0 Too many commands without a mail transaction");
+    CHECK(h.out.size() < 2000);
+  }
+  SUBCASE("an accepted message starts the count over") {
+    Harness h(c);
+    h.login();  // EHLO = 1
+    for (int round = 0; round < 3; ++round) {
+      for (int i = 0; i < 4; ++i) REQUIRE(h.last("NOOP\r\n") == "250 2.0.0 Ok");
+      h.feed("MAIL FROM:<alice@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n");
+      h.feed("Subject: x\r\n\r\nx\r\n.\r\n");
+      REQUIRE(h.takeAction<Store>());
+      h.s.onStored(StoreOutcome{true, "Q1"});
+      REQUIRE(h.step().back() == "250 2.0.0 Ok: queued as Q1");
+    }
+    CHECK_FALSE(h.closed);
+  }
+  SUBCASE("0 means no limit") {
+    c.maxJunkCommands = 0;
+    Harness h(c);
+    h.connect();
+    for (int i = 0; i < 500; ++i) REQUIRE(h.last("NOOP\r\n") == "250 2.0.0 Ok");
+  }
+}
+
+TEST_CASE("AUTH: overlong username and password are refused without the verifier") {
+  Harness h;
+  h.connect(true);
+  h.feed("EHLO c\r\n");
+  std::string longUser(9000, 'u');
+  CHECK(h.last("AUTH PLAIN " + plainIr("", longUser, "pw") + "\r\n") == "501 5.5.2 Username too long (at most 255 bytes)");
+  CHECK(h.takeAction<Authenticate>() == nullptr);
+  auto* n = h.takeAction<Notice>();
+  REQUIRE(n);
+  CHECK(n->what == "reason=username-too-long");
+  // LOGIN: refused at the username, no password prompt.
+  CHECK(h.last("AUTH LOGIN\r\n") == "334 VXNlcm5hbWU6");
+  CHECK(h.last(base64Encode(longUser) + "\r\n") == "501 5.5.2 Username too long (at most 255 bytes)");
+  CHECK(h.last("AUTH LOGIN " + base64Encode(longUser) + "\r\n") == "501 5.5.2 Username too long (at most 255 bytes)");
+  CHECK(h.takeAction<Authenticate>() == nullptr);
+  // 255 bytes is fine.
+  h.feed("AUTH PLAIN " + plainIr("", std::string(255, 'u'), "pw") + "\r\n");
+  REQUIRE(h.takeAction<Authenticate>());
+  h.s.onAuthResult(AuthVerdict::Failed);
+  h.step();
+  // A password over the bound: 535 at once, like a wrong one.
+  CHECK(h.last("AUTH PLAIN " + plainIr("", "alice", std::string(1025, 'p')) + "\r\n") ==
+        "535 5.7.8 Authentication credentials invalid");
+  CHECK(h.takeAction<Authenticate>() == nullptr);
+  bool sawPw = false;
+  while (auto* nn = h.takeAction<Notice>()) sawPw = sawPw || nn->what == "reason=password-too-long";
+  CHECK(sawPw);
+}
+
+TEST_CASE("NUL in content is refused like bare CR/LF (DATA and BDAT)") {
+  for (int bytewise = 0; bytewise < 2; ++bytewise) {
+    CAPTURE(bytewise);
+    Harness h;
+    h.envelope();
+    h.feed("DATA\r\n");
+    std::string msg = std::string("Subject: a\r\n\r\na\0b\r\n", 19) + std::string("\r\n\0.\r\nMAIL FROM:<x@evil.example>\r\n", 34) + ".\r\n";
+    auto lines = bytewise ? h.feedBytewise(msg) : h.feed(msg);
+    CHECK(lines == std::vector<std::string>{"550 5.6.0 Message contains NUL characters"});
+    CHECK(h.takeAction<Store>() == nullptr);
+    CHECK(h.last("RCPT TO:<b@example.net>\r\n") == "503 5.5.1 Error: need MAIL command");
+    // The next message in the session is fine.
+    h.feed("MAIL FROM:<alice@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nSubject: ok\r\n\r\nok\r\n.\r\n");
+    REQUIRE(h.takeAction<Store>());
+  }
+  Harness h;
+  h.envelope();
+  std::string chunk("Subject: a\r\n\r\n\0\r\n", 17);
+  CHECK(h.last("BDAT " + std::to_string(chunk.size()) + " LAST\r\n" + chunk) == "550 5.6.0 Message contains NUL characters");
+  CHECK(h.takeAction<Store>() == nullptr);
+}
+
+TEST_CASE("content observer refusal: rest of the data read and dropped, refusal at the end") {
+  auto c = testConfig();
+  auto pieces = std::make_shared<size_t>(0);
+  c.onContent = [pieces](std::string_view) -> std::optional<PolicyRefusal> {
+    if (++*pieces == 3) return PolicyRefusal{552, "5.3.4", "Message header section too large (limit 10 bytes)"};
+    return std::nullopt;
+  };
+  Harness h(c);
+  h.envelope();
+  h.feed("DATA\r\n");
+  CHECK(h.feed("a: 1\r\nb: 2\r\nc: 3\r\nd: 4\r\n\r\nbody\r\n").empty());
+  size_t seen = *pieces;
+  CHECK(h.feed("more body\r\n").empty());
+  CHECK(*pieces == seen);  // nothing passed on after the refusal
+  CHECK(h.feed(".\r\n") == std::vector<std::string>{"552 5.3.4 Message header section too large (limit 10 bytes)"});
+  CHECK(h.takeAction<Store>() == nullptr);
+  CHECK_FALSE(h.s.inTransaction());
+}
+
+TEST_CASE("null sender: its own reply when the account may not use it") {
+  Harness h;
+  h.login();
+  CHECK(h.last("MAIL FROM:<>\r\n") == "550 5.7.1 Null sender <> not allowed for this account (accounts[].allow_null_sender)");
+  auto c = testConfig();
+  c.senderAllowed = [](std::string_view, std::string_view addr) { return addr.empty() || addr == "alice@example.com"; };
+  Harness h2(c);
+  h2.login();
+  CHECK(h2.last("MAIL FROM:<>\r\n") == "250 2.1.0 Ok");
 }

@@ -1,0 +1,83 @@
+// The cleanup stage (cleanup.h).
+#include "submission/cleanup.h"
+
+#include "idna/idna.h"
+#include "message/headers.h"
+
+namespace subrelay::submission {
+
+namespace {
+
+CleanupResult refuse(int code, const char* enhanced, std::string text) {
+  CleanupResult r;
+  r.code = code;
+  r.enhanced = enhanced;
+  r.text = std::move(text);
+  return r;
+}
+
+// An address for a reply line: printable, bounded (it came from the client).
+std::string shown(std::string_view a) {
+  std::string out;
+  for (char c : a.substr(0, 100)) {
+    const auto u = static_cast<unsigned char>(c);
+    out += (u < 0x20 || u == 0x7f) ? '?' : c;
+  }
+  if (a.size() > 100) out += "...";
+  return out;
+}
+
+}  // namespace
+
+bool hasNonAscii(std::string_view s) {
+  for (char c : s)
+    if (static_cast<unsigned char>(c) >= 0x80) return true;
+  return false;
+}
+
+CleanupResult cleanup(std::string_view content, const CleanupRequest& req) {
+  // One scan of the header section; the fix-ups below reuse it.
+  const message::HeaderBlock headers = message::scanHeaders(content);
+
+  // RFC 6409 8.1: the MSA may check that the submitter is allowed to use the addresses
+  // it claims; we require it of every From mailbox and of Sender.
+  const size_t fromCount = message::countFields(headers, "From");
+  if (fromCount != 1)
+    return refuse(550, "5.6.0",
+                  fromCount == 0 ? "Message has no From header field (RFC 5322 3.6)"
+                                 : "Message has more than one From header field (RFC 5322 3.6)");
+  const auto addrs = message::parseAddressList(message::findField(headers, "From")->value);
+  if (addrs.empty()) return refuse(550, "5.6.0", "Cannot parse the From header field (RFC 5322 3.6.2)");
+  for (const auto& a : addrs) {
+    if (!req.owns || !req.owns(a))
+      return refuse(550, "5.7.1", "From header address <" + shown(a) + "> not owned by this account");
+  }
+  // RFC 5322 3.6.2: Sender is one mailbox, "the agent responsible for the actual
+  // transmission"; receivers show it ("on behalf of"), so it may not name someone else.
+  const size_t senderCount = message::countFields(headers, "Sender");
+  if (senderCount > 1) return refuse(550, "5.6.0", "Message has more than one Sender header field (RFC 5322 3.6)");
+  if (senderCount == 1) {
+    const auto sender = message::parseAddressList(message::findField(headers, "Sender")->value);
+    if (sender.size() != 1) return refuse(550, "5.6.0", "Cannot parse the Sender header field (RFC 5322 3.6.2)");
+    if (!req.owns || !req.owns(sender.front()))
+      return refuse(550, "5.7.1", "Sender header address <" + shown(sender.front()) + "> not owned by this account");
+  }
+
+  CleanupResult r;
+  r.ok = true;
+  // RFC 6531 3.4: SMTPUTF8 is needed for non-ASCII addresses or header fields; the body
+  // is 8BITMIME's business. Decided on the client's header section, before ours is added.
+  bool utf8 = hasNonAscii(req.mailFrom) || hasNonAscii(content.substr(0, headers.bodyOffset));
+  for (const auto& rcpt : req.recipients) utf8 = utf8 || hasNonAscii(rcpt);
+  r.smtputf8 = utf8;
+
+  // RFC 6376 3.5: d= is the From domain (the first mailbox; all are the account's).
+  const std::string& first = addrs.front();
+  if (size_t at = first.rfind('@'); at != std::string::npos) {
+    if (auto d = idna::toAscii(std::string_view(first).substr(at + 1))) r.signingDomain = std::move(*d);
+  }
+  r.content = message::applySubmissionFixups(content, headers, req.trace);
+  return r;
+}
+
+}  // namespace subrelay::submission
