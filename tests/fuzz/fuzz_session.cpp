@@ -12,7 +12,8 @@
 //     same replies and actions (unless STARTTLS, which discards pipelined input by
 //     design, happened).
 // Two configurations are run: a permissive one over cleartext, and a strict one with
-// small limits over implicit TLS.
+// small limits (junk commands, credential lengths, header limits through the server's
+// streaming HeaderScanner) over implicit TLS.
 #include "fuzz_check.h"
 
 #include <cstdint>
@@ -21,6 +22,10 @@
 #include <string>
 #include <string_view>
 
+#include <memory>
+#include <optional>
+
+#include "message/header_scanner.h"
 #include "smtp/server_session.h"
 
 using namespace subrelay::smtp;
@@ -68,6 +73,20 @@ SessionConfig makeConfig(int variant) {
     c.maxAuthLine = 128;
     c.maxBadCommands = 8;
     c.maxAuthFailures = 2;
+    c.maxJunkCommands = 5;
+    c.maxUsernameBytes = 16;
+    c.maxPasswordBytes = 16;
+    // The server's content observer: header limits from a streaming HeaderScanner. Its
+    // verdict must not depend on how the input is split either.
+    auto scan = std::make_shared<std::optional<subrelay::message::HeaderScanner>>();
+    c.onContent = [scan](std::string_view chunk) -> std::optional<PolicyRefusal> {
+      if (!*scan) *scan = subrelay::message::HeaderScanner({200, 5});
+      (*scan)->feed(chunk);
+      if ((*scan)->violation() != subrelay::message::HeaderScanner::Violation::None)
+        return PolicyRefusal{552, "5.3.4", "Header limit"};
+      return std::nullopt;
+    };
+    c.onContentReset = [scan] { scan->reset(); };
   }
   return c;
 }
