@@ -141,7 +141,10 @@ bool Runtime::storageAvailable(uint64_t declaredSize) {
                             std::chrono::steady_clock::now().time_since_epoch())
                             .count();
   int64_t last = storageCheckedMs_.load();
-  if (nowMs - last >= 1000 && storageCheckedMs_.compare_exchange_strong(last, nowMs)) {
+  // Once a second while there is room; at every MAIL while there is not, so the first
+  // client after the operator freed space is accepted (statvfs costs a microsecond).
+  const bool lacking = storeFull_.load() || freeBytes_.load() < declaredSize + kStorageMargin;
+  if ((lacking || nowMs - last >= 1000) && storageCheckedMs_.compare_exchange_strong(last, nowMs)) {
     struct statvfs sv {};
     if (!dataDir.empty() && ::statvfs(dataDir.c_str(), &sv) == 0) {
       freeBytes_.store(static_cast<uint64_t>(sv.f_bavail) * sv.f_frsize);

@@ -83,6 +83,24 @@ TlsEngine::TlsEngine(std::shared_ptr<TlsContext> ctx, std::string serverName) : 
 
 TlsEngine::~TlsEngine() { SSL_free(ssl_); }
 
+namespace {
+// RFC 8446 6 / RFC 5246 7.2 alert descriptions, named as OpenSSL prints them.
+std::string alertName(int desc) {
+  switch (desc) {
+    case 40: return "tlsv1 alert handshake failure";
+    case 42: return "sslv3 alert bad certificate";
+    case 43: return "sslv3 alert unsupported certificate";
+    case 44: return "sslv3 alert certificate revoked";
+    case 45: return "sslv3 alert certificate expired";
+    case 46: return "sslv3 alert certificate unknown";
+    case 48: return "tlsv1 alert unknown ca";
+    case 70: return "tlsv1 alert protocol version";
+    case 112: return "tlsv1 alert unrecognized name";
+    default: return "alert " + std::to_string(desc);
+  }
+}
+}  // namespace
+
 void TlsEngine::fail(std::string why) {
   state_ = EngineState::Failed;
   error_ = std::move(why);
@@ -104,7 +122,12 @@ void TlsEngine::failFrom(int ret, const char* during) {
       return;
     }
   }
-  if (err == SSL_ERROR_SSL) {
+  if (plainAlert_ >= 0) {
+    // The peer's alert came as a plaintext record (below): say what it was, not the
+    // decryption error it causes.
+    why += "peer sent alert " + alertName(plainAlert_);
+    ERR_clear_error();
+  } else if (err == SSL_ERROR_SSL) {
     why += lastTlsError();
   } else if (err == SSL_ERROR_ZERO_RETURN) {
     why += "peer sent close_notify before the handshake completed";
@@ -117,6 +140,21 @@ void TlsEngine::failFrom(int ret, const char* during) {
     ERR_clear_error();
   }
   fail(std::move(why));
+}
+
+
+// A TLS 1.3 client that rejects our certificate may send its alert as a plaintext record
+// even though handshake keys are in use (OpenSSL 3 does: "15 03 03 00 02 02 30" for a
+// fatal unknown_ca); BoringSSL then only reports a record it cannot decrypt. Look for such
+// a record in what arrives during the handshake, so the failure names the alert.
+void TlsEngine::notePlaintextAlert(std::string_view b) {
+  for (size_t i = 0; i + 7 <= b.size(); ++i) {
+    if (static_cast<unsigned char>(b[i]) == 0x15 && b[i + 1] == 0x03 &&
+        static_cast<unsigned char>(b[i + 2]) <= 0x04 && b[i + 3] == 0x00 && b[i + 4] == 0x02 && b[i + 5] == 0x02) {
+      plainAlert_ = static_cast<unsigned char>(b[i + 6]);
+      return;
+    }
+  }
 }
 
 bool TlsEngine::isCertificateRejection(std::string_view error) {
@@ -141,6 +179,7 @@ void TlsEngine::start() {
 void TlsEngine::feedCiphertext(std::string_view bytes) {
   if (state_ == EngineState::Failed || peerClosed_) return;
   started_ = true;  // a server starts on the ClientHello
+  if (state_ == EngineState::Handshaking) notePlaintextAlert(bytes);
   // In slices, pumping after each: BoringSSL's memory BIO moves the unread rest to the
   // front on every read (two reads per record), so one 1 MiB write costs quadratic
   // copying (measured: a quarter of the throughput); a bounded slice keeps it linear.

@@ -63,6 +63,7 @@ class TlsEngine {
   void encrypt(std::string_view bytes);
   void fail(std::string why);
   void failFrom(int ret, const char* during);  // reads SSL_get_error and the error queue
+  void notePlaintextAlert(std::string_view bytes);
 
   std::shared_ptr<TlsContext> ctx_;
   SSL* ssl_ = nullptr;
@@ -70,6 +71,7 @@ class TlsEngine {
   BIO* wbio_ = nullptr;  // ciphertext for the peer; owned by ssl_
   EngineState state_ = EngineState::Handshaking;
   bool verifying_ = false;  // client context with SSL_VERIFY_PEER
+  int plainAlert_ = -1;     // description of a fatal plaintext alert seen in the handshake
   bool started_ = false;
   bool peerClosed_ = false;  // close_notify received
   bool sentClose_ = false;   // close_notify queued by shutdown()

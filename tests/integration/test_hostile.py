@@ -277,7 +277,6 @@ class Hostile(ServerTestCase):
 
         reader = SlowReader(daemon=True)
         baseline = rss_kb(srv.proc.pid)
-        started = time.monotonic()
         flooder.start()
         reader.start()
         ended, peak = self.watch(srv, sock, flooder, baseline, scale(20), 30 * 1024,

@@ -561,3 +561,14 @@ TEST_CASE("small records: one SMTP command per record (informational)") {
   CHECK(got == size_t(n) * 31);
   MESSAGE("31-byte record encrypt+decrypt: " << secs / n * 1e6 << " us each");
 }
+
+TEST_CASE("isCertificateRejection: alerts about our certificate, in both libraries' words") {
+  CHECK(TlsEngine::isCertificateRejection("TLS handshake: SSL routines: TLSV1_ALERT_UNKNOWN_CA"));
+  CHECK(TlsEngine::isCertificateRejection("TLS handshake: error:0A000418:SSL routines::tlsv1 alert unknown ca"));
+  CHECK(TlsEngine::isCertificateRejection("TLS handshake: SSLV3_ALERT_BAD_CERTIFICATE"));
+  CHECK(TlsEngine::isCertificateRejection("TLS handshake: peer sent alert sslv3 alert certificate expired"));
+  CHECK(TlsEngine::isCertificateRejection("TLS handshake: peer sent alert sslv3 alert certificate unknown"));
+  CHECK_FALSE(TlsEngine::isCertificateRejection("TLS handshake: SSL routines: WRONG_VERSION_NUMBER"));
+  CHECK_FALSE(TlsEngine::isCertificateRejection("TLS handshake: tlsv1 alert protocol version"));
+  CHECK_FALSE(TlsEngine::isCertificateRejection("unexpected end of stream"));
+}
