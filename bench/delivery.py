@@ -78,6 +78,7 @@ def main():
                            capture_output=True)
             srv.extra_config = {
                                 "delivery": {"resolvers": [dns.address], "port": port,
+                                             "allow_private_destinations": True,
                                              "max_connections_per_domain": args.per_domain}}
             db = os.path.join(srv.data_dir, "queue.db")
             t0 = time.monotonic()

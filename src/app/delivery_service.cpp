@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "delivery/destination.h"
 #include "delivery/dsn.h"
 #include "delivery/retry.h"
 #include "delivery/routing.h"
@@ -62,10 +63,32 @@ struct Settings {
   delivery::RetryPolicy retry;
   uint32_t maxConnections = 200;
   uint32_t maxConnectionsPerDomain = 10;
+  delivery::DestinationPolicy destinations;
 };
+
+// This host's interface addresses, for the destination policy (a tenant's MX pointing at
+// our own public address must not loop mail back into us or reach our other services).
+std::vector<std::string> hostAddresses() {
+  std::vector<std::string> out;
+  uv_interface_address_t* ifs = nullptr;
+  int n = 0;
+  if (uv_interface_addresses(&ifs, &n) != 0) return out;
+  for (int i = 0; i < n; ++i) {
+    char buf[64] = {0};
+    if (ifs[i].address.address4.sin_family == AF_INET)
+      uv_ip4_name(&ifs[i].address.address4, buf, sizeof buf);
+    else
+      uv_ip6_name(&ifs[i].address.address6, buf, sizeof buf);
+    if (buf[0] != '\0') out.emplace_back(buf);
+  }
+  uv_free_interface_addresses(ifs, n);
+  return out;
+}
 
 Settings settingsFrom(const config::Config& cfg) {
   Settings s;
+  s.destinations.allowPrivate = cfg.delivery.allowPrivateDestinations;
+  if (!s.destinations.allowPrivate) s.destinations.ownAddresses = hostAddresses();
   s.hostname = cfg.hostname;
   s.port = cfg.delivery.port;
   s.tls = cfg.delivery.tls;
@@ -248,7 +271,10 @@ class OutboundSession final : public net::ConnectionHandler {
   }
 
  private:
-  void onRoute(delivery::Route route) {
+  void onRoute(delivery::Route resolved) {
+    // delivery.allow_private_destinations: internal, loopback and our own addresses are
+    // no destination for a tenant's mail (address literals included).
+    delivery::Route route = delivery::applyDestinationPolicy(std::move(resolved), settings_.destinations);
     if (route.status != delivery::RouteStatus::Ok) {
       bool perm = route.status == delivery::RouteStatus::PermFail;
       util::logInfo("delivery", "route domain=" + domain_ + " result=" + (perm ? "failed" : "deferred") +

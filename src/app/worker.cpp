@@ -7,6 +7,7 @@
 #include <optional>
 #include <utility>
 
+#include "delivery/destination.h"
 #include "message/fixups.h"
 #include "message/header_scanner.h"
 #include "net/connection.h"
@@ -66,7 +67,16 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
     if (!d.allowed) rtp->meter.addRefusedByLimit(account);
     return toRefusal(d);
   };
-  sc.rcptPolicy = [rtp](std::string_view account, std::string_view) -> std::optional<smtp::PolicyRefusal> {
+  sc.rcptPolicy = [rtp, stp](std::string_view account, std::string_view rcpt) -> std::optional<smtp::PolicyRefusal> {
+    // user@[192.0.2.1] names a host, not a domain with an MX: a tenant could aim it at
+    // internal services. Only where delivery.allow_private_destinations says so.
+    if (!stp->config->delivery.allowPrivateDestinations) {
+      size_t at = rcpt.rfind('@');
+      if (at != std::string_view::npos && delivery::isAddressLiteralDomain(rcpt.substr(at + 1)))
+        return smtp::PolicyRefusal{550, "5.7.1",
+                                   "Address-literal recipients are not accepted "
+                                   "(delivery.allow_private_destinations)"};
+    }
     auto d = rtp->limits.tryConsume(account, policy::Metric::Recipients, 1, policy::Instant::from(rtp->clock));
     if (!d.allowed) {
       rtp->meter.addRefusedByLimit(account);

@@ -900,8 +900,11 @@ class ConfigReader {
     if (!v_.object(o, p)) return;
     v_.rejectUnknown(o, p,
                      {"resolvers", "port", "tls", "tls_policy_overrides", "retry_schedule", "max_queue_time",
-                      "max_connections", "max_connections_per_domain", "delay_notice", "tls_ca_file"});
+                      "max_connections", "max_connections_per_domain", "delay_notice", "tls_ca_file",
+                      "allow_private_destinations"});
     Delivery& d = cfg_.delivery;
+    if (const Json* x = Validator::find(o, "allow_private_destinations"))
+      v_.boolean(*x, p + ".allow_private_destinations", d.allowPrivateDestinations);
     if (const Json* r = Validator::find(o, "resolvers")) readResolvers(*r, p + ".resolvers", d.resolvers);
     if (const Json* x = Validator::find(o, "port")) {
       uint64_t n = 0;

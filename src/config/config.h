@@ -111,6 +111,9 @@ struct Delivery {
   std::chrono::seconds delayNotice{4 * 3600};
   // delivery.tls_ca_file: CA certificates for tls "verify"; "" = the system trust store.
   std::string tlsCaFile;
+  // Delivery to loopback, private, link-local, CGNAT, multicast and this host's own
+  // addresses, and address-literal recipients; off by default (delivery/destination.h).
+  bool allowPrivateDestinations = false;
 };
 
 struct Config {

@@ -10,6 +10,11 @@ namespace {
 
 bool isWsp(char c) { return c == ' ' || c == '\t'; }
 
+// RFC 5322 2.1.1: a line is at most 998 characters. A line that has gone this far without
+// its colon is no header field: the body starts there. (A content rule, so the verdict is
+// the same however the message is split, and it bounds what keepUndecided holds.)
+constexpr uint64_t kMaxFieldNameLine = 998;
+
 // ftext (RFC 5322 3.6.8): printable US-ASCII except ":".
 bool isFtext(char c) { return c >= 33 && c <= 126 && c != ':'; }
 
@@ -33,8 +38,21 @@ void HeaderScanner::startBody(uint64_t at) {
   state_ = State::Body;
 }
 
+uint64_t HeaderScanner::decidedHeaderBytes() const {
+  switch (state_) {
+    case State::LineStartCr:
+    case State::Name:
+    case State::NameWsp:
+      return lineStart_;  // the current line may still turn out to be body
+    default:
+      return headerBytes();
+  }
+}
+
 bool HeaderScanner::overLimits() {
-  if (limits_.maxBytes != 0 && headerBytes() > limits_.maxBytes) {
+  // Only octets known to be header count: the count then grows monotonically to the same
+  // final value whatever the split, so the verdict does not depend on how data arrived.
+  if (limits_.maxBytes != 0 && decidedHeaderBytes() > limits_.maxBytes) {
     violation_ = Violation::TooManyBytes;
   } else if (limits_.maxFields != 0 && fields_ > limits_.maxFields) {
     violation_ = Violation::TooManyFields;
@@ -108,10 +126,11 @@ size_t HeaderScanner::feed(std::string_view chunk) {
         endField(lineStart_);
         return bodyFrom(lineStart_);
       case State::Name:
-        if (isFtext(c)) {
+        if (isFtext(c) && abs - lineStart_ < kMaxFieldNameLine) {
           ++i;
           break;
         }
+        if (isFtext(c)) return bodyFrom(lineStart_);  // 998 octets and no colon
         next_.nameEnd = abs;
         if (isWsp(c)) {  // obsolete WSP before the colon (4.5)
           state_ = State::NameWsp;
@@ -120,10 +139,11 @@ size_t HeaderScanner::feed(std::string_view chunk) {
         }
         [[fallthrough]];
       case State::NameWsp:
-        if (isWsp(c)) {
+        if (isWsp(c) && abs - lineStart_ < kMaxFieldNameLine) {
           ++i;
           break;
         }
+        if (isWsp(c)) return bodyFrom(lineStart_);
         if (c != ':') return bodyFrom(lineStart_);
         next_.colon = abs;
         open_ = next_;

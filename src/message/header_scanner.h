@@ -9,6 +9,9 @@
 // the streaming DKIM body hash (RFC 6376 3.7 hashes from the body's first octet) all
 // take the boundary from this class, so they cannot disagree about it.
 //
+// A line that reaches 998 octets (RFC 5322 2.1.1) without the colon of a field name is
+// not a field either, so what is held while a line's kind is open stays small.
+//
 // It also enforces the header limits while the message streams in (limits.max_header_bytes,
 // limits.max_header_fields), so a flood of tiny fields is refused without ever being
 // held as a record per field, and notes whether the header section has non-ASCII octets
@@ -76,6 +79,7 @@ class HeaderScanner {
   void startBody(uint64_t at);
   void endField(uint64_t at);
   bool overLimits();
+  uint64_t decidedHeaderBytes() const;
 
   Limits limits_;
   std::function<void(const FieldSpan&)> onField_;

@@ -45,7 +45,8 @@ class DeliveryCrash(ServerTestCase):
 
     def server(self):
         return self.start_server(accounts=[ACCOUNT], extra_config={"delivery": {
-            "resolvers": [self.dns.address], "port": self.port, "retry_schedule": ["1s"]}})
+            "resolvers": [self.dns.address], "port": self.port, "retry_schedule": ["1s"],
+            "allow_private_destinations": True}})
 
     def sink_count(self, tok):
         return len([m for m in self.sink.messages() if tok.encode() in m["raw"]])

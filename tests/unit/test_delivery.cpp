@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "delivery/destination.h"
 #include "delivery/dsn.h"
 #include "delivery/retry.h"
 #include "delivery/routing.h"
@@ -1009,4 +1010,72 @@ TEST_CASE("statusFromReply") {
   CHECK(statusFromReply(0, "5.1.10") == "5.1.10");
   CHECK(statusFromReply(0, "") == "4.0.0");
   CHECK(statusFromReply(354, "") == "4.0.0");
+}
+
+// ---- destination policy (issue 10: no delivery to internal addresses) --------------------
+
+TEST_CASE("classifyAddress: special-purpose ranges") {
+  struct Row {
+    const char* ip;
+    AddressKind kind;
+  };
+  const Row rows[] = {
+      {"192.0.2.1", AddressKind::Public},      {"8.8.8.8", AddressKind::Public},
+      {"2001:db8::1", AddressKind::Public},    {"2a00:1450::1", AddressKind::Public},
+      {"0.0.0.0", AddressKind::Unspecified},   {"0.1.2.3", AddressKind::Unspecified},
+      {"::", AddressKind::Unspecified},        {"127.0.0.1", AddressKind::Loopback},
+      {"127.255.0.9", AddressKind::Loopback},  {"::1", AddressKind::Loopback},
+      {"10.1.2.3", AddressKind::Private},      {"172.16.0.1", AddressKind::Private},
+      {"172.31.255.255", AddressKind::Private}, {"172.32.0.1", AddressKind::Public},
+      {"192.168.1.1", AddressKind::Private},   {"fd00::5", AddressKind::Private},
+      {"fc00::1", AddressKind::Private},       {"100.64.0.1", AddressKind::SharedCgnat},
+      {"100.127.255.255", AddressKind::SharedCgnat}, {"100.128.0.1", AddressKind::Public},
+      {"169.254.169.254", AddressKind::LinkLocal}, {"fe80::1", AddressKind::LinkLocal},
+      {"224.0.0.1", AddressKind::Multicast},   {"ff02::1", AddressKind::Multicast},
+      {"240.0.0.1", AddressKind::Reserved},    {"255.255.255.255", AddressKind::Reserved},
+      {"::ffff:127.0.0.1", AddressKind::Loopback}, {"::ffff:10.0.0.1", AddressKind::Private},
+      {"[127.0.0.1]", AddressKind::Loopback},  {"[IPv6:::1]", AddressKind::Loopback},
+      {"not-an-ip", AddressKind::Invalid},
+  };
+  for (const auto& r : rows) {
+    CAPTURE(r.ip);
+    CHECK(classifyAddress(r.ip) == r.kind);
+  }
+  CHECK(classifyAddress("198.51.100.7", {"198.51.100.7"}) == AddressKind::Own);
+  CHECK(classifyAddress("2001:db8:0::7", {"2001:db8::7"}) == AddressKind::Own);
+}
+
+TEST_CASE("applyDestinationPolicy: refused addresses dropped, none left is a permanent failure") {
+  Route r;
+  r.status = RouteStatus::Ok;
+  MxHost a;
+  a.name = "mx1.evil.test";
+  a.addresses = {"10.0.0.5", "192.0.2.10"};
+  MxHost b;
+  b.name = "mx2.evil.test";
+  b.addresses = {"127.0.0.1"};
+  r.hosts = {a, b};
+  DestinationPolicy p;
+  Route kept = applyDestinationPolicy(r, p);
+  CHECK(kept.status == RouteStatus::Ok);
+  CHECK(kept.hosts[0].addresses == std::vector<std::string>{"192.0.2.10"});
+  CHECK(kept.hosts[1].addresses.empty());
+
+  r.hosts[0].addresses = {"169.254.169.254"};
+  Route none = applyDestinationPolicy(r, p);
+  CHECK(none.status == RouteStatus::PermFail);
+  CHECK(none.enhanced == "5.4.4");
+  CHECK(none.detail.find("link-local") != std::string::npos);
+  CHECK(none.detail.find("allow_private_destinations") != std::string::npos);
+
+  p.allowPrivate = true;
+  CHECK(applyDestinationPolicy(r, p).status == RouteStatus::Ok);
+
+  Route failed;
+  failed.status = RouteStatus::TempFail;
+  failed.enhanced = "4.4.3";
+  CHECK(applyDestinationPolicy(failed, DestinationPolicy{}).enhanced == "4.4.3");
+  CHECK(isAddressLiteralDomain("[192.0.2.1]"));
+  CHECK(isAddressLiteralDomain("[IPv6:::1]"));
+  CHECK_FALSE(isAddressLiteralDomain("example.com"));
 }
