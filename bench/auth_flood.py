@@ -195,6 +195,35 @@ class Attacker:
         self.finished = time.monotonic()
 
 
+def start_serve(binary, cfg, workdir, name):
+    """Writes cfg, runs `subrelay serve`, waits until its first listener answers."""
+    path = os.path.join(workdir, name + ".json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    log = open(os.path.join(workdir, name + ".log"), "wb")
+    proc = subprocess.Popen([binary, "serve", "-c", path], stdout=log, stderr=log)
+    host, port = cfg["listeners"][0]["address"].rsplit(":", 1)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return proc, log
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                stop_serve(proc, log)
+                raise SystemExit(f"subrelay did not start; see {log.name}")
+            time.sleep(0.05)
+
+
+def stop_serve(proc, log):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 def run_setting(args, name, limits, workdir):
     port = free_port()
     data = os.path.join(workdir, name)
@@ -213,21 +242,8 @@ def run_setting(args, name, limits, workdir):
                       "mode": "capture"}],
         "log_level": "error",
     }
-    path = os.path.join(workdir, name + ".json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    log = open(os.path.join(workdir, name + ".log"), "wb")
-    proc = subprocess.Popen([args.binary, "serve", "-c", path], stdout=log, stderr=log)
+    proc, log = start_serve(args.binary, cfg, workdir, name)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection((LOOP, port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"subrelay did not start; see {log.name}")
-                time.sleep(0.05)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -251,12 +267,7 @@ def run_setting(args, name, limits, workdir):
         res["attacker"] = dict(att.counts, seconds=round(att.finished - att.started, 1))
         return res
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_serve(proc, log)
 
 
 def main():

@@ -17,17 +17,15 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from auth_flood import Client, free_port, pct, plain  # noqa: E402
+from auth_flood import Client, free_port, pct, plain, start_serve, stop_serve  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOP = "127.0.0.1"
@@ -122,21 +120,8 @@ def run(binary, args, workdir, tag):
         "accounts": [{"username": "legit", "password_hash": h, "senders": ["@bench.test"], "mode": "capture"}],
         "log_level": "error",
     }
-    path = os.path.join(workdir, tag + ".json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    log = open(os.path.join(workdir, tag + ".log"), "wb")
-    proc = subprocess.Popen([binary, "serve", "-c", path], stdout=log, stderr=log)
+    proc, log = start_serve(binary, cfg, workdir, tag)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection((LOOP, port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"subrelay did not start; see {log.name}")
-                time.sleep(0.05)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -148,12 +133,7 @@ def run(binary, args, workdir, tag):
         att.finish()
         return base, during, att.guesses
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_serve(proc, log)
 
 
 def main():

@@ -676,10 +676,12 @@ class RawClient:
     """Exact bytes over a TCP (and then TLS) socket. Every read is bounded by `timeout`."""
 
     def __init__(self, port, implicit_tls=False, timeout=10, ctx=None, read_greeting=True,
-                 source=None):
+                 source=None, sock=None):
         self.timeout = scale(timeout)
-        self.sock = socket.create_connection((LOOPBACK, port), timeout=self.timeout,
-                                             source_address=(source, 0) if source else None)
+        # sock: a socket the caller connected itself (options set before connect).
+        self.sock = sock or socket.create_connection((LOOPBACK, port), timeout=self.timeout,
+                                                     source_address=(source, 0) if source else None)
+        self.sock.settimeout(self.timeout)
         self.buf = b""
         self.transcript = []
         if implicit_tls:
@@ -884,6 +886,11 @@ class ServerTestCase(unittest.TestCase):
     def dump_logs(self, stream):
         for srv in list(type(self).class_servers) + list(getattr(self, "test_servers", [])):
             srv.dump_logs(stream)
+        # A `serve --dev` run by the test itself (not a Server) leaves its log here.
+        log = getattr(self, "dev_log", None)
+        if log and os.path.exists(log):
+            with open(log, "rb") as f:
+                stream.write(f"----- {log} -----\n" + f.read().decode(errors="replace")[-20000:])
 
 
 class _Result(unittest.TextTestResult):
@@ -969,20 +976,13 @@ class SocketRawClient(RawClient):
     """RawClient over a socket the caller connected (see connect_socket)."""
 
     def __init__(self, sock, implicit_tls=False, timeout=10, ctx=None, read_greeting=True):
-        self.timeout = scale(timeout)
-        self.sock = sock
-        self.sock.settimeout(self.timeout)
-        self.buf = b""
-        self.transcript = []
-        if implicit_tls:
-            self.sock = (ctx or client_context()).wrap_socket(self.sock,
-                                                               server_hostname=LOOPBACK)
-        self.greeting = self.reply() if read_greeting else None
+        super().__init__(None, implicit_tls=implicit_tls, timeout=timeout, ctx=ctx,
+                         read_greeting=read_greeting, sock=sock)
 
 
-def accounts_meters(srv):
+def accounts_meters(srv, *extra):
     """`subrelay accounts --json` as {account name: object}."""
-    proc = srv.cli("accounts", "--json")
+    proc = srv.cli("accounts", "--json", *extra)
     if proc.returncode != 0:
         raise AssertionError(f"subrelay accounts --json exited {proc.returncode}: "
                              f"{proc.stderr.decode(errors='replace')}")

@@ -493,13 +493,6 @@ class Cli(harness.ServerTestCase):
         reports = [l for l in text().splitlines() if harness.Server.SANITIZER_RE.search(l)]
         self.assertEqual(reports, [], text())
 
-    def dump_logs(self, stream):
-        super().dump_logs(stream)
-        log = getattr(self, "dev_log", None)
-        if log and os.path.exists(log):
-            with open(log, "rb") as f:
-                stream.write(f"----- {log} -----\n" + f.read().decode(errors="replace")[-20000:])
-
 
 if __name__ == "__main__":
     harness.main()

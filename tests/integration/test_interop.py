@@ -495,13 +495,6 @@ class Interop(ServerTestCase):
             self.assertEqual(code, 250, lines)
         self.assertTrue(srv.alive())
 
-    def dump_logs(self, stream):
-        super().dump_logs(stream)
-        log = getattr(self, "dev_log", None)
-        if log and os.path.exists(log):
-            with open(log, "rb") as f:
-                stream.write(f"----- {log} -----\n" + f.read().decode(errors="replace")[-20000:])
-
 
 if __name__ == "__main__":
     harness.main()

@@ -11,7 +11,6 @@ The real binary, real clients (raw sockets and smtplib) on loopback:
   * `subrelay accounts [--json]` shows the counters while serve runs and after a restart.
 """
 
-import json
 import re
 import smtplib
 import time
@@ -41,16 +40,7 @@ def send_raw(c, rcpts=("to@example.net",), size=0, expect_mail=250):
     return code, " ".join(lines)
 
 
-def accounts_json(srv, *extra):
-    proc = srv.cli("accounts", "--json", *extra)
-    if proc.returncode != 0:
-        raise AssertionError(f"subrelay accounts failed: {proc.returncode} {proc.stderr!r}")
-    out = {}
-    for line in proc.stdout.decode().splitlines():
-        if line.strip():
-            o = json.loads(line)
-            out[o["account"]] = o
-    return out
+accounts_json = harness.accounts_meters
 
 
 def wait_accounts(srv, pred, timeout=10):
