@@ -255,7 +255,8 @@ class SmtpConnection final : public net::ConnectionHandler {
 
   // The verifier's answer. A failure is answered after limits.auth_failure_delay, on a
   // timer, never on the loop.
-  void authDone(bool ok, bool cached) {
+  // failed: the fingerprint of a credential that failed (computed off the loop).
+  void authDone(bool ok, bool cached, std::string failed = {}) {
     if (conn_.closing()) return;
     Runtime& rt = worker_.runtime();
     const auto now = rt.clock.now();
@@ -284,7 +285,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     rt.meter.addAuthFailure(settings_->account(authUser_) ? std::string_view(authUser_) : "(unknown)");
     util::logWarn("smtpd", "auth failed conn=" + tag() + " client=" + peer_.address +
                                " user=" + util::sanitizeForLog(authUser_, 64));
-    lastFailedCredential_ = std::move(pendingCredential_);
+    lastFailedCredential_ = std::move(failed);
     answerAuthFailure();
   }
 
@@ -451,12 +452,12 @@ class SmtpConnection final : public net::ConnectionHandler {
     std::string user;
     std::string password;
     bool ok = false;
+    std::string failed;  // fingerprint of the credential when it failed
   };
 
   void startAuth(smtp::Authenticate& au) {
     Runtime& rt = worker_.runtime();
     authUser_ = au.username;
-    pendingCredential_ = settings_->auth->fingerprint(au.username, au.password);
     // Brute-force defence first: a locked address gets 454 without a password check. A
     // credential verified before (HMAC cache) does not pay for guesses made at its
     // username from elsewhere: the owner of an attacked account still logs in at once.
@@ -474,7 +475,10 @@ class SmtpConnection final : public net::ConnectionHandler {
     }
     // The same credential that just failed in this session (smtplib retries a failed
     // PLAIN with LOGIN): the same answer, without a second check, counted once.
-    if (!lastFailedCredential_.empty() && policy::constantTimeEquals(pendingCredential_, lastFailedCredential_)) {
+    // (Only after a failure in this session is there anything to compare: no HMAC for
+    // the usual login.)
+    if (!lastFailedCredential_.empty() &&
+        policy::constantTimeEquals(settings_->auth->fingerprint(au.username, au.password), lastFailedCredential_)) {
       wipe(au.password);
       util::logInfo("smtpd", "auth failed conn=" + tag() + " client=" + peer_.address +
                                  " user=" + util::sanitizeForLog(authUser_, 64) + " repeat=yes");
@@ -520,11 +524,13 @@ class SmtpConnection final : public net::ConnectionHandler {
         [](uv_work_t* req) {
           auto* work = static_cast<AuthWork*>(req->data);
           work->ok = work->auth->verify(work->user, work->password) == policy::AuthCheck::Ok;
+          if (!work->ok) work->failed = work->auth->fingerprint(work->user, work->password);
           wipe(work->password);
         },
         [](uv_work_t* req, int) {
           auto* work = static_cast<AuthWork*>(req->data);
-          if (SmtpConnection* c = work->worker->find(work->sessionId)) c->authDone(work->ok, false);
+          if (SmtpConnection* c = work->worker->find(work->sessionId))
+            c->authDone(work->ok, false, std::move(work->failed));
           delete work;
         });
   }
@@ -570,6 +576,8 @@ class SmtpConnection final : public net::ConnectionHandler {
     w->sessionId = id_;
     w->settings = settings_;
     w->content = std::move(st.content);
+    // What the streaming scan saw of the header section decides where cleanup runs.
+    const uint64_t headerBytes = headerScan_ ? headerScan_->headerBytes() : 0;
     w->digests = finishBodyHash();
 
     queue::NewMessage& m = w->msg;
@@ -611,8 +619,33 @@ class SmtpConnection final : public net::ConnectionHandler {
     // several; a 1 MiB header section a scan) run on libuv's thread pool, like the scrypt
     // of AUTH, so other sessions on this loop are not held up. The session is Waiting
     // meanwhile, so nothing changes under the job.
-    uv_queue_work(worker_.loop(), &w->req, &CleanupWork::run, &CleanupWork::done);
+    if (headerBytes > kInlineCleanupHeaderBytes) {
+      uv_queue_work(worker_.loop(), &w->req, &CleanupWork::run, &CleanupWork::done);
+      return;
+    }
+    // The usual header section (a few KiB) is checked here, in microseconds: no thread
+    // hop for mail that needs no signature; signing alone goes to the pool.
+    // (Outcomes here go back through the caller's drive() loop, which takes the
+    // session's new actions.)
+    w->cleanupStep();
+    if (w->code != 0) {
+      std::unique_ptr<CleanupWork> done(w);
+      refuseStore(done->code, done->enhanced.c_str(), std::move(done->text));
+      return;
+    }
+    if (w->keys == nullptr) {
+      std::unique_ptr<CleanupWork> done(w);
+      commit(std::move(done->msg));
+      return;
+    }
+    uv_queue_work(
+        worker_.loop(), &w->req, [](uv_work_t* req) { static_cast<CleanupWork*>(req->data)->signStep(); },
+        &CleanupWork::done);
   }
+
+  // Header sections up to this size are cleaned up on the loop (a scan of 64 KiB takes
+  // tens of microseconds); larger ones, up to limits.max_header_bytes, on the thread pool.
+  static constexpr uint64_t kInlineCleanupHeaderBytes = 64 * 1024;
 
   struct CleanupWork {
     uv_work_t req;
@@ -629,44 +662,56 @@ class SmtpConnection final : public net::ConnectionHandler {
     std::string text;
     std::string signError;
     std::string domain;
+    const std::vector<dkim::SignerKey>* keys = nullptr;  // in settings' key ring
     size_t signatures = 0;
 
     static void run(uv_work_t* req) {
       auto* w = static_cast<CleanupWork*>(req->data);
-      submission::CleanupResult r = submission::cleanup(w->content, w->cleanup);
-      w->content.clear();
-      w->content.shrink_to_fit();
+      w->cleanupStep();
+      if (w->code == 0 && w->keys != nullptr) w->signStep();
+    }
+
+    // The cleanup stage, and which keys sign (none: keys stays null).
+    void cleanupStep() {
+      submission::CleanupResult r = submission::cleanup(content, cleanup);
+      content.clear();
+      content.shrink_to_fit();
       if (!r.ok) {
-        w->code = r.code;
-        w->enhanced = std::move(r.enhanced);
-        w->text = std::move(r.text);
+        code = r.code;
+        enhanced = std::move(r.enhanced);
+        text = std::move(r.text);
         return;
       }
-      w->msg.content = std::move(r.content);
-      w->msg.smtputf8 = r.smtputf8;
+      msg.content = std::move(r.content);
+      msg.smtputf8 = r.smtputf8;
       // RFC 6376 3.5: the signing domain is the header From domain; subdomains only with
       // their own key.
-      const Settings& set = *w->settings;
-      const std::vector<dkim::SignerKey>* keys =
+      const Settings& set = *settings;
+      const std::vector<dkim::SignerKey>* k =
           r.signingDomain.empty() ? nullptr : set.dkimKeys.forDomain(r.signingDomain);
-      if (keys == nullptr || keys->empty() || !set.signer) return;
+      if (k == nullptr || k->empty() || !set.signer) return;
+      keys = k;
+      domain = r.signingDomain;
+    }
+
+    void signStep() {
+      const Settings& set = *settings;
       dkim::SignOptions opts;
-      opts.timestamp = w->msg.receivedAt;  // t= (RFC 6376 3.5)
-      if (auto pol = set.dkimDomains.find(r.signingDomain); pol != set.dkimDomains.end()) {
+      opts.timestamp = msg.receivedAt;  // t= (RFC 6376 3.5)
+      if (auto pol = set.dkimDomains.find(domain); pol != set.dkimDomains.end()) {
         if (pol->second.expiry) opts.expiresAfter = pol->second.expiry->count();
         opts.headerCanon = pol->second.headerCanon;
         opts.bodyCanon = pol->second.bodyCanon;
       }
-      w->domain = r.signingDomain;
-      auto sigs = set.signer->sign(w->msg.content, *keys, opts, w->digests ? &*w->digests : nullptr);
+      auto sigs = set.signer->sign(msg.content, *keys, opts, digests ? &*digests : nullptr);
       if (!sigs.ok()) {
-        w->signError = sigs.error().message;
+        signError = sigs.error().message;
         return;
       }
       // RFC 6376 5.6: the DKIM-Signature is prepended; ours go above our Received, so
       // what is stored is exactly what leaves.
-      w->msg.content.insert(0, sigs.value());
-      w->signatures = keys->size();
+      msg.content.insert(0, sigs.value());
+      signatures = keys->size();
     }
 
     static void done(uv_work_t* req, int status) {
@@ -739,9 +784,8 @@ class SmtpConnection final : public net::ConnectionHandler {
   std::string pendingPassword_;  // held only while a progressive AUTH delay runs
   bool authDelayPending_ = false;
   bool accountCounted_ = false;  // holds a slot of limits.max_sessions_per_account
-  // Keyed fingerprints (Authenticator::fingerprint), never passwords: the AUTH being
-  // checked, and the last one that failed in this session.
-  std::string pendingCredential_;
+  // The keyed fingerprint (Authenticator::fingerprint), never the password, of the last
+  // credential that failed in this session.
   std::string lastFailedCredential_;
   std::string refusal_;          // refused at connect (implicit TLS: sent after the handshake)
   std::optional<dkim::StreamingBodyHash> bodyHash_;
