@@ -6,12 +6,13 @@ BUILD_PACKAGES=(
   nlohmann-json3-dev libsqlite3-dev doctest-dev libidn2-dev openssl
 )
 # Real peers and clients for the integration tests (../shared/TESTBED.md), clang's
-# sanitizer runtimes, Go (test_interop builds a net/smtp client), and node/npm for nodemailer.
+# sanitizer runtimes, Go (test_interop builds a net/smtp client), iproute2 (test_hostile sets up
+# addresses in its own network namespace), and node/npm for nodemailer.
 TEST_PACKAGES=(
   clang libclang-rt-14-dev sqlite3 python3 swaks libio-socket-inet6-perl
   python3-aiosmtpd python3-aiosmtplib python3-dkim python3-dnspython
   unbound postfix libsasl2-modules opendkim opendkim-tools bind9-dnsutils ldnsutils
-  libnet-ssleay-perl golang-go
+  libnet-ssleay-perl golang-go iproute2
 )
 # Node.js: Debian's nodejs + npm, unless a node with npm is already there (NodeSource's
 # nodejs package ships npm itself and conflicts with Debian's npm package).
