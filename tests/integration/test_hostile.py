@@ -208,7 +208,8 @@ class Hostile(ServerTestCase):
             time.sleep(0.05)
 
     def test_unread_output_bounded_and_stalled_connection_closed(self):
-        srv = self.start_server(accounts=[WEBSHOP, CI], limits={"command_timeout": "3s"})
+        srv = self.start_server(accounts=[WEBSHOP, CI], limits={"command_timeout": "3s"},
+                                env=harness.rss_test_env())
         sock = connect_socket(srv.port("implicit"), rcvbuf=4096, timeout=30)
         c = SocketRawClient(sock, implicit_tls=True, timeout=30)
         self.addCleanup(c.close)
@@ -248,6 +249,7 @@ class Hostile(ServerTestCase):
         # Reads 2 KiB every 250 ms: the output makes progress but never drains; the deadline
         # is a total one, so the connection is closed about command_timeout after it stalled.
         srv = self.start_server(accounts=[WEBSHOP], listeners=("none", "implicit"),
+                                env=harness.rss_test_env(),
                                 limits={"command_timeout": "3s"})
         sock = connect_socket(srv.port("none"), rcvbuf=4096, timeout=30)
         c = SocketRawClient(sock, timeout=30)
@@ -290,7 +292,8 @@ class Hostile(ServerTestCase):
         self.assertTrue(srv.alive())
 
     def test_plaintext_ehlo_flood_without_reading(self):
-        srv = self.start_server(accounts=[WEBSHOP], limits={"command_timeout": "3s"})
+        srv = self.start_server(accounts=[WEBSHOP], limits={"command_timeout": "3s"},
+                                env=harness.rss_test_env())
         with implicit_client(srv):
             pass
         time.sleep(0.2)
