@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ldns is for packets only (../shared/notes/tls-backends.md): with BoringSSL and ldns's
+# ldns is for packets only (docs/tls-backends.md): with BoringSSL and ldns's
 # OpenSSL in one process, any ldns path that reaches libcrypto (keys, DNSSEC, TSIG, DANE,
 # its resolver and its random numbers) crashes. This fails when BINARY imports an ldns_
 # function that is not in the allow-list below (the packet functions src/dns/codec.cpp uses).
@@ -62,7 +62,7 @@ count=$(wc -l <<< "$imported")
 if (( ${#offenders[@]} > 0 )); then
   echo "FAIL: $bin imports ldns functions outside the packet allow-list:"
   printf '  %s\n' "${offenders[@]}"
-  echo "(ldns is for packets only: see shared/notes/tls-backends.md and tests/check_ldns_symbols.sh)"
+  echo "(ldns is for packets only: see docs/tls-backends.md and tests/check_ldns_symbols.sh)"
   exit 1
 fi
 echo "ok: $bin imports $count ldns functions, all in the allow-list"

@@ -5,7 +5,7 @@ BUILD_PACKAGES=(
   libuv1-dev android-libboringssl-dev libssl-dev libldns-dev
   nlohmann-json3-dev libsqlite3-dev doctest-dev libidn2-dev openssl
 )
-# Real peers and clients for the integration tests (../shared/TESTBED.md), clang's
+# Real peers and clients for the integration tests (docs/testbed.md), clang's
 # sanitizer runtimes, Go (test_interop builds a net/smtp client), iproute2 (test_hostile sets up
 # addresses in its own network namespace), and node/npm for nodemailer.
 TEST_PACKAGES=(

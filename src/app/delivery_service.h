@@ -12,7 +12,7 @@
 // Crash safety: recipients are leased in SQLite before they are attempted, and the result
 // is committed after the attempt; a crash in between leaves the lease, which this service
 // clears when it starts (one serve per data_dir, enforced by a lock file), so the recipient
-// is attempted again: at-least-once delivery (SPEC.md). The window for a duplicate is from
+// is attempted again: at-least-once delivery (README.md). The window for a duplicate is from
 // the receiving MTA's 250 to our commit of the result (results are committed in batches
 // every 20 ms).
 #pragma once

@@ -1,6 +1,6 @@
 // DKIM wiring for the app: loading the configured keys (serve, check-config,
 // dns-records) and the two commands that help publish them, `dkim-keygen` and
-// `dns-records` (SPEC.md, "Command line").
+// `dns-records` (README.md, "Command line").
 #pragma once
 
 #include <chrono>

@@ -47,7 +47,7 @@ struct Settings {
   std::shared_ptr<policy::Authenticator> auth;
   std::shared_ptr<tls::TlsContext> tlsServer;  // null when every listener is "none"
   // DKIM: keys by header From domain and the per-domain x=/c= policy. The Signer is the
-  // seam that lets signing move out of process later (ARCHITECTURE.md); it is stateless
+  // seam that lets signing move out of process later (docs/architecture.md); it is stateless
   // and shared by the thread-pool jobs.
   dkim::KeyRing dkimKeys;
   std::map<std::string, DkimDomainPolicy, std::less<>> dkimDomains;

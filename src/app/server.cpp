@@ -292,7 +292,7 @@ int runServe(const ServeOptions& opts) {
     util::logInfo("serve", "listening on " + joinHostPort(l.host, port) + " (" + tlsModeName(l.tls) + ")");
   }
   if (dev) {
-    // The dev password is random per start and printed by design (SPEC.md: --dev).
+    // The dev password is random per start and printed by design (README.md: --dev).
     std::fprintf(stderr,
                  "dev credentials: username=dev password=%s\n"
                  "dev certificate: ./%s/tls/cert.pem (self-signed; every message is captured, none delivered)\n",

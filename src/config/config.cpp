@@ -5,12 +5,12 @@
 // reported, so one run of `subrelay check-config` shows them all. Filesystem checks (key and
 // certificate files readable) live in checkFiles(), which loadConfigFile() runs.
 //
-// Extensions beyond SPEC.md (documented in docs/configuration.md):
+// Extensions beyond the core keys (documented in docs/configuration.md):
 //   - limits.max_bad_commands, max_auth_failures, command_timeout, data_timeout,
 //     shutdown_grace, auth_failure_delay ("ms" unit allowed, "0s" disables the delay);
 //   - limits.max_sessions_per_account, auth_delay_after, auth_delay_base, auth_delay_max,
 //     auth_lockout_after, auth_lockout_window, auth_lockout_duration (brute-force defence);
-//   - limits.max_header_fields, max_junk_commands (SPEC.md names max_header_bytes and
+//   - limits.max_header_fields, max_junk_commands (README.md names max_header_bytes and
 //     accounts[].allow_null_sender);
 //   - delivery.tls_policy_overrides: { "domain": "opportunistic|required|verify" };
 //   - delivery.delay_notice (duration: "delayed" DSN after it), delivery.tls_ca_file (trust
@@ -356,7 +356,7 @@ class Validator {
   }
 
   // Every key of obj must be in known: a misspelt limit must not silently fall back to the
-  // default (SPEC.md).
+  // default (README.md).
   void rejectUnknown(const Json& obj, const std::string& path, const std::vector<std::string_view>& known) {
     for (auto it = obj.begin(); it != obj.end(); ++it) {
       const std::string& k = it.key();
@@ -1007,7 +1007,7 @@ class ConfigReader {
 
 // Tracks where the parser is, so a key given twice in one object can be reported with its
 // path: nlohmann keeps the last value silently, which is the "typo disables a limit" trap
-// SPEC.md forbids in another form.
+// README.md forbids in another form.
 //
 // Frames hold no paths (a path per level would cost O(depth^2) on a hostile, deeply nested
 // document); the path of the innermost frame is rebuilt from the parents' current slots

@@ -1,4 +1,4 @@
-// config: JSON file -> validated plain structs (SPEC.md, "Configuration").
+// config: JSON file -> validated plain structs (README.md, "Configuration").
 //
 // Every error names the file, the JSON path (e.g. accounts[0].rate_limits.messages_per_day)
 // and what was expected; unknown keys are errors (a typo in a limit must not disable it).

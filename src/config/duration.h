@@ -1,4 +1,4 @@
-// Durations in the config are strings with a unit: "30s", "5m", "1h", "5d" (SPEC.md).
+// Durations in the config are strings with a unit: "30s", "5m", "1h", "5d" (README.md).
 //
 // Extension: "ms" (milliseconds) is accepted where a setting has sub-second granularity
 // (limits.auth_failure_delay); second-granular settings refuse it rather than rounding.

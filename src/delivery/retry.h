@@ -8,7 +8,7 @@
 
 namespace subrelay::delivery {
 
-// The default schedule of delivery.retry_schedule (SPEC.md): 5m, 10m, 20m, 40m, 1h, 2h, 4h, 8h.
+// The default schedule of delivery.retry_schedule (README.md): 5m, 10m, 20m, 40m, 1h, 2h, 4h, 8h.
 std::vector<std::chrono::seconds> defaultRetrySchedule();
 
 struct RetryPolicy {

@@ -2,7 +2,7 @@
 //
 // Canonicalisation (RFC 6376 3.4), the body hash fed incrementally while the message
 // streams in (3.7: no second pass over a copy), key loading, and the Signer seam that
-// ARCHITECTURE.md asks for (so signing can move to a separate process later, as
+// docs/architecture.md asks for (so signing can move to a separate process later, as
 // OpenSMTPD's `ca` does). Nothing here touches a socket, a clock or a file except
 // loadPrivateKeyFile().
 #pragma once

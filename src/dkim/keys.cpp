@@ -3,7 +3,7 @@
 // least 1024 bits ... SHOULD use RSA keys of at least 2048 bits"): we refuse to sign
 // with less than 2048 bits and cap at 4096 (RFC 8301 3.2 verifiers need only go to 4096).
 // Ed25519 per RFC 8463 3 (signing) and 4.2 (p= is the raw 32-byte public key).
-// Only EVP_* calls that BoringSSL and OpenSSL 3 share (../shared/notes/tls-backends.md).
+// Only EVP_* calls that BoringSSL and OpenSSL 3 share (docs/tls-backends.md).
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>

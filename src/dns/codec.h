@@ -1,4 +1,4 @@
-// DNS packet codec: builds queries and reads responses, with no I/O (ARCHITECTURE.md,
+// DNS packet codec: builds queries and reads responses, with no I/O (docs/architecture.md,
 // "The I/O-free protocol core"). ldns does the wire work and nothing else
 // (notes/tls-backends.md); its types stay in codec.cpp.
 //

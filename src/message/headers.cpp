@@ -4,7 +4,7 @@
 //
 // Both are linear in the input and never index past it. scanHeaders keeps going on what
 // real clients send; parseAddressList is strict on purpose: it feeds the check that the
-// header From belongs to the account (RFC 6409 section 8 and SPEC.md), so anything it
+// header From belongs to the account (RFC 6409 section 8 and README.md), so anything it
 // cannot parse yields no address at all rather than a guess.
 #include "message/headers.h"
 

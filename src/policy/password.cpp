@@ -4,7 +4,7 @@
 // section 4, util::base64Decode is strict), so there is exactly one valid spelling of a
 // hash and anything else is refused rather than guessed at.
 //
-// policy/ links libcrypto although ARCHITECTURE.md says "util only": scrypt, a CSPRNG
+// policy/ links libcrypto although docs/architecture.md says "util only": scrypt, a CSPRNG
 // and a constant-time compare must come from a reviewed implementation, and libcrypto
 // (BoringSSL or OpenSSL 3, both have EVP_PBE_scrypt) is already in the binary. See
 // src/policy/meson.build.

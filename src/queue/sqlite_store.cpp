@@ -1,5 +1,5 @@
 // SqliteStore: the queue on SQLite. Durability comes from WAL + synchronous=FULL: COMMIT
-// returns after the WAL is fsynced, which is what SPEC.md's "250 only after commit" needs.
+// returns after the WAL is fsynced, which is what README.md's "250 only after commit" needs.
 // Schema and migrations live in schema.cpp; the writer thread in group_commit.cpp.
 #include "queue/sqlite_store.h"
 

@@ -1,6 +1,6 @@
 // queue::Store: the durable message queue (SQLite in data_dir).
 //
-// Durability contract (SPEC.md): insertBatch() returns only after the transaction that
+// Durability contract (README.md): insertBatch() returns only after the transaction that
 // holds every message of the batch is committed with synchronous=FULL in WAL mode, i.e.
 // fsynced. The SMTP "250" after DATA is sent only after that.
 //

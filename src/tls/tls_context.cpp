@@ -4,7 +4,7 @@
 // are all AEAD. Compression (CRIME, RFC 9325 3.3) and renegotiation are off.
 //
 // One source for BoringSSL and OpenSSL 3 (SUBRELAY_TLS_BORINGSSL / SUBRELAY_TLS_OPENSSL);
-// ../shared/notes/tls-backends.md lists the API differences. The per-connection state
+// docs/tls-backends.md lists the API differences. The per-connection state
 // lives in TlsEngine, not here.
 #include "tls/tls_context.h"
 

@@ -1,5 +1,5 @@
 // Minimal JSON output for the CLI (`queue list --json`): string escaping and a small
-// object builder. Parsing JSON stays in config/ (nlohmann) as ARCHITECTURE.md says.
+// object builder. Parsing JSON stays in config/ (nlohmann) as docs/architecture.md says.
 #pragma once
 
 #include <cstdint>

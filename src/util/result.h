@@ -1,4 +1,4 @@
-// Result<T>: the return type of fallible calls between modules (ARCHITECTURE.md, Errors).
+// Result<T>: the return type of fallible calls between modules (docs/architecture.md, Errors).
 // A value or an Error {message}. No exceptions cross module boundaries after start-up.
 #pragma once
 

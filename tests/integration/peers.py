@@ -7,7 +7,7 @@
 Standard library only (run by /usr/bin/python3). unbound listens on 127.0.0.1 only, on
 port 5353 when that is free for both UDP and TCP, else on a free port the kernel picks.
 Every wait is bounded. Instances are stopped by close() and, failing that, at exit. The
-zones follow ../../shared/TESTBED.md; local-zone/local-data syntax is unbound.conf(5)'s.
+zones follow docs/testbed.md; local-zone/local-data syntax is unbound.conf(5)'s.
 (MTA peers live in mta_peers.py.)
 """
 
@@ -77,7 +77,7 @@ def dns_query_packet(name, qtype=1, qid=0x1234):
 
 
 def testbed_zones():
-    """The zones of TESTBED.md plus a CNAME chain and a name with 80 A records (more than
+    """The zones of docs/testbed.md plus a CNAME chain and a name with 80 A records (more than
     fits in 1232 bytes of UDP: the answer is truncated, TC=1, and must be fetched over TCP)."""
     lines = [
         'local-zone: "mx.test." static',

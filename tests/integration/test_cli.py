@@ -139,7 +139,7 @@ class Cli(harness.ServerTestCase):
         path, proc = self.check_config(cfg)
         self.assertEqual(proc.returncode, 0, out_of(proc))
         self.assertEqual(proc.stdout.decode().strip(), "ok")
-        # Also with the full set of documented keys (SPEC.md's example, on loopback).
+        # Also with the full set of documented keys (README.md's example, on loopback).
         cfg["limits"] = {"max_message_bytes": 1000000, "max_recipients": 10,
                          "max_connections": 100, "max_connections_per_ip": 10}
         cfg["accounts"][0]["rate_limits"] = {"messages_per_minute": 120,

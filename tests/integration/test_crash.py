@@ -1,4 +1,4 @@
-"""Durability (SPEC.md "Durability"): a 250 after DATA means the message is committed. Clients
+"""Durability (README.md "Durability"): a 250 after DATA means the message is committed. Clients
 send under load, serve is SIGKILLed at a random moment, restarted on the same data_dir, and
 every acknowledged message must be there, byte for byte, once. Messages that were in flight
 (sent, no reply yet) may or may not be there, but never twice and never truncated.

@@ -1,4 +1,4 @@
-"""Outbound delivery (issue 3) with real peers on loopback (../../shared/TESTBED.md):
+"""Outbound delivery (issue 3) with real peers on loopback (docs/testbed.md):
 unbound answers the test zones, Postfix / aiosmtpd / smtp-sink play the MX hosts on
 127.0.0.x, and the real subrelay binary resolves, connects, talks STARTTLS and records.
 

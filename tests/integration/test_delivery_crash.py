@@ -1,5 +1,5 @@
 """SIGKILL during delivery (issue 3): what was in flight is delivered after a restart
-(at-least-once, SPEC.md), nothing acknowledged is lost, and duplicates stay within what was
+(at-least-once, README.md), nothing acknowledged is lost, and duplicates stay within what was
 in flight at the kill.
 """
 

@@ -130,7 +130,7 @@ class Dkim(harness.ServerTestCase):
         out = (proc.stdout + proc.stderr).decode(errors="replace")
         tags = sig_tags(keep_field)
         # "opendkim: F: verification (s=SEL, d=DOM, 2048-bit key) succeeded" (exit code is 0
-        # either way; TESTBED.md).
+        # either way; docs/testbed.md).
         ok = re.search(r"verification \(s=%s, d=%s[,)].*\) succeeded" % (re.escape(tags["s"]), re.escape(tags["d"])),
                        out) is not None
         bad = "failed" in out or "no signature" in out

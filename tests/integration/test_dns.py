@@ -1,5 +1,5 @@
 """dns/ end to end: subrelay-dnsquery (dns::UvResolver, the real resolver) against a private
-unbound (peers.Unbound, the zones of TESTBED.md plus a CNAME chain and a name with 80 A
+unbound (peers.Unbound, the zones of docs/testbed.md plus a CNAME chain and a name with 80 A
 records). Cases: MX order and preferences, no MX (nodata: delivery then uses the implicit MX),
 null MX (RFC 7505: exchange ""), NXDOMAIN, SERVFAIL, timeout (a `deny` zone drops queries),
 REFUSED, CNAME chains for A/AAAA/MX, AAAA, TXT with several strings, TC over UDP -> TCP

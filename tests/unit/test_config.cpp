@@ -1,4 +1,4 @@
-// Unit tests for config/: the SPEC.md example, every error kind with its JSON path, several
+// Unit tests for config/: the README configuration example, every error kind with its JSON path, several
 // errors at once, unknown keys at every level, durations and host:port forms.
 #include <doctest/doctest.h>
 
@@ -72,8 +72,8 @@ void expectOk(const LoadResult& r) {
 
 }  // namespace
 
-TEST_CASE("the SPEC.md example parses") {
-  // Verbatim from SPEC.md, except that "<output of subrelay hash-password>" is replaced by a
+TEST_CASE("the README configuration example parses") {
+  // Verbatim from README.md, except that "<output of subrelay hash-password>" is replaced by a
   // string of that form: the placeholder itself is (rightly) refused.
   std::string spec = R"({
   "hostname": "relay.example.net",
