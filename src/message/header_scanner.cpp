@@ -18,12 +18,6 @@ constexpr uint64_t kMaxFieldNameLine = 998;
 // ftext (RFC 5322 3.6.8): printable US-ASCII except ":".
 bool isFtext(char c) { return c >= 33 && c <= 126 && c != ':'; }
 
-bool hasHighBit(const char* p, size_t n) {
-  for (size_t i = 0; i < n; ++i)
-    if (static_cast<unsigned char>(p[i]) >= 0x80) return true;
-  return false;
-}
-
 }  // namespace
 
 void HeaderScanner::endField(uint64_t at) {
@@ -156,7 +150,6 @@ size_t HeaderScanner::feed(std::string_view chunk) {
       case State::Field: {
         const void* lf = std::memchr(chunk.data() + i, '\n', n - i);
         const size_t stop = lf ? static_cast<size_t>(static_cast<const char*>(lf) - chunk.data()) : n;
-        if (!nonAscii_ && hasHighBit(chunk.data() + i, stop - i)) nonAscii_ = true;
         if (lf == nullptr) {
           i = n;
         } else {

@@ -14,8 +14,7 @@
 //
 // It also enforces the header limits while the message streams in (limits.max_header_bytes,
 // limits.max_header_fields), so a flood of tiny fields is refused without ever being
-// held as a record per field, and notes whether the header section has non-ASCII octets
-// (SMTPUTF8 is needed downstream only if the envelope or the header has them, RFC 6531).
+// held as a record per field.
 //
 // Not here: parsing field values (headers.h), modifying the message (fixups.h).
 #pragma once
@@ -70,7 +69,6 @@ class HeaderScanner {
   uint64_t bodyOffset() const { return bodyOffset_; }
   uint64_t headerBytes() const { return inBody() ? bodyOffset_ : fed_; }
   uint64_t fields() const { return fields_; }
-  bool nonAscii() const { return nonAscii_; }
   Violation violation() const { return violation_; }
   const std::string& bodyPrefix() const { return undecided_; }
 
@@ -87,7 +85,6 @@ class HeaderScanner {
   bool keep_ = false;
   bool haveField_ = false;  // a field is open (a WSP line continues it)
   bool separator_ = false;
-  bool nonAscii_ = false;
   Violation violation_ = Violation::None;
   uint64_t fed_ = 0;        // octets fed so far
   uint64_t lineStart_ = 0;  // absolute offset of the current line

@@ -3,6 +3,7 @@
 
 #include "idna/idna.h"
 #include "message/headers.h"
+#include "util/strings.h"
 
 namespace subrelay::submission {
 
@@ -14,17 +15,6 @@ CleanupResult refuse(int code, const char* enhanced, std::string text) {
   r.enhanced = enhanced;
   r.text = std::move(text);
   return r;
-}
-
-// An address for a reply line: printable, bounded (it came from the client).
-std::string shown(std::string_view a) {
-  std::string out;
-  for (char c : a.substr(0, 100)) {
-    const auto u = static_cast<unsigned char>(c);
-    out += (u < 0x20 || u == 0x7f) ? '?' : c;
-  }
-  if (a.size() > 100) out += "...";
-  return out;
 }
 
 }  // namespace
@@ -50,7 +40,7 @@ CleanupResult cleanup(std::string_view content, const CleanupRequest& req) {
   if (addrs.empty()) return refuse(550, "5.6.0", "Cannot parse the From header field (RFC 5322 3.6.2)");
   for (const auto& a : addrs) {
     if (!req.owns || !req.owns(a))
-      return refuse(550, "5.7.1", "From header address <" + shown(a) + "> not owned by this account");
+      return refuse(550, "5.7.1", "From header address <" + util::sanitizeForLog(a, 100) + "> not owned by this account");
   }
   // RFC 5322 3.6.2: Sender is one mailbox, "the agent responsible for the actual
   // transmission"; receivers show it ("on behalf of"), so it may not name someone else.
@@ -60,7 +50,7 @@ CleanupResult cleanup(std::string_view content, const CleanupRequest& req) {
     const auto sender = message::parseAddressList(message::findField(headers, "Sender")->value);
     if (sender.size() != 1) return refuse(550, "5.6.0", "Cannot parse the Sender header field (RFC 5322 3.6.2)");
     if (!req.owns || !req.owns(sender.front()))
-      return refuse(550, "5.7.1", "Sender header address <" + shown(sender.front()) + "> not owned by this account");
+      return refuse(550, "5.7.1", "Sender header address <" + util::sanitizeForLog(sender.front(), 100) + "> not owned by this account");
   }
 
   CleanupResult r;
