@@ -22,6 +22,7 @@
 #include "dns/uv_resolver.h"
 #include "message/headers.h"
 #include "net/connection.h"
+#include "net/listener.h"
 #include "net/uv_handle.h"
 #include "queue/sqlite_store.h"
 #include "smtp/client_session.h"
@@ -66,29 +67,10 @@ struct Settings {
   delivery::DestinationPolicy destinations;
 };
 
-// This host's interface addresses, for the destination policy (a tenant's MX pointing at
-// our own public address must not loop mail back into us or reach our other services).
-std::vector<std::string> hostAddresses() {
-  std::vector<std::string> out;
-  uv_interface_address_t* ifs = nullptr;
-  int n = 0;
-  if (uv_interface_addresses(&ifs, &n) != 0) return out;
-  for (int i = 0; i < n; ++i) {
-    char buf[64] = {0};
-    if (ifs[i].address.address4.sin_family == AF_INET)
-      uv_ip4_name(&ifs[i].address.address4, buf, sizeof buf);
-    else
-      uv_ip6_name(&ifs[i].address.address6, buf, sizeof buf);
-    if (buf[0] != '\0') out.emplace_back(buf);
-  }
-  uv_free_interface_addresses(ifs, n);
-  return out;
-}
-
 Settings settingsFrom(const config::Config& cfg) {
   Settings s;
   s.destinations.allowPrivate = cfg.delivery.allowPrivateDestinations;
-  if (!s.destinations.allowPrivate) s.destinations.ownAddresses = hostAddresses();
+  if (!s.destinations.allowPrivate) s.destinations.ownAddresses = net::hostAddresses();
   s.hostname = cfg.hostname;
   s.port = cfg.delivery.port;
   s.tls = cfg.delivery.tls;

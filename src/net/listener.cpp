@@ -119,4 +119,21 @@ void Listener::close() {
   }
 }
 
+std::vector<std::string> hostAddresses() {
+  std::vector<std::string> out;
+  uv_interface_address_t* ifs = nullptr;
+  int n = 0;
+  if (uv_interface_addresses(&ifs, &n) != 0) return out;
+  for (int i = 0; i < n; ++i) {
+    char buf[64] = {0};
+    if (ifs[i].address.address4.sin_family == AF_INET)
+      uv_ip4_name(&ifs[i].address.address4, buf, sizeof buf);
+    else
+      uv_ip6_name(&ifs[i].address.address6, buf, sizeof buf);
+    if (buf[0] != '\0') out.emplace_back(buf);
+  }
+  uv_free_interface_addresses(ifs, n);
+  return out;
+}
+
 }  // namespace subrelay::net

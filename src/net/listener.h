@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "util/result.h"
 
@@ -40,5 +41,9 @@ class Listener {
   uv_tcp_t* tcp_ = nullptr;
   uint16_t port_ = 0;
 };
+
+// This host's interface addresses as text ("192.0.2.7", "2001:db8::7"): delivery's
+// destination policy refuses them (a tenant's MX pointing back at us).
+std::vector<std::string> hostAddresses();
 
 }  // namespace subrelay::net
