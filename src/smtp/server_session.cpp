@@ -62,6 +62,12 @@ bool isAcceptableHelo(std::string_view s) {
   return true;
 }
 
+// Commands that move no mail: counted against maxJunkCommands.
+bool isJunk(Verb v) {
+  return v == Verb::Helo || v == Verb::Ehlo || v == Verb::Rset || v == Verb::Noop || v == Verb::Help ||
+         v == Verb::Vrfy;
+}
+
 bool hasControlChars(std::string_view s) {
   for (unsigned char c : s)
     if (c < 0x20 || c == 0x7f) return true;
@@ -337,18 +343,7 @@ void ServerSession::handleLine(std::string_view raw) {
     return;
   }
   Command cmd = parseCommand(line);
-  switch (cmd.verb) {
-    case Verb::Helo:
-    case Verb::Ehlo:
-    case Verb::Rset:
-    case Verb::Noop:
-    case Verb::Help:
-    case Verb::Vrfy:
-      if (!countJunk()) return;
-      break;
-    default:
-      break;
-  }
+  if (isJunk(cmd.verb) && !countJunk()) return;
   switch (cmd.verb) {
     case Verb::Helo:
       handleEhlo(cmd.args, false);
