@@ -1,105 +1,82 @@
-// DeliveryService (delivery_service.h): the scheduler loop and the outbound connections.
+// DeliveryService (delivery_service.h): wires delivery::Scheduler to libuv, TLS, DNS and
+// the queue. Every decision is the scheduler's (delivery/scheduler.h); this file carries
+// out its requests and reports what happened.
 #include "app/delivery_service.h"
 
 #include <uv.h>
 
-#include <algorithm>
-#include <deque>
-#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <random>
-#include <set>
 #include <thread>
-#include <vector>
 
-#include "delivery/destination.h"
-#include "delivery/dsn.h"
-#include "delivery/retry.h"
 #include "delivery/routing.h"
+#include "delivery/scheduler.h"
 #include "dns/resolv_conf.h"
 #include "dns/uv_resolver.h"
-#include "message/headers.h"
 #include "net/connection.h"
 #include "net/listener.h"
-#include "net/uv_handle.h"
+#include "net/uv_timer.h"
 #include "queue/sqlite_store.h"
 #include "smtp/client_session.h"
 #include "tls/tls_context.h"
 #include "util/clock.h"
 #include "util/log.h"
 #include "util/strings.h"
-#include "util/time_fmt.h"
 
 namespace subrelay::app {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-// RFC 5321 4.5.3.2 gives no connect timeout; 30 s is what Postfix uses
-// (smtp_connect_timeout) and keeps a dead MX from holding a connection slot for long.
-constexpr auto kConnectTimeout = std::chrono::seconds(30);
-// Longer than the longest attempt (connect + DATA termination 10 min): a lease only
-// expires by itself when this process is gone, and start-up clears those anyway.
-constexpr int64_t kLeaseSeconds = 20 * 60;
-constexpr size_t kLeaseBatch = 200;
-constexpr size_t kMaxQueuedJobs = 2000;
+constexpr auto kTickInterval = std::chrono::milliseconds(1000);
 constexpr auto kFlushInterval = std::chrono::milliseconds(20);
-constexpr size_t kFlushBatch = 256;
 
-int64_t nowUnix() { return util::unixSeconds(std::chrono::system_clock::now()); }
-
-std::string domainOf(const std::string& address) {
-  size_t at = address.rfind('@');
-  return at == std::string::npos ? std::string() : util::toLower(address.substr(at + 1));
+delivery::TlsPolicy tlsPolicy(config::DeliveryTls t) {
+  switch (t) {
+    case config::DeliveryTls::Required: return delivery::TlsPolicy::Required;
+    case config::DeliveryTls::Verify: return delivery::TlsPolicy::Verify;
+    case config::DeliveryTls::Opportunistic: break;
+  }
+  return delivery::TlsPolicy::Opportunistic;
 }
 
 struct Settings {
-  std::string hostname;
-  uint16_t port = 25;
-  config::DeliveryTls tls = config::DeliveryTls::Opportunistic;
-  std::map<std::string, config::DeliveryTls> overrides;
-  delivery::RetryPolicy retry;
-  uint32_t maxConnections = 200;
-  uint32_t maxConnectionsPerDomain = 10;
-  delivery::DestinationPolicy destinations;
+  delivery::SchedulerSettings scheduler;
+  smtp::ClientTimeouts timeouts;
+  std::chrono::seconds connectTimeout{30};
 };
 
 Settings settingsFrom(const config::Config& cfg) {
   Settings s;
-  s.destinations.allowPrivate = cfg.delivery.allowPrivateDestinations;
-  if (!s.destinations.allowPrivate) s.destinations.ownAddresses = net::hostAddresses();
-  s.hostname = cfg.hostname;
-  s.port = cfg.delivery.port;
-  s.tls = cfg.delivery.tls;
-  for (const auto& o : cfg.delivery.tlsOverrides) s.overrides[util::toLower(o.domain)] = o.tls;
-  s.retry.schedule = cfg.delivery.retrySchedule.empty() ? config::defaultRetrySchedule() : cfg.delivery.retrySchedule;
-  s.retry.maxQueueTime = cfg.delivery.maxQueueTime;
-  s.retry.delayNotice = cfg.delivery.delayNotice;
-  s.maxConnections = cfg.delivery.maxConnections;
-  s.maxConnectionsPerDomain = cfg.delivery.maxConnectionsPerDomain;
+  delivery::SchedulerSettings& d = s.scheduler;
+  d.destinations.allowPrivate = cfg.delivery.allowPrivateDestinations;
+  if (!d.destinations.allowPrivate) d.destinations.ownAddresses = net::hostAddresses();
+  d.hostname = cfg.hostname;
+  d.port = cfg.delivery.port;
+  d.tls = tlsPolicy(cfg.delivery.tls);
+  for (const auto& o : cfg.delivery.tlsOverrides) d.tlsOverrides[util::toLower(o.domain)] = tlsPolicy(o.tls);
+  d.retry.schedule = cfg.delivery.retrySchedule.empty() ? config::defaultRetrySchedule() : cfg.delivery.retrySchedule;
+  d.retry.maxQueueTime = cfg.delivery.maxQueueTime;
+  d.retry.delayNotice = cfg.delivery.delayNotice;
+  d.maxConnections = cfg.delivery.maxConnections;
+  d.maxPerDestination = cfg.delivery.maxConnectionsPerDomain;
+  const auto& t = cfg.delivery.timeouts;
+  d.transactionDeadline = t.transaction;
+  s.connectTimeout = t.connect;
+  s.timeouts.greeting = t.greeting;
+  s.timeouts.mail = t.command;
+  s.timeouts.rcpt = t.command;
+  s.timeouts.dataInit = t.dataInit;
+  s.timeouts.dataTerm = t.dataEnd;
   return s;
 }
 
-// The message a job belongs to; the content is read once, when the first job needs it.
-struct MessageMeta {
-  queue::DueMessage due;
-  std::shared_ptr<const std::string> content;
-};
-
-struct Job {
-  std::shared_ptr<MessageMeta> meta;
-  std::string domain;
-  std::vector<queue::DueRecipient> rcpts;
-};
-
 }  // namespace
 
-class OutboundSession;
+class OutboundConnection;
 
-struct DeliveryService::Impl {
+struct DeliveryService::Impl final : delivery::Transport {
   // --- set up before the thread starts ---
   std::unique_ptr<queue::SqliteStore> store;
   std::shared_ptr<tls::TlsContext> plainCtx;   // no verification (opportunistic, required)
@@ -118,89 +95,71 @@ struct DeliveryService::Impl {
   // --- loop thread only ---
   uv_loop_t loop{};
   bool loopStarted = false;
-  uv_async_t* async = nullptr;
-  uv_timer_t* tick = nullptr;
-  uv_timer_t* flushTimer = nullptr;
-  uv_timer_t* graceTimer = nullptr;
-  uv_timer_t* refillTimer = nullptr;
-  bool moreDue = false;  // the last lease was a full batch: more may be waiting
+  std::unique_ptr<net::Async> async;  // guarded by mu for send()
+  std::unique_ptr<net::Timer> tick, flushTimer, graceTimer, refillTimer;
   Settings settings;
   std::unique_ptr<dns::UvResolver> resolver;
   std::unique_ptr<delivery::RouteResolver> routes;
-  std::map<std::string, std::deque<Job>> queued;  // by recipient domain
-  std::map<std::string, uint32_t> activePerDomain;
-  std::set<OutboundSession*> sessions;
-  size_t queuedJobs = 0;
-  std::vector<queue::AttemptRecord> pending;  // results waiting for the next flush
+  std::unique_ptr<delivery::Scheduler> scheduler;
+  std::map<delivery::SessionId, std::unique_ptr<OutboundConnection>> connections;
   bool stopping = false;
-  Clock::time_point lastPull{};
 
-  void run();
   void onAsync();
-  void onTick();
-  void pull();
-  void dispatch();
-  void processDsns();
-  void flush();
-  void scheduleFlush();
+  void afterEvent();
   void finishStop();
   void maybeEndLoop();
+  // OutboundConnection is gone: tells the scheduler (after this, `c` is deleted).
+  void connectionEnded(delivery::SessionId id, std::optional<delivery::SessionFailure> failure);
 
-  std::optional<Job> nextJob(const std::string& domain);
-  void record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& mx,
-              const std::string& tlsVersion, const std::string& tlsCipher);
-  // Every queued job of the domain (and `held`, when given) gets the same outcome.
-  void failDomain(const std::string& domain, std::optional<Job> held, smtp::Outcome outcome, int code,
-                  const std::string& enhanced, const std::string& text, const std::string& mx);
-  void sessionEnded(OutboundSession* s);
-  config::DeliveryTls tlsFor(const std::string& domain) const {
-    auto it = settings.overrides.find(domain);
-    return it == settings.overrides.end() ? settings.tls : it->second;
-  }
+  // --- delivery::Transport ---
+  void resolve(const std::string& domain) override;
+  void connect(const delivery::ConnectRequest& request) override;
+  void send(delivery::SessionId id, smtp::OutboundMessage message) override;
+  void quit(delivery::SessionId id) override;
+  void abort(delivery::SessionId id, const std::string& why) override;
+  void flushSoon() override;
 };
 
 // ---------------------------------------------------------------------------------------
-// OutboundSession: one connection (or a series of attempts over the MX list) for one
-// recipient domain. It takes jobs of that domain one after the other once the server is
-// ready, so queued messages for the same MX reuse the connection.
+// OutboundConnection: one TCP connection for one scheduler session: net::Connection for
+// the bytes and TLS, smtp::ClientSession for the protocol, one timer for its deadlines.
 // ---------------------------------------------------------------------------------------
-class OutboundSession final : public net::ConnectionHandler {
+class OutboundConnection final : public net::ConnectionHandler {
  public:
-  OutboundSession(DeliveryService::Impl& svc, std::string domain)
-      : svc_(svc), domain_(std::move(domain)), policy_(svc.tlsFor(domain_)), settings_(svc.settings) {}
+  OutboundConnection(DeliveryService::Impl& svc, const delivery::ConnectRequest& req)
+      : svc_(svc), req_(req), timer_(&svc.loop), soon_(&svc.loop) {
+    smtp::ClientConfig cc;
+    cc.heloName = svc.settings.scheduler.hostname;
+    cc.tls = req.tls == delivery::TlsPolicy::Opportunistic ? smtp::ClientTls::Opportunistic : smtp::ClientTls::Required;
+    session_ = std::make_unique<smtp::ClientSession>(cc, svc.settings.timeouts);
+    conn_ = std::make_unique<net::Connection>(&svc.loop, this);
+  }
 
   void start() {
-    // user@[192.0.2.1]: the address literal is the route (RFC 5321 4.1.3), no DNS.
-    if (auto literal = delivery::routeForAddressLiteral(domain_)) {
-      onRoute(std::move(*literal));
-      return;
-    }
-    std::weak_ptr<bool> weak = alive_;
-    svc_.routes->resolve(domain_, [this, weak](delivery::Route route) {
-      if (weak.expired()) return;
-      onRoute(std::move(route));
-    });
+    // RFC 5321 4.5.3.2 gives no connect timeout; delivery.timeouts.connect (30 s, as
+    // Postfix's smtp_connect_timeout) keeps a dead MX from holding a slot for long.
+    timer_.start(std::chrono::duration_cast<std::chrono::milliseconds>(svc_.settings.connectTimeout),
+                 [this] { fail("timeout connecting to " + req_.label()); });
+    conn_->connect(req_.ip, req_.port);
   }
 
-  void forceClose() {
-    giveUp_ = true;
-    if (conn_) conn_->close();
+  // Scheduler requests. Their effects on the session are handled on the next loop turn,
+  // never inside the scheduler's call (scheduler.h: no re-entrancy).
+  void send(smtp::OutboundMessage m) {
+    session_->send(std::move(m));
+    pumpSoon();
   }
-  // Shutdown: finish the transaction in hand, take no new job.
-  void drain() {
-    if (session_ && session_->idle() && !job_) {
-      session_->quit();
-      pump();
-    }
+  void quit() {
+    if (session_->closed()) return;
+    session_->quit();
+    pumpSoon();
   }
-  const std::string& domain() const { return domain_; }
+  void abort(const std::string& why) { fail(why); }
 
   // --- net::ConnectionHandler ---
   void onConnected(int status) override {
-    stopTimer();
     if (status != 0) {
-      lastError_ = "connect to " + mxLabel() + ": " + uv_strerror(status);
-      conn_->close();
+      fail("connect to " + req_.label() + ": " + uv_strerror(status));
       return;
     }
     session_->onConnected();
@@ -225,229 +184,163 @@ class OutboundSession final : public net::ConnectionHandler {
   }
   void onIdleTimeout() override {}
   void onPeerClosed() override {
-    if (session_ && !session_->closed()) {
-      session_->onConnectionLost("connection closed by " + mxLabel());
+    if (!session_->closed()) {
+      session_->onConnectionLost("connection closed by " + req_.label());
       pump();
     }
   }
   void onClosed() override {
-    stopTimer();
-    if (session_ && !session_->closed()) {
-      session_->onConnectionLost("connection to " + mxLabel() + " closed");
+    timer_.stop();
+    soon_.stop();
+    if (!session_->closed()) {
+      session_->onConnectionLost(failure_ ? failure_->text : "connection to " + req_.label() + " closed");
       pumpActions();  // results only; nothing can be written any more
     }
-    conn_.reset();
-    session_.reset();
-    // A job still in hand had no result (cannot happen after onConnectionLost, but a
-    // job must never vanish): defer it.
-    if (job_) {
-      svc_.failDomain(domain_, std::move(job_), smtp::Outcome::TempFail, 0, "4.4.2",
-                      lastError_.empty() ? "connection lost" : lastError_, mxLabel());
-      job_.reset();
-    }
-    if (!giveUp_ && !ready_ && !svc_.stopping) {
-      tryNext();
-      return;
-    }
-    end();
+    auto& svc = svc_;
+    const delivery::SessionId id = req_.id;
+    auto failure = failure_;
+    svc.connectionEnded(id, std::move(failure));  // deletes this
   }
 
  private:
-  void onRoute(delivery::Route resolved) {
-    // delivery.allow_private_destinations: internal, loopback and our own addresses are
-    // no destination for a tenant's mail (address literals included).
-    delivery::Route route = delivery::applyDestinationPolicy(std::move(resolved), settings_.destinations);
-    if (route.status != delivery::RouteStatus::Ok) {
-      bool perm = route.status == delivery::RouteStatus::PermFail;
-      util::logInfo("delivery", "route domain=" + domain_ + " result=" + (perm ? "failed" : "deferred") +
-                                    " detail=\"" + util::sanitizeForLog(route.detail) + "\"");
-      svc_.failDomain(domain_, std::nullopt, perm ? smtp::Outcome::PermFail : smtp::Outcome::TempFail, 0,
-                      route.enhanced.empty() ? (perm ? "5.1.2" : "4.4.3") : route.enhanced, route.detail, "");
-      end();
-      return;
+  // A local reason to end the connection (timeout, connect error, abort).
+  void fail(std::string why) {
+    if (!failure_) failure_ = delivery::SessionFailure{0, "", std::move(why)};
+    if (!session_->closed()) {
+      session_->onConnectionLost(failure_->text);
+      pumpActions();
     }
-    route_ = std::move(route);
-    tryNext();
+    if (!conn_->closing()) conn_->close();
   }
 
-  // The next address of the current MX, else the first of the next MX (RFC 5321 5.1:
-  // every address of every MX, in order, until one accepts a connection).
-  void tryNext() {
-    ready_ = false;
-    tlsVersion_.clear();
-    tlsCipher_.clear();
-    for (;;) {
-      if (host_ >= route_.hosts.size()) {
-        std::string why = lastError_.empty() ? "no reachable mail exchanger" : lastError_;
-        util::logInfo("delivery", "unreachable domain=" + domain_ + " error=\"" + util::sanitizeForLog(why) + "\"");
-        svc_.failDomain(domain_, std::nullopt, smtp::Outcome::TempFail, lastCode_, lastEnhanced_.empty() ? "4.4.1" : lastEnhanced_,
-                        why, lastMx_);
-        end();
-        return;
-      }
-      const auto& h = route_.hosts[host_];
-      if (addr_ < h.addresses.size()) break;
-      ++host_;
-      addr_ = 0;
-    }
-    const auto& h = route_.hosts[host_];
-    ip_ = h.addresses[addr_++];
-    hostName_ = h.name;
-    lastMx_ = mxLabel();
-    smtp::ClientConfig cc;
-    cc.heloName = settings_.hostname;
-    cc.tls = policy_ == config::DeliveryTls::Opportunistic ? smtp::ClientTls::Opportunistic : smtp::ClientTls::Required;
-    session_ = std::make_unique<smtp::ClientSession>(cc);
-    conn_ = std::make_unique<net::Connection>(&svc_.loop, this);
-    armTimer(kConnectTimeout);
-    conn_->connect(ip_, settings_.port);
-  }
-
-  std::string mxLabel() const {
-    if (ip_.empty()) return "";
-    std::string a = ip_.find(':') != std::string::npos ? "[" + ip_ + "]" : ip_;
-    return hostName_ + " [" + a + "]:" + std::to_string(settings_.port);
+  void pumpSoon() {
+    soon_.start(std::chrono::milliseconds(0), [this] { pump(); });
   }
 
   void pump() {
     pumpActions();
-    if (session_ && conn_ && !conn_->closing()) {
-      if (auto t = session_->timeout()) armTimer(*t);
-      else stopTimer();
+    if (conn_->closing() || session_->closed()) return;
+    // Each RFC 5321 4.5.3.2 timeout is a total for its stage: the timer is set when the
+    // session starts waiting for something new (progress() moved), not on every read.
+    auto t = session_->timeout();
+    if (!t) {
+      timer_.stop();
+      armed_.reset();
+      return;
     }
+    if (armed_ == session_->progress() && timer_.active()) return;
+    armed_ = session_->progress();
+    timer_.start(std::chrono::duration_cast<std::chrono::milliseconds>(*t), [this] {
+      session_->onTimeout();
+      pumpActions();
+      if (!conn_->closing()) conn_->close();
+    });
   }
 
   void pumpActions() {
-    if (!session_) return;
     for (;;) {
       auto actions = session_->takeActions();
       if (actions.empty()) return;
       for (auto& a : actions) {
         if (auto* sb = std::get_if<smtp::SendBytes>(&a)) {
-          if (conn_) conn_->write(sb->bytes);
+          if (!conn_->closing()) conn_->write(sb->bytes);
         } else if (std::holds_alternative<smtp::StartTls>(a)) {
-          if (conn_)
-            conn_->startTlsClient(policy_ == config::DeliveryTls::Verify ? svc_.verifyCtx : svc_.plainCtx, hostName_);
+          if (!conn_->closing())
+            conn_->startTlsClient(req_.tls == delivery::TlsPolicy::Verify ? svc_.verifyCtx : svc_.plainCtx, req_.host);
         } else if (std::holds_alternative<smtp::CloseConnection>(a)) {
-          if (conn_) conn_->closeAfterWrite();
+          if (!conn_->closing()) conn_->closeAfterWrite();
         } else if (std::holds_alternative<smtp::SessionReady>(a)) {
-          ready_ = true;
-          takeJob();
+          svc_.scheduler->onReady(req_.id, tlsVersion_, tlsCipher_);
         } else if (auto* td = std::get_if<smtp::TransactionDone>(&a)) {
-          if (job_) {
-            svc_.record(*job_, td->results, mxLabel(), tlsVersion_, tlsCipher_);
-            job_.reset();
-          }
-          if (session_ && session_->idle()) takeJob();
+          svc_.scheduler->onTransactionDone(req_.id, td->results, !session_->closed() && !conn_->closing());
         } else if (auto* sf = std::get_if<smtp::SessionFailed>(&a)) {
-          lastError_ = sf->reply.code ? mxLabel() + " said: " + sf->reply.summary()
-                                      : (sf->reply.text.empty() ? sf->stage : sf->reply.text) + " (" + mxLabel() + ")";
-          lastCode_ = sf->reply.code;
-          lastEnhanced_ = sf->reply.enhanced;
-          if (conn_) conn_->close();
+          if (!failure_) {
+            delivery::SessionFailure f;
+            f.code = sf->reply.code;
+            f.enhanced = sf->reply.enhanced;
+            f.text = sf->reply.code ? req_.label() + " said: " + sf->reply.summary()
+                                    : (sf->reply.text.empty() ? sf->stage : sf->reply.text) + " (" + req_.label() + ")";
+            failure_ = std::move(f);
+          }
         }
       }
     }
   }
 
-  void takeJob() {
-    if (!session_ || !session_->idle()) return;
-    std::optional<Job> j = svc_.stopping ? std::nullopt : svc_.nextJob(domain_);
-    if (!j) {
-      session_->quit();
-      return;
-    }
-    job_ = std::move(j);
-    MessageMeta& m = *job_->meta;
-    if (!m.content) {
-      auto c = svc_.store->content(m.due.id);
-      if (!c.ok()) {
-        util::logError("delivery", "cannot read message id=" + m.due.id + ": " + c.error().message);
-        svc_.failDomain(domain_, std::move(job_), smtp::Outcome::TempFail, 0, "4.3.0",
-                        "local error reading the queue: " + c.error().message, "");
-        job_.reset();
-        session_->quit();
-        return;
-      }
-      m.content = std::make_shared<const std::string>(std::move(c.value()));
-    }
-    smtp::OutboundMessage om;
-    om.mailFrom = m.due.mailFrom;
-    for (const auto& r : job_->rcpts) om.recipients.push_back(r.address);
-    om.content = m.content;
-    om.eightBit = m.due.eightBit;
-    om.smtputf8 = m.due.smtputf8;
-    session_->send(std::move(om));
-  }
-
-  void armTimer(std::chrono::seconds after) {
-    if (!timer_) {
-      timer_ = net::newHandle<uv_timer_t>();
-      uv_timer_init(&svc_.loop, timer_);
-      timer_->data = this;
-    }
-    uv_timer_start(
-        timer_,
-        [](uv_timer_t* t) {
-          auto* self = static_cast<OutboundSession*>(t->data);
-          if (self == nullptr) return;
-          if (self->session_ && !self->session_->closed() && self->ready_) {
-            self->session_->onTimeout();
-            self->pumpActions();
-          } else if (self->session_ && !self->session_->closed()) {
-            self->lastError_ = "timeout talking to " + self->mxLabel();
-            self->session_->onTimeout();
-            self->pumpActions();
-          }
-          if (self->conn_) self->conn_->close();
-        },
-        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(after).count()), 0);
-  }
-  void stopTimer() {
-    if (timer_) uv_timer_stop(timer_);
-  }
-
-  void end() {
-    if (timer_) {
-      timer_->data = nullptr;
-      net::closeHandle(timer_);
-      timer_ = nullptr;
-    }
-    alive_.reset();
-    svc_.sessionEnded(this);  // deletes this
-  }
-
   DeliveryService::Impl& svc_;
-  std::string domain_;
-  config::DeliveryTls policy_;
-  Settings settings_;  // as when the session started (reload does not change it)
-  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
-  delivery::Route route_;
-  size_t host_ = 0;
-  size_t addr_ = 0;
-  std::string ip_;
-  std::string hostName_;
+  delivery::ConnectRequest req_;
+  net::Timer timer_;  // connect, then the stage deadline
+  net::Timer soon_;   // runs pump() on the next loop turn
+  std::optional<uint64_t> armed_;  // progress() when the stage timer was set
   std::unique_ptr<net::Connection> conn_;
   std::unique_ptr<smtp::ClientSession> session_;
-  uv_timer_t* timer_ = nullptr;
-  std::optional<Job> job_;
-  bool ready_ = false;
-  bool giveUp_ = false;
-  std::string tlsVersion_;
-  std::string tlsCipher_;
-  std::string lastError_;
-  std::string lastMx_;
-  int lastCode_ = 0;
-  std::string lastEnhanced_;
+  std::string tlsVersion_, tlsCipher_;
+  std::optional<delivery::SessionFailure> failure_;
 };
 
 // ---------------------------------------------------------------------------------------
-// The scheduler
+// Transport
 // ---------------------------------------------------------------------------------------
-void DeliveryService::Impl::run() {
-  uv_run(&loop, UV_RUN_DEFAULT);
+void DeliveryService::Impl::resolve(const std::string& domain) {
+  routes->resolve(domain, [this, domain](delivery::Route route) {
+    scheduler->onRoute(domain, std::move(route));
+    afterEvent();
+  });
 }
 
+void DeliveryService::Impl::connect(const delivery::ConnectRequest& request) {
+  auto c = std::make_unique<OutboundConnection>(*this, request);
+  OutboundConnection* raw = c.get();
+  connections[request.id] = std::move(c);
+  raw->start();
+}
+
+void DeliveryService::Impl::send(delivery::SessionId id, smtp::OutboundMessage message) {
+  if (auto it = connections.find(id); it != connections.end()) it->second->send(std::move(message));
+}
+
+void DeliveryService::Impl::quit(delivery::SessionId id) {
+  if (auto it = connections.find(id); it != connections.end()) it->second->quit();
+}
+
+void DeliveryService::Impl::abort(delivery::SessionId id, const std::string& why) {
+  if (auto it = connections.find(id); it != connections.end()) it->second->abort(why);
+}
+
+void DeliveryService::Impl::flushSoon() {
+  if (!flushTimer->active()) flushTimer->start(kFlushInterval, [this] { scheduler->flush(); });
+}
+
+void DeliveryService::Impl::connectionEnded(delivery::SessionId id, std::optional<delivery::SessionFailure> failure) {
+  // The connection object is deleted only after the scheduler heard of it (it may ask for
+  // a new connection with the same session id at once).
+  std::unique_ptr<OutboundConnection> gone;
+  if (auto it = connections.find(id); it != connections.end()) {
+    gone = std::move(it->second);
+    connections.erase(it);
+  }
+  scheduler->onSessionEnded(id, std::move(failure));
+  afterEvent();
+  // `gone` (the caller) is deleted here, as its last act.
+}
+
+// After any event: a backlog is leased ahead of running dry instead of waiting for the
+// tick (which alone would cap delivery at one batch per second); at shutdown, the end.
+void DeliveryService::Impl::afterEvent() {
+  if (stopping) {
+    maybeEndLoop();
+    return;
+  }
+  if (scheduler->refillWanted() && !refillTimer->active())
+    refillTimer->start(std::chrono::milliseconds(0), [this] {
+      scheduler->refill();
+      afterEvent();
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// The service thread
+// ---------------------------------------------------------------------------------------
 void DeliveryService::Impl::onAsync() {
   bool doWake = false, doStop = false;
   std::optional<Settings> fresh;
@@ -459,360 +352,43 @@ void DeliveryService::Impl::onAsync() {
     fresh = std::move(pendingSettings);
     pendingSettings.reset();
   }
-  if (fresh) settings = std::move(*fresh);
+  if (fresh) {
+    settings = std::move(*fresh);
+    scheduler->reconfigure(settings.scheduler);
+  }
   if (doStop) {
     stopping = true;
     finishStop();
     return;
   }
   if (doWake && !stopping) {
-    // Many commits in a burst: one lease transaction per 50 ms is plenty.
-    if (Clock::now() - lastPull >= std::chrono::milliseconds(50)) {
-      pull();
-      dispatch();
-    }
-  }
-}
-
-void DeliveryService::Impl::onTick() {
-  if (stopping) return;
-  pull();
-  processDsns();
-  dispatch();
-}
-
-void DeliveryService::Impl::pull() {
-  lastPull = Clock::now();
-  if (queuedJobs >= kMaxQueuedJobs) return;
-  auto due = store->leaseDue(nowUnix(), kLeaseSeconds, kLeaseBatch);
-  if (!due.ok()) {
-    util::logError("delivery", "cannot read the queue: " + due.error().message);
-    return;
-  }
-  moreDue = due.value().size() >= kLeaseBatch;
-  for (auto& m : due.value()) {
-    auto meta = std::make_shared<MessageMeta>();
-    meta->due = std::move(m);
-    // One job per recipient domain: those recipients share the MX and one transaction.
-    std::map<std::string, std::vector<queue::DueRecipient>> byDomain;
-    for (const auto& r : meta->due.recipients) byDomain[domainOf(r.address)].push_back(r);
-    for (auto& [domain, rcpts] : byDomain) {
-      queued[domain].push_back(Job{meta, domain, std::move(rcpts)});
-      ++queuedJobs;
-    }
-  }
-}
-
-void DeliveryService::Impl::dispatch() {
-  if (stopping) return;
-  // Sessions are created first and started after the walk: a start can end at once (an
-  // address literal that is refused) and that re-enters dispatch() and edits `queued`.
-  std::vector<OutboundSession*> fresh;
-  for (auto& [domain, jobs] : queued) {
-    if (jobs.empty()) continue;
-    uint32_t& active = activePerDomain[domain];
-    uint32_t want = static_cast<uint32_t>(std::min<size_t>(jobs.size(), settings.maxConnectionsPerDomain));
-    while (active < want && sessions.size() < settings.maxConnections) {
-      auto* s = new OutboundSession(*this, domain);
-      sessions.insert(s);
-      ++active;
-      fresh.push_back(s);
-    }
-  }
-  for (auto* s : fresh) s->start();
-}
-
-std::optional<Job> DeliveryService::Impl::nextJob(const std::string& domain) {
-  auto it = queued.find(domain);
-  if (it == queued.end() || it->second.empty()) return std::nullopt;
-  Job j = std::move(it->second.front());
-  it->second.pop_front();
-  --queuedJobs;
-  // A backlog: lease the next batch before this one runs dry instead of waiting for the
-  // tick (which alone would cap delivery at one batch per second).
-  if (moreDue && !stopping && queuedJobs < kLeaseBatch / 2 && !uv_is_active(reinterpret_cast<uv_handle_t*>(refillTimer)))
-    uv_timer_start(
-        refillTimer,
-        [](uv_timer_t* t) {
-          auto* self = static_cast<Impl*>(t->data);
-          if (self == nullptr || self->stopping) return;
-          self->pull();
-          self->dispatch();
-        },
-        0, 0);
-  return j;
-}
-
-void DeliveryService::Impl::record(const Job& job, const std::vector<smtp::RecipientResult>& results,
-                                   const std::string& mx, const std::string& tlsVersion,
-                                   const std::string& tlsCipher) {
-  const int64_t now = nowUnix();
-  const auto& m = job.meta->due;
-  for (const auto& rr : results) {
-    const queue::DueRecipient* rcpt = nullptr;
-    for (const auto& r : job.rcpts)
-      if (r.address == rr.recipient) rcpt = &r;
-    if (rcpt == nullptr) continue;
-    queue::AttemptRecord rec;
-    rec.messageId = m.id;
-    rec.index = rcpt->index;
-    rec.attempt.at = now;
-    rec.attempt.mx = mx;
-    rec.attempt.tlsVersion = tlsVersion;
-    rec.attempt.tlsCipher = tlsCipher;
-    rec.attempt.code = rr.reply.code;
-    // No server reply (DNS, network, local decision): the enhanced code still leads, so
-    // the DSN and `queue show` carry it ("5.1.10 domain ... null MX").
-    std::string summary = rr.reply.code ? rr.reply.summary()
-                                        : (rr.reply.enhanced.empty() ? rr.reply.text : rr.reply.enhanced + " " + rr.reply.text);
-    rec.attempt.reply = summary;
-    std::string result;
-    switch (rr.outcome) {
-      case smtp::Outcome::Delivered:
-        rec.newState = queue::kStateDelivered;
-        result = "delivered";
-        break;
-      case smtp::Outcome::PermFail:
-        rec.newState = queue::kStateFailed;
-        rec.lastError = summary;
-        result = "failed";
-        break;
-      case smtp::Outcome::TempFail: {
-        auto next = delivery::nextAttemptAt(rcpt->attempts + 1, now, m.receivedAt, settings.retry);
-        if (next) {
-          rec.newState = queue::kStateDeferred;
-          rec.nextAttempt = *next;
-          rec.lastError = summary;
-          result = "deferred";
-        } else {
-          // RFC 3463 4.4.7: delivery time expired.
-          rec.newState = queue::kStateFailed;
-          rec.lastError = "expired after " + std::to_string(settings.retry.maxQueueTime.count() / 3600) +
-                          " hours in the queue; last error: " + summary;
-          result = "expired";
-        }
-        break;
-      }
-    }
-    rec.attempt.result = result == "expired" ? "failed" : result;
-    util::logInfo("delivery", result + " id=" + m.id + " rcpt=<" + util::sanitizeForLog(rr.recipient, 200) +
-                                  "> mx=" + (mx.empty() ? std::string("-") : mx) +
-                                  " tls=" + (tlsVersion.empty() ? std::string("none") : tlsVersion) +
-                                  " attempt=" + std::to_string(rcpt->attempts + 1) +
-                                  (rec.newState == queue::kStateDeferred ? " next=" + util::isoUtc(rec.nextAttempt) : "") +
-                                  " reply=\"" + util::sanitizeForLog(summary, 300) + "\"");
-    pending.push_back(std::move(rec));
-  }
-  scheduleFlush();
-}
-
-void DeliveryService::Impl::failDomain(const std::string& domain, std::optional<Job> held, smtp::Outcome outcome,
-                                       int code, const std::string& enhanced, const std::string& text,
-                                       const std::string& mx) {
-  auto results = [&](const Job& j) {
-    std::vector<smtp::RecipientResult> rs;
-    for (const auto& r : j.rcpts) {
-      smtp::RecipientResult rr;
-      rr.recipient = r.address;
-      rr.outcome = outcome;
-      rr.reply.code = code;
-      rr.reply.enhanced = enhanced;
-      rr.reply.text = text;
-      rr.stage = "connect";
-      rs.push_back(std::move(rr));
-    }
-    return rs;
-  };
-  if (held) record(*held, results(*held), mx, "", "");
-  // The other jobs of this domain share the verdict only if no other connection to the
-  // domain is working (another session may be delivering to a second MX just fine).
-  if (activePerDomain[domain] > 1) return;
-  while (auto j = nextJob(domain)) record(*j, results(*j), mx, "", "");
-}
-
-void DeliveryService::Impl::sessionEnded(OutboundSession* s) {
-  std::string domain = s->domain();
-  sessions.erase(s);
-  delete s;
-  if (auto it = activePerDomain.find(domain); it != activePerDomain.end() && --it->second == 0)
-    activePerDomain.erase(it);
-  if (auto q = queued.find(domain); q != queued.end() && q->second.empty()) queued.erase(q);
-  if (stopping) {
-    maybeEndLoop();
-    return;
-  }
-  dispatch();
-}
-
-void DeliveryService::Impl::scheduleFlush() {
-  if (pending.size() >= kFlushBatch) {
-    flush();
-    return;
-  }
-  if (!uv_is_active(reinterpret_cast<uv_handle_t*>(flushTimer)))
-    uv_timer_start(
-        flushTimer,
-        [](uv_timer_t* t) {
-          auto* self = static_cast<Impl*>(t->data);
-          if (self) self->flush();
-        },
-        static_cast<uint64_t>(kFlushInterval.count()), 0);
-}
-
-void DeliveryService::Impl::flush() {
-  if (flushTimer) uv_timer_stop(flushTimer);
-  if (pending.empty()) return;
-  auto r = store->recordAttempts(pending);
-  if (!r.ok()) {
-    // Kept for the next flush; the leases keep the recipients from being taken again.
-    util::logError("delivery", "cannot record delivery results: " + r.error().message);
-    return;
-  }
-  pending.clear();
-}
-
-// RFC 3464 DSNs for recipients that failed (dsn_pending) and "delayed" notices.
-void DeliveryService::Impl::processDsns() {
-  auto makeDsn = [&](const queue::DsnWork& w, delivery::DsnAction action) -> std::optional<queue::NewMessage> {
-    const auto& m = w.message;
-    if (m.mailFrom.empty() || m.isDsn) return std::nullopt;  // never to <>, never a bounce of a bounce
-    auto full = store->show(m.id);
-    auto content = store->content(m.id);
-    delivery::DsnInput in;
-    in.reportingMta = settings.hostname;
-    in.queueId = m.id;
-    in.originalSender = m.mailFrom;
-    in.arrivalDate = m.receivedAt;
-    in.now = nowUnix();
-    in.messageId = "<" + queue::newQueueId() + ".dsn@" + settings.hostname + ">";
-    if (content.ok()) {
-      const std::string& c = content.value();
-      size_t end = c.find("\r\n\r\n");
-      in.originalHeaders = end == std::string::npos ? c : c.substr(0, end + 2);
-    }
-    for (const auto& r : m.recipients) {
-      delivery::DsnRecipient dr;
-      dr.address = r.address;
-      dr.action = action;
-      const queue::AttemptInfo* last = nullptr;
-      if (full.ok())
-        for (const auto& a : full.value().attempts)
-          if (a.index == r.index) last = &a;
-      if (last != nullptr) {
-        dr.lastAttempt = last->at;
-        if (!last->mx.empty()) {
-          std::string host = last->mx.substr(0, last->mx.find(' '));
-          dr.remoteMta = "dns; " + host;
-        }
-        if (last->code) {
-          dr.diagnostic = "smtp; " + last->reply;
-        }
-        std::string enh;
-        // "550 5.1.1 text": the enhanced code is the second word.
-        if (last->code && last->reply.size() > 4) enh = last->reply.substr(4, last->reply.find(' ', 4) - 4);
-        if (!last->code) enh = last->reply.substr(0, last->reply.find(' '));
-        int cls = last->code ? last->code
-                              : (!enh.empty() && enh[0] == '5' ? 550 : 450);
-        dr.status = delivery::statusFromReply(cls, enh);
-      } else {
-        dr.status = action == delivery::DsnAction::Failed ? "5.0.0" : "4.0.0";
-      }
-      if (r.lastError.rfind("expired", 0) == 0) dr.status = "4.4.7";
-      if (r.lastError == "bounced by operator") dr.status = "5.0.0", dr.diagnostic.clear();
-      if (action == delivery::DsnAction::Delayed)
-        dr.willRetryUntil = m.receivedAt + settings.retry.maxQueueTime.count();
-      if (dr.diagnostic.empty() && !r.lastError.empty()) dr.diagnostic = "x-subrelay; " + r.lastError;
-      in.recipients.push_back(std::move(dr));
-    }
-    queue::NewMessage dsn;
-    dsn.id = queue::newQueueId();
-    dsn.account = m.account;
-    dsn.mailFrom = "";
-    dsn.recipients = {m.mailFrom};
-    dsn.content = delivery::buildDsn(in);
-    dsn.isDsn = true;
-    dsn.eightBit = std::any_of(dsn.content.begin(), dsn.content.end(),
-                               [](char c) { return static_cast<unsigned char>(c) >= 0x80; });
-    dsn.smtputf8 = std::any_of(m.mailFrom.begin(), m.mailFrom.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x80; });
-    dsn.receivedAt = in.now;
-    return dsn;
-  };
-  auto indexes = [](const queue::DsnWork& w) {
-    std::vector<int64_t> out;
-    for (const auto& r : w.message.recipients) out.push_back(r.index);
-    return out;
-  };
-  if (auto work = store->pendingDsns(50); work.ok()) {
-    for (const auto& w : work.value()) {
-      auto dsn = makeDsn(w, delivery::DsnAction::Failed);
-      if (auto r = store->completeDsn(w.message.id, indexes(w), dsn); !r.ok()) {
-        util::logError("delivery", "cannot queue the DSN for id=" + w.message.id + ": " + r.error().message);
-        continue;
-      }
-      if (dsn)
-        util::logInfo("delivery", "bounced id=" + w.message.id + " dsn=" + dsn->id + " to=<" +
-                                      util::sanitizeForLog(w.message.mailFrom, 200) + "> rcpts=" +
-                                      std::to_string(w.message.recipients.size()));
-      else
-        util::logInfo("delivery", "failed id=" + w.message.id + " (no DSN: null sender or a DSN itself)");
-    }
-  }
-  if (settings.retry.delayNotice.count() > 0) {
-    if (auto work = store->pendingDelayNotices(nowUnix() - settings.retry.delayNotice.count(), 50); work.ok()) {
-      for (const auto& w : work.value()) {
-        auto dsn = makeDsn(w, delivery::DsnAction::Delayed);
-        if (store->completeDelayNotice(w.message.id, indexes(w), dsn).ok() && dsn)
-          util::logInfo("delivery", "delay notice id=" + w.message.id + " dsn=" + dsn->id + " to=<" +
-                                        util::sanitizeForLog(w.message.mailFrom, 200) + ">");
-      }
-    }
+    scheduler->wake();
+    afterEvent();
   }
 }
 
 void DeliveryService::Impl::finishStop() {
-  uv_timer_stop(tick);
-  for (auto* s : std::vector<OutboundSession*>(sessions.begin(), sessions.end())) s->drain();
-  graceTimer = net::newHandle<uv_timer_t>();
-  uv_timer_init(&loop, graceTimer);
-  graceTimer->data = this;
-  uv_timer_start(
-      graceTimer,
-      [](uv_timer_t* t) {
-        auto* self = static_cast<Impl*>(t->data);
-        if (self == nullptr) return;
-        for (auto* s : std::vector<OutboundSession*>(self->sessions.begin(), self->sessions.end())) s->forceClose();
-      },
-      static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(grace).count()), 0);
+  tick->stop();
+  scheduler->stop();
+  // Sessions with work in hand finish it and quit; after the grace period they are cut.
+  graceTimer->start(std::chrono::duration_cast<std::chrono::milliseconds>(grace), [this] {
+    scheduler->abortAll("shutting down");
+  });
   maybeEndLoop();
 }
 
 void DeliveryService::Impl::maybeEndLoop() {
-  if (!sessions.empty()) return;
-  flush();
-  // Jobs never attempted: give their recipients back at once (no attempt counted).
-  for (auto& [domain, jobs] : queued)
-    for (auto& j : jobs) {
-      std::vector<int64_t> idx;
-      for (const auto& r : j.rcpts) idx.push_back(r.index);
-      (void)store->releaseLeases(j.meta->due.id, idx);
-    }
-  queued.clear();
-  queuedJobs = 0;
+  if (!scheduler || !scheduler->drained() || !connections.empty()) return;
+  scheduler->finish();
+  scheduler.reset();
   resolver.reset();  // closes its handles
   routes.reset();
-  for (uv_timer_t** t : {&tick, &flushTimer, &graceTimer, &refillTimer}) {
-    if (*t) {
-      (*t)->data = nullptr;
-      net::closeHandle(*t);
-      *t = nullptr;
-    }
-  }
-  std::lock_guard lk(mu);  // notify() reads `async` under the same lock
-  if (async) {
-    async->data = nullptr;
-    net::closeHandle(async);
-    async = nullptr;
-  }
+  tick.reset();
+  flushTimer.reset();
+  graceTimer.reset();
+  refillTimer.reset();
+  std::lock_guard lk(mu);  // notify() sends on `async` under the same lock
+  async.reset();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -855,46 +431,41 @@ void DeliveryService::start() {
   Impl& d = *impl_;
   uv_loop_init(&d.loop);
   d.loopStarted = true;
-  d.async = net::newHandle<uv_async_t>();
-  uv_async_init(&d.loop, d.async, [](uv_async_t* a) {
-    auto* self = static_cast<Impl*>(a->data);
-    if (self) self->onAsync();
-  });
-  d.async->data = &d;
-  d.tick = net::newHandle<uv_timer_t>();
-  uv_timer_init(&d.loop, d.tick);
-  d.tick->data = &d;
-  d.flushTimer = net::newHandle<uv_timer_t>();
-  uv_timer_init(&d.loop, d.flushTimer);
-  d.flushTimer->data = &d;
-  d.refillTimer = net::newHandle<uv_timer_t>();
-  uv_timer_init(&d.loop, d.refillTimer);
-  d.refillTimer->data = &d;
+  {
+    std::lock_guard lk(d.mu);
+    d.async = std::make_unique<net::Async>(&d.loop, [&d] { d.onAsync(); });
+  }
+  d.tick = std::make_unique<net::Timer>(&d.loop);
+  d.flushTimer = std::make_unique<net::Timer>(&d.loop);
+  d.graceTimer = std::make_unique<net::Timer>(&d.loop);
+  d.refillTimer = std::make_unique<net::Timer>(&d.loop);
   d.resolver = std::make_unique<dns::UvResolver>(&d.loop, d.servers, d.clock);
   std::random_device rd;
-  d.routes = std::make_unique<delivery::RouteResolver>(*d.resolver, (static_cast<uint64_t>(rd()) << 32) | rd());
-  uv_timer_start(
-      d.tick,
-      [](uv_timer_t* t) {
-        auto* self = static_cast<Impl*>(t->data);
-        if (self) self->onTick();
+  const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
+  d.routes = std::make_unique<delivery::RouteResolver>(*d.resolver, seed);
+  d.scheduler = std::make_unique<delivery::Scheduler>(*d.store, d, d.clock, d.settings.scheduler, seed ^ 0x9e3779b9u);
+  d.tick->start(
+      std::chrono::milliseconds(0),
+      [&d] {
+        d.scheduler->tick();
+        d.afterEvent();
       },
-      0, 1000);
-  d.thread = std::thread([&d] { d.run(); });
+      kTickInterval);
+  d.thread = std::thread([&d] { uv_run(&d.loop, UV_RUN_DEFAULT); });
 }
 
 void DeliveryService::notify() {
   std::lock_guard lk(impl_->mu);
-  if (impl_->stopRequested || impl_->async == nullptr) return;
+  if (impl_->stopRequested || !impl_->async) return;
   impl_->wake = true;
-  uv_async_send(impl_->async);
+  impl_->async->send();
 }
 
 void DeliveryService::reconfigure(const config::Config& cfg) {
   std::lock_guard lk(impl_->mu);
-  if (impl_->stopRequested || impl_->async == nullptr) return;
+  if (impl_->stopRequested || !impl_->async) return;
   impl_->pendingSettings = settingsFrom(cfg);
-  uv_async_send(impl_->async);
+  impl_->async->send();
 }
 
 void DeliveryService::stop(std::chrono::seconds grace) {
@@ -904,7 +475,7 @@ void DeliveryService::stop(std::chrono::seconds grace) {
     if (!impl_->stopRequested) {
       impl_->stopRequested = true;
       impl_->grace = grace;
-      if (impl_->async) uv_async_send(impl_->async);
+      if (impl_->async) impl_->async->send();
     }
   }
   impl_->thread.join();

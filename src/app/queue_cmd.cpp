@@ -26,7 +26,11 @@ util::Result<std::unique_ptr<queue::SqliteStore>> openQueue(const std::string& d
   return queue::SqliteStore::open(path, oo);
 }
 
-bool waiting(const queue::RecipientInfo& r) { return r.state == queue::kStateQueued || r.state == queue::kStateDeferred; }
+bool waiting(const queue::RecipientInfo& r) { return queue::deliverable(r.state); }
+
+std::string requestName(queue::OperatorRequest r) {
+  return r == queue::OperatorRequest::Retry ? "retry" : r == queue::OperatorRequest::Bounce ? "bounce" : "";
+}
 
 std::string humanAge(int64_t s) {
   if (s < 120) return std::to_string(s) + "s";
@@ -56,7 +60,7 @@ std::string recipientsJson(const queue::MessageInfo& m, int64_t now) {
   for (size_t i = 0; i < m.recipients.size(); ++i) {
     const auto& r = m.recipients[i];
     util::JsonObject o;
-    o.str("address", r.address).str("state", r.state).num("attempts", r.attempts);
+    o.str("address", r.address).str("state", std::string(queue::stateName(r.state))).num("attempts", r.attempts);
     // Only a waiting recipient has a next try; a delivered or failed one keeps none.
     const int64_t next = waiting(r) ? r.nextAttempt : 0;
     o.raw("next_attempt", isoOrNull(next));
@@ -64,7 +68,11 @@ std::string recipientsJson(const queue::MessageInfo& m, int64_t now) {
     o.num("index", r.index);
     if (waiting(r)) o.num("next_attempt_in", std::max<int64_t>(0, next - now));
     else o.raw("next_attempt_in", "null");
-    o.raw("leased_until", isoOrNull(r.leaseUntil > now ? r.leaseUntil : 0));
+    // A lease is owned by the running serve (queue/delivery_queue.h): "in flight".
+    o.boolean("in_flight", r.leaseUntil != 0);
+    o.str("last_status", r.lastStatus.str()).num("last_code", r.lastCode);
+    if (r.request != queue::OperatorRequest::None) o.str("pending_request", requestName(r.request));
+    else o.raw("pending_request", "null");
     o.boolean("dsn_pending", r.dsnPending);
     o.str("updated_at", util::isoUtc(r.updatedAt));
     if (i) out += ",";
@@ -89,7 +97,8 @@ std::string historyJson(const queue::MessageInfo& m) {
         .str("tls_cipher", a.tlsCipher)
         .num("code", a.code)
         .str("reply", a.reply)
-        .str("result", a.result);
+        .str("result", a.result)
+        .str("status", a.status.str());
     if (i) out += ",";
     out += o.finish();
   }
@@ -149,7 +158,8 @@ int queueList(const QueueCmdOptions& o) {
     std::string line = m.id + "  " + humanAge(now - m.receivedAt) + "  " + std::to_string(m.size) + "B  " +
                        m.account + "  <" + m.mailFrom + ">" + (m.isDsn ? "  (DSN)" : "");
     for (const auto& r : m.recipients) {
-      line += "  " + r.address + " (" + r.state;
+      line += "  " + r.address + " (" + std::string(queue::stateName(r.state));
+      if (r.leaseUntil != 0) line += ", in flight";
       line += ", " + plural(r.attempts, "attempt");
       if (waiting(r)) line += ", next " + nextTry(r.nextAttempt, now);
       if (r.dsnPending) line += ", DSN pending";
@@ -198,9 +208,13 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
   if (mi.isDsn) std::printf("dsn:       yes (a delivery status notification we generated)\n");
   std::printf("recipients:\n");
   for (const auto& r : mi.recipients) {
-    std::printf("  <%s>  %s  attempts=%lld", r.address.c_str(), r.state.c_str(), static_cast<long long>(r.attempts));
+    std::printf("  <%s>  %s  attempts=%lld", r.address.c_str(), std::string(queue::stateName(r.state)).c_str(),
+                static_cast<long long>(r.attempts));
     if (waiting(r)) std::printf("  next=%s", nextTry(r.nextAttempt, now).c_str());
-    if (r.leaseUntil > now) std::printf("  in-flight-until=%s", util::isoUtc(r.leaseUntil).c_str());
+    if (r.leaseUntil != 0) std::printf("  in-flight");
+    if (r.request != queue::OperatorRequest::None)
+      std::printf("  pending=%s (when the attempt in flight ends)", requestName(r.request).c_str());
+    if (r.lastStatus.valid()) std::printf("  status=%s", r.lastStatus.str().c_str());
     if (r.dsnPending) std::printf("  dsn=pending");
     if (!r.lastError.empty()) std::printf("  last_error=%s", r.lastError.c_str());
     std::printf("\n");
@@ -210,9 +224,10 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
     std::string address;
     for (const auto& r : mi.recipients)
       if (r.index == a.index) address = r.address;
-    std::printf("  %s  <%s>  %s  mx=%s  tls=%s  code=%d  %s\n", util::isoUtc(a.at).c_str(), address.c_str(),
+    std::printf("  %s  <%s>  %s  mx=%s  tls=%s  code=%d  status=%s  %s\n", util::isoUtc(a.at).c_str(), address.c_str(),
                 a.result.c_str(), a.mx.empty() ? "-" : a.mx.c_str(),
-                a.tlsVersion.empty() ? "none" : (a.tlsVersion + "/" + a.tlsCipher).c_str(), a.code, a.reply.c_str());
+                a.tlsVersion.empty() ? "none" : (a.tlsVersion + "/" + a.tlsCipher).c_str(), a.code,
+                a.status.valid() ? a.status.str().c_str() : "-", a.reply.c_str());
   }
   return 0;
 }

@@ -901,8 +901,9 @@ class ConfigReader {
     v_.rejectUnknown(o, p,
                      {"resolvers", "port", "tls", "tls_policy_overrides", "retry_schedule", "max_queue_time",
                       "max_connections", "max_connections_per_domain", "delay_notice", "tls_ca_file",
-                      "allow_private_destinations"});
+                      "allow_private_destinations", "timeouts"});
     Delivery& d = cfg_.delivery;
+    if (const Json* x = Validator::find(o, "timeouts")) readDeliveryTimeouts(*x, p + ".timeouts", d.timeouts);
     if (const Json* x = Validator::find(o, "allow_private_destinations"))
       v_.boolean(*x, p + ".allow_private_destinations", d.allowPrivateDestinations);
     if (const Json* r = Validator::find(o, "resolvers")) readResolvers(*r, p + ".resolvers", d.resolvers);
@@ -924,6 +925,25 @@ class ConfigReader {
         v_.fail(p + ".tls_ca_file", "expected the path of a PEM file of trusted CA certificates");
       else
         d.tlsCaFile = x->get<std::string>();
+    }
+  }
+
+  void readDeliveryTimeouts(const Json& o, const std::string& p, Delivery::Timeouts& t) {
+    if (!v_.object(o, p)) return;
+    v_.rejectUnknown(o, p, {"connect", "greeting", "command", "data_init", "data_end", "transaction"});
+    const std::pair<const char*, std::chrono::seconds*> keys[] = {
+        {"connect", &t.connect},     {"greeting", &t.greeting}, {"command", &t.command},
+        {"data_init", &t.dataInit},  {"data_end", &t.dataEnd},  {"transaction", &t.transaction}};
+    for (const auto& [name, field] : keys) {
+      const Json* x = Validator::find(o, name);
+      if (x == nullptr) continue;
+      std::chrono::seconds v{};
+      if (!v_.duration(*x, p + "." + name, v)) continue;
+      if (v.count() < 1) {
+        v_.fail(p + "." + name, "expected a duration of at least 1s, got " + describe(*x));
+        continue;
+      }
+      *field = v;
     }
   }
 

@@ -114,6 +114,17 @@ struct Delivery {
   // Delivery to loopback, private, link-local, CGNAT, multicast and this host's own
   // addresses, and address-literal recipients; off by default (delivery/destination.h).
   bool allowPrivateDestinations = false;
+  // delivery.timeouts: each a total for its stage (RFC 5321 4.5.3.2 defaults), not
+  // re-armed by bytes that do not complete a reply; `transaction` bounds MAIL to the final
+  // reply as a whole, `connect` the TCP connect.
+  struct Timeouts {
+    std::chrono::seconds connect{30};
+    std::chrono::seconds greeting{300};
+    std::chrono::seconds command{300};   // EHLO, STARTTLS, MAIL, RCPT, RSET, QUIT
+    std::chrono::seconds dataInit{120};
+    std::chrono::seconds dataEnd{600};
+    std::chrono::seconds transaction{900};
+  } timeouts;
 };
 
 struct Config {

@@ -93,9 +93,26 @@ CREATE TABLE meters (
 ) WITHOUT ROWID;
 )sql";
 
+// Version 3: the delivery engine (issue 10).
+//  - recipients.last_code / last_status and attempts.status: the reply code and the RFC
+//    3463 status of the last attempt as columns, so DSNs and `queue show` never parse
+//    them back out of a reply line. Older rows keep '' (the DSN then uses the default of
+//    the reply's class).
+//  - recipients.pending_request: 1 retry, 2 bounce, asked by an operator while the
+//    recipient was in flight; applied when its attempt is recorded or its lease released,
+//    never by starting a second attempt.
+constexpr const char* kV3 = R"sql(
+ALTER TABLE recipients ADD COLUMN last_code INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE recipients ADD COLUMN last_status TEXT NOT NULL DEFAULT '';
+ALTER TABLE recipients ADD COLUMN pending_request INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE attempts ADD COLUMN status TEXT NOT NULL DEFAULT '';
+UPDATE recipients SET last_status = '5.0.0' WHERE last_error = 'bounced by operator';
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
+    {3, kV3},
 };
 
 }  // namespace

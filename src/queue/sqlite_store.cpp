@@ -96,10 +96,10 @@ struct SqliteStore::Statements {
   Stmt insertMessage, insertRecipient;
   Stmt listAll, showOne, showAttempts, content, count, exists;
   // delivery
-  Stmt dueRows, lease, recordRecipient, insertAttempt, releaseLease, nextDue;
+  Stmt dueRows, lease, recordRecipient, insertAttempt, recipientRequest, releaseBounce, releaseLease, nextDue;
   Stmt dsnRows, clearDsn, delayRows, setDelayNotified, messageSender;
   // operators
-  Stmt retryOne, retryAll, dropOne, bounceOne;
+  Stmt retryOne, retryAll, retryOneLeased, retryAllLeased, dropOne, bounceOne, bounceOneLeased;
   // account policy
   Stmt upsertWindow, loadWindows, addMeter, loadMeters;
 };
@@ -112,14 +112,14 @@ namespace {
   "SELECT m.id, m.account, m.mail_from, m.size, m.received_at, m.captured, m.smtputf8, " \
   "m.client_address, m.helo, m.tls_version, m.tls_cipher, "                              \
   "r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_error, r.updated_at, "  \
-  "m.is_dsn, m.eight_bit, r.lease_until, r.dsn_pending "
+  "m.is_dsn, m.eight_bit, r.lease_until, r.dsn_pending, r.last_code, r.last_status, r.pending_request "
 #define SUBRELAY_FROM_ALL "FROM messages m LEFT JOIN recipients r ON r.message_id = m.id "
 #define SUBRELAY_FROM_RCPT "FROM messages m JOIN recipients r ON r.message_id = m.id "
 
 constexpr const char* kListAll = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_ALL "ORDER BY m.received_at, m.id, r.idx";
 constexpr const char* kShowOne = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_ALL "WHERE m.id = ?1 ORDER BY r.idx";
 constexpr const char* kShowAttempts =
-    "SELECT idx, at, mx, tls_version, tls_cipher, code, reply, result FROM attempts "
+    "SELECT idx, at, mx, tls_version, tls_cipher, code, reply, result, status FROM attempts "
     "WHERE message_id = ?1 ORDER BY at, rowid";
 
 // The states a scheduler may still act on. Captured recipients never get one of them, so
@@ -140,14 +140,32 @@ constexpr const char* kLease = "UPDATE recipients SET lease_until = ?3 WHERE mes
 // (RFC 3464 section 2, RFC 5321 section 6.1: never bounce a bounce).
 constexpr const char* kRecordRecipient =
     "UPDATE recipients SET state = ?3, attempts = attempts + 1, next_attempt = ?4, last_error = ?5, "
-    "updated_at = ?6, lease_until = 0, dsn_pending = CASE "
+    "updated_at = ?6, lease_until = 0, pending_request = 0, last_code = ?7, last_status = ?8, dsn_pending = CASE "
     "WHEN ?3 = 'failed' THEN (SELECT is_dsn = 0 AND mail_from NOT IN ('', '<>') FROM messages WHERE id = ?1) "
     "WHEN ?3 = 'delivered' THEN 0 ELSE dsn_pending END "
     "WHERE message_id = ?1 AND idx = ?2 AND (state IN ('queued', 'deferred') OR ?3 = 'delivered')";
 constexpr const char* kInsertAttempt =
-    "INSERT INTO attempts (message_id, idx, at, mx, tls_version, tls_cipher, code, reply, result) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
-constexpr const char* kReleaseLease = "UPDATE recipients SET lease_until = 0 WHERE message_id = ?1 AND idx = ?2";
+    "INSERT INTO attempts (message_id, idx, at, mx, tls_version, tls_cipher, code, reply, result, status) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+// What an operator asked for while the recipient was in flight (OperatorRequest).
+constexpr const char* kRecipientRequest =
+    "SELECT pending_request FROM recipients WHERE message_id = ?1 AND idx = ?2";
+// Releasing a lease applies a waiting operator request: a bounce now, a retry as "due now".
+#define SUBRELAY_OPERATOR_BOUNCE                                                                   \
+  "state = 'failed', last_error = 'bounced by operator', last_code = 0, last_status = '5.0.0', " \
+  "next_attempt = 0, lease_until = 0, pending_request = 0, updated_at = ?3, dsn_pending = "       \
+  "(SELECT is_dsn = 0 AND mail_from NOT IN ('', '<>') FROM messages WHERE id = message_id) "
+constexpr const char* kReleaseBounce = "UPDATE recipients SET " SUBRELAY_OPERATOR_BOUNCE
+    "WHERE message_id = ?1 AND idx = ?2 AND pending_request = 2 AND state IN ('queued', 'deferred')";
+constexpr const char* kReleaseLease =
+    "UPDATE recipients SET lease_until = 0, pending_request = 0, "
+    "next_attempt = CASE WHEN pending_request = 1 THEN 0 ELSE next_attempt END "
+    "WHERE message_id = ?1 AND idx = ?2";
+constexpr const char* kClearBounces = "UPDATE recipients SET " SUBRELAY_OPERATOR_BOUNCE
+    "WHERE lease_until != 0 AND pending_request = 2 AND state IN ('queued', 'deferred')";
+constexpr const char* kClearLeases =
+    "UPDATE recipients SET lease_until = 0, pending_request = 0, "
+    "next_attempt = CASE WHEN pending_request = 1 THEN 0 ELSE next_attempt END WHERE lease_until != 0";
 constexpr const char* kNextDue =
     "SELECT min(max(r.next_attempt, r.lease_until)) " SUBRELAY_FROM_RCPT "WHERE " SUBRELAY_DELIVERABLE;
 
@@ -162,18 +180,29 @@ constexpr const char* kSetDelayNotified =
     "UPDATE recipients SET delay_notified = 1 WHERE message_id = ?1 AND idx = ?2";
 constexpr const char* kMessageSender = "SELECT mail_from, is_dsn FROM messages WHERE id = ?1";
 
+// A recipient in flight (leased) is not made due again, which would start a second
+// attempt beside the running one: it gets a request applied when its attempt ends.
 constexpr const char* kRetryOne =
-    "UPDATE recipients SET next_attempt = 0, lease_until = 0 "
-    "WHERE message_id = ?1 AND state IN ('queued', 'deferred')";
+    "UPDATE recipients SET next_attempt = 0 "
+    "WHERE message_id = ?1 AND state IN ('queued', 'deferred') AND lease_until = 0";
 constexpr const char* kRetryAll =
-    "UPDATE recipients SET next_attempt = 0, lease_until = 0 WHERE state IN ('queued', 'deferred')";
+    "UPDATE recipients SET next_attempt = 0 WHERE state IN ('queued', 'deferred') AND lease_until = 0";
+constexpr const char* kRetryOneLeased =
+    "UPDATE recipients SET pending_request = 1 "
+    "WHERE message_id = ?1 AND state IN ('queued', 'deferred') AND lease_until != 0 AND pending_request = 0";
+constexpr const char* kRetryAllLeased =
+    "UPDATE recipients SET pending_request = 1 "
+    "WHERE state IN ('queued', 'deferred') AND lease_until != 0 AND pending_request = 0";
 // Recipients and attempts go with it: ON DELETE CASCADE (foreign_keys is on).
 constexpr const char* kDropOne = "DELETE FROM messages WHERE id = ?1";
 constexpr const char* kBounceOne =
-    "UPDATE recipients SET state = 'failed', last_error = 'bounced by operator', next_attempt = 0, "
-    "lease_until = 0, updated_at = ?2, dsn_pending = "
+    "UPDATE recipients SET state = 'failed', last_error = 'bounced by operator', last_code = 0, "
+    "last_status = '5.0.0', next_attempt = 0, lease_until = 0, updated_at = ?2, dsn_pending = "
     "(SELECT is_dsn = 0 AND mail_from NOT IN ('', '<>') FROM messages WHERE id = ?1) "
-    "WHERE message_id = ?1 AND state IN ('queued', 'deferred')";
+    "WHERE message_id = ?1 AND state IN ('queued', 'deferred') AND lease_until = 0";
+constexpr const char* kBounceOneLeased =
+    "UPDATE recipients SET pending_request = 2 "
+    "WHERE message_id = ?1 AND state IN ('queued', 'deferred') AND lease_until != 0 AND pending_request != 2";
 
 constexpr const char* kUpsertWindow =
     "INSERT INTO rate_windows (username, rule, window_start, count) VALUES (?1, ?2, ?3, ?4) "
@@ -189,6 +218,7 @@ constexpr const char* kAddMeter =
 constexpr const char* kLoadMeters =
     "SELECT username, accepted, refused_by_limit, recipients, bytes, auth_failures, updated_at "
     "FROM meters ORDER BY username";
+#undef SUBRELAY_OPERATOR_BOUNCE
 #undef SUBRELAY_DELIVERABLE
 #undef SUBRELAY_FROM_RCPT
 #undef SUBRELAY_FROM_ALL
@@ -223,13 +253,17 @@ void readRow(sqlite3_stmt* s, MessageInfo& info, bool fresh) {
   RecipientInfo r;
   r.index = sqlite3_column_int64(s, 11);
   r.address = columnText(s, 12);
-  r.state = columnText(s, 13);
+  r.state = parseRecipientState(columnText(s, 13)).value_or(RecipientState::Queued);
   r.attempts = sqlite3_column_int64(s, 14);
   r.nextAttempt = sqlite3_column_int64(s, 15);
   r.lastError = columnText(s, 16);
   r.updatedAt = sqlite3_column_int64(s, 17);
   r.leaseUntil = sqlite3_column_int64(s, 20);
   r.dsnPending = sqlite3_column_int(s, 21) != 0;
+  r.lastCode = sqlite3_column_int(s, 22);
+  r.lastStatus = EnhancedStatus::parse(columnText(s, 23)).value_or(EnhancedStatus{});
+  const int req = sqlite3_column_int(s, 24);
+  r.request = req == 1 ? OperatorRequest::Retry : req == 2 ? OperatorRequest::Bounce : OperatorRequest::None;
   info.recipients.push_back(std::move(r));
 }
 
@@ -375,6 +409,8 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.lease, kLease},
       {&s.recordRecipient, kRecordRecipient},
       {&s.insertAttempt, kInsertAttempt},
+      {&s.recipientRequest, kRecipientRequest},
+      {&s.releaseBounce, kReleaseBounce},
       {&s.releaseLease, kReleaseLease},
       {&s.nextDue, kNextDue},
       {&s.dsnRows, kDsnRows},
@@ -384,8 +420,11 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.messageSender, kMessageSender},
       {&s.retryOne, kRetryOne},
       {&s.retryAll, kRetryAll},
+      {&s.retryOneLeased, kRetryOneLeased},
+      {&s.retryAllLeased, kRetryAllLeased},
       {&s.dropOne, kDropOne},
       {&s.bounceOne, kBounceOne},
+      {&s.bounceOneLeased, kBounceOneLeased},
       {&s.upsertWindow, kUpsertWindow},
       {&s.loadWindows, kLoadWindows},
       {&s.addMeter, kAddMeter},
@@ -428,7 +467,7 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
                  : "cannot store message " + m.id + ": " + sqlite3_errmsg(db_);
     }
   }
-  const char* state = m.captured ? kStateCaptured : kStateQueued;
+  const std::string_view state = stateName(m.captured ? RecipientState::Captured : RecipientState::Queued);
   // Captured recipients are never due; queued ones are due at once.
   const int64_t next = m.captured ? 0 : m.receivedAt;
   for (size_t i = 0; i < m.recipients.size(); ++i) {
@@ -437,7 +476,7 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
     bindText(st, 1, m.id);
     sqlite3_bind_int64(st, 2, static_cast<sqlite3_int64>(i));
     bindText(st, 3, m.recipients[i]);
-    sqlite3_bind_text(st, 4, state, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, state.data(), static_cast<int>(state.size()), SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, next);
     sqlite3_bind_int64(st, 6, m.receivedAt);
     if (sqlite3_step(st) != SQLITE_DONE) {
@@ -558,6 +597,7 @@ util::Result<MessageInfo> SqliteStore::showLocked(const std::string& id) {
     a.code = sqlite3_column_int(st, 5);
     a.reply = columnText(st, 6);
     a.result = columnText(st, 7);
+    a.status = EnhancedStatus::parse(columnText(st, 8)).value_or(EnhancedStatus{});
     info.attempts.push_back(std::move(a));
   }
   if (rc != SQLITE_DONE) return dbError("cannot read the attempts of " + id);
@@ -600,7 +640,7 @@ util::Error readOnlyError() { return util::makeError("queue database is open rea
 
 }  // namespace
 
-util::Result<std::vector<DueMessage>> SqliteStore::leaseDue(int64_t now, int64_t leaseSeconds, size_t maxMessages) {
+util::Result<std::vector<DueMessage>> SqliteStore::leaseDue(int64_t now, size_t maxMessages) {
   std::lock_guard lock(mu_);
   if (readOnly_) return readOnlyError();
   std::vector<DueMessage> out;
@@ -616,7 +656,9 @@ util::Result<std::vector<DueMessage>> SqliteStore::leaseDue(int64_t now, int64_t
     sqlite3_bind_int64(u.get(), 1, now);
     if (!readGrouped(u.get(), maxMessages, rows)) return dbError("cannot read due recipients");
   }
-  const int64_t until = now + leaseSeconds;
+  // Owned, not timed (delivery_queue.h): the lease holds until this process records the
+  // attempt or releases it; kOwnedLease only keeps the column meaningful as a time.
+  const int64_t until = now + kOwnedLease;
   for (auto& m : rows) {
     DueMessage d;
     d.id = std::move(m.id);
@@ -648,16 +690,34 @@ util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>&
   const Statements& s = *stmts_;
   Txn txn(db_, s.begin, s.commit, s.rollback);
   if (!txn.open()) return dbError("cannot begin attempts transaction");
-  for (const auto& rec : records) {
+  for (const auto& given : records) {
+    OperatorRequest request = OperatorRequest::None;
+    {
+      Use u(s.recipientRequest);
+      bindText(u.get(), 1, given.messageId);
+      sqlite3_bind_int64(u.get(), 2, given.index);
+      int rc = sqlite3_step(u.get());
+      if (rc == SQLITE_ROW) {
+        const int v = sqlite3_column_int(u.get(), 0);
+        request = v == 1 ? OperatorRequest::Retry : v == 2 ? OperatorRequest::Bounce : OperatorRequest::None;
+      } else if (rc != SQLITE_DONE) {
+        return dbError("cannot record attempt for " + given.messageId);
+      }
+    }
+    const AttemptRecord rec = applyOperatorRequest(given, request);
     {
       Use u(s.recordRecipient);
       sqlite3_stmt* st = u.get();
+      const std::string_view state = stateName(rec.newState);
+      const std::string status = rec.lastStatus.str();
       bindText(st, 1, rec.messageId);
       sqlite3_bind_int64(st, 2, rec.index);
-      bindText(st, 3, rec.newState);
+      sqlite3_bind_text(st, 3, state.data(), static_cast<int>(state.size()), SQLITE_STATIC);
       sqlite3_bind_int64(st, 4, rec.nextAttempt);
       bindText(st, 5, rec.lastError);
       sqlite3_bind_int64(st, 6, rec.attempt.at);
+      sqlite3_bind_int(st, 7, rec.attempt.code);
+      bindText(st, 8, status);
       if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record attempt for " + rec.messageId);
     }
     {
@@ -678,7 +738,10 @@ util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>&
     bindText(st, 6, a.tlsCipher);
     sqlite3_bind_int(st, 7, a.code);
     bindText(st, 8, a.reply);
-    bindText(st, 9, a.result.empty() ? rec.newState : a.result);
+    const std::string result = a.result.empty() ? std::string(stateName(rec.newState)) : a.result;
+    const std::string status = a.status.str();
+    bindText(st, 9, result);
+    bindText(st, 10, status);
     if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record attempt for " + rec.messageId);
   }
   if (!txn.commit()) return dbError("cannot commit attempts");
@@ -692,7 +755,15 @@ util::Result<void> SqliteStore::releaseLeases(const std::string& messageId, cons
   const Statements& s = *stmts_;
   Txn txn(db_, s.begin, s.commit, s.rollback);
   if (!txn.open()) return dbError("cannot begin release transaction");
+  const auto now = static_cast<sqlite3_int64>(std::time(nullptr));
   for (int64_t idx : indexes) {
+    {
+      Use u(s.releaseBounce);
+      bindText(u.get(), 1, messageId);
+      sqlite3_bind_int64(u.get(), 2, idx);
+      sqlite3_bind_int64(u.get(), 3, now);
+      if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot release lease of " + messageId);
+    }
     Use u(s.releaseLease);
     bindText(u.get(), 1, messageId);
     sqlite3_bind_int64(u.get(), 2, idx);
@@ -705,13 +776,18 @@ util::Result<void> SqliteStore::releaseLeases(const std::string& messageId, cons
 util::Result<void> SqliteStore::clearLeases() {
   std::lock_guard lock(mu_);
   if (readOnly_) return readOnlyError();
-  char* msg = nullptr;
-  if (sqlite3_exec(db_, "UPDATE recipients SET lease_until = 0 WHERE lease_until != 0", nullptr, nullptr, &msg) !=
-      SQLITE_OK) {
-    std::string why = msg ? msg : "unknown error";
-    sqlite3_free(msg);
-    return util::makeError("cannot clear delivery leases: " + why);
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin clearing delivery leases");
+  for (const char* sql : {kClearBounces, kClearLeases}) {
+    sqlite3_stmt* st = nullptr;
+    if (sqlite3_prepare_v2(db_, sql, -1, &st, nullptr) != SQLITE_OK) return dbError("cannot clear delivery leases");
+    sqlite3_bind_int64(st, 3, static_cast<sqlite3_int64>(std::time(nullptr)));
+    const int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) return dbError("cannot clear delivery leases");
   }
+  if (!txn.commit()) return dbError("cannot commit clearing delivery leases");
   return {};
 }
 
@@ -821,10 +897,13 @@ util::Result<int64_t> SqliteStore::retryNow(const std::optional<std::string>& id
   if (id) {
     if (auto r = requireMessageLocked(*id); !r) return r.error();
   }
-  Use u(id ? s.retryOne : s.retryAll);
-  if (id) bindText(u.get(), 1, *id);
-  if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot schedule a retry");
-  const int64_t changed = static_cast<int64_t>(sqlite3_changes(db_));
+  int64_t changed = 0;
+  for (const Stmt* stmt : {id ? &s.retryOne : &s.retryAll, id ? &s.retryOneLeased : &s.retryAllLeased}) {
+    Use u(*stmt);
+    if (id) bindText(u.get(), 1, *id);
+    if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot schedule a retry");
+    changed += static_cast<int64_t>(sqlite3_changes(db_));
+  }
   if (!txn.commit()) return dbError("cannot commit retry");
   return changed;
 }
@@ -851,11 +930,21 @@ util::Result<int64_t> SqliteStore::bounce(const std::string& id) {
   Txn txn(db_, s.begin, s.commit, s.rollback);
   if (!txn.open()) return dbError("cannot begin bounce transaction");
   if (auto r = requireMessageLocked(id); !r) return r.error();
-  Use u(s.bounceOne);
-  bindText(u.get(), 1, id);
-  sqlite3_bind_int64(u.get(), 2, static_cast<sqlite3_int64>(std::time(nullptr)));
-  if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot bounce " + id);
-  const int64_t changed = static_cast<int64_t>(sqlite3_changes(db_));
+  int64_t changed = 0;
+  {
+    Use u(s.bounceOne);
+    bindText(u.get(), 1, id);
+    sqlite3_bind_int64(u.get(), 2, static_cast<sqlite3_int64>(std::time(nullptr)));
+    if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot bounce " + id);
+    changed += static_cast<int64_t>(sqlite3_changes(db_));
+  }
+  {
+    // In flight: bounced when the attempt ends, unless it delivers (sqlite_store.h).
+    Use u(s.bounceOneLeased);
+    bindText(u.get(), 1, id);
+    if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot bounce " + id);
+    changed += static_cast<int64_t>(sqlite3_changes(db_));
+  }
   if (!txn.commit()) return dbError("cannot commit bounce of " + id);
   return changed;
 }

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "queue/delivery_queue.h"
 #include "queue/store.h"
 
 struct sqlite3;
@@ -26,7 +27,7 @@ struct OpenOptions {
   bool create = true;     // create the file and schema if missing
 };
 
-class SqliteStore final : public Store {
+class SqliteStore final : public Store, public DeliveryQueue {
  public:
   // path: a file path, or ":memory:" for tests. data_dir is created by the caller.
   static util::Result<std::unique_ptr<SqliteStore>> open(const std::string& path, OpenOptions opts = {});
@@ -36,54 +37,63 @@ class SqliteStore final : public Store {
 
   std::vector<util::Result<std::string>> insertBatch(const std::vector<NewMessage>& batch) override;
   util::Result<std::vector<MessageInfo>> list() override;
-  util::Result<MessageInfo> show(const std::string& id) override;
+  util::Result<MessageInfo> show(const std::string& id) override;  // Store and DeliveryQueue
   util::Result<std::string> content(const std::string& id) override;
   util::Result<int64_t> count() override;
 
   // --- delivery (issue 3) ---
-  // Recipients in state queued/deferred with next_attempt <= now and lease_until <= now,
-  // of messages that are not captured, oldest message first, at most maxMessages
-  // messages: each gets lease_until = now + leaseSeconds in the same transaction, so a
-  // second scheduler (or the same one after a crash, once the lease passed) does not
-  // take them twice while the lease holds.
-  util::Result<std::vector<DueMessage>> leaseDue(int64_t now, int64_t leaseSeconds, size_t maxMessages);
+  // Recipients in state queued/deferred with next_attempt <= now and no lease, of messages
+  // that are not captured, oldest message first, at most maxMessages messages: each gets
+  // lease_until = now + kOwnedLease in the same transaction. The lease is owned (see
+  // delivery_queue.h): it ends with recordAttempts/releaseLeases, or clearLeases at the
+  // next start after a crash, never by the passing of time.
+  util::Result<std::vector<DueMessage>> leaseDue(int64_t now, size_t maxMessages) override;
+  static constexpr int64_t kOwnedLease = int64_t{100} * 365 * 24 * 3600;
   // One transaction: an attempts row each; recipients get state, attempts + 1,
   // next_attempt, last_error, updated_at = attempt.at, lease_until = 0, and
   // dsn_pending = 1 when the new state is failed, the message is not a DSN and its
   // sender is not "<>" (stored as ""). A record whose message was dropped meanwhile is
   // skipped; one whose recipient an operator bounced meanwhile only adds its attempts row,
-  // unless it was delivered (a delivery always wins, and clears dsn_pending).
-  util::Result<void> recordAttempts(const std::vector<AttemptRecord>& records);
+  // unless it was delivered (a delivery always wins, and clears dsn_pending). An operator
+  // request made while the attempt ran (pending_request) is applied through
+  // applyOperatorRequest() and cleared. Also stores last_code / last_status.
+  util::Result<void> recordAttempts(const std::vector<AttemptRecord>& records) override;
   // Clears every lease: at start-up of the one serve process of this data_dir, leases
-  // left by a previous process are void (its attempts never finished).
+  // left by a previous process are void (its attempts never finished). Operator requests
+  // that waited for those attempts are applied (bounce) or turned into "due now" (retry).
   util::Result<void> clearLeases();
-  // Releases leases without counting an attempt (shutdown with work in hand).
-  util::Result<void> releaseLeases(const std::string& messageId, const std::vector<int64_t>& indexes);
+  // Releases leases without counting an attempt (shutdown with work in hand), applying a
+  // waiting operator request the same way.
+  util::Result<void> releaseLeases(const std::string& messageId, const std::vector<int64_t>& indexes) override;
   // Earliest next_attempt (or lease_until, if later) among deliverable recipients;
   // nullopt when none: the scheduler's timer.
   util::Result<std::optional<int64_t>> nextDue();
   // Recipients with dsn_pending = 1, grouped per message, at most maxMessages.
-  util::Result<std::vector<DsnWork>> pendingDsns(size_t maxMessages);
+  util::Result<std::vector<DsnWork>> pendingDsns(size_t maxMessages) override;
   // One transaction: inserts the DSN (when given; its isDsn should be true) and clears
   // dsn_pending of those recipients. With a null sender (or a DSN as the original, or an
   // original dropped meanwhile) nothing is inserted. The inserted message gets isDsn = true.
   util::Result<void> completeDsn(const std::string& messageId, const std::vector<int64_t>& indexes,
-                                 const std::optional<NewMessage>& dsn);
+                                 const std::optional<NewMessage>& dsn) override;
   // Deferred recipients of non-DSN messages with a real sender, received before
   // `receivedBefore` and not yet notified: for the "delayed" DSN.
-  util::Result<std::vector<DsnWork>> pendingDelayNotices(int64_t receivedBefore, size_t maxMessages);
+  util::Result<std::vector<DsnWork>> pendingDelayNotices(int64_t receivedBefore, size_t maxMessages) override;
   // Like completeDsn, but sets delay_notified = 1.
   util::Result<void> completeDelayNotice(const std::string& messageId, const std::vector<int64_t>& indexes,
-                                         const std::optional<NewMessage>& dsn);
+                                         const std::optional<NewMessage>& dsn) override;
   // Operators. Each returns the number of recipients (or messages for drop) changed; an id
   // that is not in the queue is an error "no such message: ID" (not 0), so the CLI can
   // tell "nothing to do" from "wrong id".
-  // retry: next_attempt = 0, lease_until = 0 for queued/deferred recipients of id (or all).
+  // retry: next_attempt = 0 for queued/deferred recipients of id (or all) that are not in
+  // flight; those in flight get a retry request, applied when the attempt ends (a
+  // deferral is then due at once). Never a second attempt beside a running one.
   util::Result<int64_t> retryNow(const std::optional<std::string>& id);
   // drop: deletes the message, its recipients and attempts.
   util::Result<int64_t> drop(const std::string& id);
   // bounce: queued/deferred recipients -> failed, last_error "bounced by operator",
   // dsn_pending = 1 (unless DSN/null sender); the running scheduler then sends the DSN.
+  // Recipients in flight get a bounce request instead: if the attempt delivers, the
+  // delivery stands; otherwise they are bounced when it ends.
   util::Result<int64_t> bounce(const std::string& id);
 
   // --- account policy (issue 5) ---
@@ -95,7 +105,7 @@ class SqliteStore final : public Store {
   util::Result<std::vector<MeterRow>> loadMeters();
 
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 2;
+  static constexpr int kSchemaVersion = 3;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);

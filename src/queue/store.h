@@ -15,23 +15,46 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "util/result.h"
 
 namespace subrelay::queue {
 
-// Recipient states as stored and shown by `queue list`.
-//   queued    : waiting for its first or next delivery attempt
-//   deferred  : a temporary failure happened; next_attempt says when
-//   delivered : a 2xx from the recipient's MX
-//   failed    : permanent failure or expired; a DSN was generated
-//   captured  : account in capture mode: stored, never delivered
-inline constexpr const char* kStateQueued = "queued";
-inline constexpr const char* kStateDeferred = "deferred";
-inline constexpr const char* kStateDelivered = "delivered";
-inline constexpr const char* kStateFailed = "failed";
-inline constexpr const char* kStateCaptured = "captured";
+// Recipient states, typed in code and stored as their names (`queue list` shows them):
+//   Queued    : waiting for its first or next delivery attempt
+//   Deferred  : a temporary failure happened; next_attempt says when
+//   Delivered : a 2xx from the recipient's MX
+//   Failed    : permanent failure or expired; a DSN was generated
+//   Captured  : account in capture mode: stored, never delivered
+enum class RecipientState { Queued, Deferred, Delivered, Failed, Captured };
+std::string_view stateName(RecipientState s);
+std::optional<RecipientState> parseRecipientState(std::string_view s);
+// Still waiting for delivery (the scheduler may act on it).
+inline bool deliverable(RecipientState s) { return s == RecipientState::Queued || s == RecipientState::Deferred; }
+
+// An RFC 3463 enhanced status code "class.subject.detail" (class 2, 4 or 5; subject and
+// detail 0..999). Stored as its text in recipients.last_status and attempts.status, so
+// DSNs and `queue show` never re-parse it out of a reply line.
+struct EnhancedStatus {
+  int klass = 0;  // 0 = none
+  int subject = 0;
+  int detail = 0;
+  bool valid() const { return klass != 0; }
+  bool permanent() const { return klass == 5; }
+  std::string str() const;  // "5.1.1", "" when invalid
+  static std::optional<EnhancedStatus> parse(std::string_view s);  // strict "d.ddd.ddd"
+  // The code a reply carries, else the default of its class ("5.0.0", "4.0.0", "2.0.0"),
+  // else none (code 0 and no enhanced code).
+  static EnhancedStatus fromReply(int code, std::string_view enhanced);
+  friend bool operator==(const EnhancedStatus&, const EnhancedStatus&) = default;
+};
+
+// What an operator asked for while a recipient's attempt was in flight (`queue retry`,
+// `queue bounce`): applied when the attempt's result is recorded or its lease released,
+// so an in-flight recipient is never attempted twice.
+enum class OperatorRequest { None = 0, Retry = 1, Bounce = 2 };
 
 struct NewMessage {
   std::string id;                       // from newQueueId()
@@ -53,13 +76,16 @@ struct NewMessage {
 struct RecipientInfo {
   int64_t index = 0;
   std::string address;
-  std::string state;
+  RecipientState state = RecipientState::Queued;
   int64_t attempts = 0;
   int64_t nextAttempt = 0;              // unix seconds, 0 = none
   std::string lastError;
+  int lastCode = 0;               // the last attempt's reply code, 0 = none
+  EnhancedStatus lastStatus;      // the last attempt's (or the operator's) status
   int64_t updatedAt = 0;
   int64_t leaseUntil = 0;
   bool dsnPending = false;
+  OperatorRequest request = OperatorRequest::None;
 };
 
 // One delivery attempt of one recipient (the attempts table; `queue show` history).
@@ -71,7 +97,8 @@ struct AttemptInfo {
   std::string tlsCipher;
   int code = 0;             // SMTP reply code, 0 when none (DNS, network)
   std::string reply;        // reply text or local reason
-  std::string result;       // "delivered" "deferred" "failed"
+  EnhancedStatus status;    // RFC 3463 code of the reply or of the local reason
+  std::string result;       // "delivered" "deferred" "failed" "expired"
 };
 
 struct MessageInfo {
@@ -117,10 +144,16 @@ struct AttemptRecord {
   std::string messageId;
   int64_t index = 0;
   AttemptInfo attempt;          // row for the attempts table (attempt.index ignored)
-  std::string newState;         // kStateDelivered / kStateDeferred / kStateFailed
+  RecipientState newState = RecipientState::Deferred;  // Delivered / Deferred / Failed
   int64_t nextAttempt = 0;      // for deferred
   std::string lastError;        // "" for delivered
+  EnhancedStatus lastStatus;    // usually attempt.status; "4.4.7" when expired
 };
+
+// The record as it is stored when an operator asked for `request` while the attempt ran:
+// Retry turns a deferral into "due now"; Bounce turns a deferral into a failure "bounced
+// by operator" (5.0.0); a delivery or a permanent failure of the attempt itself stands.
+AttemptRecord applyOperatorRequest(AttemptRecord record, OperatorRequest request);
 
 // Failed recipients whose DSN is not queued yet (dsn_pending = 1), per message.
 struct DsnWork {

@@ -178,6 +178,7 @@ struct ClientSession::Impl {
   std::string inbuf;
   std::deque<Expect> expects;
   bool pipelinedTxn = false;
+  uint64_t progress = 0;  // replies handled and handshakes done (see progress())
 
   // Reply being assembled (RFC 5321 4.2.1 multi-line).
   int partCode = 0;
@@ -332,6 +333,7 @@ struct ClientSession::Impl {
   // ---- replies -----------------------------------------------------------------
 
   void handleReply(ServerReply r) {
+    ++progress;
     if (expects.empty()) {
       // RFC 5321 3.8: a server may give up with 421 at any time, even between commands
       // (an idle pooled connection); anything else unrequested is a protocol error.
@@ -507,6 +509,7 @@ struct ClientSession::Impl {
 
   void onTlsEstablished() {
     if (phase != Phase::TlsHandshake) return;
+    ++progress;
     phase = Phase::Connected;
     tlsActive = true;
     // RFC 3207 section 4.2: forget everything learned before TLS and start with EHLO.
@@ -859,6 +862,7 @@ ClientSession::~ClientSession() = default;
 void ClientSession::onConnected() {
   if (impl_->phase != Impl::Phase::Init) return;
   impl_->phase = Impl::Phase::Connected;
+  ++impl_->progress;
   impl_->expects.push_back(Expect::Greeting);
   impl_->drain();
 }
@@ -878,6 +882,7 @@ std::vector<ClientAction> ClientSession::takeActions() {
 }
 
 std::optional<std::chrono::seconds> ClientSession::timeout() const { return impl_->timeout(); }
+uint64_t ClientSession::progress() const { return impl_->progress; }
 bool ClientSession::offersPipelining() const { return impl_->capPipelining; }
 bool ClientSession::offersStartTls() const { return impl_->capStartTls; }
 bool ClientSession::tlsActive() const { return impl_->tlsActive; }

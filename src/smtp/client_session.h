@@ -116,6 +116,11 @@ class ClientSession {
   // After DATA's 354 this is dataTerm, counted from the end of the content's write.
   // During the TLS handshake it is `mail` (RFC 5321 has no value for it).
   std::optional<std::chrono::seconds> timeout() const;
+  // Grows by one for every whole reply handled (and the connection and TLS handshake
+  // being up): the transport restarts the timer for timeout() only when this changed, so
+  // each RFC 5321 4.5.3.2 timeout is a total for its stage. Bytes of a reply that never
+  // completes (an MX trickling one byte a minute) do not extend it.
+  uint64_t progress() const;
 
   // What the server offered (valid after SessionReady).
   bool offersPipelining() const;

@@ -27,6 +27,17 @@
 using namespace subrelay;
 using namespace subrelay::queue;
 
+namespace doctest {
+template <>
+struct StringMaker<subrelay::queue::RecipientState> {
+  static String convert(subrelay::queue::RecipientState s) { return String(std::string(subrelay::queue::stateName(s)).c_str()); }
+};
+template <>
+struct StringMaker<subrelay::queue::OperatorRequest> {
+  static String convert(subrelay::queue::OperatorRequest r) { return String(std::to_string(static_cast<int>(r)).c_str()); }
+};
+}  // namespace doctest
+
 namespace {
 
 class TempDir {
@@ -151,7 +162,7 @@ TEST_CASE_TEMPLATE("store contract", B, FileBackend, MemoryBackend) {
       const auto& r = info->recipients[i];
       CHECK(r.index == static_cast<int64_t>(i));
       CHECK(r.address == m.recipients[i]);
-      CHECK(r.state == kStateQueued);
+      CHECK(r.state == RecipientState::Queued);
       CHECK(r.attempts == 0);
       CHECK(r.nextAttempt == m.receivedAt);  // due at once
       CHECK(r.lastError.empty());
@@ -171,7 +182,7 @@ TEST_CASE_TEMPLATE("store contract", B, FileBackend, MemoryBackend) {
     CHECK(info->captured);
     REQUIRE(info->recipients.size() == 3);
     for (const auto& r : info->recipients) {
-      CHECK(r.state == kStateCaptured);
+      CHECK(r.state == RecipientState::Captured);
       CHECK(r.nextAttempt == 0);
     }
   }
@@ -283,7 +294,7 @@ namespace {
 
 constexpr int64_t kT0 = 1'800'000'000;
 
-AttemptRecord outcome(const std::string& id, int64_t index, const std::string& state, int64_t at,
+AttemptRecord outcome(const std::string& id, int64_t index, RecipientState state, int64_t at,
                       int64_t next = 0, std::string error = {}, int code = 0) {
   AttemptRecord rec;
   rec.messageId = id;
@@ -294,7 +305,7 @@ AttemptRecord outcome(const std::string& id, int64_t index, const std::string& s
   rec.attempt.tlsCipher = "TLS_AES_128_GCM_SHA256";
   rec.attempt.code = code;
   rec.attempt.reply = error.empty() ? "2.0.0 Ok" : error;
-  rec.attempt.result = state;
+  rec.attempt.result = std::string(stateName(state));
   rec.newState = state;
   rec.nextAttempt = next;
   rec.lastError = std::move(error);
@@ -360,7 +371,7 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     mid.eightBit = true;
     for (const auto& r : store->insertBatch({early, late, cap, mid})) REQUIRE(r.ok());
 
-    auto due = store->leaseDue(kT0, 300, 10);
+    auto due = store->leaseDue(kT0, 10);
     REQUIRE(due.ok());
     REQUIRE(due->size() == 2);
     CHECK((*due)[0].id == early.id);
@@ -376,17 +387,20 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     CHECK((*due)[1].mailFrom == mid.mailFrom);
     CHECK((*due)[1].size == static_cast<int64_t>(mid.content.size()));
     CHECK((*due)[1].receivedAt == mid.receivedAt);
-    CHECK(store->show(mid.id)->recipients[1].leaseUntil == kT0 + 300);
+    CHECK(store->show(mid.id)->recipients[1].leaseUntil == kT0 + SqliteStore::kOwnedLease);
 
-    // The lease excludes them until it expires; the late message becomes due on its own.
-    CHECK(store->leaseDue(kT0 + 10, 300, 10)->empty());
-    auto later = store->leaseDue(kT0 + 150, 300, 10);
+    // The lease excludes them; the late message becomes due on its own.
+    CHECK(store->leaseDue(kT0 + 10, 10)->empty());
+    auto later = store->leaseDue(kT0 + 150, 10);
     REQUIRE(later.ok());
     CHECK(dueIds(*later) == std::set<std::string>{late.id});
-    // An expired lease (a crashed scheduler) makes the recipients due again.
-    auto again = store->leaseDue(kT0 + 300, 60, 10);
+    // Leases are owned, not timed: however long an attempt runs, nothing is leased twice.
+    CHECK(store->leaseDue(kT0 + 30 * 24 * 3600, 10)->empty());
+    // Only the start-up after a crash (clearLeases) makes them due again.
+    REQUIRE(store->clearLeases().ok());
+    auto again = store->leaseDue(kT0 + 300, 10);
     REQUIRE(again.ok());
-    CHECK(dueIds(*again) == std::set<std::string>{early.id, mid.id});
+    CHECK(dueIds(*again) == std::set<std::string>{early.id, mid.id, late.id});
     // Captured recipients were never leased.
     {
       auto shown = store->show(cap.id);  // named: a temporary would die before the loop
@@ -399,16 +413,16 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     std::vector<NewMessage> batch;
     for (int i = 0; i < 5; ++i) batch.push_back(makeMessage("0000000000000c0" + std::to_string(i), kT0 + i, 2));
     for (const auto& r : store->insertBatch(batch)) REQUIRE(r.ok());
-    auto first = store->leaseDue(kT0 + 10, 300, 2);
+    auto first = store->leaseDue(kT0 + 10, 2);
     REQUIRE(first.ok());
     REQUIRE(first->size() == 2);
     CHECK((*first)[0].id == batch[0].id);
     CHECK((*first)[1].id == batch[1].id);
     CHECK((*first)[1].recipients.size() == 2);  // whole messages, not split by the limit
-    auto second = store->leaseDue(kT0 + 10, 300, 10);
+    auto second = store->leaseDue(kT0 + 10, 10);
     REQUIRE(second.ok());
     CHECK(dueIds(*second) == std::set<std::string>{batch[2].id, batch[3].id, batch[4].id});
-    CHECK(store->leaseDue(kT0 + 10, 300, 0)->empty());
+    CHECK(store->leaseDue(kT0 + 10, 0)->empty());
   }
 
   SUBCASE("recordAttempts: states, counters, history, and when a DSN is owed") {
@@ -417,29 +431,29 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     nullSender.mailFrom.clear();
     NewMessage dsn = makeDsn("0000000000000d03", "someone@example.org", kT0);
     for (const auto& r : store->insertBatch({m, nullSender, dsn})) REQUIRE(r.ok());
-    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 3);
+    REQUIRE(store->leaseDue(kT0, 10)->size() == 3);
 
     REQUIRE(store
-                ->recordAttempts({outcome(m.id, 0, kStateDelivered, kT0 + 5, 0, "", 250),
-                                  outcome(m.id, 1, kStateDeferred, kT0 + 6, kT0 + 600, "451 4.7.1 greylisted", 451),
-                                  outcome(m.id, 2, kStateFailed, kT0 + 7, 0, "550 5.1.1 no such user", 550),
-                                  outcome(nullSender.id, 0, kStateFailed, kT0 + 8, 0, "550 5.1.1 no", 550),
-                                  outcome(dsn.id, 0, kStateFailed, kT0 + 9, 0, "550 5.1.1 no", 550)})
+                ->recordAttempts({outcome(m.id, 0, RecipientState::Delivered, kT0 + 5, 0, "", 250),
+                                  outcome(m.id, 1, RecipientState::Deferred, kT0 + 6, kT0 + 600, "451 4.7.1 greylisted", 451),
+                                  outcome(m.id, 2, RecipientState::Failed, kT0 + 7, 0, "550 5.1.1 no such user", 550),
+                                  outcome(nullSender.id, 0, RecipientState::Failed, kT0 + 8, 0, "550 5.1.1 no", 550),
+                                  outcome(dsn.id, 0, RecipientState::Failed, kT0 + 9, 0, "550 5.1.1 no", 550)})
                 .ok());
     auto info = store->show(m.id);
     REQUIRE(info.ok());
-    CHECK(rcpt(*info, 0).state == kStateDelivered);
+    CHECK(rcpt(*info, 0).state == RecipientState::Delivered);
     CHECK(rcpt(*info, 0).attempts == 1);
     CHECK(rcpt(*info, 0).lastError.empty());
     CHECK(rcpt(*info, 0).updatedAt == kT0 + 5);
     CHECK(rcpt(*info, 0).leaseUntil == 0);
     CHECK_FALSE(rcpt(*info, 0).dsnPending);
-    CHECK(rcpt(*info, 1).state == kStateDeferred);
+    CHECK(rcpt(*info, 1).state == RecipientState::Deferred);
     CHECK(rcpt(*info, 1).nextAttempt == kT0 + 600);
     CHECK(rcpt(*info, 1).lastError == "451 4.7.1 greylisted");
     CHECK(rcpt(*info, 1).leaseUntil == 0);
     CHECK_FALSE(rcpt(*info, 1).dsnPending);
-    CHECK(rcpt(*info, 2).state == kStateFailed);
+    CHECK(rcpt(*info, 2).state == RecipientState::Failed);
     CHECK(rcpt(*info, 2).dsnPending);
     REQUIRE(info->attempts.size() == 3);
     CHECK(info->attempts[0].index == 0);
@@ -448,29 +462,29 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     CHECK(info->attempts[0].tlsVersion == "TLSv1.3");
     CHECK(info->attempts[0].tlsCipher == "TLS_AES_128_GCM_SHA256");
     CHECK(info->attempts[0].code == 250);
-    CHECK(info->attempts[0].result == kStateDelivered);
+    CHECK(info->attempts[0].result == "delivered");
     CHECK(info->attempts[1].index == 1);
     CHECK(info->attempts[1].reply == "451 4.7.1 greylisted");
-    CHECK(info->attempts[2].result == kStateFailed);
+    CHECK(info->attempts[2].result == "failed");
     CHECK(info->attempts[2].code == 550);
 
     // Never a DSN to the null sender, never a DSN about a DSN.
-    CHECK(rcpt(*store->show(nullSender.id), 0).state == kStateFailed);
+    CHECK(rcpt(*store->show(nullSender.id), 0).state == RecipientState::Failed);
     CHECK_FALSE(rcpt(*store->show(nullSender.id), 0).dsnPending);
     CHECK_FALSE(rcpt(*store->show(dsn.id), 0).dsnPending);
 
     // The deferred one is due again at its next attempt, not before; counters accumulate.
-    CHECK(store->leaseDue(kT0 + 599, 300, 10)->empty());
-    auto due = store->leaseDue(kT0 + 600, 300, 10);
+    CHECK(store->leaseDue(kT0 + 599, 10)->empty());
+    auto due = store->leaseDue(kT0 + 600, 10);
     REQUIRE(due.ok());
     REQUIRE(due->size() == 1);
     REQUIRE(due->at(0).recipients.size() == 1);
     CHECK(due->at(0).recipients[0].index == 1);
     CHECK(due->at(0).recipients[0].attempts == 1);
-    REQUIRE(store->recordAttempts({outcome(m.id, 1, kStateDelivered, kT0 + 601)}).ok());
+    REQUIRE(store->recordAttempts({outcome(m.id, 1, RecipientState::Delivered, kT0 + 601)}).ok());
     info = store->show(m.id);
     CHECK(rcpt(*info, 1).attempts == 2);
-    CHECK(rcpt(*info, 1).state == kStateDelivered);
+    CHECK(rcpt(*info, 1).state == RecipientState::Delivered);
     CHECK(info->attempts.size() == 4);
     CHECK(store->nextDue()->has_value() == false);
   }
@@ -479,37 +493,41 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     REQUIRE(store->insertBatch({makeMessage("0000000000000e01", kT0, 1)})[0].ok());
     CHECK(store->recordAttempts({}).ok());
     CHECK(store
-              ->recordAttempts({outcome("ffffffffffffffff", 0, kStateDelivered, kT0),
-                                outcome("0000000000000e01", 0, kStateDeferred, kT0 + 1, kT0 + 60, "421 busy")})
+              ->recordAttempts({outcome("ffffffffffffffff", 0, RecipientState::Delivered, kT0),
+                                outcome("0000000000000e01", 0, RecipientState::Deferred, kT0 + 1, kT0 + 60, "421 busy")})
               .ok());
     auto info = store->show("0000000000000e01");
-    CHECK(rcpt(*info, 0).state == kStateDeferred);
+    CHECK(rcpt(*info, 0).state == RecipientState::Deferred);
     CHECK(info->attempts.size() == 1);
   }
 
   SUBCASE("an operator's bounce during an attempt wins over a deferral, not over a delivery") {
     REQUIRE(store->insertBatch({makeMessage("0000000000000e11", kT0, 2)})[0].ok());
-    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 1);
+    REQUIRE(store->leaseDue(kT0, 10)->size() == 1);
     REQUIRE(store->bounce("0000000000000e11").value() == 2);
+    // In flight: nothing changes until the attempt ends (no DSN beside a delivery).
+    CHECK(rcpt(*store->show("0000000000000e11"), 0).state == RecipientState::Queued);
+    CHECK(rcpt(*store->show("0000000000000e11"), 0).request == OperatorRequest::Bounce);
+    CHECK(store->pendingDsns(10)->empty());
     REQUIRE(store
-                ->recordAttempts({outcome("0000000000000e11", 0, kStateDeferred, kT0 + 1, kT0 + 60, "421 busy"),
-                                  outcome("0000000000000e11", 1, kStateDelivered, kT0 + 1)})
+                ->recordAttempts({outcome("0000000000000e11", 0, RecipientState::Deferred, kT0 + 1, kT0 + 60, "421 busy"),
+                                  outcome("0000000000000e11", 1, RecipientState::Delivered, kT0 + 1)})
                 .ok());
     auto info = store->show("0000000000000e11");
-    CHECK(rcpt(*info, 0).state == kStateFailed);
+    CHECK(rcpt(*info, 0).state == RecipientState::Failed);
     CHECK(rcpt(*info, 0).lastError == "bounced by operator");
     CHECK(rcpt(*info, 0).dsnPending);
-    CHECK(rcpt(*info, 1).state == kStateDelivered);
+    CHECK(rcpt(*info, 1).state == RecipientState::Delivered);
     CHECK_FALSE(rcpt(*info, 1).dsnPending);
     CHECK(info->attempts.size() == 2);  // both attempts are history either way
   }
 
   SUBCASE("releaseLeases makes recipients due again without counting an attempt") {
     REQUIRE(store->insertBatch({makeMessage("0000000000000f01", kT0, 3)})[0].ok());
-    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 1);
+    REQUIRE(store->leaseDue(kT0, 10)->size() == 1);
     REQUIRE(store->releaseLeases("0000000000000f01", {0, 2}).ok());
     CHECK(store->releaseLeases("0000000000000f01", {}).ok());
-    auto due = store->leaseDue(kT0 + 1, 300, 10);
+    auto due = store->leaseDue(kT0 + 1, 10);
     REQUIRE(due.ok());
     REQUIRE(due->size() == 1);
     REQUIRE(due->at(0).recipients.size() == 2);
@@ -524,10 +542,10 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
 
   SUBCASE("clearLeases voids every lease (start-up after a crash)") {
     REQUIRE(store->insertBatch({makeMessage("0000000000000f11", kT0, 2), makeMessage("0000000000000f12", kT0, 1)})[0].ok());
-    REQUIRE(store->leaseDue(kT0, 3600, 10)->size() == 2);
-    CHECK(store->leaseDue(kT0 + 1, 3600, 10)->empty());
+    REQUIRE(store->leaseDue(kT0, 10)->size() == 2);
+    CHECK(store->leaseDue(kT0 + 1, 10)->empty());
     REQUIRE(store->clearLeases().ok());
-    auto due = store->leaseDue(kT0 + 1, 3600, 10);
+    auto due = store->leaseDue(kT0 + 1, 10);
     REQUIRE(due.ok());
     CHECK(dueIds(*due) == std::set<std::string>{"0000000000000f11", "0000000000000f12"});
   }
@@ -543,9 +561,9 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     CHECK(store->nextDue().value() == std::optional<int64_t>(kT0 + 50));
     REQUIRE(store->insertBatch({makeMessage("0000000000001003", kT0, 1)})[0].ok());
     CHECK(store->nextDue().value() == std::optional<int64_t>(kT0));
-    REQUIRE(store->leaseDue(kT0, 300, 1)->size() == 1);  // 1003 leased until kT0 + 300
+    REQUIRE(store->leaseDue(kT0, 1)->size() == 1);  // 1003 leased until kT0 + 300
     CHECK(store->nextDue().value() == std::optional<int64_t>(kT0 + 50));
-    REQUIRE(store->recordAttempts({outcome("0000000000001003", 0, kStateDeferred, kT0, kT0 + 10, "421")}).ok());
+    REQUIRE(store->recordAttempts({outcome("0000000000001003", 0, RecipientState::Deferred, kT0, kT0 + 10, "421")}).ok());
     CHECK(store->nextDue().value() == std::optional<int64_t>(kT0 + 10));
   }
 
@@ -553,12 +571,12 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     NewMessage m = makeMessage("0000000000001101", kT0, 3);
     NewMessage n = makeMessage("0000000000001102", kT0 + 1, 1);
     for (const auto& r : store->insertBatch({m, n})) REQUIRE(r.ok());
-    REQUIRE(store->leaseDue(kT0 + 1, 300, 10)->size() == 2);
+    REQUIRE(store->leaseDue(kT0 + 1, 10)->size() == 2);
     REQUIRE(store
-                ->recordAttempts({outcome(m.id, 0, kStateFailed, kT0 + 2, 0, "550 a", 550),
-                                  outcome(m.id, 1, kStateDelivered, kT0 + 2),
-                                  outcome(m.id, 2, kStateFailed, kT0 + 2, 0, "550 c", 550),
-                                  outcome(n.id, 0, kStateFailed, kT0 + 3, 0, "554 n", 554)})
+                ->recordAttempts({outcome(m.id, 0, RecipientState::Failed, kT0 + 2, 0, "550 a", 550),
+                                  outcome(m.id, 1, RecipientState::Delivered, kT0 + 2),
+                                  outcome(m.id, 2, RecipientState::Failed, kT0 + 2, 0, "550 c", 550),
+                                  outcome(n.id, 0, RecipientState::Failed, kT0 + 3, 0, "554 n", 554)})
                 .ok());
     auto work = store->pendingDsns(10);
     REQUIRE(work.ok());
@@ -585,7 +603,7 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     CHECK(dsn->isDsn);
     CHECK(dsn->mailFrom.empty());
     CHECK(rcpt(*dsn, 0).address == m.mailFrom);
-    CHECK(rcpt(*dsn, 0).state == kStateQueued);  // deliverable like any message
+    CHECK(rcpt(*dsn, 0).state == RecipientState::Queued);  // deliverable like any message
     {
       auto shown = store->show(m.id);  // named: a temporary would die before the loop
       REQUIRE(shown.ok());
@@ -596,8 +614,8 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     CHECK(work->at(0).message.id == n.id);
 
     // The DSN itself failing owes nothing.
-    REQUIRE(store->leaseDue(kT0 + 5, 300, 10).ok());
-    REQUIRE(store->recordAttempts({outcome("0000000000001103", 0, kStateFailed, kT0 + 6, 0, "550")}).ok());
+    REQUIRE(store->leaseDue(kT0 + 5, 10).ok());
+    REQUIRE(store->recordAttempts({outcome("0000000000001103", 0, RecipientState::Failed, kT0 + 6, 0, "550")}).ok());
     CHECK(store->pendingDsns(10)->size() == 1);
 
     // Without a DSN message (the caller decided none is needed) only the flag is cleared.
@@ -611,8 +629,8 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     m.mailFrom.clear();
     REQUIRE(store->insertBatch({m})[0].ok());
     // Force the flag, as a database written by an older rule might have it.
-    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 1);
-    REQUIRE(store->recordAttempts({outcome(m.id, 0, kStateFailed, kT0 + 1, 0, "550")}).ok());
+    REQUIRE(store->leaseDue(kT0, 10)->size() == 1);
+    REQUIRE(store->recordAttempts({outcome(m.id, 0, RecipientState::Failed, kT0 + 1, 0, "550")}).ok());
     CHECK(store->pendingDsns(10)->empty());
     REQUIRE(store->completeDsn(m.id, {0}, makeDsn("0000000000001202", "nobody@example.org", kT0 + 2)).ok());
     CHECK(store->count().value() == 1);
@@ -629,11 +647,11 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     nul.mailFrom.clear();
     NewMessage dsn = makeDsn("0000000000001304", "a@example.org", kT0);
     for (const auto& r : store->insertBatch({old1, young, nul, dsn})) REQUIRE(r.ok());
-    REQUIRE(store->leaseDue(kT0 + 5000, 300, 10)->size() == 4);
+    REQUIRE(store->leaseDue(kT0 + 5000, 10)->size() == 4);
     std::vector<AttemptRecord> recs;
     for (const auto* m : {&old1, &young, &nul, &dsn})
-      recs.push_back(outcome(m->id, 0, kStateDeferred, kT0 + 5001, kT0 + 6000, "421 later"));
-    recs.push_back(outcome(old1.id, 1, kStateDelivered, kT0 + 5001));
+      recs.push_back(outcome(m->id, 0, RecipientState::Deferred, kT0 + 5001, kT0 + 6000, "421 later"));
+    recs.push_back(outcome(old1.id, 1, RecipientState::Delivered, kT0 + 5001));
     REQUIRE(store->recordAttempts(recs).ok());
 
     auto work = store->pendingDelayNotices(kT0 + 1000, 10);
@@ -649,7 +667,7 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     CHECK(store->show("0000000000001305")->isDsn);
     CHECK(store->pendingDelayNotices(kT0 + 1000, 10)->empty());
     // The recipient itself is untouched: still deferred, still due later.
-    CHECK(rcpt(*store->show(old1.id), 0).state == kStateDeferred);
+    CHECK(rcpt(*store->show(old1.id), 0).state == RecipientState::Deferred);
     CHECK_FALSE(rcpt(*store->show(old1.id), 0).dsnPending);
   }
 
@@ -659,25 +677,31 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     NewMessage cap = makeMessage("0000000000001403", kT0, 1);
     cap.captured = true;
     for (const auto& r : store->insertBatch({a, b, cap})) REQUIRE(r.ok());
-    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 2);
+    REQUIRE(store->leaseDue(kT0, 10)->size() == 2);
     REQUIRE(store
-                ->recordAttempts({outcome(a.id, 0, kStateDeferred, kT0 + 1, kT0 + 3600, "421"),
-                                  outcome(a.id, 1, kStateDelivered, kT0 + 1),
-                                  outcome(b.id, 0, kStateDeferred, kT0 + 1, kT0 + 7200, "421")})
+                ->recordAttempts({outcome(a.id, 0, RecipientState::Deferred, kT0 + 1, kT0 + 3600, "421"),
+                                  outcome(a.id, 1, RecipientState::Delivered, kT0 + 1),
+                                  outcome(b.id, 0, RecipientState::Deferred, kT0 + 1, kT0 + 7200, "421")})
                 .ok());
-    CHECK(store->leaseDue(kT0 + 2, 300, 10)->empty());
+    CHECK(store->leaseDue(kT0 + 2, 10)->empty());
 
     auto one = store->retryNow(a.id);
     REQUIRE(one.ok());
     CHECK(one.value() == 1);
     CHECK(rcpt(*store->show(a.id), 0).nextAttempt == 0);
-    CHECK(rcpt(*store->show(a.id), 1).state == kStateDelivered);
-    CHECK(dueIds(store->leaseDue(kT0 + 2, 300, 10).value()) == std::set<std::string>{a.id});
+    CHECK(rcpt(*store->show(a.id), 1).state == RecipientState::Delivered);
+    CHECK(dueIds(store->leaseDue(kT0 + 2, 10).value()) == std::set<std::string>{a.id});
 
     auto all = store->retryNow(std::nullopt);
     REQUIRE(all.ok());
-    CHECK(all.value() == 2);  // a's leased recipient too: the lease is cleared
-    CHECK(dueIds(store->leaseDue(kT0 + 3, 300, 10).value()) == std::set<std::string>{a.id, b.id});
+    CHECK(all.value() == 2);  // b now; a's recipient is in flight: a request, not a second lease
+    CHECK(rcpt(*store->show(a.id), 0).request == OperatorRequest::Retry);
+    CHECK(dueIds(store->leaseDue(kT0 + 3, 10).value()) == std::set<std::string>{b.id});
+    // The attempt in flight defers: the retry request makes it due at once.
+    REQUIRE(store->recordAttempts({outcome(a.id, 0, RecipientState::Deferred, kT0 + 4, kT0 + 3600, "421")}).ok());
+    CHECK(rcpt(*store->show(a.id), 0).nextAttempt == kT0 + 4);
+    CHECK(rcpt(*store->show(a.id), 0).request == OperatorRequest::None);
+    CHECK(dueIds(store->leaseDue(kT0 + 4, 10).value()) == std::set<std::string>{a.id});
 
     auto missing = store->retryNow(std::string("ffffffffffffffff"));
     REQUIRE_FALSE(missing.ok());
@@ -688,8 +712,8 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
   SUBCASE("drop removes the message, its recipients and attempts") {
     NewMessage a = makeMessage("0000000000001501", kT0, 2);
     for (const auto& r : store->insertBatch({a, makeMessage("0000000000001502", kT0, 1)})) REQUIRE(r.ok());
-    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 2);
-    REQUIRE(store->recordAttempts({outcome(a.id, 0, kStateDeferred, kT0 + 1, kT0 + 60, "421")}).ok());
+    REQUIRE(store->leaseDue(kT0, 10)->size() == 2);
+    REQUIRE(store->recordAttempts({outcome(a.id, 0, RecipientState::Deferred, kT0 + 1, kT0 + 60, "421")}).ok());
     auto d = store->drop(a.id);
     REQUIRE(d.ok());
     CHECK(d.value() == 1);
@@ -699,7 +723,7 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     REQUIRE_FALSE(again.ok());
     CHECK(again.error().message.find("no such message") != std::string::npos);
     // Its leased recipients are gone too: the result of the attempt in flight is ignored.
-    CHECK(store->recordAttempts({outcome(a.id, 1, kStateDelivered, kT0 + 2)}).ok());
+    CHECK(store->recordAttempts({outcome(a.id, 1, RecipientState::Delivered, kT0 + 2)}).ok());
     CHECK(store->count().value() == 1);
   }
 
@@ -709,24 +733,33 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     nul.mailFrom.clear();
     NewMessage dsn = makeDsn("0000000000001603", "x@example.org", kT0);
     for (const auto& r : store->insertBatch({a, nul, dsn})) REQUIRE(r.ok());
-    REQUIRE(store->leaseDue(kT0, 300, 10)->size() == 3);
+    REQUIRE(store->leaseDue(kT0, 10)->size() == 3);
     REQUIRE(store
-                ->recordAttempts({outcome(a.id, 0, kStateDelivered, kT0 + 1),
-                                  outcome(a.id, 1, kStateDeferred, kT0 + 1, kT0 + 60, "421 later")})
+                ->recordAttempts({outcome(a.id, 0, RecipientState::Delivered, kT0 + 1),
+                                  outcome(a.id, 1, RecipientState::Deferred, kT0 + 1, kT0 + 60, "421 later")})
                 .ok());
     auto b = store->bounce(a.id);
     REQUIRE(b.ok());
     CHECK(b.value() == 2);
     auto info = store->show(a.id);
-    CHECK(rcpt(*info, 0).state == kStateDelivered);
+    CHECK(rcpt(*info, 0).state == RecipientState::Delivered);
     CHECK_FALSE(rcpt(*info, 0).dsnPending);
+    CHECK(rcpt(*info, 1).state == RecipientState::Failed);
+    CHECK(rcpt(*info, 1).lastStatus.str() == "5.0.0");
+    // Recipient 2 is still in flight (leased, no result yet): a request, applied when its
+    // lease ends.
+    CHECK(rcpt(*info, 2).state == RecipientState::Queued);
+    CHECK(rcpt(*info, 2).request == OperatorRequest::Bounce);
+    CHECK(store->bounce(a.id).value() == 0);  // nothing left waiting, the request is there
+    REQUIRE(store->releaseLeases(a.id, {2}).ok());
+    info = store->show(a.id);
     for (size_t i : {1u, 2u}) {
-      CHECK(rcpt(*info, i).state == kStateFailed);
+      CHECK(rcpt(*info, i).state == RecipientState::Failed);
       CHECK(rcpt(*info, i).lastError == "bounced by operator");
       CHECK(rcpt(*info, i).dsnPending);
       CHECK(rcpt(*info, i).leaseUntil == 0);
+      CHECK(rcpt(*info, i).request == OperatorRequest::None);
     }
-    CHECK(store->bounce(a.id).value() == 0);  // nothing left waiting
     CHECK(store->bounce(nul.id).value() == 1);
     CHECK_FALSE(rcpt(*store->show(nul.id), 0).dsnPending);
     CHECK(store->bounce(dsn.id).value() == 1);
@@ -735,7 +768,7 @@ TEST_CASE_TEMPLATE("store contract: delivery", B, FileBackend, MemoryBackend) {
     REQUIRE(work->size() == 1);
     CHECK(work->at(0).message.id == a.id);
     CHECK_FALSE(store->bounce("ffffffffffffffff").ok());
-    CHECK(store->leaseDue(kT0 + 1000, 300, 10)->empty());
+    CHECK(store->leaseDue(kT0 + 1000, 10)->empty());
   }
 
   SUBCASE("rate windows: upsert per (username, rule), load all") {
@@ -799,8 +832,8 @@ TEST_CASE("writes through a read-only store fail cleanly; reads of the new table
   OpenOptions ro;
   ro.readOnly = true;
   auto reader = mustOpen(path, ro);
-  CHECK_FALSE(reader->leaseDue(kT0, 60, 10).ok());
-  CHECK_FALSE(reader->recordAttempts({outcome("0000000000001701", 0, kStateDelivered, kT0)}).ok());
+  CHECK_FALSE(reader->leaseDue(kT0, 10).ok());
+  CHECK_FALSE(reader->recordAttempts({outcome("0000000000001701", 0, RecipientState::Delivered, kT0)}).ok());
   CHECK_FALSE(reader->retryNow(std::nullopt).ok());
   CHECK_FALSE(reader->drop("0000000000001701").ok());
   CHECK_FALSE(reader->bounce("0000000000001701").ok());
@@ -836,7 +869,7 @@ TEST_CASE("two connections cannot lease the same recipients") {
       }
       auto store = std::move(opened).value();
       for (;;) {
-        auto due = store->leaseDue(kT0 + 1000, 600, 7);
+        auto due = store->leaseDue(kT0 + 1000, 7);
         if (!due) {
           ++failures;
           return;
@@ -883,7 +916,7 @@ TEST_CASE("a version 1 database with messages migrates to version 2 and keeps th
     CHECK(r.error().message.find("older") != std::string::npos);
   }
   auto store = mustOpen(path);
-  CHECK(store->schemaVersion() == 2);
+  CHECK(store->schemaVersion() == SqliteStore::kSchemaVersion);
   auto info = store->show("0000000000000111");
   REQUIRE(info.ok());
   CHECK(info->account == "webshop");
@@ -892,25 +925,25 @@ TEST_CASE("a version 1 database with messages migrates to version 2 and keeps th
   CHECK_FALSE(info->isDsn);
   CHECK(info->attempts.empty());
   REQUIRE(info->recipients.size() == 2);
-  CHECK(rcpt(*info, 0).state == kStateDeferred);
+  CHECK(rcpt(*info, 0).state == RecipientState::Deferred);
   CHECK(rcpt(*info, 0).attempts == 2);
   CHECK(rcpt(*info, 0).lastError == "421 try later");
   CHECK(rcpt(*info, 0).leaseUntil == 0);
   CHECK_FALSE(rcpt(*info, 0).dsnPending);
-  CHECK(rcpt(*info, 1).state == kStateDelivered);
+  CHECK(rcpt(*info, 1).state == RecipientState::Delivered);
   CHECK(store->content("0000000000000111").value() == "ABCD");
   // And the migrated queue works as a version 2 one.
   CHECK(store->nextDue().value() == std::optional<int64_t>(1700000600));
-  auto due = store->leaseDue(1700000600, 60, 10);
+  auto due = store->leaseDue(1700000600, 10);
   REQUIRE(due.ok());
   REQUIRE(due->size() == 1);
   CHECK(due->at(0).recipients.size() == 1);
-  REQUIRE(store->recordAttempts({outcome("0000000000000111", 0, kStateFailed, 1700000601, 0, "550 gone")}).ok());
+  REQUIRE(store->recordAttempts({outcome("0000000000000111", 0, RecipientState::Failed, 1700000601, 0, "550 gone")}).ok());
   CHECK(store->pendingDsns(10)->size() == 1);
   REQUIRE(store->addMeters({MeterRow{"webshop", 1, 0, 1, 4, 0, 0}}, 1700000601).ok());
   store.reset();
   RawDb raw(path);
-  CHECK(raw.text("PRAGMA user_version") == "2");
+  CHECK(raw.text("PRAGMA user_version") == std::to_string(SqliteStore::kSchemaVersion));
   CHECK(raw.text("SELECT count(*) FROM attempts") == "1");
 }
 

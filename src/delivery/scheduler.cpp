@@ -1,0 +1,689 @@
+// delivery::Scheduler (scheduler.h).
+#include "delivery/scheduler.h"
+
+#include <algorithm>
+
+#include "delivery/dsn.h"
+#include "util/log.h"
+#include "util/strings.h"
+#include "util/time_fmt.h"
+
+namespace subrelay::delivery {
+
+using SteadyTime = std::chrono::steady_clock::time_point;
+
+struct Scheduler::Job {
+  struct Message {
+    queue::DueMessage due;
+    std::shared_ptr<const std::string> content;  // read once, when the first job needs it
+  };
+  std::shared_ptr<Message> meta;
+  std::string domain;
+  TlsPolicy tls = TlsPolicy::Opportunistic;
+  std::vector<queue::DueRecipient> rcpts;
+};
+
+struct Scheduler::DomainState {
+  std::deque<Job> waiting;  // for the route
+  bool resolving = false;
+  std::string destination;  // key, when the route is fresh
+  SteadyTime resolvedAt{};
+};
+
+struct Scheduler::Destination {
+  std::string key;
+  Route route;  // the latest route of any of its domains
+  TlsPolicy tls = TlsPolicy::Opportunistic;
+  std::deque<Job> jobs;
+  uint32_t sessions = 0;
+  uint32_t working = 0;  // sessions that reached Ready at least once and are still open
+};
+
+struct Scheduler::Session {
+  enum class State { Connecting, Busy, Quitting };
+  SessionId id = 0;
+  std::string destination;
+  Route route;  // as when the session started
+  TlsPolicy tls = TlsPolicy::Opportunistic;
+  uint16_t port = 25;
+  size_t host = 0, addr = 0;  // the next address to try
+  State state = State::Connecting;
+  bool everReady = false;
+  std::optional<Job> job;
+  ConnectRequest current;
+  std::string tlsVersion, tlsCipher;
+  SteadyTime readyAt{};
+  SteadyTime txnStarted{};
+  bool aborted = false;
+  SessionFailure lastFailure;
+};
+
+namespace {
+
+std::string domainOf(const std::string& address) {
+  size_t at = address.rfind('@');
+  return at == std::string::npos ? std::string() : util::toLower(address.substr(at + 1));
+}
+
+int64_t unixNow(const util::Clock& c) { return util::unixSeconds(c.wallNow()); }
+
+constexpr auto kWakeInterval = std::chrono::milliseconds(50);
+
+}  // namespace
+
+std::string ConnectRequest::label() const {
+  if (ip.empty()) return "";
+  std::string a = ip.find(':') != std::string::npos ? "[" + ip + "]" : ip;
+  return host + " [" + a + "]:" + std::to_string(port);
+}
+
+std::string destinationKey(const Route& route, TlsPolicy tls) {
+  std::vector<std::string> names;
+  for (const auto& h : route.hosts)
+    if (!h.addresses.empty()) names.push_back(util::toLower(h.name));
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  std::string key = tls == TlsPolicy::Verify ? "verify" : tls == TlsPolicy::Required ? "required" : "may";
+  for (const auto& n : names) key += "|" + n;
+  return key;
+}
+
+Scheduler::Scheduler(queue::DeliveryQueue& queue, Transport& transport, const util::Clock& clock,
+                     SchedulerSettings settings, uint64_t seed)
+    : queue_(queue), transport_(transport), clock_(clock), settings_(std::move(settings)), rng_(seed) {}
+
+Scheduler::~Scheduler() = default;
+
+void Scheduler::reconfigure(SchedulerSettings settings) { settings_ = std::move(settings); }
+
+TlsPolicy Scheduler::tlsFor(const std::string& domain) const {
+  auto it = settings_.tlsOverrides.find(domain);
+  return it == settings_.tlsOverrides.end() ? settings_.tls : it->second;
+}
+
+// ---- leasing ------------------------------------------------------------------------
+
+void Scheduler::tick() {
+  if (stopping_) return;
+  pull();
+  processDsns();
+  checkDeadlines();
+  dispatch();
+}
+
+void Scheduler::wake() {
+  if (stopping_) return;
+  // Many commits in a burst: one lease transaction per 50 ms is plenty.
+  if (clock_.now() - lastPull_ < kWakeInterval) return;
+  pull();
+  dispatch();
+}
+
+bool Scheduler::refillWanted() const {
+  return moreDue_ && !stopping_ && queuedJobs_ < settings_.leaseBatch / 2;
+}
+
+void Scheduler::refill() {
+  if (stopping_) return;
+  pull();
+  dispatch();
+}
+
+void Scheduler::pull() {
+  lastPull_ = clock_.now();
+  if (queuedJobs_ >= settings_.maxQueuedJobs) return;
+  auto due = queue_.leaseDue(unixNow(clock_), settings_.leaseBatch);
+  if (!due.ok()) {
+    util::logError("delivery", "cannot read the queue: " + due.error().message);
+    return;
+  }
+  moreDue_ = due.value().size() >= settings_.leaseBatch;
+  for (auto& m : due.value()) {
+    auto meta = std::make_shared<Job::Message>();
+    meta->due = std::move(m);
+    leased_ += meta->due.recipients.size();
+    // One job per recipient domain: those recipients share the route and one transaction.
+    std::map<std::string, std::vector<queue::DueRecipient>> byDomain;
+    for (const auto& r : meta->due.recipients) byDomain[domainOf(r.address)].push_back(r);
+    for (auto& [domain, rcpts] : byDomain) {
+      ++queuedJobs_;
+      routeJob(Job{meta, domain, tlsFor(domain), std::move(rcpts)});
+    }
+  }
+}
+
+void Scheduler::routeJob(Job job) {
+  // user@[192.0.2.1]: the address literal is the route (RFC 5321 4.1.3), no DNS.
+  if (auto literal = routeForAddressLiteral(job.domain)) {
+    auto& ds = domains_[job.domain];
+    if (!ds) ds = std::make_unique<DomainState>();
+    ds->waiting.push_back(std::move(job));
+    std::string domain = ds->waiting.back().domain;
+    onRoute(domain, std::move(*literal));
+    return;
+  }
+  auto& ds = domains_[job.domain];
+  if (!ds) ds = std::make_unique<DomainState>();
+  if (!ds->destination.empty() && clock_.now() - ds->resolvedAt < settings_.routeTtl) {
+    auto it = destinations_.find(ds->destination);
+    if (it != destinations_.end() && it->second->tls == job.tls) {
+      it->second->jobs.push_back(std::move(job));
+      return;
+    }
+  }
+  ds->waiting.push_back(std::move(job));
+  if (!ds->resolving) {
+    ds->resolving = true;
+    transport_.resolve(ds->waiting.back().domain);
+  }
+}
+
+void Scheduler::onRoute(const std::string& domain, Route resolved) {
+  auto dit = domains_.find(domain);
+  if (dit == domains_.end()) return;
+  DomainState& ds = *dit->second;
+  ds.resolving = false;
+  std::deque<Job> jobs = std::move(ds.waiting);
+  ds.waiting.clear();
+  // delivery.allow_private_destinations: internal, loopback and our own addresses are no
+  // destination for a tenant's mail (address literals included).
+  Route route = applyDestinationPolicy(std::move(resolved), settings_.destinations);
+  if (route.status != RouteStatus::Ok) {
+    const bool perm = route.status == RouteStatus::PermFail;
+    util::logInfo("delivery", "route domain=" + domain + " result=" + (perm ? "failed" : "deferred") + " detail=\"" +
+                                  util::sanitizeForLog(route.detail) + "\"");
+    const std::string enhanced = route.enhanced.empty() ? (perm ? "5.1.2" : "4.4.3") : route.enhanced;
+    for (const auto& j : jobs) {
+      failJob(j, perm ? smtp::Outcome::PermFail : smtp::Outcome::TempFail, 0, enhanced, route.detail, "");
+      --queuedJobs_;
+    }
+    ds.destination.clear();
+    if (ds.waiting.empty()) domains_.erase(dit);
+    dispatch();
+    return;
+  }
+  for (auto& j : jobs) {
+    const std::string key = destinationKey(route, j.tls);
+    auto& d = destinations_[key];
+    if (!d) {
+      d = std::make_unique<Destination>();
+      d->key = key;
+      d->tls = j.tls;
+    }
+    d->route = route;
+    ds.destination = key;
+    d->jobs.push_back(std::move(j));
+  }
+  ds.resolvedAt = clock_.now();
+  dispatch();
+}
+
+// ---- connections ----------------------------------------------------------------------
+
+// Round-robin over destinations with work: each round gives every destination that wants
+// one more connection one, until the total limit. A destination with thousands of jobs
+// cannot keep a small one from getting its first connection.
+void Scheduler::dispatch() {
+  if (stopping_) return;
+  for (;;) {
+    if (sessions_.size() >= settings_.maxConnections) return;
+    std::vector<Destination*> wanting;
+    for (auto& [key, d] : destinations_) {
+      const uint32_t busy = d->sessions;  // connecting or carrying a job
+      // More connections only while jobs outnumber the connections that will take them.
+      const size_t idleWanted = d->jobs.size();
+      const uint32_t connecting = busy - std::min(busy, d->working);
+      if (d->sessions < settings_.maxPerDestination && idleWanted > connecting) wanting.push_back(d.get());
+    }
+    if (wanting.empty()) return;
+    // Start after the destination served last.
+    auto start = std::find_if(wanting.begin(), wanting.end(), [&](Destination* d) { return d->key > lastServed_; });
+    std::rotate(wanting.begin(), start, wanting.end());
+    for (Destination* d : wanting) {
+      if (sessions_.size() >= settings_.maxConnections) return;
+      lastServed_ = d->key;
+      openSession(*d);
+    }
+  }
+}
+
+void Scheduler::openSession(Destination& d) {
+  auto s = std::make_unique<Session>();
+  s->id = nextId_++;
+  s->destination = d.key;
+  s->route = d.route;
+  s->tls = d.tls;
+  s->port = settings_.port;
+  ++d.sessions;
+  Session& ref = *s;
+  sessions_[s->id] = std::move(s);
+  connectNext(ref);
+}
+
+// The next address of the current MX, else the first of the next MX (RFC 5321 5.1: every
+// address of every MX, in order, until one accepts a connection). Returns with the
+// session ended when none is left.
+void Scheduler::connectNext(Session& s) {
+  for (;;) {
+    if (s.host >= s.route.hosts.size()) {
+      endSession(s.id);
+      return;
+    }
+    const auto& h = s.route.hosts[s.host];
+    if (s.addr < h.addresses.size()) break;
+    ++s.host;
+    s.addr = 0;
+  }
+  const auto& h = s.route.hosts[s.host];
+  s.current = ConnectRequest{s.id, h.name, h.addresses[s.addr++], s.port, s.tls};
+  s.state = Session::State::Connecting;
+  s.tlsVersion.clear();
+  s.tlsCipher.clear();
+  transport_.connect(s.current);
+}
+
+void Scheduler::onReady(SessionId id, const std::string& tlsVersion, const std::string& tlsCipher) {
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return;
+  Session& s = *it->second;
+  s.tlsVersion = tlsVersion;
+  s.tlsCipher = tlsCipher;
+  if (!s.everReady) {
+    s.everReady = true;
+    s.readyAt = clock_.now();
+    if (auto d = destinations_.find(s.destination); d != destinations_.end()) ++d->second->working;
+  }
+  takeJob(s);
+}
+
+void Scheduler::takeJob(Session& s) {
+  auto dit = destinations_.find(s.destination);
+  const bool tooOld = clock_.now() - s.readyAt >= settings_.connectionReuse;
+  if (stopping_ || tooOld || s.aborted || dit == destinations_.end() || dit->second->jobs.empty()) {
+    s.state = Session::State::Quitting;
+    transport_.quit(s.id);
+    return;
+  }
+  Destination& d = *dit->second;
+  s.job = std::move(d.jobs.front());
+  d.jobs.pop_front();
+  --queuedJobs_;
+  Job::Message& m = *s.job->meta;
+  if (!m.content) {
+    auto c = queue_.content(m.due.id);
+    if (!c.ok()) {
+      util::logError("delivery", "cannot read message id=" + m.due.id + ": " + c.error().message);
+      failJob(*s.job, smtp::Outcome::TempFail, 0, "4.3.0", "local error reading the queue: " + c.error().message, "");
+      s.job.reset();
+      s.state = Session::State::Quitting;
+      transport_.quit(s.id);
+      return;
+    }
+    m.content = std::make_shared<const std::string>(std::move(c.value()));
+  }
+  smtp::OutboundMessage om;
+  om.mailFrom = m.due.mailFrom;
+  for (const auto& r : s.job->rcpts) om.recipients.push_back(r.address);
+  om.content = m.content;
+  om.eightBit = m.due.eightBit;
+  om.smtputf8 = m.due.smtputf8;
+  s.state = Session::State::Busy;
+  s.txnStarted = clock_.now();
+  transport_.send(s.id, std::move(om));
+}
+
+void Scheduler::onTransactionDone(SessionId id, const std::vector<smtp::RecipientResult>& results, bool canContinue) {
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return;
+  Session& s = *it->second;
+  if (!s.job) return;
+  Job job = std::move(*s.job);
+  s.job.reset();
+  record(job, results, s.current.label(), s.tlsVersion, s.tlsCipher);
+  if (job.meta.use_count() == 1) job.meta->content.reset();
+  if (!canContinue) {
+    s.state = Session::State::Quitting;  // onSessionEnded follows
+    return;
+  }
+  takeJob(s);
+}
+
+void Scheduler::onSessionEnded(SessionId id, std::optional<SessionFailure> failure) {
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return;
+  Session& s = *it->second;
+  if (failure) s.lastFailure = *failure;
+  // A job without a result (the transport lost it): it must not vanish; defer it.
+  if (s.job) {
+    const SessionFailure& f = s.lastFailure;
+    failJob(*s.job, smtp::Outcome::TempFail, f.code, f.enhanced.empty() ? "4.4.2" : f.enhanced,
+            f.text.empty() ? "connection lost" : f.text, s.current.label());
+    s.job.reset();
+  }
+  if (!s.everReady && failure && !stopping_ && !s.aborted) {
+    connectNext(s);  // may end the session
+    return;
+  }
+  endSession(id);
+}
+
+void Scheduler::endSession(SessionId id) {
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return;
+  std::unique_ptr<Session> s = std::move(it->second);
+  sessions_.erase(it);
+  auto dit = destinations_.find(s->destination);
+  if (dit != destinations_.end()) {
+    Destination& d = *dit->second;
+    --d.sessions;
+    if (s->everReady) --d.working;
+    // Every address of the route failed before a greeting, and no other connection to the
+    // destination works: the jobs waiting for it share this verdict (retried later)
+    // instead of each trying the same dead hosts.
+    if (!s->everReady && !s->aborted && d.working == 0 && d.sessions == 0 && !stopping_) {
+      const SessionFailure& f = s->lastFailure;
+      std::string why = f.text.empty() ? "no reachable mail exchanger" : f.text;
+      util::logInfo("delivery", "unreachable destination=" + d.key + " error=\"" + util::sanitizeForLog(why) + "\"");
+      while (!d.jobs.empty()) {
+        failJob(d.jobs.front(), smtp::Outcome::TempFail, f.code, f.enhanced.empty() ? "4.4.1" : f.enhanced, why,
+                s->current.label());
+        d.jobs.pop_front();
+        --queuedJobs_;
+      }
+    }
+    if (d.sessions == 0 && d.jobs.empty()) {
+      // Domains pointing here re-resolve next time (their route may have changed).
+      for (auto& [name, ds] : domains_)
+        if (ds->destination == d.key) ds->destination.clear();
+      destinations_.erase(dit);
+    }
+  }
+  for (auto di = domains_.begin(); di != domains_.end();)
+    if (di->second->destination.empty() && di->second->waiting.empty() && !di->second->resolving)
+      di = domains_.erase(di);
+    else
+      ++di;
+  dispatch();
+}
+
+void Scheduler::checkDeadlines() {
+  const auto now = clock_.now();
+  std::vector<SessionId> late;
+  for (auto& [id, s] : sessions_)
+    if (s->state == Session::State::Busy && !s->aborted && now - s->txnStarted >= settings_.transactionDeadline)
+      late.push_back(id);
+  for (SessionId id : late) {
+    Session& s = *sessions_[id];
+    s.aborted = true;
+    const std::string why = "transaction with " + s.current.label() + " exceeded " +
+                            std::to_string(settings_.transactionDeadline.count()) + "s";
+    util::logInfo("delivery", "abort " + why);
+    s.lastFailure = SessionFailure{0, "4.4.2", why};
+    transport_.abort(id, why);
+  }
+}
+
+// ---- results --------------------------------------------------------------------------
+
+void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& mx,
+                       const std::string& tlsVersion, const std::string& tlsCipher) {
+  const int64_t now = unixNow(clock_);
+  const auto& m = job.meta->due;
+  for (const auto& rr : results) {
+    const queue::DueRecipient* rcpt = nullptr;
+    for (const auto& r : job.rcpts)
+      if (r.address == rr.recipient) rcpt = &r;
+    if (rcpt == nullptr) continue;
+    queue::AttemptRecord rec;
+    rec.messageId = m.id;
+    rec.index = rcpt->index;
+    rec.attempt.at = now;
+    rec.attempt.mx = mx;
+    rec.attempt.tlsVersion = tlsVersion;
+    rec.attempt.tlsCipher = tlsCipher;
+    rec.attempt.code = rr.reply.code;
+    // A server's reply: its code, its class deciding (statusFromReply). No reply (DNS,
+    // network, a local decision): the local reason's own code.
+    if (rr.reply.code != 0)
+      rec.attempt.status = queue::EnhancedStatus::parse(statusFromReply(rr.reply.code, rr.reply.enhanced))
+                               .value_or(queue::EnhancedStatus{});
+    else
+      rec.attempt.status = queue::EnhancedStatus::parse(rr.reply.enhanced)
+                               .value_or(queue::EnhancedStatus{rr.outcome == smtp::Outcome::PermFail ? 5 : 4, 0, 0});
+    // Without a reply the enhanced code still leads, so logs and `queue show` carry it
+    // ("5.1.10 domain ... null MX").
+    const std::string summary =
+        rr.reply.code ? rr.reply.summary()
+                      : (rr.reply.enhanced.empty() ? rr.reply.text : rr.reply.enhanced + " " + rr.reply.text);
+    rec.attempt.reply = summary;
+    rec.lastStatus = rec.attempt.status;
+    std::string result;
+    switch (rr.outcome) {
+      case smtp::Outcome::Delivered:
+        rec.newState = queue::RecipientState::Delivered;
+        result = "delivered";
+        break;
+      case smtp::Outcome::PermFail:
+        rec.newState = queue::RecipientState::Failed;
+        rec.lastError = summary;
+        result = "failed";
+        break;
+      case smtp::Outcome::TempFail: {
+        auto next = nextAttemptAt(rcpt->attempts + 1, now, m.receivedAt, settings_.retry);
+        if (next) {
+          rec.newState = queue::RecipientState::Deferred;
+          rec.nextAttempt = *next;
+          rec.lastError = summary;
+          result = "deferred";
+        } else {
+          // RFC 3463 4.4.7: delivery time expired.
+          rec.newState = queue::RecipientState::Failed;
+          rec.lastError = "expired after " + std::to_string(settings_.retry.maxQueueTime.count() / 3600) +
+                          " hours in the queue; last error: " + summary;
+          rec.lastStatus = queue::EnhancedStatus{4, 4, 7};
+          result = "expired";
+        }
+        break;
+      }
+    }
+    // History rows say failed for an expiry too; its status (4.4.7) tells them apart.
+    rec.attempt.result = result == "expired" ? "failed" : result;
+    util::logInfo("delivery", result + " id=" + m.id + " rcpt=<" + util::sanitizeForLog(rr.recipient, 200) +
+                                  "> mx=" + (mx.empty() ? std::string("-") : mx) +
+                                  " tls=" + (tlsVersion.empty() ? std::string("none") : tlsVersion) +
+                                  " attempt=" + std::to_string(rcpt->attempts + 1) +
+                                  (rec.newState == queue::RecipientState::Deferred
+                                       ? " next=" + util::isoUtc(rec.nextAttempt)
+                                       : "") +
+                                  " status=" + rec.lastStatus.str() + " reply=\"" +
+                                  util::sanitizeForLog(summary, 300) + "\"");
+    pending_.push_back(std::move(rec));
+  }
+  leased_ -= std::min(leased_, job.rcpts.size());
+  if (pending_.size() >= settings_.flushBatch)
+    flush();
+  else
+    transport_.flushSoon();
+}
+
+void Scheduler::failJob(const Job& job, smtp::Outcome outcome, int code, const std::string& enhanced,
+                        const std::string& text, const std::string& mx) {
+  std::vector<smtp::RecipientResult> rs;
+  for (const auto& r : job.rcpts) {
+    smtp::RecipientResult rr;
+    rr.recipient = r.address;
+    rr.outcome = outcome;
+    rr.reply.code = code;
+    rr.reply.enhanced = enhanced;
+    rr.reply.text = text;
+    rr.stage = "connect";
+    rs.push_back(std::move(rr));
+  }
+  record(job, rs, mx, "", "");
+}
+
+void Scheduler::flush() {
+  if (pending_.empty()) return;
+  auto r = queue_.recordAttempts(pending_);
+  if (!r.ok()) {
+    // Kept for the next flush; the leases keep the recipients from being taken again.
+    util::logError("delivery", "cannot record delivery results: " + r.error().message);
+    return;
+  }
+  pending_.clear();
+}
+
+// ---- DSNs -----------------------------------------------------------------------------
+
+std::optional<queue::NewMessage> makeDsn(const queue::MessageInfo& m, const std::vector<queue::AttemptInfo>& history,
+                                         const std::string& originalHeaders, bool delayed,
+                                         const SchedulerSettings& settings, int64_t now, const std::string& dsnId) {
+  if (m.mailFrom.empty() || m.isDsn) return std::nullopt;  // never to <>, never a bounce of a bounce
+  DsnInput in;
+  in.reportingMta = settings.hostname;
+  in.queueId = m.id;
+  in.originalSender = m.mailFrom;
+  in.arrivalDate = m.receivedAt;
+  in.now = now;
+  in.messageId = "<" + dsnId + ".dsn@" + settings.hostname + ">";
+  in.originalHeaders = originalHeaders;
+  for (const auto& r : m.recipients) {
+    DsnRecipient dr;
+    dr.address = r.address;
+    dr.action = delayed ? DsnAction::Delayed : DsnAction::Failed;
+    const queue::AttemptInfo* last = nullptr;
+    for (const auto& a : history)
+      if (a.index == r.index) last = &a;
+    if (last != nullptr) {
+      dr.lastAttempt = last->at;
+      if (!last->mx.empty()) dr.remoteMta = "dns; " + last->mx.substr(0, last->mx.find(' '));
+      if (last->code) dr.diagnostic = "smtp; " + last->reply;
+    }
+    // The typed status: the recipient's own (an expiry's 4.4.7, an operator's 5.0.0), else
+    // the last attempt's, else the action's default.
+    queue::EnhancedStatus st = r.lastStatus;
+    if (!st.valid() && last != nullptr) st = last->status;
+    if (!st.valid() && last != nullptr && last->code) st = queue::EnhancedStatus::fromReply(last->code, "");
+    dr.status = st.valid() ? st.str() : (delayed ? "4.0.0" : "5.0.0");
+    if (r.lastError == "bounced by operator") dr.diagnostic.clear();
+    if (delayed) dr.willRetryUntil = m.receivedAt + settings.retry.maxQueueTime.count();
+    if (dr.diagnostic.empty() && !r.lastError.empty()) dr.diagnostic = "x-subrelay; " + r.lastError;
+    in.recipients.push_back(std::move(dr));
+  }
+  queue::NewMessage dsn;
+  dsn.id = dsnId;
+  dsn.account = m.account;
+  dsn.mailFrom = "";
+  dsn.recipients = {m.mailFrom};
+  dsn.content = buildDsn(in);
+  dsn.isDsn = true;
+  auto nonAscii = [](const std::string& s) {
+    return std::any_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x80; });
+  };
+  dsn.eightBit = nonAscii(dsn.content);
+  dsn.smtputf8 = nonAscii(m.mailFrom);
+  dsn.receivedAt = now;
+  return dsn;
+}
+
+// RFC 3464 DSNs for recipients that failed (dsn_pending) and "delayed" notices. The queue
+// clears each flag in the transaction that inserts the DSN: one DSN per event.
+void Scheduler::processDsns() {
+  const int64_t now = unixNow(clock_);
+  auto build = [&](const queue::DsnWork& w, bool delayed) -> std::optional<queue::NewMessage> {
+    const auto& m = w.message;
+    if (m.mailFrom.empty() || m.isDsn) return std::nullopt;
+    std::vector<queue::AttemptInfo> history;
+    if (auto full = queue_.show(m.id); full.ok()) history = std::move(full.value().attempts);
+    std::string headers;
+    if (auto content = queue_.content(m.id); content.ok()) {
+      const std::string& c = content.value();
+      size_t end = c.find("\r\n\r\n");
+      headers = end == std::string::npos ? c : c.substr(0, end + 2);
+    }
+    return makeDsn(m, history, headers, delayed, settings_, now, queue::newQueueId());
+  };
+  auto indexes = [](const queue::DsnWork& w) {
+    std::vector<int64_t> out;
+    for (const auto& r : w.message.recipients) out.push_back(r.index);
+    return out;
+  };
+  if (auto work = queue_.pendingDsns(settings_.dsnBatch); work.ok()) {
+    for (const auto& w : work.value()) {
+      auto dsn = build(w, false);
+      if (auto r = queue_.completeDsn(w.message.id, indexes(w), dsn); !r.ok()) {
+        util::logError("delivery", "cannot queue the DSN for id=" + w.message.id + ": " + r.error().message);
+        continue;
+      }
+      if (dsn)
+        util::logInfo("delivery", "bounced id=" + w.message.id + " dsn=" + dsn->id + " to=<" +
+                                      util::sanitizeForLog(w.message.mailFrom, 200) +
+                                      "> rcpts=" + std::to_string(w.message.recipients.size()));
+      else
+        util::logInfo("delivery", "failed id=" + w.message.id + " (no DSN: null sender or a DSN itself)");
+    }
+  }
+  if (settings_.retry.delayNotice.count() > 0) {
+    if (auto work = queue_.pendingDelayNotices(now - settings_.retry.delayNotice.count(), settings_.dsnBatch);
+        work.ok()) {
+      for (const auto& w : work.value()) {
+        auto dsn = build(w, true);
+        if (queue_.completeDelayNotice(w.message.id, indexes(w), dsn).ok() && dsn)
+          util::logInfo("delivery", "delay notice id=" + w.message.id + " dsn=" + dsn->id + " to=<" +
+                                        util::sanitizeForLog(w.message.mailFrom, 200) + ">");
+      }
+    }
+  }
+}
+
+// ---- shutdown -------------------------------------------------------------------------
+
+void Scheduler::stop() {
+  stopping_ = true;
+  // Sessions with a job finish it and then quit (takeJob sees stopping_); those still
+  // connecting quit once ready.
+}
+
+void Scheduler::abortAll(const std::string& why) {
+  std::vector<SessionId> ids;
+  for (auto& [id, s] : sessions_) ids.push_back(id);
+  for (SessionId id : ids) {
+    auto it = sessions_.find(id);
+    if (it == sessions_.end() || it->second->aborted) continue;
+    it->second->aborted = true;
+    transport_.abort(id, why);
+  }
+}
+
+bool Scheduler::drained() const { return stopping_ && sessions_.empty(); }
+
+void Scheduler::finish() {
+  flush();
+  // Jobs never attempted: their recipients go back at once (no attempt counted).
+  auto release = [&](const Job& j) {
+    std::vector<int64_t> idx;
+    for (const auto& r : j.rcpts) idx.push_back(r.index);
+    if (auto r = queue_.releaseLeases(j.meta->due.id, idx); !r.ok())
+      util::logError("delivery", "cannot release id=" + j.meta->due.id + ": " + r.error().message);
+    leased_ -= std::min(leased_, j.rcpts.size());
+  };
+  for (auto& [key, d] : destinations_)
+    for (const auto& j : d->jobs) release(j);
+  for (auto& [name, ds] : domains_)
+    for (const auto& j : ds->waiting) release(j);
+  destinations_.clear();
+  domains_.clear();
+  queuedJobs_ = 0;
+}
+
+SchedulerStats Scheduler::stats() const {
+  SchedulerStats st;
+  st.queuedJobs = queuedJobs_;
+  st.sessions = sessions_.size();
+  st.destinations = destinations_.size();
+  st.pendingResults = pending_.size();
+  st.leasedRecipients = leased_;
+  return st;
+}
+
+}  // namespace subrelay::delivery

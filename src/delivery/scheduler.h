@@ -1,0 +1,202 @@
+// delivery::Scheduler: the queue manager, free of I/O (as smtp::ServerSession is for
+// submission). It decides what to lease, which destination each recipient goes to, how
+// many connections each destination and the whole relay get, which address to connect
+// to next, which TLS policy applies, what a result means (delivered, retry when, expired,
+// failed), which DSNs to queue, and when a transaction has run too long. The wiring
+// (app/delivery_service.cpp) gives it the clock, DNS answers and session events, and
+// carries out its requests through a Transport: resolve, connect, send, quit, abort.
+//
+//   leaseDue -> Job per (message, recipient domain) -> route (MX lookup, cached routeTtl)
+//   -> destination policy -> Destination (keyed by its MX host set + TLS policy, so every
+//   domain on the same MX shares connections and limits) -> sessions, one job at a time
+//   -> per-recipient results -> AttemptRecords (typed states and RFC 3463 codes), flushed
+//   in batches -> DSNs for failures and delays.
+//
+// Exactly one attempt in flight per recipient: leases are owned (queue/delivery_queue.h),
+// every leased recipient ends in exactly one AttemptRecord or release, and nothing is
+// leased twice while this scheduler lives. Only a crash (lease cleared at the next start)
+// can repeat an attempt.
+//
+// Re-entrancy: Transport calls never call back into the Scheduler from inside themselves;
+// every answer arrives later, from the wiring's event loop.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "delivery/destination.h"
+#include "delivery/retry.h"
+#include "delivery/routing.h"
+#include "queue/delivery_queue.h"
+#include "smtp/client_session.h"
+#include "util/clock.h"
+
+namespace subrelay::delivery {
+
+enum class TlsPolicy { Opportunistic, Required, Verify };
+
+struct SchedulerSettings {
+  std::string hostname;            // EHLO name, Reporting-MTA of DSNs
+  uint16_t port = 25;
+  TlsPolicy tls = TlsPolicy::Opportunistic;
+  std::map<std::string, TlsPolicy> tlsOverrides;  // by lower-case recipient domain
+  RetryPolicy retry;
+  uint32_t maxConnections = 200;      // delivery.max_connections
+  uint32_t maxPerDestination = 10;    // delivery.max_connections_per_domain, per MX host set
+  DestinationPolicy destinations;
+  std::chrono::seconds routeTtl{60};  // a resolved route serves new jobs this long
+  // An overall bound per transaction (MAIL to the final reply), on top of the RFC 5321
+  // 4.5.3.2 stage timeouts the transport enforces: a server that answers each stage just
+  // in time cannot hold a connection for longer.
+  std::chrono::seconds transactionDeadline{15 * 60};
+  // A connection takes no new transaction after this long (Postfix's
+  // smtp_connection_reuse_time_limit): its slot goes back to the round-robin.
+  std::chrono::seconds connectionReuse{300};
+  size_t leaseBatch = 200;     // messages per lease transaction
+  size_t maxQueuedJobs = 2000; // jobs held in memory before leasing more
+  size_t flushBatch = 256;     // results that force a flush at once
+  size_t dsnBatch = 50;        // messages per DSN pass
+};
+
+using SessionId = uint64_t;
+
+struct ConnectRequest {
+  SessionId id = 0;
+  std::string host;  // MX name (certificate name for TlsPolicy::Verify)
+  std::string ip;
+  uint16_t port = 25;
+  TlsPolicy tls = TlsPolicy::Opportunistic;
+  std::string label() const;  // "mx.example.com [192.0.2.1]:25"
+};
+
+// Why a session ended without (or after) being usable: the last server reply, or a local
+// reason with code 0 ("connect to ...: connection refused").
+struct SessionFailure {
+  int code = 0;
+  std::string enhanced;
+  std::string text;
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual void resolve(const std::string& domain) = 0;                 // -> onRoute
+  virtual void connect(const ConnectRequest& request) = 0;             // -> onReady | onSessionEnded
+  virtual void send(SessionId id, smtp::OutboundMessage message) = 0;  // -> onTransactionDone
+  virtual void quit(SessionId id) = 0;                                 // -> onSessionEnded
+  // Close now: a transaction in progress still reports (TempFail) results, then the end.
+  virtual void abort(SessionId id, const std::string& why) = 0;
+  // Call Scheduler::flush() soon (a few ms: results are committed in batches).
+  virtual void flushSoon() = 0;
+};
+
+struct SchedulerStats {
+  size_t queuedJobs = 0;       // leased, waiting for a route or a connection
+  size_t sessions = 0;
+  size_t destinations = 0;
+  size_t pendingResults = 0;   // recorded, not yet flushed
+  size_t leasedRecipients = 0; // in this scheduler's hands
+};
+
+class Scheduler {
+ public:
+  Scheduler(queue::DeliveryQueue& queue, Transport& transport, const util::Clock& clock, SchedulerSettings settings,
+            uint64_t seed = 1);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // SIGHUP: new connections and new jobs use these; sessions keep what they started with.
+  void reconfigure(SchedulerSettings settings);
+
+  // Every second: lease what is due, queue DSNs, enforce transaction deadlines, dispatch.
+  void tick();
+  // New mail was committed: lease soon (at most every 50 ms), dispatch.
+  void wake();
+  // Leases the next batch when jobs run low and more were due (the wiring calls it from
+  // a short timer when refillWanted() says so).
+  bool refillWanted() const;
+  void refill();
+
+  void onRoute(const std::string& domain, Route route);
+  void onReady(SessionId id, const std::string& tlsVersion, const std::string& tlsCipher);
+  // canContinue: the connection is still usable for another transaction (false when the
+  // session failed with it: lost connection, timeout, abort).
+  void onTransactionDone(SessionId id, const std::vector<smtp::RecipientResult>& results, bool canContinue = true);
+  // The connection is gone (exactly once per connect()); `failure` says why when it was
+  // not a clean QUIT.
+  void onSessionEnded(SessionId id, std::optional<SessionFailure> failure);
+
+  // Commits the results recorded so far (one transaction). Kept for the next call on error.
+  void flush();
+
+  // Shutdown: no new jobs or connections; sessions finish the transaction in hand and quit.
+  void stop();
+  // After the grace period: abort every session.
+  void abortAll(const std::string& why);
+  bool drained() const;  // stop() was called and no session is left
+  // Releases the leases of every job never attempted, flushes. After drained().
+  void finish();
+
+  SchedulerStats stats() const;
+
+  struct Job;
+  struct Destination;
+  struct Session;
+  struct DomainState;
+
+ private:
+  void pull();
+  void routeJob(Job job);
+  void dispatch();
+  void openSession(Destination& d);
+  void connectNext(Session& s);
+  void takeJob(Session& s);
+  void endSession(SessionId id);
+  void record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& mx,
+              const std::string& tlsVersion, const std::string& tlsCipher);
+  void failJob(const Job& job, smtp::Outcome outcome, int code, const std::string& enhanced, const std::string& text,
+               const std::string& mx);
+  void processDsns();
+  void checkDeadlines();
+  TlsPolicy tlsFor(const std::string& domain) const;
+
+  queue::DeliveryQueue& queue_;
+  Transport& transport_;
+  const util::Clock& clock_;
+  SchedulerSettings settings_;
+  std::mt19937_64 rng_;
+  std::map<std::string, std::unique_ptr<DomainState>> domains_;
+  std::map<std::string, std::unique_ptr<Destination>> destinations_;
+  std::map<SessionId, std::unique_ptr<Session>> sessions_;
+  std::string lastServed_;  // round-robin cursor over destinations
+  SessionId nextId_ = 1;
+  size_t queuedJobs_ = 0;
+  size_t leased_ = 0;
+  bool moreDue_ = false;
+  bool stopping_ = false;
+  std::chrono::steady_clock::time_point lastPull_{};
+  std::vector<queue::AttemptRecord> pending_;
+};
+
+// The key of a destination: the TLS policy and the sorted MX host names with usable
+// addresses (an address literal: its address). Domains with the same key share
+// connections and the per-destination limit.
+std::string destinationKey(const Route& route, TlsPolicy tls);
+
+// RFC 3464 DSN for `message` (its recipients: the ones to report), or nullopt when none
+// may be sent (null sender, or the message is itself a DSN). Pure: the caller supplies
+// the original's header section, the history and the time.
+std::optional<queue::NewMessage> makeDsn(const queue::MessageInfo& message, const std::vector<queue::AttemptInfo>& history,
+                                         const std::string& originalHeaders, bool delayed,
+                                         const SchedulerSettings& settings, int64_t now, const std::string& dsnId);
+
+}  // namespace subrelay::delivery

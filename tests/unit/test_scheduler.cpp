@@ -1,0 +1,665 @@
+// delivery::Scheduler against an in-memory queue, a scripted transport and a fake clock.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+
+#include "delivery/scheduler.h"
+
+using namespace subrelay;
+using namespace subrelay::delivery;
+using queue::RecipientState;
+
+namespace {
+
+// --- an in-memory queue::DeliveryQueue with the SQLite store's semantics -----------------
+struct FakeRcpt {
+  int64_t index = 0;
+  std::string address;
+  RecipientState state = RecipientState::Queued;
+  int64_t attempts = 0;
+  int64_t next = 0;
+  bool leased = false;
+  bool dsnPending = false;
+  bool delayNotified = false;
+  std::string lastError;
+  queue::EnhancedStatus lastStatus;
+};
+struct FakeMsg {
+  std::string id;
+  std::string mailFrom = "app@shop.example";
+  int64_t receivedAt = 0;
+  bool isDsn = false;
+  std::string content = "Subject: hi\r\n\r\nbody\r\n";
+  std::vector<FakeRcpt> rcpts;
+};
+
+class FakeQueue final : public queue::DeliveryQueue {
+ public:
+  std::vector<FakeMsg> msgs;
+  std::vector<queue::AttemptRecord> recorded;
+  std::vector<queue::NewMessage> dsns;
+  int doubleLeases = 0;     // a record for a recipient not leased: a second attempt
+  bool failRecord = false;  // the next recordAttempts fails (disk trouble)
+
+  void add(const std::string& id, std::vector<std::string> rcpts, int64_t at) {
+    FakeMsg m;
+    m.id = id;
+    m.receivedAt = at;
+    for (size_t i = 0; i < rcpts.size(); ++i) m.rcpts.push_back(FakeRcpt{int64_t(i), rcpts[i]});
+    for (auto& r : m.rcpts) r.next = at;
+    msgs.push_back(std::move(m));
+  }
+  FakeRcpt& rcpt(const std::string& id, int64_t idx) {
+    for (auto& m : msgs)
+      if (m.id == id) return m.rcpts.at(size_t(idx));
+    throw std::runtime_error("no such message " + id);
+  }
+  size_t leasedCount() const {
+    size_t n = 0;
+    for (const auto& m : msgs)
+      for (const auto& r : m.rcpts) n += r.leased;
+    return n;
+  }
+  size_t inState(RecipientState s) const {
+    size_t n = 0;
+    for (const auto& m : msgs)
+      for (const auto& r : m.rcpts) n += r.state == s;
+    return n;
+  }
+
+  util::Result<std::vector<queue::DueMessage>> leaseDue(int64_t now, size_t maxMessages) override {
+    std::vector<queue::DueMessage> out;
+    for (auto& m : msgs) {
+      if (out.size() >= maxMessages) break;
+      queue::DueMessage d;
+      for (auto& r : m.rcpts) {
+        if (!queue::deliverable(r.state) || r.leased || r.next > now) continue;
+        r.leased = true;
+        d.recipients.push_back(queue::DueRecipient{r.index, r.address, r.attempts});
+      }
+      if (d.recipients.empty()) continue;
+      d.id = m.id;
+      d.account = "acct";
+      d.mailFrom = m.mailFrom;
+      d.size = int64_t(m.content.size());
+      d.receivedAt = m.receivedAt;
+      d.isDsn = m.isDsn;
+      out.push_back(std::move(d));
+    }
+    return out;
+  }
+  util::Result<void> recordAttempts(const std::vector<queue::AttemptRecord>& records) override {
+    if (failRecord) {
+      failRecord = false;
+      return util::makeError("disk I/O error");
+    }
+    for (const auto& rec : records) {
+      FakeRcpt& r = rcpt(rec.messageId, rec.index);
+      if (!r.leased) ++doubleLeases;
+      r.leased = false;
+      r.state = rec.newState;
+      r.attempts++;
+      r.next = rec.nextAttempt;
+      r.lastError = rec.lastError;
+      r.lastStatus = rec.lastStatus;
+      const FakeMsg* m = nullptr;
+      for (const auto& x : msgs)
+        if (x.id == rec.messageId) m = &x;
+      r.dsnPending = rec.newState == RecipientState::Failed && !m->mailFrom.empty() && !m->isDsn;
+      recorded.push_back(rec);
+    }
+    return {};
+  }
+  util::Result<void> releaseLeases(const std::string& id, const std::vector<int64_t>& idx) override {
+    for (int64_t i : idx) rcpt(id, i).leased = false;
+    return {};
+  }
+  util::Result<std::string> content(const std::string& id) override {
+    for (const auto& m : msgs)
+      if (m.id == id) return m.content;
+    return util::makeError("no such message: " + id);
+  }
+  util::Result<queue::MessageInfo> show(const std::string& id) override {
+    for (const auto& m : msgs)
+      if (m.id == id) {
+        queue::MessageInfo info = infoOf(m, [](const FakeRcpt&) { return true; });
+        for (const auto& rec : recorded)
+          if (rec.messageId == id) {
+            queue::AttemptInfo a = rec.attempt;
+            a.index = rec.index;
+            info.attempts.push_back(a);
+          }
+        return info;
+      }
+    return util::makeError("no such message: " + id);
+  }
+  util::Result<std::vector<queue::DsnWork>> pendingDsns(size_t max) override {
+    return work(max, [](const FakeMsg&, const FakeRcpt& r) { return r.dsnPending; });
+  }
+  util::Result<void> completeDsn(const std::string& id, const std::vector<int64_t>& idx,
+                                 const std::optional<queue::NewMessage>& dsn) override {
+    for (int64_t i : idx) rcpt(id, i).dsnPending = false;
+    if (dsn) dsns.push_back(*dsn);
+    return {};
+  }
+  util::Result<std::vector<queue::DsnWork>> pendingDelayNotices(int64_t before, size_t max) override {
+    return work(max, [before](const FakeMsg& m, const FakeRcpt& r) {
+      return r.state == RecipientState::Deferred && !r.delayNotified && !m.isDsn && !m.mailFrom.empty() &&
+             m.receivedAt < before;
+    });
+  }
+  util::Result<void> completeDelayNotice(const std::string& id, const std::vector<int64_t>& idx,
+                                         const std::optional<queue::NewMessage>& dsn) override {
+    for (int64_t i : idx) rcpt(id, i).delayNotified = true;
+    if (dsn) dsns.push_back(*dsn);
+    return {};
+  }
+
+ private:
+  template <typename Pred>
+  static queue::MessageInfo infoOf(const FakeMsg& m, Pred keep) {
+    queue::MessageInfo info;
+    info.id = m.id;
+    info.account = "acct";
+    info.mailFrom = m.mailFrom;
+    info.receivedAt = m.receivedAt;
+    info.isDsn = m.isDsn;
+    for (const auto& r : m.rcpts) {
+      if (!keep(r)) continue;
+      queue::RecipientInfo ri;
+      ri.index = r.index;
+      ri.address = r.address;
+      ri.state = r.state;
+      ri.attempts = r.attempts;
+      ri.lastError = r.lastError;
+      ri.lastStatus = r.lastStatus;
+      ri.dsnPending = r.dsnPending;
+      info.recipients.push_back(ri);
+    }
+    return info;
+  }
+  template <typename Pred>
+  std::vector<queue::DsnWork> work(size_t max, Pred want) {
+    std::vector<queue::DsnWork> out;
+    for (const auto& m : msgs) {
+      if (out.size() >= max) break;
+      auto info = infoOf(m, [&](const FakeRcpt& r) { return want(m, r); });
+      if (!info.recipients.empty()) out.push_back(queue::DsnWork{info});
+    }
+    return out;
+  }
+};
+
+// --- a transport that records requests; the test answers them -----------------------------
+class FakeTransport final : public Transport {
+ public:
+  std::vector<std::string> resolves;
+  std::vector<ConnectRequest> connects;
+  std::map<SessionId, smtp::OutboundMessage> sending;  // sent, no result yet
+  std::vector<SessionId> quits;
+  std::vector<SessionId> aborts;
+  std::set<SessionId> open;  // connect()ed and not ended
+  size_t maxOpen = 0;
+  int flushes = 0;
+
+  void resolve(const std::string& domain) override { resolves.push_back(domain); }
+  void connect(const ConnectRequest& r) override {
+    connects.push_back(r);
+    open.insert(r.id);
+    maxOpen = std::max(maxOpen, open.size());
+  }
+  std::map<SessionId, std::set<std::string>> domainsBy;  // recipient domains per connection
+  void send(SessionId id, smtp::OutboundMessage m) override {
+    CHECK(sending.count(id) == 0);  // one transaction at a time per connection
+    for (const auto& r : m.recipients) domainsBy[id].insert(r.substr(r.find('@') + 1));
+    sending[id] = std::move(m);
+  }
+  void quit(SessionId id) override { quits.push_back(id); }
+  void abort(SessionId id, const std::string&) override { aborts.push_back(id); }
+  void flushSoon() override { ++flushes; }
+};
+
+Route routeTo(std::vector<std::pair<std::string, std::vector<std::string>>> hosts) {
+  Route r;
+  r.status = RouteStatus::Ok;
+  for (auto& [name, addrs] : hosts) {
+    MxHost h;
+    h.name = name;
+    h.addresses = addrs;
+    r.hosts.push_back(h);
+  }
+  return r;
+}
+
+smtp::RecipientResult result(const std::string& rcpt, smtp::Outcome o, int code, std::string enhanced,
+                             std::string text) {
+  smtp::RecipientResult rr;
+  rr.recipient = rcpt;
+  rr.outcome = o;
+  rr.reply.code = code;
+  rr.reply.enhanced = std::move(enhanced);
+  rr.reply.text = std::move(text);
+  return rr;
+}
+
+struct Bed {
+  FakeQueue q;
+  FakeTransport t;
+  util::FakeClock clock;
+  SchedulerSettings settings;
+  std::unique_ptr<Scheduler> s;
+
+  Bed() {
+    settings.hostname = "relay.test";
+    settings.destinations.allowPrivate = false;
+    settings.retry.schedule = {std::chrono::minutes(5), std::chrono::minutes(10)};
+    settings.retry.maxQueueTime = std::chrono::hours(1);
+    settings.retry.delayNotice = std::chrono::seconds(0);
+  }
+  int64_t now() const { return util::unixSeconds(clock.wallNow()); }
+  Scheduler& start() {
+    s = std::make_unique<Scheduler>(q, t, clock, settings);
+    return *s;
+  }
+  // Answers every transaction in progress with `outcome` for each recipient.
+  void answerAll(smtp::Outcome o, int code = 250, std::string enhanced = "2.0.0", std::string text = "ok") {
+    while (!t.sending.empty()) {
+      auto [id, m] = *t.sending.begin();
+      t.sending.erase(t.sending.begin());
+      std::vector<smtp::RecipientResult> rs;
+      for (const auto& r : m.recipients) rs.push_back(result(r, o, code, enhanced, text));
+      s->onTransactionDone(id, rs);
+    }
+  }
+  // Every quit() is answered by the end of its connection.
+  void endQuits() {
+    while (!t.quits.empty()) {
+      SessionId id = t.quits.back();
+      t.quits.pop_back();
+      t.open.erase(id);
+      s->onSessionEnded(id, std::nullopt);
+    }
+  }
+  void readyAll() {
+    std::vector<SessionId> ids(t.open.begin(), t.open.end());
+    for (SessionId id : ids)
+      if (!t.sending.count(id)) s->onReady(id, "TLSv1.3", "TLS_AES_128_GCM_SHA256");
+  }
+};
+
+}  // namespace
+
+TEST_CASE("scheduler: lease, route, deliver, record each recipient once, quit") {
+  Bed b;
+  for (int i = 0; i < 3; ++i) b.q.add("m" + std::to_string(i), {"a@example.org", "b@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  REQUIRE(b.t.resolves == std::vector<std::string>{"example.org"});
+  CHECK(b.t.connects.empty());  // nothing before the route
+  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  REQUIRE(b.t.connects.size() == 3);  // one per job, below the per-destination limit
+  CHECK(b.t.connects[0].ip == "192.0.2.10");
+  CHECK(b.t.connects[0].host == "mx.example.org");
+  CHECK(b.t.connects[0].tls == TlsPolicy::Opportunistic);
+  b.readyAll();
+  CHECK(b.t.sending.size() == 3);
+  CHECK(b.t.sending.begin()->second.recipients.size() == 2);  // one transaction per message and domain
+  b.answerAll(smtp::Outcome::Delivered);
+  s.flush();
+  b.endQuits();
+  CHECK(b.q.inState(RecipientState::Delivered) == 6);
+  CHECK(b.q.recorded.size() == 6);
+  CHECK(b.q.doubleLeases == 0);
+  CHECK(b.q.leasedCount() == 0);
+  CHECK(b.q.recorded[0].attempt.mx == "mx.example.org [192.0.2.10]:25");
+  CHECK(b.q.recorded[0].attempt.tlsVersion == "TLSv1.3");
+  CHECK(b.q.recorded[0].attempt.status.str() == "2.0.0");
+  CHECK(s.stats().sessions == 0);
+  CHECK(s.stats().leasedRecipients == 0);
+}
+
+TEST_CASE("scheduler: a route is reused for its TTL, then looked up again") {
+  Bed b;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  b.readyAll();
+  b.q.add("m2", {"b@example.org"}, b.now());
+  b.clock.advance(std::chrono::seconds(1));
+  s.tick();
+  CHECK(b.t.resolves.size() == 1);  // fresh route: m2 joins the destination at once
+  REQUIRE(b.t.connects.size() == 2);
+  CHECK(b.t.connects[1].ip == "192.0.2.10");
+  b.answerAll(smtp::Outcome::Delivered);
+  b.readyAll();
+  b.answerAll(smtp::Outcome::Delivered);
+  b.endQuits();
+  s.flush();
+  CHECK(b.q.inState(RecipientState::Delivered) == 2);
+  b.q.add("m3", {"c@example.org"}, b.now());
+  b.clock.advance(std::chrono::seconds(61));
+  s.tick();
+  CHECK(b.t.resolves.size() == 2);
+}
+
+TEST_CASE("scheduler: temporary failures follow the retry schedule, then expire with 4.4.7 and one DSN") {
+  Bed b;
+  const int64_t t0 = b.now();
+  b.q.add("m1", {"u@example.org"}, t0);
+  Scheduler& s = b.start();
+  auto attempt = [&](smtp::Outcome o, int code, const std::string& enh) {
+    s.tick();
+    if (!b.t.resolves.empty()) {
+      s.onRoute(b.t.resolves.back(), routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+      b.t.resolves.clear();
+    }
+    b.readyAll();
+    b.answerAll(o, code, enh, "try later");
+    s.flush();
+    b.endQuits();
+  };
+  attempt(smtp::Outcome::TempFail, 451, "4.7.1");
+  FakeRcpt& r = b.q.rcpt("m1", 0);
+  CHECK(r.state == RecipientState::Deferred);
+  CHECK(r.next == t0 + 300);  // first step: 5 min
+  CHECK(r.lastStatus.str() == "4.7.1");
+
+  b.clock.advance(std::chrono::seconds(299));
+  s.tick();
+  CHECK(b.t.connects.size() == 1);  // not due yet
+  b.clock.advance(std::chrono::seconds(61));  // beyond the route TTL too
+  attempt(smtp::Outcome::TempFail, 421, "");
+  CHECK(r.attempts == 2);
+  CHECK(r.next == b.now() + 600);  // second step: 10 min
+  CHECK(r.lastStatus.str() == "4.0.0");  // no enhanced code: the class default
+
+  // Near the end of max_queue_time the last try is at the expiry instant, then it expires.
+  b.clock.advance(std::chrono::minutes(10));
+  attempt(smtp::Outcome::TempFail, 421, "4.4.2");
+  b.clock.advance(std::chrono::minutes(60));
+  attempt(smtp::Outcome::TempFail, 421, "4.4.2");
+  CHECK(r.state == RecipientState::Failed);
+  CHECK(r.lastStatus.str() == "4.4.7");
+  CHECK(r.lastError.find("expired after 1 hours") == 0);
+  CHECK(r.dsnPending);
+  s.tick();  // queues the DSN
+  REQUIRE(b.q.dsns.size() == 1);
+  CHECK(b.q.dsns[0].recipients == std::vector<std::string>{"app@shop.example"});
+  CHECK(b.q.dsns[0].mailFrom.empty());
+  CHECK(b.q.dsns[0].isDsn);
+  CHECK(b.q.dsns[0].content.find("Status: 4.4.7") != std::string::npos);
+  s.tick();
+  CHECK(b.q.dsns.size() == 1);  // once per event
+  CHECK(b.q.doubleLeases == 0);
+}
+
+TEST_CASE("scheduler: a permanent failure is typed and bounced once; a delay notice once") {
+  Bed b;
+  b.settings.retry.delayNotice = std::chrono::minutes(30);
+  b.q.add("m1", {"gone@example.org", "slow@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  b.readyAll();
+  auto [id, m] = *b.t.sending.begin();
+  b.t.sending.clear();
+  s.onTransactionDone(id, {result("gone@example.org", smtp::Outcome::PermFail, 550, "5.1.1", "no such user"),
+                           result("slow@example.org", smtp::Outcome::TempFail, 452, "4.2.2", "mailbox full")});
+  s.flush();
+  CHECK(b.q.rcpt("m1", 0).lastStatus.str() == "5.1.1");
+  CHECK(b.q.recorded[0].attempt.code == 550);
+  s.tick();
+  REQUIRE(b.q.dsns.size() == 1);
+  CHECK(b.q.dsns[0].content.find("Status: 5.1.1") != std::string::npos);
+  CHECK(b.q.dsns[0].content.find("Diagnostic-Code: smtp; 550 5.1.1 no such user") != std::string::npos);
+  b.clock.advance(std::chrono::minutes(31));
+  s.tick();
+  REQUIRE(b.q.dsns.size() == 2);  // the delay notice for the deferred one
+  CHECK(b.q.dsns[1].content.find("Action: delayed") != std::string::npos);
+  s.tick();
+  CHECK(b.q.dsns.size() == 2);
+}
+
+TEST_CASE("scheduler: per-destination and total connection limits, fair between destinations") {
+  Bed b;
+  b.settings.maxPerDestination = 3;
+  b.settings.maxConnections = 4;
+  for (int i = 0; i < 20; ++i) b.q.add("a" + std::to_string(i), {"x@big.example"}, b.now());
+  for (int i = 0; i < 2; ++i) b.q.add("b" + std::to_string(i), {"y@small.example"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("big.example", routeTo({{"mx.big.example", {"192.0.2.1"}}}));
+  CHECK(b.t.connects.size() == 3);  // the per-destination limit
+  s.onRoute("small.example", routeTo({{"mx.small.example", {"192.0.2.2"}}}));
+  CHECK(b.t.connects.size() == 4);  // the total limit: small still gets one
+  CHECK(std::count_if(b.t.connects.begin(), b.t.connects.end(),
+                      [](const ConnectRequest& r) { return r.ip == "192.0.2.2"; }) == 1);
+  for (int round = 0; round < 30 && (!b.t.open.empty() || !b.t.sending.empty()); ++round) {
+    b.readyAll();
+    b.answerAll(smtp::Outcome::Delivered);
+    b.endQuits();
+  }
+  s.flush();
+  CHECK(b.t.maxOpen <= 4);
+  CHECK(b.q.inState(RecipientState::Delivered) == 22);
+  CHECK(b.q.doubleLeases == 0);
+}
+
+TEST_CASE("scheduler: domains with the same MX hosts share one destination and its limit") {
+  Bed b;
+  b.settings.maxPerDestination = 2;
+  for (int i = 0; i < 3; ++i) b.q.add("a" + std::to_string(i), {"x@one.example"}, b.now());
+  for (int i = 0; i < 3; ++i) b.q.add("b" + std::to_string(i), {"y@two.example"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  // Workspace-style: both domains point at the same two MX hosts (in any order).
+  s.onRoute("one.example", routeTo({{"aspmx.mail.test", {"192.0.2.5"}}, {"alt1.mail.test", {"192.0.2.6"}}}));
+  s.onRoute("two.example", routeTo({{"ALT1.mail.test", {"192.0.2.6"}}, {"aspmx.mail.test", {"192.0.2.5"}}}));
+  CHECK(s.stats().destinations == 1);
+  CHECK(b.t.connects.size() == 2);
+  for (int round = 0; round < 10 && !b.t.open.empty(); ++round) {
+    b.readyAll();
+    b.answerAll(smtp::Outcome::Delivered);
+    b.endQuits();
+  }
+  CHECK(b.t.maxOpen == 2);
+  bool shared = false;  // some connection carried mail for both domains
+  for (const auto& [id, domains] : b.t.domainsBy) shared = shared || domains.size() == 2;
+  CHECK(shared);
+  s.flush();
+  CHECK(b.q.inState(RecipientState::Delivered) == 6);
+}
+
+TEST_CASE("scheduler: private destinations are refused with 5.4.4 unless allowed; literals need no DNS") {
+  SUBCASE("refused") {
+    Bed b;
+    b.q.add("m1", {"x@internal.example", "y@[127.0.0.1]"}, b.now());
+    Scheduler& s = b.start();
+    s.tick();
+    s.onRoute("internal.example", routeTo({{"mx.internal.example", {"10.1.2.3", "127.0.0.1"}}}));
+    s.flush();
+    CHECK(b.t.connects.empty());
+    CHECK(b.q.rcpt("m1", 0).state == RecipientState::Failed);
+    CHECK(b.q.rcpt("m1", 0).lastStatus.str() == "5.4.4");
+    CHECK(b.q.rcpt("m1", 1).state == RecipientState::Failed);
+    CHECK(b.t.resolves == std::vector<std::string>{"internal.example"});  // never for the literal
+  }
+  SUBCASE("allowed") {
+    Bed b;
+    b.settings.destinations.allowPrivate = true;
+    b.q.add("m1", {"y@[127.0.0.1]"}, b.now());
+    Scheduler& s = b.start();
+    s.tick();
+    REQUIRE(b.t.connects.size() == 1);
+    CHECK(b.t.connects[0].ip == "127.0.0.1");
+    CHECK(b.t.resolves.empty());
+  }
+}
+
+TEST_CASE("scheduler: every address of every MX is tried, then the destination's jobs are deferred") {
+  Bed b;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.add("m2", {"b@example.org"}, b.now());
+  b.settings.maxPerDestination = 1;
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx1.example.org", {"192.0.2.1", "192.0.2.2"}}, {"mx2.example.org", {"192.0.2.3"}}}));
+  for (const char* ip : {"192.0.2.1", "192.0.2.2", "192.0.2.3"}) {
+    REQUIRE_FALSE(b.t.connects.empty());
+    CHECK(b.t.connects.back().ip == ip);
+    s.onSessionEnded(b.t.connects.back().id, SessionFailure{0, "", std::string("connect to ") + ip + ": refused"});
+  }
+  s.flush();
+  CHECK(b.t.connects.size() == 3);  // not once per job
+  CHECK(b.q.inState(RecipientState::Deferred) == 2);
+  CHECK(b.q.rcpt("m2", 0).lastError.find("192.0.2.3: refused") != std::string::npos);
+  CHECK(b.q.rcpt("m2", 0).lastStatus.str() == "4.4.1");
+  CHECK(b.q.leasedCount() == 0);
+}
+
+TEST_CASE("scheduler: a transaction over its overall deadline is aborted and deferred once") {
+  Bed b;
+  b.settings.transactionDeadline = std::chrono::seconds(900);
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  b.readyAll();
+  REQUIRE(b.t.sending.size() == 1);
+  // A server answering just in time for each stage: the overall bound still holds, and
+  // however long the attempt runs, nothing is leased a second time.
+  for (int i = 0; i < 14; ++i) {
+    b.clock.advance(std::chrono::seconds(60));
+    s.tick();
+  }
+  CHECK(b.t.aborts.empty());
+  b.clock.advance(std::chrono::seconds(60));
+  s.tick();
+  REQUIRE(b.t.aborts.size() == 1);
+  // The transport closes: TempFail results (canContinue false), then the end.
+  auto [id, m] = *b.t.sending.begin();
+  b.t.sending.clear();
+  s.onTransactionDone(id, {result("a@example.org", smtp::Outcome::TempFail, 0, "4.4.2", "connection lost")}, false);
+  s.onSessionEnded(id, SessionFailure{0, "", "aborted"});
+  s.flush();
+  CHECK(b.t.sending.empty());
+  CHECK(b.q.rcpt("m1", 0).state == RecipientState::Deferred);
+  CHECK(b.q.recorded.size() == 1);
+  CHECK(b.q.doubleLeases == 0);
+  CHECK(b.t.connects.size() == 1);
+}
+
+TEST_CASE("scheduler: a connection takes no new transaction after connectionReuse") {
+  Bed b;
+  b.settings.connectionReuse = std::chrono::seconds(300);
+  b.settings.maxPerDestination = 1;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.add("m2", {"b@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  b.readyAll();
+  b.clock.advance(std::chrono::seconds(301));
+  b.answerAll(smtp::Outcome::Delivered);
+  CHECK(b.t.quits.size() == 1);  // m2 waits for a fresh connection
+  b.endQuits();
+  CHECK(b.t.connects.size() == 2);
+}
+
+TEST_CASE("scheduler: stop finishes the transaction in hand; finish releases what was never tried") {
+  Bed b;
+  b.settings.maxPerDestination = 1;
+  for (int i = 0; i < 5; ++i) b.q.add("m" + std::to_string(i), {"a@example.org"}, b.now());
+  b.q.add("w", {"z@waiting.example"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  b.readyAll();
+  REQUIRE(b.t.sending.size() == 1);
+  s.stop();
+  CHECK_FALSE(s.drained());
+  b.answerAll(smtp::Outcome::Delivered);
+  CHECK(b.t.sending.empty());  // no new transaction after stop
+  b.endQuits();
+  CHECK(s.drained());
+  s.finish();
+  CHECK(b.q.inState(RecipientState::Delivered) == 1);
+  CHECK(b.q.leasedCount() == 0);  // 4 jobs and the one waiting for DNS went back
+  for (const auto& m : b.q.msgs)
+    for (const auto& r : m.rcpts)
+      if (r.state != RecipientState::Delivered) CHECK(r.attempts == 0);
+}
+
+TEST_CASE("scheduler: results that cannot be written are kept for the next flush") {
+  Bed b;
+  b.settings.flushBatch = 1000;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  b.readyAll();
+  b.answerAll(smtp::Outcome::Delivered);
+  CHECK(b.t.flushes >= 1);
+  b.q.failRecord = true;
+  s.flush();
+  CHECK(s.stats().pendingResults == 1);
+  CHECK(b.q.rcpt("m1", 0).leased);  // still ours: nobody attempts it again meanwhile
+  s.tick();
+  CHECK(b.t.connects.size() == 1);
+  s.flush();
+  CHECK(s.stats().pendingResults == 0);
+  CHECK(b.q.rcpt("m1", 0).state == RecipientState::Delivered);
+}
+
+TEST_CASE("scheduler: TLS policy per recipient domain; different policies never share a connection") {
+  Bed b;
+  b.settings.tlsOverrides["strict.example"] = TlsPolicy::Verify;
+  b.q.add("m1", {"a@strict.example"}, b.now());
+  b.q.add("m2", {"b@loose.example"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("strict.example", routeTo({{"mx.shared.test", {"192.0.2.10"}}}));
+  s.onRoute("loose.example", routeTo({{"mx.shared.test", {"192.0.2.10"}}}));
+  CHECK(s.stats().destinations == 2);
+  REQUIRE(b.t.connects.size() == 2);
+  std::set<TlsPolicy> policies{b.t.connects[0].tls, b.t.connects[1].tls};
+  CHECK(policies == std::set<TlsPolicy>{TlsPolicy::Verify, TlsPolicy::Opportunistic});
+}
+
+TEST_CASE("destinationKey: MX host set and TLS policy, order and case free") {
+  Route a = routeTo({{"B.example", {"192.0.2.1"}}, {"a.example", {"192.0.2.2"}}, {"c.example", {}}});
+  Route b = routeTo({{"a.example", {"192.0.2.2"}}, {"b.example", {"192.0.2.1"}}});
+  CHECK(destinationKey(a, TlsPolicy::Opportunistic) == destinationKey(b, TlsPolicy::Opportunistic));
+  CHECK(destinationKey(a, TlsPolicy::Opportunistic) == "may|a.example|b.example");
+  CHECK(destinationKey(a, TlsPolicy::Verify) != destinationKey(b, TlsPolicy::Opportunistic));
+}
+
+TEST_CASE("EnhancedStatus and operator requests") {
+  using queue::EnhancedStatus;
+  CHECK(EnhancedStatus::parse("5.1.1")->str() == "5.1.1");
+  CHECK(EnhancedStatus::parse("4.4.7")->klass == 4);
+  CHECK(EnhancedStatus::parse("2.0.0")->permanent() == false);
+  CHECK_FALSE(EnhancedStatus::parse("3.1.1"));
+  CHECK_FALSE(EnhancedStatus::parse("5.1"));
+  CHECK_FALSE(EnhancedStatus::parse("5.1.1 "));
+  CHECK_FALSE(EnhancedStatus::parse("5.1000.1"));
+  CHECK(EnhancedStatus::parse("5.123.999")->detail == 999);
+  CHECK(EnhancedStatus::fromReply(550, "").str() == "5.0.0");
+  CHECK(EnhancedStatus::fromReply(550, "4.1.1").str() == "5.0.0");  // contradicts the code
+  CHECK(EnhancedStatus::fromReply(0, "").str().empty());
+
+  queue::AttemptRecord rec;
+  rec.newState = RecipientState::Deferred;
+  rec.attempt.at = 1000;
+  rec.nextAttempt = 1300;
+  CHECK(queue::applyOperatorRequest(rec, queue::OperatorRequest::Retry).nextAttempt == 1000);
+  auto bounced = queue::applyOperatorRequest(rec, queue::OperatorRequest::Bounce);
+  CHECK(bounced.newState == RecipientState::Failed);
+  CHECK(bounced.lastStatus.str() == "5.0.0");
+  CHECK(bounced.lastError == "bounced by operator");
+  rec.newState = RecipientState::Delivered;
+  CHECK(queue::applyOperatorRequest(rec, queue::OperatorRequest::Bounce).newState == RecipientState::Delivered);
+}
