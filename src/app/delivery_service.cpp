@@ -4,6 +4,7 @@
 #include <uv.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <deque>
 #include <functional>
 #include <map>
@@ -24,6 +25,7 @@
 #include "net/connection.h"
 #include "net/listener.h"
 #include "net/uv_handle.h"
+#include "net/uv_timer.h"
 #include "queue/sqlite_store.h"
 #include "smtp/client_session.h"
 #include "tls/tls_context.h"
@@ -65,6 +67,7 @@ struct Settings {
   uint32_t maxConnections = 200;
   uint32_t maxConnectionsPerDomain = 10;
   delivery::DestinationPolicy destinations;
+  queue::RetentionPolicy retention;  // retention.*: maybePrune()
 };
 
 Settings settingsFrom(const config::Config& cfg) {
@@ -80,6 +83,9 @@ Settings settingsFrom(const config::Config& cfg) {
   s.retry.delayNotice = cfg.delivery.delayNotice;
   s.maxConnections = cfg.delivery.maxConnections;
   s.maxConnectionsPerDomain = cfg.delivery.maxConnectionsPerDomain;
+  s.retention.finishedBodies = cfg.retention.finishedBodies.count();
+  s.retention.history = cfg.retention.history.count();
+  s.retention.captured = cfg.retention.captured.count();
   return s;
 }
 
@@ -134,10 +140,20 @@ struct DeliveryService::Impl {
   std::vector<queue::AttemptRecord> pending;  // results waiting for the next flush
   bool stopping = false;
   Clock::time_point lastPull{};
+  // --- retention (maybePrune) ---
+  std::unique_ptr<net::Timer> pruneTimer;  // the next batch; created on the loop thread
+  queue::PrunePacer prunePacer;
+  struct PruneStats {
+    queue::PruneCounts counts;
+    int64_t batches = 0, pages = 0;
+    Clock::duration maxPrune{}, maxVacuum{}, sumPrune{};
+    Clock::time_point since{};
+  } pruneStats;
 
   void run();
   void onAsync();
   void onTick();
+  void maybePrune();
   void pull();
   void dispatch();
   void processDsns();
@@ -479,7 +495,71 @@ void DeliveryService::Impl::onTick() {
   pull();
   processDsns();
   dispatch();
+  maybePrune();  // retention: see maybePrune()
 }
+
+// ---- retention: queue pruning (one method, so it moves as a whole) -------------------
+// Runs one small prune() batch (a few hundred messages in one short write transaction on
+// this thread's own connection), gives some free pages back (incrementalVacuum), and lets
+// queue::PrunePacer say when the next batch runs: 50 ms later while batches come back
+// full, seconds later otherwise. onTick() calls it every second; it does nothing while the
+// next batch is already scheduled. Never on an SMTP loop: submission only waits for the
+// write lock for as long as one batch holds it.
+void DeliveryService::Impl::maybePrune() {
+  // Free pages kept for new messages to reuse instead of shrinking the file and growing
+  // it again: 8 MiB of 4 KiB pages.
+  constexpr int64_t kKeepFreePages = 2048;
+  if (stopping) return;
+  if (!pruneTimer) {
+    pruneTimer = std::make_unique<net::Timer>(&loop);
+    pruneStats.since = Clock::now();
+  }
+  if (pruneTimer->active()) return;
+  auto& st = pruneStats;
+  const auto t0 = Clock::now();
+  auto counts = store->prune(nowUnix(), settings.retention, prunePacer.maxRows);
+  const auto t1 = Clock::now();
+  int64_t pages = 0;
+  bool failed = !counts.ok();
+  if (failed) {
+    util::logError("retention", "cannot prune the queue: " + counts.error().message);
+  } else {
+    auto v = store->incrementalVacuum(prunePacer.maxVacuumPages, kKeepFreePages);
+    if (v.ok()) pages = v.value();
+    else util::logWarn("retention", "incremental vacuum: " + v.error().message);
+  }
+  const auto t2 = Clock::now();
+  if (!failed && (counts->rows() > 0 || pages > 0)) {
+    ++st.batches;
+    st.counts.bodiesRemoved += counts->bodiesRemoved;
+    st.counts.finishedDeleted += counts->finishedDeleted;
+    st.counts.capturedDeleted += counts->capturedDeleted;
+    st.pages += pages;
+    st.sumPrune += t1 - t0;
+    st.maxPrune = std::max(st.maxPrune, t1 - t0);
+    st.maxVacuum = std::max(st.maxVacuum, t2 - t1);
+  }
+  if (t2 - st.since >= std::chrono::seconds(60) && st.batches > 0) {
+    using Ms = std::chrono::duration<double, std::milli>;
+    char times[160];
+    std::snprintf(times, sizeof times, "prune %.1f ms average, %.1f ms longest; vacuum %.1f ms longest",
+                  Ms(st.sumPrune).count() / static_cast<double>(st.batches), Ms(st.maxPrune).count(),
+                  Ms(st.maxVacuum).count());
+    util::logInfo("retention", "last " + std::to_string(std::chrono::duration_cast<std::chrono::seconds>(t2 - st.since).count()) +
+                                   " s: " + std::to_string(st.batches) + " batches, " +
+                                   std::to_string(st.counts.bodiesRemoved) + " bodies removed, " +
+                                   std::to_string(st.counts.finishedDeleted) + " finished and " +
+                                   std::to_string(st.counts.capturedDeleted) + " captured messages deleted, " +
+                                   std::to_string(st.pages) + " pages released; " + times);
+    st = PruneStats{};
+    st.since = t2;
+  } else if (st.batches == 0 && t2 - st.since >= std::chrono::seconds(60)) {
+    st.since = t2;
+  }
+  pruneTimer->start(prunePacer.next(failed ? queue::PruneCounts{} : counts.value(), pages, failed),
+                    [this] { maybePrune(); });
+}
+// ---- end of retention ------------------------------------------------------------------
 
 void DeliveryService::Impl::pull() {
   lastPull = Clock::now();
@@ -800,6 +880,7 @@ void DeliveryService::Impl::maybeEndLoop() {
   queuedJobs = 0;
   resolver.reset();  // closes its handles
   routes.reset();
+  pruneTimer.reset();  // retention (maybePrune)
   for (uv_timer_t** t : {&tick, &flushTimer, &graceTimer, &refillTimer}) {
     if (*t) {
       (*t)->data = nullptr;
