@@ -18,6 +18,7 @@
 #include "net/connection.h"
 #include "net/listener.h"
 #include "net/uv_timer.h"
+#include "queue/pruner.h"
 #include "queue/sqlite_store.h"
 #include "smtp/client_session.h"
 #include "tls/tls_context.h"
@@ -45,6 +46,7 @@ struct Settings {
   delivery::SchedulerSettings scheduler;
   smtp::ClientTimeouts timeouts;
   std::chrono::seconds connectTimeout{30};
+  queue::RetentionPolicy retention;  // retention.*
 };
 
 Settings settingsFrom(const config::Config& cfg) {
@@ -69,6 +71,9 @@ Settings settingsFrom(const config::Config& cfg) {
   s.timeouts.rcpt = t.command;
   s.timeouts.dataInit = t.dataInit;
   s.timeouts.dataTerm = t.dataEnd;
+  s.retention.finishedBodies = cfg.retention.finishedBodies.count();
+  s.retention.history = cfg.retention.history.count();
+  s.retention.captured = cfg.retention.captured.count();
   return s;
 }
 
@@ -96,17 +101,19 @@ struct DeliveryService::Impl final : delivery::Transport {
   uv_loop_t loop{};
   bool loopStarted = false;
   std::unique_ptr<net::Async> async;  // guarded by mu for send()
-  std::unique_ptr<net::Timer> tick, flushTimer, graceTimer, refillTimer;
+  std::unique_ptr<net::Timer> tick, flushTimer, graceTimer, refillTimer, pruneTimer;
   Settings settings;
   std::unique_ptr<dns::UvResolver> resolver;
   std::unique_ptr<delivery::RouteResolver> routes;
   std::unique_ptr<delivery::Scheduler> scheduler;
+  std::unique_ptr<queue::Pruner> pruner;
   std::map<delivery::SessionId, std::unique_ptr<OutboundConnection>> connections;
   bool stopping = false;
 
   void onAsync();
   void afterEvent();
   void finishStop();
+  void prune();
   void maybeEndLoop();
   // OutboundConnection is gone: tells the scheduler (after this, `c` is deleted).
   void connectionEnded(delivery::SessionId id, std::optional<delivery::SessionFailure> failure);
@@ -367,8 +374,15 @@ void DeliveryService::Impl::onAsync() {
   }
 }
 
+// Retention: one small batch, then the pacer says when the next one runs.
+void DeliveryService::Impl::prune() {
+  if (stopping) return;
+  pruneTimer->start(pruner->run(settings.retention), [this] { prune(); });
+}
+
 void DeliveryService::Impl::finishStop() {
   tick->stop();
+  pruneTimer->stop();
   scheduler->stop();
   // Sessions with work in hand finish it and quit; after the grace period they are cut.
   graceTimer->start(std::chrono::duration_cast<std::chrono::milliseconds>(grace), [this] {
@@ -387,6 +401,8 @@ void DeliveryService::Impl::maybeEndLoop() {
   flushTimer.reset();
   graceTimer.reset();
   refillTimer.reset();
+  pruneTimer.reset();
+  pruner.reset();
   std::lock_guard lk(mu);  // notify() sends on `async` under the same lock
   async.reset();
 }
@@ -439,6 +455,8 @@ void DeliveryService::start() {
   d.flushTimer = std::make_unique<net::Timer>(&d.loop);
   d.graceTimer = std::make_unique<net::Timer>(&d.loop);
   d.refillTimer = std::make_unique<net::Timer>(&d.loop);
+  d.pruneTimer = std::make_unique<net::Timer>(&d.loop);
+  d.pruner = std::make_unique<queue::Pruner>(*d.store, d.clock);
   d.resolver = std::make_unique<dns::UvResolver>(&d.loop, d.servers, d.clock);
   std::random_device rd;
   const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
@@ -451,6 +469,7 @@ void DeliveryService::start() {
         d.afterEvent();
       },
       kTickInterval);
+  d.pruneTimer->start(std::chrono::seconds(1), [&d] { d.prune(); });
   d.thread = std::thread([&d] { uv_run(&d.loop, UV_RUN_DEFAULT); });
 }
 

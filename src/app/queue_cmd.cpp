@@ -126,6 +126,7 @@ util::JsonObject messageJson(const queue::MessageInfo& m, int64_t now) {
   o.raw("next_attempt", isoOrNull(next));
   o.str("last_error", lastError);
   o.boolean("is_dsn", m.isDsn).boolean("smtputf8", m.smtputf8).boolean("eight_bit", m.eightBit);
+  o.raw("finished_at", isoOrNull(m.finishedAt)).boolean("content_removed", m.contentPruned);
   return o;
 }
 
@@ -177,6 +178,7 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
   auto m = store.value()->show(id);
   if (!m.ok()) return isNotFound(m.error()) ? noSuchMessage(id) : fail(m.error().message);
   if (o.raw && !o.json) {
+    // A message whose content retention removed is an error here, never empty output.
     auto c = store.value()->content(id);
     if (!c.ok()) return fail(c.error().message);
     std::fwrite(c->data(), 1, c->size(), stdout);
@@ -206,6 +208,10 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
               static_cast<long long>(mi.size), mi.eightBit ? ", 8bit" : "", mi.smtputf8 ? ", SMTPUTF8" : "",
               mi.captured ? "yes (never delivered)" : "no");
   if (mi.isDsn) std::printf("dsn:       yes (a delivery status notification we generated)\n");
+  if (mi.finishedAt > 0 && !mi.captured)
+    std::printf("finished:  %s (%s ago)\n", util::isoUtc(mi.finishedAt).c_str(), humanAge(now - mi.finishedAt).c_str());
+  if (mi.contentPruned)
+    std::printf("content:   removed after delivery (retention.finished_bodies); envelope and history kept\n");
   std::printf("recipients:\n");
   for (const auto& r : mi.recipients) {
     std::printf("  <%s>  %s  attempts=%lld", r.address.c_str(), std::string(queue::stateName(r.state)).c_str(),

@@ -16,6 +16,8 @@
 //   - delivery.delay_notice (duration: "delayed" DSN after it), delivery.tls_ca_file (trust
 //     store for tls "verify" instead of the system's);
 //   - log_level, workers;
+// retention.finished_bodies ("0s" allowed), retention.history and retention.captured are
+// core keys.
 //   - rate_limits.bytes_per_<period>;
 //   - duplicate keys in one JSON object are an error (a later value would silently win).
 #include "config/config.h"
@@ -466,6 +468,14 @@ class Validator {
     return true;
   }
 
+  // A duration with one-second granularity that may be zero ("0s").
+  bool durationOrZero(const Json& v, const std::string& path, std::chrono::seconds& out) {
+    std::chrono::milliseconds ms{0};
+    if (!durationCommon(v, path, false, true, ms)) return false;
+    out = std::chrono::duration_cast<std::chrono::seconds>(ms);
+    return true;
+  }
+
   // A duration with millisecond granularity; zeroAllowed for delays that may be disabled.
   bool durationMs(const Json& v, const std::string& path, bool zeroAllowed, std::chrono::milliseconds& out) {
     return durationCommon(v, path, true, zeroAllowed, out);
@@ -517,7 +527,8 @@ class ConfigReader {
     }
     v_.rejectUnknown(
         root, "",
-        {"hostname", "data_dir", "tls", "listeners", "limits", "accounts", "dkim", "delivery", "log_level", "workers"});
+        {"hostname", "data_dir", "tls", "listeners", "limits", "accounts", "dkim", "delivery", "retention", "log_level",
+         "workers"});
 
     if (const Json* h = v_.require(root, "", "hostname")) {
       std::string name;
@@ -552,6 +563,7 @@ class ConfigReader {
     if (const Json* d = Validator::find(root, "dkim")) readDkim(*d);
     cfg_.delivery.retrySchedule = defaultRetrySchedule();
     if (const Json* d = Validator::find(root, "delivery")) readDelivery(*d);
+    if (const Json* r = Validator::find(root, "retention")) readRetention(*r);
     if (const Json* l = Validator::find(root, "log_level")) {
       v_.oneOf<std::string>(*l, "log_level",
                             {{"debug", "debug"}, {"info", "info"}, {"warning", "warning"}, {"error", "error"}},
@@ -945,6 +957,21 @@ class ConfigReader {
       }
       *field = v;
     }
+  void readRetention(const Json& o) {
+    const std::string p = "retention";
+    if (!v_.object(o, p)) return;
+    v_.rejectUnknown(o, p, {"finished_bodies", "history", "captured"});
+    Retention& r = cfg_.retention;
+    const Json* bodies = Validator::find(o, "finished_bodies");
+    const Json* history = Validator::find(o, "history");
+    const bool bodiesOk = bodies && v_.durationOrZero(*bodies, p + ".finished_bodies", r.finishedBodies);
+    const bool historyOk = !history || v_.duration(*history, p + ".history", r.history);
+    if (const Json* x = Validator::find(o, "captured")) v_.duration(*x, p + ".captured", r.captured);
+    // A body goes with its message's history: keeping it longer cannot happen.
+    if (bodiesOk && historyOk && r.finishedBodies > r.history)
+      v_.fail(p + ".finished_bodies", "expected a duration not longer than retention.history (" +
+                                          (history ? describe(*history) : std::string("\"30d\"")) + "), got " +
+                                          describe(*bodies) + " (a message's body is deleted with its history)");
   }
 
   bool readDeliveryTls(const Json& v, const std::string& p, DeliveryTls& out) {

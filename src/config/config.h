@@ -127,6 +127,20 @@ struct Delivery {
   } timeouts;
 };
 
+// retention: how long finished and captured messages stay in the queue (queue::prune).
+// A message is finished when every recipient is delivered or failed with no DSN pending.
+struct Retention {
+  // retention.finished_bodies: the message bytes of a finished message are removed this
+  // long after it finished; 0 = as soon as it finishes. Its envelope and history stay.
+  std::chrono::seconds finishedBodies{0};
+  // retention.history: a finished message (envelope, recipient states, attempts) is
+  // deleted this long after it finished. Not shorter than finishedBodies.
+  std::chrono::seconds history{30 * 24 * 3600};
+  // retention.captured: a captured message (bytes included) is deleted this long after
+  // it was received.
+  std::chrono::seconds captured{7 * 24 * 3600};
+};
+
 struct Config {
   std::string sourcePath;  // file it came from ("<embedded dev config>" for --dev)
   std::string hostname;
@@ -137,6 +151,7 @@ struct Config {
   std::vector<Account> accounts;
   std::vector<DkimKey> dkim;
   Delivery delivery;
+  Retention retention;
   std::string logLevel = "info";
   uint32_t workers = 0;  // event-loop threads; 0 = one per core
 };

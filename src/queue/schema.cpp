@@ -109,10 +109,44 @@ ALTER TABLE attempts ADD COLUMN status TEXT NOT NULL DEFAULT '';
 UPDATE recipients SET last_status = '5.0.0' WHERE last_error = 'bounced by operator';
 )sql";
 
+// Version 4: retention (retention.* in the config; version 3 is another change's).
+//  - finished: one row per message whose every recipient is final (delivered, or failed
+//    with no DSN pending), with when that happened; a captured message has one from the
+//    moment it is received (captured = 1, finished_at = received_at). content_pruned: the
+//    message's content was replaced by an empty blob (retention.finished_bodies); its size
+//    column keeps the original size.
+//    A table of its own, not columns of messages: SQLite rewrites a whole row on UPDATE,
+//    and a messages row holds the content, so marking a 25 MB message finished would read
+//    and write 25 MB where this writes a few bytes. Cascades with its message.
+//  - finished_due (captured, finished_at) lists what history and captured retention
+//    delete, oldest first; finished_unpruned holds only the delivered messages that still
+//    have their content, so pruning bodies does not walk the long list of those done.
+//  - Existing rows are filled in from what the recipients say (the latest update of a
+//    finished message's recipients is when it finished).
+constexpr const char* kV4 = R"sql(
+CREATE TABLE finished (
+  message_id     TEXT    NOT NULL PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+  finished_at    INTEGER NOT NULL,
+  captured       INTEGER NOT NULL DEFAULT 0,
+  content_pruned INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX finished_due ON finished(captured, finished_at);
+-- captured and content_pruned as columns too: with them the index covers the query.
+CREATE INDEX finished_unpruned ON finished(finished_at, captured, content_pruned)
+  WHERE captured = 0 AND content_pruned = 0;
+INSERT INTO finished (message_id, finished_at, captured)
+  SELECT id, max(received_at, 1), 1 FROM messages WHERE captured = 1;
+INSERT INTO finished (message_id, finished_at)
+  SELECT m.id, max(1, coalesce((SELECT max(r.updated_at) FROM recipients r WHERE r.message_id = m.id), m.received_at))
+  FROM messages m WHERE m.captured = 0 AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id
+    AND (r.state IN ('queued', 'deferred') OR r.dsn_pending = 1));
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
     {3, kV3},
+    {4, kV4},
 };
 
 }  // namespace

@@ -7,12 +7,15 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <chrono>
 #include <ctime>
 #include <random>
 
 #include "queue/schema.h"
 #include "util/cptr.h"
+#include "util/log.h"
+#include "util/time_fmt.h"
 
 namespace subrelay::queue {
 
@@ -102,6 +105,8 @@ struct SqliteStore::Statements {
   Stmt retryOne, retryAll, retryOneLeased, retryAllLeased, dropOne, bounceOne, bounceOneLeased;
   // account policy
   Stmt upsertWindow, loadWindows, addMeter, loadMeters;
+  // retention
+  Stmt markFinished, markCaptured, pruneCaptured, pruneHistory, unprunedRows, emptyContent, setPruned;
 };
 
 namespace {
@@ -112,9 +117,11 @@ namespace {
   "SELECT m.id, m.account, m.mail_from, m.size, m.received_at, m.captured, m.smtputf8, " \
   "m.client_address, m.helo, m.tls_version, m.tls_cipher, "                              \
   "r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_error, r.updated_at, "  \
-  "m.is_dsn, m.eight_bit, r.lease_until, r.dsn_pending, r.last_code, r.last_status, r.pending_request "
-#define SUBRELAY_FROM_ALL "FROM messages m LEFT JOIN recipients r ON r.message_id = m.id "
-#define SUBRELAY_FROM_RCPT "FROM messages m JOIN recipients r ON r.message_id = m.id "
+  "m.is_dsn, m.eight_bit, r.lease_until, r.dsn_pending, r.last_code, r.last_status, r.pending_request, f.finished_at, f.content_pruned "
+#define SUBRELAY_FROM_ALL \
+  "FROM messages m LEFT JOIN finished f ON f.message_id = m.id LEFT JOIN recipients r ON r.message_id = m.id "
+#define SUBRELAY_FROM_RCPT \
+  "FROM messages m LEFT JOIN finished f ON f.message_id = m.id JOIN recipients r ON r.message_id = m.id "
 
 constexpr const char* kListAll = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_ALL "ORDER BY m.received_at, m.id, r.idx";
 constexpr const char* kShowOne = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_ALL "WHERE m.id = ?1 ORDER BY r.idx";
@@ -219,6 +226,34 @@ constexpr const char* kLoadMeters =
     "SELECT username, accepted, refused_by_limit, recipients, bytes, auth_failures, updated_at "
     "FROM meters ORDER BY username";
 #undef SUBRELAY_OPERATOR_BOUNCE
+// Retention. A message is finished once no recipient waits (queued, deferred) or has a
+// DSN pending; it is then final: no operator action or attempt result makes it wait again.
+// finished_at is the latest recipient update, which is when the last one became final
+// (completeDsn changes no updated_at: the failure is when it finished). A message dropped
+// meanwhile gets no row. Captured messages get theirs when they are stored.
+constexpr const char* kMarkFinished =
+    "INSERT OR IGNORE INTO finished (message_id, finished_at) "
+    "SELECT ?1, max(1, coalesce((SELECT max(updated_at) FROM recipients WHERE message_id = ?1), 1)) "
+    "WHERE EXISTS (SELECT 1 FROM messages WHERE id = ?1 AND captured = 0) "
+    "AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 "
+    "AND (state IN ('queued', 'deferred') OR dsn_pending = 1))";
+constexpr const char* kMarkCaptured =
+    "INSERT INTO finished (message_id, finished_at, captured) VALUES (?1, max(?2, 1), 1)";
+// Oldest first, at most ?2, through the finished table's indexes (no messages row is read
+// to choose); the cascade takes recipients, attempts and the finished row. Without
+// statistics the planner would take finished_due for the bodies too (an equality and a
+// range beat a range) and walk every pruned row: INDEXED BY says which.
+constexpr const char* kPruneCaptured =
+    "DELETE FROM messages WHERE id IN (SELECT message_id FROM finished "
+    "WHERE captured = 1 AND finished_at <= ?1 ORDER BY finished_at LIMIT ?2)";
+constexpr const char* kPruneHistory =
+    "DELETE FROM messages WHERE id IN (SELECT message_id FROM finished "
+    "WHERE captured = 0 AND finished_at <= ?1 ORDER BY finished_at LIMIT ?2)";
+constexpr const char* kUnprunedRows =
+    "SELECT message_id FROM finished INDEXED BY finished_unpruned "
+    "WHERE captured = 0 AND content_pruned = 0 AND finished_at <= ?1 ORDER BY finished_at LIMIT ?2";
+constexpr const char* kEmptyContent = "UPDATE messages SET content = x'' WHERE id = ?1";
+constexpr const char* kSetPruned = "UPDATE finished SET content_pruned = 1 WHERE message_id = ?1";
 #undef SUBRELAY_DELIVERABLE
 #undef SUBRELAY_FROM_RCPT
 #undef SUBRELAY_FROM_ALL
@@ -248,6 +283,8 @@ void readRow(sqlite3_stmt* s, MessageInfo& info, bool fresh) {
     info.tlsCipher = columnText(s, 10);
     info.isDsn = sqlite3_column_int(s, 18) != 0;
     info.eightBit = sqlite3_column_int(s, 19) != 0;
+    info.finishedAt = sqlite3_column_int64(s, 25);  // NULL (no finished row) reads as 0
+    info.contentPruned = sqlite3_column_int(s, 26) != 0;
   }
   if (sqlite3_column_type(s, 11) == SQLITE_NULL) return;  // LEFT JOIN: no recipients
   RecipientInfo r;
@@ -314,6 +351,39 @@ util::Error SqliteStore::dbError(const std::string& what) const {
   return e;
 }
 
+namespace {
+
+// A file made before version 4 has auto_vacuum NONE: deleted messages leave free pages the
+// file keeps for ever. Switching needs a VACUUM (a full copy of the file, outside any
+// transaction, with the file's size free on disk): done once, at the first read-write open,
+// and logged, since on a large queue it takes a while. If it fails (disk full), retention
+// still frees pages for new messages to reuse; the file just does not shrink.
+util::Result<void> enableIncrementalVacuum(sqlite3* db, const std::string& path) {
+  int mode = 0;
+  std::string err;
+  if (!schema::readPragmaInt(db, "PRAGMA auto_vacuum", &mode, &err))
+    return util::makeError("queue database " + path + ": cannot read auto_vacuum: " + err);
+  if (mode == 2 || path == ":memory:") return {};  // 2 = INCREMENTAL
+  util::logInfo("queue", "converting " + path +
+                             " to incremental auto-vacuum (PRAGMA auto_vacuum=INCREMENTAL; VACUUM), once; "
+                             "this rewrites the whole file");
+  const auto t0 = std::chrono::steady_clock::now();
+  char* msg = nullptr;
+  if (sqlite3_exec(db, "PRAGMA auto_vacuum=INCREMENTAL; VACUUM", nullptr, nullptr, &msg) != SQLITE_OK) {
+    std::string why = msg ? msg : sqlite3_errmsg(db);
+    sqlite3_free(msg);
+    util::logWarn("queue", "cannot convert " + path + " to incremental auto-vacuum: " + why +
+                               "; old messages are still removed, but the file will not shrink");
+    return {};
+  }
+  const auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+  util::logInfo("queue", "converted " + path + " to incremental auto-vacuum in " + std::to_string(ms) + " ms");
+  return {};
+}
+
+}  // namespace
+
 util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& path, OpenOptions opts) {
   // NOMUTEX: the store serialises calls with its own mutex (see the header).
   int flags = SQLITE_OPEN_NOMUTEX;
@@ -341,6 +411,11 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
   };
 
   if (!opts.readOnly) {
+    // Retention frees pages; incremental auto-vacuum lets them go back to the file system
+    // a few at a time (incrementalVacuum()). A new file takes it only before its first page
+    // is written, which switching to WAL already does; an older file ignores it here and
+    // is converted after the migration (enableIncrementalVacuum).
+    if (auto r = exec("PRAGMA auto_vacuum=INCREMENTAL"); !r) return r.error();
     // WAL: readers (queue list, the scheduler) never block the writer and vice versa.
     // The mode is stored in the file, so read-only connections inherit it.
     sqlite3_stmt* st = nullptr;
@@ -376,11 +451,14 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
     if (version < kSchemaVersion)
       return util::makeError(where + " has schema version " + std::to_string(version) + ", older than " +
                              std::to_string(kSchemaVersion) + "; start `subrelay serve` once to migrate it");
-  } else if (version != kSchemaVersion || appId != schema::kApplicationId) {
-    if (version == 0 && !opts.create) return util::makeError(where + " is not initialised and create=false");
-    auto migrated = schema::migrate(raw, schema::migrations(), kSchemaVersion);
-    if (!migrated) return util::makeError(where + ": " + migrated.error().message);
-    version = *migrated;
+  } else {
+    if (version != kSchemaVersion || appId != schema::kApplicationId) {
+      if (version == 0 && !opts.create) return util::makeError(where + " is not initialised and create=false");
+      auto migrated = schema::migrate(raw, schema::migrations(), kSchemaVersion);
+      if (!migrated) return util::makeError(where + ": " + migrated.error().message);
+      version = *migrated;
+    }
+    if (auto r = enableIncrementalVacuum(raw, path); !r) return r.error();
   }
 
   std::unique_ptr<SqliteStore> store(new SqliteStore(db.release(), version, opts.readOnly));
@@ -402,7 +480,9 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.listAll, kListAll},
       {&s.showOne, kShowOne},
       {&s.showAttempts, kShowAttempts},
-      {&s.content, "SELECT content FROM messages WHERE id = ?1"},
+      {&s.content,
+       "SELECT m.content, coalesce(f.content_pruned, 0), coalesce(f.finished_at, 0) FROM messages m "
+       "LEFT JOIN finished f ON f.message_id = m.id WHERE m.id = ?1"},
       {&s.count, "SELECT count(*) FROM messages"},
       {&s.exists, "SELECT 1 FROM messages WHERE id = ?1"},
       {&s.dueRows, kDueRows},
@@ -429,6 +509,13 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.loadWindows, kLoadWindows},
       {&s.addMeter, kAddMeter},
       {&s.loadMeters, kLoadMeters},
+      {&s.markFinished, kMarkFinished},
+      {&s.markCaptured, kMarkCaptured},
+      {&s.pruneCaptured, kPruneCaptured},
+      {&s.pruneHistory, kPruneHistory},
+      {&s.unprunedRows, kUnprunedRows},
+      {&s.emptyContent, kEmptyContent},
+      {&s.setPruned, kSetPruned},
   };
   for (const auto& p : preps) {
     sqlite3_stmt* st = nullptr;
@@ -482,6 +569,16 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
     if (sqlite3_step(st) != SQLITE_DONE) {
       lastOutOfSpace_ = outOfSpace(db_);
       return "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
+    }
+  }
+  if (m.captured) {
+    // Never delivered: finished (for retention.captured) as soon as it is stored.
+    Use u(s.markCaptured);
+    bindText(u.get(), 1, m.id);
+    sqlite3_bind_int64(u.get(), 2, m.receivedAt);
+    if (sqlite3_step(u.get()) != SQLITE_DONE) {
+      lastOutOfSpace_ = outOfSpace(db_);
+      return "cannot store message " + m.id + ": " + sqlite3_errmsg(db_);
     }
   }
   return {};
@@ -622,6 +719,11 @@ util::Result<std::string> SqliteStore::content(const std::string& id) {
   int rc = sqlite3_step(st);
   if (rc == SQLITE_DONE) return util::makeError("no such message: " + id);
   if (rc != SQLITE_ROW) return dbError("cannot read message " + id);
+  // Not an empty message: the bytes are gone, and a caller must not mistake that for one.
+  if (sqlite3_column_int(st, 1) != 0)
+    return util::makeError("the content of message " + id + " was removed (retention.finished_bodies) after it " +
+                           "finished at " + util::isoUtc(sqlite3_column_int64(st, 2)) +
+                           "; its envelope and delivery history remain");
   return columnText(st, 0);
 }
 
@@ -743,6 +845,13 @@ util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>&
     bindText(st, 9, result);
     bindText(st, 10, status);
     if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record attempt for " + rec.messageId);
+  }
+  // Records come grouped by message in practice; a repeat only costs an index probe.
+  const std::string* last = nullptr;
+  for (const auto& rec : records) {
+    if (last && *last == rec.messageId) continue;
+    last = &rec.messageId;
+    if (auto r = markFinishedLocked(rec.messageId); !r) return r.error();
   }
   if (!txn.commit()) return dbError("cannot commit attempts");
   return {};
@@ -873,6 +982,9 @@ util::Result<void> SqliteStore::completeNotice(const std::string& messageId, con
     sqlite3_bind_int64(u.get(), 2, idx);
     if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot update recipients of " + messageId);
   }
+  if (!delay) {
+    if (auto r = markFinishedLocked(messageId); !r) return r.error();
+  }
   if (!txn.commit()) return dbError("cannot commit DSN of " + messageId);
   return {};
 }
@@ -945,8 +1057,106 @@ util::Result<int64_t> SqliteStore::bounce(const std::string& id) {
     if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot bounce " + id);
     changed += static_cast<int64_t>(sqlite3_changes(db_));
   }
+  // A DSN to send keeps it unfinished; a bounce of a DSN or of a null sender finishes it.
+  if (auto r = markFinishedLocked(id); !r) return r.error();
   if (!txn.commit()) return dbError("cannot commit bounce of " + id);
   return changed;
+}
+
+// --- retention ------------------------------------------------------------------------
+
+util::Result<void> SqliteStore::markFinishedLocked(const std::string& id) {
+  Use u(stmts_->markFinished);
+  bindText(u.get(), 1, id);
+  if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot mark " + id + " finished");
+  return {};
+}
+
+util::Result<PruneCounts> SqliteStore::prune(int64_t now, const RetentionPolicy& policy, size_t maxRows) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  PruneCounts out;
+  if (maxRows == 0) return out;
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin prune transaction");
+  auto budget = [&] { return static_cast<int64_t>(maxRows) - out.rows(); };
+  // Deletions first: a message about to go entirely needs no body pruned first.
+  auto remove = [&](const Stmt& stmt, int64_t cutoff, int64_t& count, const char* what) -> util::Result<void> {
+    if (budget() <= 0) return {};
+    Use u(stmt);
+    sqlite3_bind_int64(u.get(), 1, cutoff);
+    sqlite3_bind_int64(u.get(), 2, budget());
+    if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError(std::string("cannot delete ") + what);
+    count = static_cast<int64_t>(sqlite3_changes(db_));  // messages only: cascades are not counted
+    return {};
+  };
+  if (auto r = remove(s.pruneCaptured, now - policy.captured, out.capturedDeleted, "captured messages"); !r)
+    return r.error();
+  if (auto r = remove(s.pruneHistory, now - policy.history, out.finishedDeleted, "finished messages"); !r)
+    return r.error();
+  if (budget() > 0) {
+    std::vector<std::string> ids;
+    {
+      Use u(s.unprunedRows);
+      sqlite3_bind_int64(u.get(), 1, now - policy.finishedBodies);
+      sqlite3_bind_int64(u.get(), 2, budget());
+      int rc;
+      while ((rc = sqlite3_step(u.get())) == SQLITE_ROW) ids.push_back(columnText(u.get(), 0));
+      if (rc != SQLITE_DONE) return dbError("cannot read finished messages");
+    }
+    for (const auto& id : ids) {
+      for (const Stmt* st : {&s.emptyContent, &s.setPruned}) {
+        Use u(*st);
+        bindText(u.get(), 1, id);
+        if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot remove the content of " + id);
+      }
+    }
+    out.bodiesRemoved = static_cast<int64_t>(ids.size());
+  }
+  if (out.rows() == 0) return out;  // nothing written: the destructor rolls back
+  if (!txn.commit()) return dbError("cannot commit prune");
+  return out;
+}
+
+namespace {
+bool pragmaInt64(sqlite3* db, const char* sql, int64_t& out) {
+  sqlite3_stmt* st = nullptr;
+  if (sqlite3_prepare_v2(db, sql, -1, &st, nullptr) != SQLITE_OK) return false;
+  const bool ok = sqlite3_step(st) == SQLITE_ROW;
+  if (ok) out = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  return ok;
+}
+}  // namespace
+
+util::Result<std::pair<int64_t, int64_t>> SqliteStore::freeAndTotalPages() {
+  std::lock_guard lock(mu_);
+  int64_t freePages = 0, total = 0;
+  if (!pragmaInt64(db_, "PRAGMA freelist_count", freePages) || !pragmaInt64(db_, "PRAGMA page_count", total))
+    return dbError("cannot read the page counts");
+  return std::pair<int64_t, int64_t>{freePages, total};
+}
+
+util::Result<int64_t> SqliteStore::incrementalVacuum(int64_t maxPages, int64_t keepFreePages) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  int64_t before = 0;
+  if (!pragmaInt64(db_, "PRAGMA freelist_count", before)) return dbError("cannot read the free page count");
+  const int64_t n = std::min(maxPages, before - keepFreePages);
+  if (n <= 0) return int64_t{0};
+  // Its own (autocommit) write transaction; the pragma frees one page per step. Integers
+  // only in the text: pragmas take no bound parameters.
+  char* msg = nullptr;
+  const std::string sql = "PRAGMA incremental_vacuum(" + std::to_string(n) + ")";
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &msg) != SQLITE_OK) {
+    std::string why = msg ? msg : sqlite3_errmsg(db_);
+    sqlite3_free(msg);
+    return util::makeError("incremental vacuum: " + why);
+  }
+  int64_t after = 0;
+  if (!pragmaInt64(db_, "PRAGMA freelist_count", after)) return dbError("cannot read the free page count");
+  return before - after;
 }
 
 // --- account policy -------------------------------------------------------------------

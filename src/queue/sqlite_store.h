@@ -13,6 +13,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "queue/delivery_queue.h"
@@ -96,6 +97,23 @@ class SqliteStore final : public Store, public DeliveryQueue {
   // delivery stands; otherwise they are bounced when it ends.
   util::Result<int64_t> bounce(const std::string& id);
 
+  // --- retention ---
+  // One small batch in one short write transaction, at most maxRows messages in all, in
+  // this order: captured messages received at or before now - policy.captured are deleted;
+  // finished messages (finished_at > 0) finished at or before now - policy.history are
+  // deleted; finished messages finished at or before now - policy.finishedBodies get an
+  // empty content and content_pruned = 1. Recipients and attempts go with a deleted
+  // message (ON DELETE CASCADE). A message with a recipient queued, deferred or with a
+  // DSN pending is never touched. Call again while the counts add up to maxRows.
+  util::Result<PruneCounts> prune(int64_t now, const RetentionPolicy& policy, size_t maxRows);
+  // PRAGMA incremental_vacuum: gives back to the file system up to maxPages of the free
+  // pages beyond the first keepFreePages (those stay for new messages to reuse, so a steady
+  // queue does not shrink and regrow its file). Returns the pages released. The file
+  // shrinks at the next WAL checkpoint.
+  util::Result<int64_t> incrementalVacuum(int64_t maxPages, int64_t keepFreePages = 0);
+  // Free pages in the file (PRAGMA freelist_count) and the page count, for logs and tests.
+  util::Result<std::pair<int64_t, int64_t>> freeAndTotalPages();
+
   // --- account policy (issue 5) ---
   // Upserts rows (username, rule) -> (window_start, count); one transaction.
   util::Result<void> saveRateWindows(const std::vector<RateWindowRow>& rows);
@@ -105,7 +123,7 @@ class SqliteStore final : public Store, public DeliveryQueue {
   util::Result<std::vector<MeterRow>> loadMeters();
 
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 3;
+  static constexpr int kSchemaVersion = 4;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);
@@ -117,6 +135,9 @@ class SqliteStore final : public Store, public DeliveryQueue {
   // completeDsn / completeDelayNotice: `delay` picks the flag.
   util::Result<void> completeNotice(const std::string& messageId, const std::vector<int64_t>& indexes,
                                     const std::optional<NewMessage>& dsn, bool delay);
+  // Sets finished_at (the latest recipient update) on a message none of whose recipients
+  // is still waiting or has a DSN pending; inside the caller's transaction.
+  util::Result<void> markFinishedLocked(const std::string& id);
   // "no such message" unless id exists (inside the caller's transaction).
   util::Result<void> requireMessageLocked(const std::string& id);
 

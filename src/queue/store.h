@@ -12,6 +12,7 @@
 // schedule's result.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -115,6 +116,11 @@ struct MessageInfo {
   std::string tlsCipher;
   bool isDsn = false;
   bool eightBit = false;
+  // Retention: when the last recipient became final (delivered, or failed with its DSN
+  // queued; received_at for a captured message), 0 while any is waiting. contentPruned:
+  // the message bytes were removed (retention.finished_bodies); content() says so.
+  int64_t finishedAt = 0;
+  bool contentPruned = false;
   std::vector<RecipientInfo> recipients;
   std::vector<AttemptInfo> attempts;  // filled by show(), oldest first; empty in list()
 };
@@ -177,6 +183,43 @@ struct MeterRow {
   uint64_t bytes = 0;
   uint64_t authFailures = 0;
   int64_t updatedAt = 0;
+};
+
+// --- retention ----------------------------------------------------------------------
+
+// config retention.* in seconds (SqliteStore::prune()).
+struct RetentionPolicy {
+  int64_t finishedBodies = 0;          // after finished_at: content removed
+  int64_t history = 30 * 24 * 3600;    // after finished_at: the message deleted
+  int64_t captured = 7 * 24 * 3600;    // after received_at: a captured message deleted
+};
+
+// What one prune() batch did, in messages.
+struct PruneCounts {
+  int64_t bodiesRemoved = 0;     // finished messages whose content was emptied
+  int64_t finishedDeleted = 0;   // finished messages deleted with their history
+  int64_t capturedDeleted = 0;   // captured messages deleted
+  int64_t rows() const { return bodiesRemoved + finishedDeleted + capturedDeleted; }
+};
+
+// When to run the next prune batch, from what the last one did: at once (after `busy`,
+// which lets the writers in between) while a batch came back full, since more is waiting;
+// after `trickle` when it did some work; after `idle` when there was nothing to do; after
+// `error` when it failed. Pure: the delivery service runs it on a timer.
+struct PrunePacer {
+  size_t maxRows = 64;            // messages per prune() batch (keeps the write lock short)
+  int64_t maxVacuumPages = 1024;  // pages per incrementalVacuum() call
+  std::chrono::milliseconds busy{50};
+  std::chrono::milliseconds trickle{2000};
+  std::chrono::milliseconds idle{5000};
+  std::chrono::milliseconds error{30000};
+
+  std::chrono::milliseconds next(const PruneCounts& last, int64_t pagesVacuumed, bool failed) const {
+    if (failed) return error;
+    if (last.rows() >= static_cast<int64_t>(maxRows) || pagesVacuumed >= maxVacuumPages) return busy;
+    if (last.rows() > 0 || pagesVacuumed > 0) return trickle;
+    return idle;
+  }
 };
 
 // A queue id: 16 lower-case hex characters, time-ordered (48-bit milliseconds since the

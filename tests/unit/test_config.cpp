@@ -176,6 +176,7 @@ TEST_CASE("config.example.json is valid") {
   CHECK_FALSE(r.config->delivery.tlsOverrides.empty());
   CHECK_FALSE(r.config->accounts.empty());
   CHECK(r.config->limits.authFailureDelay != 1000ms);
+  CHECK(r.config->retention.finishedBodies == 24h);
 }
 
 TEST_CASE("defaults") {
@@ -197,6 +198,9 @@ TEST_CASE("defaults") {
   CHECK(c.delivery.retrySchedule.back() == 8h);
   CHECK(c.logLevel == "info");
   CHECK(c.listeners[0].tls == ListenerTls::StartTls);
+  CHECK(c.retention.finishedBodies == 0s);
+  CHECK(c.retention.history == 30 * 24h);
+  CHECK(c.retention.captured == 7 * 24h);
 }
 
 TEST_CASE("JSON syntax errors: one error with line, column and byte") {
@@ -695,6 +699,52 @@ TEST_CASE("delivery") {
   expectError(parse(withTop(R"(, "delivery": {"resolvers": []})")), "delivery.resolvers", "/etc/resolv.conf");
   expectError(parse(withTop(R"(, "delivery": {"tls_policy_overrides": ["example.com"]})")),
               "delivery.tls_policy_overrides", "expected an object");
+}
+
+TEST_CASE("retention") {
+  SUBCASE("valid") {
+    LoadResult r = parse(withTop(R"(, "retention": {"finished_bodies": "2h", "history": "3d", "captured": "90m"})"));
+    expectOk(r);
+    const Retention& t = r.config->retention;
+    CHECK(t.finishedBodies == 2h);
+    CHECK(t.history == 72h);
+    CHECK(t.captured == 90min);
+  }
+  SUBCASE("finished_bodies may be zero, the others may not") {
+    LoadResult r = parse(withTop(R"(, "retention": {"finished_bodies": "0s", "history": "1s", "captured": "1s"})"));
+    expectOk(r);
+    CHECK(r.config->retention.finishedBodies == 0s);
+    CHECK(r.config->retention.history == 1s);
+    LoadResult bad = parse(withTop(R"(, "retention": {"history": "0s", "captured": "0d"})"));
+    expectError(bad, "retention.history", "expected a duration greater than zero, got \"0s\"");
+    expectError(bad, "retention.captured", "expected a duration greater than zero, got \"0d\"");
+    CHECK(bad.errors.size() == 2);
+  }
+  SUBCASE("errors name the file, the path and what was expected") {
+    LoadResult r = parse(withTop(R"(, "retention": {"finished_bodies": "1h30m", "history": 30, "captured": "500ms",
+        "captured_bodies": "1d"})"));
+    expectError(r, "retention.finished_bodies", R"(expected a duration such as "30s", "5m", "1h" or "5d", got "1h30m")");
+    expectError(r, "retention.history", "got 30");
+    expectError(r, "retention.captured", "whole seconds");
+    expectError(r, "retention.captured_bodies", "unknown key");
+    CHECK(r.errors.size() == 4);
+    bool named = false;
+    for (const auto& line : r.formatErrors())
+      named = named || line.rfind("test.json: retention.history: expected a duration", 0) == 0;
+    CHECK(named);
+    expectError(parse(withTop(R"(, "retention": ["1d"])")), "retention", "expected an object");
+  }
+  SUBCASE("bodies are not kept longer than the history") {
+    expectError(parse(withTop(R"(, "retention": {"finished_bodies": "31d"})")), "retention.finished_bodies",
+                R"(not longer than retention.history ("30d"), got "31d")");
+    expectError(parse(withTop(R"(, "retention": {"finished_bodies": "2h", "history": "1h"})")),
+                "retention.finished_bodies", R"(retention.history ("1h"))");
+    expectOk(parse(withTop(R"(, "retention": {"finished_bodies": "1h", "history": "1h"})")));
+    // A history that is itself wrong is reported alone.
+    LoadResult r = parse(withTop(R"(, "retention": {"finished_bodies": "2h", "history": "x"})"));
+    expectError(r, "retention.history", "got \"x\"");
+    CHECK(r.errors.size() == 1);
+  }
 }
 
 TEST_CASE("log_level and workers") {

@@ -887,7 +887,7 @@ TEST_CASE("two connections cannot lease the same recipients") {
   CHECK(std::set<std::string>(leased.begin(), leased.end()).size() == 400);  // no recipient twice
 }
 
-TEST_CASE("a version 1 database with messages migrates to version 2 and keeps them") {
+TEST_CASE("a version 1 database with messages migrates to the current version and keeps them") {
   TempDir dir;
   const std::string path = dir.file("v1.db");
   {
@@ -975,6 +975,8 @@ TEST_CASE("a file database is WAL, versioned, and has the scheduler index") {
   CHECK(raw.text("PRAGMA user_version") == std::to_string(SqliteStore::kSchemaVersion));
   CHECK(raw.text("PRAGMA application_id") == std::to_string(schema::kApplicationId));
   CHECK(raw.text("SELECT name FROM sqlite_master WHERE type='index' AND name='recipients_due'") == "recipients_due");
+  // A new file is made with incremental auto-vacuum (retention gives pages back with it).
+  CHECK(raw.text("PRAGMA auto_vacuum") == "2");
   CHECK(raw.text("SELECT sql FROM sqlite_master WHERE name='recipients'").find("ON DELETE CASCADE") !=
         std::string::npos);
 }
@@ -1458,4 +1460,316 @@ TEST_CASE("durability: acknowledged messages survive _exit and SIGKILL") {
     CHECK(missing == 0);
     for (const auto& m : *all) CHECK(m.recipients.size() == 2);  // never half a message
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// Retention (schema version 4): finished messages lose their content, then their history;
+// captured messages go after retention.captured. Explicit `now` values throughout.
+
+namespace {
+
+constexpr int64_t kHour = 3600;
+constexpr int64_t kDay = 24 * kHour;
+
+NewMessage captured(const std::string& id, int64_t at) {
+  NewMessage m = makeMessage(id, at, 1);
+  m.captured = true;
+  return m;
+}
+
+bool contentRemoved(SqliteStore& s, const std::string& id) {
+  auto c = s.content(id);
+  return !c.ok() && c.error().message.find("was removed") != std::string::npos;
+}
+
+bool exists(SqliteStore& s, const std::string& id) { return s.show(id).ok(); }
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("retention: prune removes bodies, then history; captured after their own time", B, FileBackend,
+                   MemoryBackend) {
+  B backend;
+  auto store = backend.open();
+  CAPTURE(B::kName);
+  RetentionPolicy policy;
+  policy.finishedBodies = kHour;
+  policy.history = kDay;
+  policy.captured = 10 * 60;
+
+  // A: both recipients delivered at kT0 + 10 (finished). B: one delivered, one deferred.
+  // C: queued, never tried. D: failed with a DSN pending, then its DSN is queued.
+  // E: captured at kT0. F: failed with the null sender: no DSN, finished at once.
+  NewMessage f = makeMessage("000000000000000f", kT0, 1);
+  f.mailFrom = "";
+  for (auto r : store->insertBatch({makeMessage("000000000000000a", kT0), makeMessage("000000000000000b", kT0),
+                                    makeMessage("000000000000000c", kT0), makeMessage("000000000000000d", kT0, 1),
+                                    captured("000000000000000e", kT0), f}))
+    REQUIRE(r.ok());
+  REQUIRE(store
+              ->recordAttempts({outcome("000000000000000a", 0, kStateDelivered, kT0 + 5),
+                                outcome("000000000000000a", 1, kStateDelivered, kT0 + 10),
+                                outcome("000000000000000b", 0, kStateDelivered, kT0 + 10),
+                                outcome("000000000000000b", 1, kStateDeferred, kT0 + 10, kT0 + 600, "451 later"),
+                                outcome("000000000000000d", 0, kStateFailed, kT0 + 20, 0, "550 no such user"),
+                                outcome("000000000000000f", 0, kStateFailed, kT0 + 30, 0, "550 no such user")})
+              .ok());
+
+  CHECK(store->show("000000000000000a")->finishedAt == kT0 + 10);
+  CHECK(store->show("000000000000000b")->finishedAt == 0);
+  CHECK(store->show("000000000000000c")->finishedAt == 0);
+  CHECK(store->show("000000000000000d")->finishedAt == 0);  // its DSN is still to be sent
+  CHECK(store->show("000000000000000e")->finishedAt == kT0);
+  CHECK(store->show("000000000000000f")->finishedAt == kT0 + 30);
+
+  SUBCASE("bodies go at finished_bodies, not a second before; the envelope and history stay") {
+    auto none = store->prune(kT0 + 10 + kHour - 1, policy, 100);
+    REQUIRE(none.ok());
+    CHECK(none->bodiesRemoved == 0);
+    CHECK(none->capturedDeleted == 1);  // E, captured an hour ago
+    CHECK(store->content("000000000000000a").ok());
+    auto some = store->prune(kT0 + 10 + kHour, policy, 100);
+    REQUIRE(some.ok());
+    CHECK(some->bodiesRemoved == 1);  // A; F finished 20 s later
+    CHECK(some->capturedDeleted == 0);
+    CHECK(some->finishedDeleted == 0);
+    CHECK(contentRemoved(*store, "000000000000000a"));
+    auto a = store->show("000000000000000a");
+    REQUIRE(a.ok());
+    CHECK(a->contentPruned);
+    CHECK(a->size > 0);  // the original size is kept
+    CHECK(a->recipients.size() == 2);
+    CHECK(a->attempts.size() == 2);
+    CHECK(rcpt(*a, 1).state == kStateDelivered);
+    CHECK(store->content("000000000000000f").ok());
+    CHECK(store->prune(kT0 + 30 + kHour, policy, 100)->bodiesRemoved == 1);
+    CHECK(contentRemoved(*store, "000000000000000f"));
+    // Pruned once only.
+    CHECK(store->prune(kT0 + 30 + kHour, policy, 100)->rows() == 0);
+  }
+  SUBCASE("history goes at retention.history") {
+    REQUIRE(store->prune(kT0 + kDay, policy, 100).ok());
+    CHECK(exists(*store, "000000000000000a"));
+    auto r = store->prune(kT0 + 10 + kDay, policy, 100);
+    REQUIRE(r.ok());
+    CHECK(r->finishedDeleted == 1);
+    CHECK_FALSE(exists(*store, "000000000000000a"));
+    CHECK(store->show("000000000000000a").error().message.find("no such message") == 0);
+    CHECK(store->prune(kT0 + 30 + kDay, policy, 100)->finishedDeleted == 1);  // F
+    CHECK_FALSE(exists(*store, "000000000000000f"));
+  }
+  SUBCASE("captured messages go at retention.captured, bytes and all") {
+    CHECK(store->prune(kT0 + 599, policy, 100)->capturedDeleted == 0);
+    CHECK(store->content("000000000000000e").ok());
+    CHECK(store->prune(kT0 + 600, policy, 100)->capturedDeleted == 1);
+    CHECK_FALSE(exists(*store, "000000000000000e"));
+  }
+  SUBCASE("unfinished, deferred, queued and DSN-pending messages are never touched") {
+    const int64_t far = kT0 + 100 * 365 * kDay;
+    while (store->prune(far, policy, 100)->rows() > 0) {
+    }
+    for (const char* id : {"000000000000000b", "000000000000000c", "000000000000000d"}) {
+      CAPTURE(id);
+      REQUIRE(exists(*store, id));
+      CHECK(store->content(id).ok());
+      CHECK_FALSE(store->show(id)->contentPruned);
+    }
+    CHECK(store->count().value() == 3);
+    // D's DSN queued: D is finished (when it failed), and the DSN itself is a new message.
+    REQUIRE(store->completeDsn("000000000000000d", {0}, makeDsn("00000000000000d5", "orders@shop.example.com", kT0 + 40))
+                .ok());
+    CHECK(store->show("000000000000000d")->finishedAt == kT0 + 20);
+    CHECK(store->show("00000000000000d5")->finishedAt == 0);
+    CHECK(store->prune(kT0 + 20 + kHour, policy, 100)->bodiesRemoved == 1);
+    CHECK(contentRemoved(*store, "000000000000000d"));
+    CHECK(store->content("00000000000000d5").ok());
+    // B finishes when its deferred recipient is delivered.
+    REQUIRE(store->recordAttempts({outcome("000000000000000b", 1, kStateDelivered, kT0 + 700)}).ok());
+    CHECK(store->show("000000000000000b")->finishedAt == kT0 + 700);
+  }
+  SUBCASE("finished_bodies 0s: the body goes as soon as the message finishes") {
+    policy.finishedBodies = 0;
+    auto r = store->prune(kT0 + 10, policy, 100);
+    REQUIRE(r.ok());
+    CHECK(r->bodiesRemoved == 1);
+    CHECK(contentRemoved(*store, "000000000000000a"));
+    CHECK(store->content("000000000000000f").ok());  // finishes at kT0 + 30
+  }
+  SUBCASE("a bounce finishes a message once no DSN is pending") {
+    // C bounced by an operator: its DSN is pending, so it waits for that.
+    REQUIRE(store->bounce("000000000000000c").value() == 2);
+    CHECK(store->show("000000000000000c")->finishedAt == 0);
+    REQUIRE(store->completeDsn("000000000000000c", {0, 1}, std::nullopt).ok());
+    CHECK(store->show("000000000000000c")->finishedAt > 0);
+  }
+}
+
+TEST_CASE_TEMPLATE("retention: each prune is one batch of at most maxRows messages", B, FileBackend, MemoryBackend) {
+  B backend;
+  auto store = backend.open();
+  CAPTURE(B::kName);
+  std::vector<NewMessage> batch;
+  for (int i = 0; i < 10; ++i) batch.push_back(captured("00000000000001" + std::to_string(10 + i), kT0 + i));
+  for (int i = 0; i < 4; ++i) batch.push_back(makeMessage("00000000000002" + std::to_string(10 + i), kT0, 1));
+  for (auto r : store->insertBatch(batch)) REQUIRE(r.ok());
+  std::vector<AttemptRecord> done;
+  for (int i = 0; i < 4; ++i) done.push_back(outcome("00000000000002" + std::to_string(10 + i), 0, kStateDelivered, kT0 + i));
+  REQUIRE(store->recordAttempts(done).ok());
+
+  RetentionPolicy policy;
+  policy.captured = 60;
+  const int64_t now = kT0 + 100;
+  std::vector<int64_t> sizes;
+  int64_t bodies = 0, deleted = 0;
+  for (;;) {
+    auto r = store->prune(now, policy, 3);
+    REQUIRE(r.ok());
+    CHECK(r->rows() <= 3);
+    if (r->rows() == 0) break;
+    sizes.push_back(r->rows());
+    bodies += r->bodiesRemoved;
+    deleted += r->capturedDeleted;
+  }
+  CHECK(sizes == std::vector<int64_t>{3, 3, 3, 3, 2});
+  CHECK(deleted == 10);
+  CHECK(bodies == 4);
+  CHECK(store->count().value() == 4);
+  // Oldest first: with one row allowed, the captured message received first goes first.
+  REQUIRE(store->insertBatch({captured("0000000000000301", kT0 + 2), captured("0000000000000300", kT0 + 1)})[0].ok());
+  CHECK(store->prune(now, policy, 1)->capturedDeleted == 1);
+  CHECK(exists(*store, "0000000000000301"));
+  CHECK_FALSE(exists(*store, "0000000000000300"));
+  CHECK(store->prune(now, policy, 0)->rows() == 0);
+}
+
+TEST_CASE("retention: prune uses the finished table's indexes and vacuum gives pages back") {
+  TempDir dir;
+  const std::string path = dir.file("q.db");
+  auto store = mustOpen(path);
+  std::vector<NewMessage> batch;
+  for (int i = 0; i < 100; ++i) {
+    NewMessage m = captured("0000000000001" + std::to_string(100 + i), kT0);
+    m.content.append(20000, 'x');  // overflow pages
+    batch.push_back(std::move(m));
+  }
+  for (auto r : store->insertBatch(batch)) REQUIRE(r.ok());
+  RawDb raw(path);
+  auto plan = [&](const std::string& sql) {
+    std::string out;
+    sqlite3_stmt* st = nullptr;
+    REQUIRE(sqlite3_prepare_v2(raw.get(), ("EXPLAIN QUERY PLAN " + sql).c_str(), -1, &st, nullptr) == SQLITE_OK);
+    while (sqlite3_step(st) == SQLITE_ROW) out += reinterpret_cast<const char*>(sqlite3_column_text(st, 3)) + std::string("\n");
+    sqlite3_finalize(st);
+    return out;
+  };
+  CHECK(plan("SELECT message_id FROM finished INDEXED BY finished_unpruned WHERE captured = 0 AND content_pruned = 0 AND finished_at <= 5 "
+             "ORDER BY finished_at LIMIT 3")
+            .find("USING COVERING INDEX finished_unpruned") != std::string::npos);
+  CHECK(plan("SELECT message_id FROM finished WHERE captured = 1 AND finished_at <= 5 ORDER BY finished_at LIMIT 3")
+            .find("USING COVERING INDEX finished_due") != std::string::npos);
+
+  const int64_t pagesBefore = store->freeAndTotalPages()->second;
+  RetentionPolicy policy;
+  policy.captured = 1;
+  while (store->prune(kT0 + 1, policy, 30)->rows() > 0) {
+  }
+  CHECK(store->count().value() == 0);
+  auto pages = store->freeAndTotalPages();
+  REQUIRE(pages.ok());
+  CHECK(pages->first > 400);  // 100 x 20 kB freed
+  CHECK(store->incrementalVacuum(10).value() == 10);
+  CHECK(store->freeAndTotalPages()->first == pages->first - 10);
+  // The rest, except 5 pages kept for new messages.
+  CHECK(store->incrementalVacuum(1'000'000, 5).value() == pages->first - 15);
+  CHECK(store->freeAndTotalPages()->first == 5);
+  CHECK(store->incrementalVacuum(1'000'000, 5).value() == 0);
+  CHECK(store->freeAndTotalPages()->second < pagesBefore);
+  // Read-only connections cannot prune.
+  OpenOptions ro;
+  ro.readOnly = true;
+  auto reader = mustOpen(path, ro);
+  CHECK_FALSE(reader->prune(kT0, policy, 10).ok());
+  CHECK_FALSE(reader->incrementalVacuum(10).ok());
+}
+
+TEST_CASE("a version 2 database migrates to version 4: data kept, finished messages found, vacuum switched on") {
+  TempDir dir;
+  const std::string path = dir.file("v2.db");
+  {
+    RawDb raw(path);  // auto_vacuum NONE, as every file before version 4
+    std::vector<schema::Migration> v2;
+    for (const auto& m : schema::migrations())
+      if (m.version <= 2) v2.push_back(m);
+    REQUIRE(schema::migrate(raw.get(), v2, 2).ok());
+    REQUIRE(raw.text("PRAGMA auto_vacuum") == "0");
+    auto msg = [&](const std::string& id, int captured) {
+      REQUIRE(raw.exec("INSERT INTO messages (id, account, mail_from, size, received_at, captured, content) VALUES ('" +
+                       id + "', 'webshop', 'orders@shop.example.com', 4, 1700000000, " + std::to_string(captured) +
+                       ", x'41424344')"));
+    };
+    auto rc = [&](const std::string& id, int idx, const std::string& state, int64_t updated, int dsn = 0) {
+      REQUIRE(raw.exec("INSERT INTO recipients (message_id, idx, address, state, updated_at, dsn_pending) VALUES ('" +
+                       id + "', " + std::to_string(idx) + ", 'u" + std::to_string(idx) + "@example.org', '" + state +
+                       "', " + std::to_string(updated) + ", " + std::to_string(dsn) + ")"));
+    };
+    msg("0000000000000201", 0);  // delivered + failed (DSN sent): finished at 1700000500
+    rc("0000000000000201", 0, "delivered", 1700000100);
+    rc("0000000000000201", 1, "failed", 1700000500);
+    REQUIRE(raw.exec("INSERT INTO attempts (message_id, idx, at, result) VALUES ('0000000000000201', 0, 1700000100, "
+                     "'delivered')"));
+    msg("0000000000000202", 0);  // deferred
+    rc("0000000000000202", 0, "deferred", 1700000100);
+    msg("0000000000000203", 0);  // failed, DSN pending
+    rc("0000000000000203", 0, "failed", 1700000100, 1);
+    msg("0000000000000204", 1);  // captured
+    rc("0000000000000204", 0, "captured", 1700000000);
+  }
+  auto store = mustOpen(path);
+  CHECK(store->schemaVersion() == 4);
+  CHECK(store->count().value() == 4);
+  CHECK(store->show("0000000000000201")->finishedAt == 1700000500);
+  CHECK(store->show("0000000000000201")->attempts.size() == 1);
+  CHECK(store->show("0000000000000202")->finishedAt == 0);
+  CHECK(store->show("0000000000000203")->finishedAt == 0);
+  CHECK(store->show("0000000000000204")->finishedAt == 1700000000);
+  CHECK(store->show("0000000000000204")->captured);
+  for (const char* id : {"0000000000000201", "0000000000000202", "0000000000000203", "0000000000000204"})
+    CHECK(store->content(id).value() == "ABCD");
+  // Converted once, at the first read-write open (a VACUUM).
+  {
+    RawDb raw(path);
+    CHECK(raw.text("PRAGMA auto_vacuum") == "2");
+    CHECK(raw.text("PRAGMA user_version") == "4");
+  }
+  RetentionPolicy policy;  // bodies at once, history 30 days, captured 7 days
+  auto r = store->prune(1700000500, policy, 10);
+  REQUIRE(r.ok());
+  CHECK(r->bodiesRemoved == 1);
+  CHECK(contentRemoved(*store, "0000000000000201"));
+  CHECK(store->prune(1700000000 + 7 * kDay, policy, 10)->capturedDeleted == 1);
+  CHECK(store->prune(1700000500 + 30 * kDay, policy, 10)->finishedDeleted == 1);
+  CHECK(store->count().value() == 2);
+  // A second open does not convert again (nothing to do) and keeps everything.
+  store.reset();
+  auto again = mustOpen(path);
+  CHECK(again->count().value() == 2);
+}
+
+TEST_CASE("prune pacing: at once while batches come back full, then every few seconds") {
+  using namespace std::chrono_literals;
+  PrunePacer p;
+  p.maxRows = 100;
+  p.maxVacuumPages = 1000;
+  PruneCounts full;
+  full.bodiesRemoved = 60;
+  full.capturedDeleted = 40;
+  CHECK(p.next(full, 0, false) == 50ms);
+  PruneCounts some;
+  some.finishedDeleted = 99;
+  CHECK(p.next(some, 0, false) == 2s);
+  CHECK(p.next(PruneCounts{}, 0, false) == 5s);
+  // A full vacuum step means more free pages wait too.
+  CHECK(p.next(PruneCounts{}, 1000, false) == 50ms);
+  CHECK(p.next(PruneCounts{}, 10, false) == 2s);
+  // A failure backs off, whatever the counts say.
+  CHECK(p.next(full, 1000, true) == 30s);
 }
