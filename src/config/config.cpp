@@ -957,6 +957,8 @@ class ConfigReader {
       }
       *field = v;
     }
+  }
+
   void readRetention(const Json& o) {
     const std::string p = "retention";
     if (!v_.object(o, p)) return;

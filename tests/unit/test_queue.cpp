@@ -1506,12 +1506,12 @@ TEST_CASE_TEMPLATE("retention: prune removes bodies, then history; captured afte
                                     captured("000000000000000e", kT0), f}))
     REQUIRE(r.ok());
   REQUIRE(store
-              ->recordAttempts({outcome("000000000000000a", 0, kStateDelivered, kT0 + 5),
-                                outcome("000000000000000a", 1, kStateDelivered, kT0 + 10),
-                                outcome("000000000000000b", 0, kStateDelivered, kT0 + 10),
-                                outcome("000000000000000b", 1, kStateDeferred, kT0 + 10, kT0 + 600, "451 later"),
-                                outcome("000000000000000d", 0, kStateFailed, kT0 + 20, 0, "550 no such user"),
-                                outcome("000000000000000f", 0, kStateFailed, kT0 + 30, 0, "550 no such user")})
+              ->recordAttempts({outcome("000000000000000a", 0, RecipientState::Delivered, kT0 + 5),
+                                outcome("000000000000000a", 1, RecipientState::Delivered, kT0 + 10),
+                                outcome("000000000000000b", 0, RecipientState::Delivered, kT0 + 10),
+                                outcome("000000000000000b", 1, RecipientState::Deferred, kT0 + 10, kT0 + 600, "451 later"),
+                                outcome("000000000000000d", 0, RecipientState::Failed, kT0 + 20, 0, "550 no such user"),
+                                outcome("000000000000000f", 0, RecipientState::Failed, kT0 + 30, 0, "550 no such user")})
               .ok());
 
   CHECK(store->show("000000000000000a")->finishedAt == kT0 + 10);
@@ -1539,7 +1539,7 @@ TEST_CASE_TEMPLATE("retention: prune removes bodies, then history; captured afte
     CHECK(a->size > 0);  // the original size is kept
     CHECK(a->recipients.size() == 2);
     CHECK(a->attempts.size() == 2);
-    CHECK(rcpt(*a, 1).state == kStateDelivered);
+    CHECK(rcpt(*a, 1).state == RecipientState::Delivered);
     CHECK(store->content("000000000000000f").ok());
     CHECK(store->prune(kT0 + 30 + kHour, policy, 100)->bodiesRemoved == 1);
     CHECK(contentRemoved(*store, "000000000000000f"));
@@ -1583,7 +1583,7 @@ TEST_CASE_TEMPLATE("retention: prune removes bodies, then history; captured afte
     CHECK(contentRemoved(*store, "000000000000000d"));
     CHECK(store->content("00000000000000d5").ok());
     // B finishes when its deferred recipient is delivered.
-    REQUIRE(store->recordAttempts({outcome("000000000000000b", 1, kStateDelivered, kT0 + 700)}).ok());
+    REQUIRE(store->recordAttempts({outcome("000000000000000b", 1, RecipientState::Delivered, kT0 + 700)}).ok());
     CHECK(store->show("000000000000000b")->finishedAt == kT0 + 700);
   }
   SUBCASE("finished_bodies 0s: the body goes as soon as the message finishes") {
@@ -1612,7 +1612,7 @@ TEST_CASE_TEMPLATE("retention: each prune is one batch of at most maxRows messag
   for (int i = 0; i < 4; ++i) batch.push_back(makeMessage("00000000000002" + std::to_string(10 + i), kT0, 1));
   for (auto r : store->insertBatch(batch)) REQUIRE(r.ok());
   std::vector<AttemptRecord> done;
-  for (int i = 0; i < 4; ++i) done.push_back(outcome("00000000000002" + std::to_string(10 + i), 0, kStateDelivered, kT0 + i));
+  for (int i = 0; i < 4; ++i) done.push_back(outcome("00000000000002" + std::to_string(10 + i), 0, RecipientState::Delivered, kT0 + i));
   REQUIRE(store->recordAttempts(done).ok());
 
   RetentionPolicy policy;
