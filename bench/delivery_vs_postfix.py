@@ -30,7 +30,7 @@ Common to both:
     (AUTH PLAIN); subrelay is stopped, `subrelay queue retry --all` makes everything due, and the
     clock runs from starting it again (delivery.resolvers = 127.0.0.52:53, delivery.port = the
     receiver's port, max_connections_per_domain = --per-domain) until every recipient is
-    `delivered` in queue.db (polled every 50 ms).
+    `delivered` in queue.db (polled every 50 ms: no recipient left queued/deferred, none failed).
 
 (b) Postfix 3.x as the sending relay: a second private instance (own config_directory,
     queue_directory and data_directory, started with `postfix -c DIR start`, built like
@@ -57,17 +57,29 @@ Common to both:
     connections) with `check_recipient_access static:HOLD`, so every message waits in the hold
     queue. Then `postsuper -H ALL` moves them to the deferred queue (not timed, like `queue
     retry --all`), and the clock runs from `postqueue -f` until the queue directories
-    (incoming, active, deferred, hold, maildrop) are empty (polled every 50 ms). The maillog
+    (incoming, active, deferred, hold, maildrop) are empty (polled every 50 ms, stopping at the
+    first file found, so a poll costs about what subrelay's indexed SQLite count does). The maillog
     must then show N `status=sent`.
 
 Printed per run: msg/s, seconds, the sessions the receiver saw and messages per session, the
 CPU seconds of the sending side and of the receiver, and the machine's CPU use over the window;
 then the medians and the ratio subrelay/Postfix of the median msg/s.
 
+CPU seconds: subrelay's is its process's utime+stime (it starts with the clock). Postfix's is
+the sum over the instance's processes alive at the end (MAIL_CONFIG in their environment) of
+their growth over the window: smtp processes that exited meanwhile (max_use = 100 deliveries
+each) are missing, so it is a lower bound. The receiver's is counted the same way.
+
 What still differs: Postfix writes its maillog through postlogd (several lines per message),
-subrelay one stderr line per attempt; Postfix's sending side is several processes (qmgr, smtp,
-tlsproxy, scache, tlsmgr) talking over unix sockets, subrelay one process; Postfix enqueues
-without AUTH/TLS (fill only, not timed); subrelay was filled over implicit TLS with AUTH.
+subrelay one stderr line per attempt; Postfix's sending side is many processes (qmgr, smtp,
+tlsproxy, scache, tlsmgr) talking over unix sockets, subrelay one delivery thread; with TLS
+reuse Postfix encrypts in tlsproxy, one more hop per message; Postfix ramps up from 5
+connections (slow start) and opens a few more than the limit over a run as cached connections
+expire; Postfix looks up A records only (inet_protocols = ipv4); Postfix enqueues without
+AUTH/TLS (fill only, not timed), subrelay was filled over implicit TLS with AUTH. Both durable:
+subrelay commits results to SQLite (WAL, synchronous=FULL), Postfix renames/unlinks queue files.
+On a 2-core machine the receiving Postfix is on the same cores and takes most of the CPU: the
+figures are of the whole loop, not of the sender alone.
 """
 
 import argparse
@@ -199,6 +211,8 @@ def main():
     ap.add_argument("--fill-connections", type=int, default=8, help="parallel connections while queueing")
     ap.add_argument("--postfix-tls-reuse", choices=("yes", "no"), default="yes",
                     help="Postfix smtp_tls_connection_reuse (default yes: comparable to subrelay)")
+    ap.add_argument("--postfix-tls-level", choices=("may", "none"), default="may",
+                    help="Postfix smtp_tls_security_level; none (plaintext) only to see what TLS costs it")
     ap.add_argument("--only", choices=("subrelay", "postfix"), help="run one side only")
     ap.add_argument("--timeout", type=float, default=900, help="give up on a run after this many seconds")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directories")
@@ -225,8 +239,9 @@ def main():
 
         prefix = "subrelay-pfrelay-"
 
-        def __init__(self, address, mx_port, concurrency, tls_reuse):
+        def __init__(self, address, mx_port, concurrency, tls_reuse, tls_level):
             super().__init__([address], tls=False, hostname="relay.pfbench.test")
+            self.tls_level = tls_level
             self.mx_port = mx_port
             self.concurrency = concurrency
             self.tls_reuse = tls_reuse
@@ -263,7 +278,7 @@ def main():
                 # the outbound relay
                 "default_transport": "smtp",
                 "smtp_tcp_port": str(self.mx_port),
-                "smtp_tls_security_level": "may",
+                "smtp_tls_security_level": self.tls_level,
                 "smtp_tls_loglevel": "1",
                 "smtp_tls_connection_reuse": self.tls_reuse,
                 "smtp_tls_session_cache_database": f"btree:{self.data_dir}/smtp_scache",
@@ -304,6 +319,21 @@ def main():
                     n += len(files)
             return n
 
+        def queue_empty(self):
+            """True when no queue file is left; stops at the first one found (a poll of a
+            full queue must not cost a walk of 10,000 names)."""
+            def empty(path):
+                try:
+                    with os.scandir(path) as it:
+                        for e in it:
+                            if not e.is_dir(follow_symlinks=False) or not empty(e.path):
+                                return False
+                except FileNotFoundError:
+                    pass
+                return True
+            return all(empty(os.path.join(self.queue_dir, n))
+                       for n in ("incoming", "active", "deferred", "hold", "maildrop"))
+
         def log_count(self, pattern):
             return len(re.findall(pattern, self.maillog()))
 
@@ -336,7 +366,8 @@ def main():
 
     print(f"{args.messages} messages of {len(message(0))} B, {args.domains} domain(s), "
           f"{args.per_domain} connections per destination, receiver Postfix on {MX_IP}:{port}, "
-          f"DNS unbound on {DNS_IP}:53, Postfix smtp_tls_connection_reuse={args.postfix_tls_reuse}",
+          f"DNS unbound on {DNS_IP}:53, Postfix smtp_tls_security_level={args.postfix_tls_level} "
+          f"smtp_tls_connection_reuse={args.postfix_tls_reuse}",
           flush=True)
 
     def window_stats(cpu0, log0, sender_cpu, mx_cpu0):
@@ -380,20 +411,26 @@ def main():
             log0, cpu0, mx_cpu0 = maillog_size(mx), machine_cpu(), cpu_of(mx.pids())
             t0 = time.monotonic()
             srv.start()
+            # Polled through the (state, next_attempt) index: what is left, not what is done,
+            # so a poll costs little however far the run is (about as little as Postfix's).
             while True:
                 with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as c:
-                    done, failed = c.execute(
-                        "SELECT count(*) FILTER (WHERE state = 'delivered'), "
-                        "count(*) FILTER (WHERE state = 'failed') FROM recipients").fetchone()
-                if done >= args.messages:
-                    break
+                    left, failed = c.execute(
+                        "SELECT (SELECT count(*) FROM recipients WHERE state IN ('queued', 'deferred')), "
+                        "(SELECT count(*) FROM recipients WHERE state = 'failed')").fetchone()
                 if failed:
                     raise SystemExit(f"{failed} recipients failed; see {srv.log_path}")
+                if left == 0:
+                    break
                 if time.monotonic() - t0 > args.timeout:
-                    raise SystemExit(f"subrelay: only {done} delivered after {args.timeout:.0f} s; "
+                    raise SystemExit(f"subrelay: {left} not delivered after {args.timeout:.0f} s; "
                                      f"see {srv.log_path}")
                 time.sleep(POLL)
             elapsed = time.monotonic() - t0
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as c:
+                done = c.execute("SELECT count(*) FROM recipients WHERE state = 'delivered'").fetchone()[0]
+            if done != args.messages:
+                raise SystemExit(f"subrelay: {done} delivered, wanted {args.messages}; see {srv.log_path}")
             sender_cpu = proc_cpu(srv.proc.pid)
             time.sleep(0.5)
             srv.stop()  # QUITs the idle connections: the receiver logs their disconnects
@@ -406,7 +443,8 @@ def main():
 
     # ---- (b) Postfix -----------------------------------------------------------------------
     def run_postfix(run):
-        relay = PostfixRelay(f"{RELAY_IP}:{port}", port, args.per_domain, args.postfix_tls_reuse)
+        relay = PostfixRelay(f"{RELAY_IP}:{port}", port, args.per_domain, args.postfix_tls_reuse,
+                             args.postfix_tls_level)
         relay.start()
         try:
             def connect():
@@ -436,7 +474,7 @@ def main():
             out = relay.postcmd("postqueue", "-f")
             if out.returncode != 0:
                 raise SystemExit(f"postqueue -f: exit {out.returncode}\n{out.stderr}")
-            while relay.queue_count():
+            while not relay.queue_empty():
                 if time.monotonic() - t0 > args.timeout:
                     raise SystemExit(f"Postfix: {relay.queue_count()} still queued after "
                                      f"{args.timeout:.0f} s; see {relay.maillog_path}")
@@ -469,7 +507,9 @@ def main():
         mx.stop()
         dns.close()
         if not args.keep:
-            shutil.rmtree(mx.dir, ignore_errors=True)
+            # this run's directories only: the receiver's, the certificates', any run's left over
+            for d in [mx.dir, *harness._tmpdirs]:
+                shutil.rmtree(d, ignore_errors=True)
         else:
             print(f"kept: receiver {mx.dir}", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in rates.items() if v}
