@@ -5,6 +5,7 @@
     bench/delivery_vs_postfix.py [--binary build-bench/src/app/subrelay] [--messages 10000]
                                  [--runs 3] [--size 4096] [--per-domain 10] [--domains 1]
                                  [--fill-connections 8] [--postfix-tls-reuse yes|no]
+                                 [--postfix-tls-level may|none]
                                  [--only subrelay|postfix] [--keep]
 
 Run as root (Postfix, and unbound on port 53); needs postfix and unbound installed. Build
