@@ -20,6 +20,7 @@
 #include "net/uv_timer.h"
 #include "queue/pruner.h"
 #include "queue/sqlite_store.h"
+#include "queue/write_behind.h"
 #include "smtp/client_session.h"
 #include "tls/tls_context.h"
 #include "util/clock.h"
@@ -84,6 +85,7 @@ class OutboundConnection;
 struct DeliveryService::Impl final : delivery::Transport {
   // --- set up before the thread starts ---
   std::unique_ptr<queue::SqliteStore> store;
+  std::unique_ptr<queue::SqliteStore> writeStore;  // the write-behind thread's connection
   std::shared_ptr<tls::TlsContext> plainCtx;   // no verification (opportunistic, required)
   std::shared_ptr<tls::TlsContext> verifyCtx;  // chain + host name (verify)
   std::vector<dns::ServerAddress> servers;
@@ -105,6 +107,7 @@ struct DeliveryService::Impl final : delivery::Transport {
   Settings settings;
   std::unique_ptr<dns::UvResolver> resolver;
   std::unique_ptr<delivery::RouteResolver> routes;
+  std::unique_ptr<queue::WriteBehindQueue> queue;  // results committed off the loop
   std::unique_ptr<delivery::Scheduler> scheduler;
   std::unique_ptr<queue::Pruner> pruner;
   std::map<delivery::SessionId, std::unique_ptr<OutboundConnection>> connections;
@@ -395,6 +398,7 @@ void DeliveryService::Impl::maybeEndLoop() {
   if (!scheduler || !scheduler->drained() || !connections.empty()) return;
   scheduler->finish();
   scheduler.reset();
+  queue.reset();  // waits for the results handed to the writer
   resolver.reset();  // closes its handles
   routes.reset();
   tick.reset();
@@ -426,6 +430,9 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
   // One serve per data_dir (server.cpp holds the lock): leases left by a previous process
   // are void, so what it was delivering when it died is due again now.
   if (auto r = impl->store->clearLeases(); !r.ok()) return r.error();
+  auto ws = queue::SqliteStore::open(dbPath);
+  if (!ws.ok()) return ws.error();
+  impl->writeStore = std::move(ws.value());
   auto servers = dns::chooseServers(cfg.delivery.resolvers);
   if (!servers.ok()) return util::makeError("delivery.resolvers: " + servers.error().message);
   impl->servers = servers.value();
@@ -461,7 +468,8 @@ void DeliveryService::start() {
   std::random_device rd;
   const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
   d.routes = std::make_unique<delivery::RouteResolver>(*d.resolver, seed);
-  d.scheduler = std::make_unique<delivery::Scheduler>(*d.store, d, d.clock, d.settings.scheduler, seed ^ 0x9e3779b9u);
+  d.queue = std::make_unique<queue::WriteBehindQueue>(*d.store, *d.writeStore);
+  d.scheduler = std::make_unique<delivery::Scheduler>(*d.queue, d, d.clock, d.settings.scheduler, seed ^ 0x9e3779b9u);
   d.tick->start(
       std::chrono::milliseconds(0),
       [&d] {

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "delivery/scheduler.h"
+#include "queue/write_behind.h"
 
 using namespace subrelay;
 using namespace subrelay::delivery;
@@ -662,4 +663,33 @@ TEST_CASE("EnhancedStatus and operator requests") {
   CHECK(bounced.lastError == "bounced by operator");
   rec.newState = RecipientState::Delivered;
   CHECK(queue::applyOperatorRequest(rec, queue::OperatorRequest::Bounce).newState == RecipientState::Delivered);
+}
+
+TEST_CASE("WriteBehindQueue: results are committed by the writer thread, failures retried in order") {
+  FakeQueue reads, writes;
+  writes.add("m1", {"a@example.org", "b@example.org"}, 0);
+  auto leased = writes.leaseDue(0, 10);
+  REQUIRE(leased.ok());
+  writes.failRecord = true;  // the first commit fails (a full disk), the retry succeeds
+  {
+    queue::WriteBehindQueue q(reads, writes, std::chrono::milliseconds(10));
+    queue::AttemptRecord a;
+    a.messageId = "m1";
+    a.index = 0;
+    a.newState = RecipientState::Delivered;
+    queue::AttemptRecord b = a;
+    b.index = 1;
+    REQUIRE(q.recordAttempts({a}).ok());  // returns at once
+    REQUIRE(q.recordAttempts({b}).ok());
+    CHECK(q.drain(std::chrono::seconds(10)));
+    CHECK(q.backlog() == 0);
+    CHECK(q.commits() >= 1);
+    // Everything else goes to the loop's own connection.
+    CHECK(q.leaseDue(0, 10)->empty());
+  }
+  CHECK(writes.rcpt("m1", 0).state == RecipientState::Delivered);
+  CHECK(writes.rcpt("m1", 1).state == RecipientState::Delivered);
+  CHECK(writes.recorded.size() == 2);
+  CHECK(writes.recorded[0].index == 0);  // order kept across the retry
+  CHECK(writes.doubleLeases == 0);
 }
