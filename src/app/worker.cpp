@@ -534,6 +534,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     Runtime& rt = worker_.runtime();
     const Settings& set = *settings_;
     const AccountRuntime* acct = set.account(st.account);
+    // accounts[].rate_limits, now with the real size (MAIL only knew SIZE=, if that).
     if (auto refused = submission::admit(
             rt.limits.checkMessage(st.account, st.content.size(), policy::Instant::from(rt.clock)))) {
       rt.meter.addRefusedByLimit(st.account);
