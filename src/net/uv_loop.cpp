@@ -68,17 +68,14 @@ void LoopThread::stop() {
 
 void LoopThread::runPosted() {
   std::vector<std::function<void()>> batch;
-  bool stopped;
   {
     std::lock_guard lk(mu_);
     batch.swap(posted_);
-    stopped = stopped_;
   }
   for (auto& fn : batch) fn();
   {
     std::lock_guard lk(mu_);
-    stopped = stopped_;
-    if (!stopped) return;
+    if (!stopped_) return;
     posted_.clear();
   }
   // No more sends can come (stopped_ is set under mu_): close the wake-up handle so the
