@@ -11,11 +11,12 @@
 #include "message/fixups.h"
 #include "message/header_scanner.h"
 #include "net/connection.h"
-#include "net/uv_handle.h"
+#include "net/uv_loop.h"
+#include "net/uv_timer.h"
 #include "policy/password.h"
 #include "smtp/reply.h"
 #include "smtp/server_session.h"
-#include "submission/cleanup.h"
+#include "submission/decide.h"
 #include "util/clock.h"
 #include "util/log.h"
 #include "util/strings.h"
@@ -229,11 +230,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     // so the guess is still checked and counted; this covers shutdown and errors.)
     if (authDelayPending_) worker_.runtime().guard.recordFailure(peer_.address, authUser_, worker_.runtime().clock.now());
     wipe(pendingPassword_);
-    if (authTimer_) {
-      authTimer_->data = nullptr;
-      net::closeHandle(authTimer_);
-      authTimer_ = nullptr;
-    }
+    authTimer_.reset();
     Worker& w = worker_;
     uint64_t id = id_;
     delete this;
@@ -444,17 +441,6 @@ class SmtpConnection final : public net::ConnectionHandler {
     }
   }
 
-  struct AuthWork {
-    uv_work_t req;
-    Worker* worker;
-    std::shared_ptr<policy::Authenticator> auth;
-    uint64_t sessionId;
-    std::string user;
-    std::string password;
-    bool ok = false;
-    std::string failed;  // fingerprint of the credential when it failed
-  };
-
   void startAuth(smtp::Authenticate& au) {
     Runtime& rt = worker_.runtime();
     authUser_ = au.username;
@@ -511,50 +497,37 @@ class SmtpConnection final : public net::ConnectionHandler {
       authDone(true, true);
       return;
     }
-    auto* w = new AuthWork{};
-    w->req.data = w;
-    w->worker = &worker_;
-    w->auth = settings_->auth;
-    w->sessionId = id_;
-    w->user = user;
-    w->password = password;
-    // scrypt takes tens of milliseconds: run it on libuv's thread pool.
-    uv_queue_work(
-        worker_.loop(), &w->req,
-        [](uv_work_t* req) {
-          auto* work = static_cast<AuthWork*>(req->data);
-          work->ok = work->auth->verify(work->user, work->password) == policy::AuthCheck::Ok;
-          if (!work->ok) work->failed = work->auth->fingerprint(work->user, work->password);
-          wipe(work->password);
+    // scrypt takes tens of milliseconds: run it on libuv's thread pool. The job holds
+    // its own copies (the connection may be gone when it ends) and is freed by `done`.
+    struct AuthJob {
+      std::shared_ptr<policy::Authenticator> auth;
+      std::string user;
+      std::string password;
+      bool ok = false;
+      std::string failed;  // fingerprint of the credential when it failed
+    };
+    auto* job = new AuthJob{settings_->auth, user, password};
+    net::queueWork(
+        worker_.loop(),
+        [job] {
+          job->ok = job->auth->verify(job->user, job->password) == policy::AuthCheck::Ok;
+          if (!job->ok) job->failed = job->auth->fingerprint(job->user, job->password);
+          wipe(job->password);
         },
-        [](uv_work_t* req, int) {
-          auto* work = static_cast<AuthWork*>(req->data);
-          if (SmtpConnection* c = work->worker->find(work->sessionId))
-            c->authDone(work->ok, false, std::move(work->failed));
-          delete work;
+        [job, worker = &worker_, sid = id_](bool) {
+          std::unique_ptr<AuthJob> own(job);
+          wipe(own->password);  // not yet when the job was cancelled
+          if (SmtpConnection* c = worker->find(sid)) c->authDone(own->ok, false, std::move(own->failed));
         });
   }
 
   // One timer per connection for the AUTH delays (never two at once: the session waits).
   void startAuthTimer(std::chrono::milliseconds delay, std::function<void()> fn) {
-    authTimerFn_ = std::move(fn);
-    authTimer_ = net::newHandle<uv_timer_t>();
-    uv_timer_init(worker_.loop(), authTimer_);
-    authTimer_->data = this;
-    uv_timer_start(
-        authTimer_,
-        [](uv_timer_t* t) {
-          auto* self = static_cast<SmtpConnection*>(t->data);
-          if (self == nullptr) return;
-          self->authTimer_->data = nullptr;
-          net::closeHandle(self->authTimer_);
-          self->authTimer_ = nullptr;
-          auto due = std::move(self->authTimerFn_);
-          self->authTimerFn_ = nullptr;
-          if (self->conn_.closing()) return;
-          due();
-        },
-        static_cast<uint64_t>(delay.count()), 0);
+    if (!authTimer_) authTimer_ = std::make_unique<net::Timer>(worker_.loop());
+    authTimer_->start(delay, [this, due = std::move(fn)] {
+      if (conn_.closing()) return;
+      due();
+    });
   }
 
   void startStore(smtp::Store& st) {
@@ -562,16 +535,14 @@ class SmtpConnection final : public net::ConnectionHandler {
     const Settings& set = *settings_;
     const AccountRuntime* acct = set.account(st.account);
     // accounts[].rate_limits, now with the real size (MAIL only knew SIZE=, if that).
-    policy::Decision rd = rt.limits.checkMessage(st.account, st.content.size(), policy::Instant::from(rt.clock));
-    if (!rd.allowed) {
+    if (auto refused = submission::admit(
+            rt.limits.checkMessage(st.account, st.content.size(), policy::Instant::from(rt.clock)))) {
       rt.meter.addRefusedByLimit(st.account);
-      policy::PolicyReply r = policy::rateLimitReply(rd);
-      refuseStore(r.code, r.enhanced.c_str(), r.text);
+      refuseStore(std::move(*refused));
       return;
     }
 
     auto* w = new CleanupWork{};
-    w->req.data = w;
     w->worker = &worker_;
     w->sessionId = id_;
     w->settings = settings_;
@@ -596,7 +567,8 @@ class SmtpConnection final : public net::ConnectionHandler {
     auto now = std::chrono::system_clock::now();
     m.receivedAt = util::unixSeconds(now);
 
-    submission::CleanupRequest& cr = w->cleanup;
+    w->request.keys = set.signer ? &set.dkimKeys : nullptr;
+    submission::CleanupRequest& cr = w->request.cleanup;
     cr.mailFrom = st.envelope.mailFrom;
     cr.recipients = st.envelope.recipients;
     // The Settings generation is held by the job, so the predicate stays valid there.
@@ -620,90 +592,74 @@ class SmtpConnection final : public net::ConnectionHandler {
     // of AUTH, so other sessions on this loop are not held up. The session is Waiting
     // meanwhile, so nothing changes under the job.
     if (headerBytes > kInlineCleanupHeaderBytes) {
-      uv_queue_work(worker_.loop(), &w->req, &CleanupWork::run, &CleanupWork::done);
+      net::queueWork(
+          worker_.loop(),
+          [w] {
+            w->decide();
+            if (w->signs()) w->sign();
+          },
+          [w](bool cancelled) { CleanupWork::done(std::unique_ptr<CleanupWork>(w), cancelled); });
       return;
     }
     // The usual header section (a few KiB) is checked here, in microseconds: no thread
     // hop for mail that needs no signature; signing alone goes to the pool.
     // (Outcomes here go back through the caller's drive() loop, which takes the
     // session's new actions.)
-    w->cleanupStep();
-    if (w->code != 0) {
+    w->decide();
+    if (w->verdict.refused()) {
       std::unique_ptr<CleanupWork> done(w);
-      refuseStore(done->code, done->enhanced.c_str(), std::move(done->text));
+      refuseStore(std::move(*done->verdict.refusal));
       return;
     }
-    if (w->keys == nullptr) {
+    if (!w->signs()) {
       std::unique_ptr<CleanupWork> done(w);
       commit(std::move(done->msg));
       return;
     }
-    uv_queue_work(
-        worker_.loop(), &w->req, [](uv_work_t* req) { static_cast<CleanupWork*>(req->data)->signStep(); },
-        &CleanupWork::done);
+    net::queueWork(
+        worker_.loop(), [w] { w->sign(); },
+        [w](bool cancelled) { CleanupWork::done(std::unique_ptr<CleanupWork>(w), cancelled); });
   }
 
   // Header sections up to this size are cleaned up on the loop (a scan of 64 KiB takes
   // tens of microseconds); larger ones, up to limits.max_header_bytes, on the thread pool.
   static constexpr uint64_t kInlineCleanupHeaderBytes = 64 * 1024;
 
+  // One message from the end of data to the commit: the verdict (submission/decide.h),
+  // then the signatures, wherever they run.
   struct CleanupWork {
-    uv_work_t req;
     Worker* worker;
     uint64_t sessionId;
-    std::shared_ptr<const Settings> settings;
-    std::string content;  // as received
+    std::shared_ptr<const Settings> settings;  // holds the key ring the verdict points into
+    std::string content;                       // as received
     std::optional<StreamingDigests> digests;
-    submission::CleanupRequest cleanup;
+    submission::StoreRequest request;
+    submission::Verdict verdict;  // its content moves into msg
     queue::NewMessage msg;
-    // Outcome: a refusal (code != 0), a signing error, or msg ready to commit.
-    int code = 0;
-    std::string enhanced;
-    std::string text;
     std::string signError;
-    std::string domain;
-    const std::vector<dkim::SignerKey>* keys = nullptr;  // in settings' key ring
     size_t signatures = 0;
 
-    static void run(uv_work_t* req) {
-      auto* w = static_cast<CleanupWork*>(req->data);
-      w->cleanupStep();
-      if (w->code == 0 && w->keys != nullptr) w->signStep();
-    }
-
-    // The cleanup stage, and which keys sign (none: keys stays null).
-    void cleanupStep() {
-      submission::CleanupResult r = submission::cleanup(content, cleanup);
+    void decide() {
+      verdict = submission::decide(content, request);
       content.clear();
       content.shrink_to_fit();
-      if (!r.ok) {
-        code = r.code;
-        enhanced = std::move(r.enhanced);
-        text = std::move(r.text);
-        return;
-      }
-      msg.content = std::move(r.content);
-      msg.smtputf8 = r.smtputf8;
-      // RFC 6376 3.5: the signing domain is the header From domain; subdomains only with
-      // their own key.
-      const Settings& set = *settings;
-      const std::vector<dkim::SignerKey>* k =
-          r.signingDomain.empty() ? nullptr : set.dkimKeys.forDomain(r.signingDomain);
-      if (k == nullptr || k->empty() || !set.signer) return;
-      keys = k;
-      domain = r.signingDomain;
+      if (verdict.refused()) return;
+      msg.content = std::move(verdict.content);
+      msg.smtputf8 = verdict.smtputf8;
     }
 
-    void signStep() {
+    bool signs() const { return !verdict.refused() && verdict.keys != nullptr; }
+
+    void sign() {
       const Settings& set = *settings;
       dkim::SignOptions opts;
       opts.timestamp = msg.receivedAt;  // t= (RFC 6376 3.5)
-      if (auto pol = set.dkimDomains.find(domain); pol != set.dkimDomains.end()) {
+      if (auto pol = set.dkimDomains.find(verdict.signingDomain); pol != set.dkimDomains.end()) {
         if (pol->second.expiry) opts.expiresAfter = pol->second.expiry->count();
         opts.headerCanon = pol->second.headerCanon;
         opts.bodyCanon = pol->second.bodyCanon;
       }
-      auto sigs = set.signer->sign(msg.content, *keys, opts, digests ? &*digests : nullptr);
+      auto sigs = set.signer->sign(msg.content, *verdict.keys, opts, digests ? &*digests : nullptr);
       if (!sigs.ok()) {
         signError = sigs.error().message;
         return;
@@ -711,29 +667,28 @@ class SmtpConnection final : public net::ConnectionHandler {
       // RFC 6376 5.6: the DKIM-Signature is prepended; ours go above our Received, so
       // what is stored is exactly what leaves.
       msg.content.insert(0, sigs.value());
-      signatures = keys->size();
+      signatures = verdict.keys->size();
     }
 
-    static void done(uv_work_t* req, int status) {
-      std::unique_ptr<CleanupWork> w(static_cast<CleanupWork*>(req->data));
+    static void done(std::unique_ptr<CleanupWork> w, bool cancelled) {
       SmtpConnection* c = w->worker->find(w->sessionId);
       // Gone: the client left before its 250, so nothing was promised.
       if (c == nullptr || c->conn_.closing()) return;
-      if (status != 0 || !w->signError.empty()) {
-        std::string why = status != 0 ? std::string("cancelled") : w->signError;
-        util::logError("dkim", "signing failed conn=" + c->tag() + " domain=" + w->domain + " error=" +
-                                   util::sanitizeForLog(why));
-        c->refuseStore(451, "4.3.0", "Temporary failure signing message, try again later");
+      if (cancelled || !w->signError.empty()) {
+        std::string why = cancelled ? std::string("cancelled") : w->signError;
+        util::logError("dkim", "signing failed conn=" + c->tag() + " domain=" + w->verdict.signingDomain +
+                                   " error=" + util::sanitizeForLog(why));
+        c->refuseStore({451, "4.3.0", "Temporary failure signing message, try again later"});
         c->drive();
         return;
       }
-      if (w->code != 0) {
-        c->refuseStore(w->code, w->enhanced.c_str(), std::move(w->text));
+      if (w->verdict.refused()) {
+        c->refuseStore(std::move(*w->verdict.refusal));
         c->drive();
         return;
       }
       if (w->signatures > 0)
-        util::logDebug("dkim", "signed conn=" + c->tag() + " domain=" + w->domain +
+        util::logDebug("dkim", "signed conn=" + c->tag() + " domain=" + w->verdict.signingDomain +
                                    " signatures=" + std::to_string(w->signatures));
       c->commit(std::move(w->msg));
     }
@@ -758,14 +713,14 @@ class SmtpConnection final : public net::ConnectionHandler {
     });
   }
 
-  void refuseStore(int code, const char* enhanced, std::string text) {
+  void refuseStore(submission::Refusal r) {
     util::logInfo("smtpd", "refused conn=" + tag() + " account=" +
-                               util::sanitizeForLog(session_.account(), 64) + " reason=\"" + text + "\"");
+                               util::sanitizeForLog(session_.account(), 64) + " reason=\"" + r.text + "\"");
     smtp::StoreOutcome out;
     out.ok = false;
-    out.code = code;
-    out.enhanced = enhanced;
-    out.text = std::move(text);
+    out.code = r.code;
+    out.enhanced = std::move(r.enhanced);
+    out.text = std::move(r.text);
     session_.onStored(out);
   }
 
@@ -779,8 +734,7 @@ class SmtpConnection final : public net::ConnectionHandler {
   smtp::Peer peer_;
   bool admitted_ = false;
   std::string authUser_;
-  uv_timer_t* authTimer_ = nullptr;
-  std::function<void()> authTimerFn_;
+  std::unique_ptr<net::Timer> authTimer_;
   std::string pendingPassword_;  // held only while a progressive AUTH delay runs
   bool authDelayPending_ = false;
   bool accountCounted_ = false;  // holds a slot of limits.max_sessions_per_account
@@ -798,26 +752,15 @@ class SmtpConnection final : public net::ConnectionHandler {
 // ---------------------------------------------------------------------------------
 // Worker
 // ---------------------------------------------------------------------------------
-Worker::Worker(Runtime& rt, int index) : rt_(rt), index_(index) {
-  uv_loop_init(&loop_);
-  async_ = net::newHandle<uv_async_t>();
-  uv_async_init(&loop_, async_, [](uv_async_t* a) {
-    auto* self = static_cast<Worker*>(a->data);
-    if (self) self->runPosted();
-  });
-  async_->data = this;
-}
+Worker::Worker(Runtime& rt, int index) : rt_(rt), index_(index) {}
 
-Worker::~Worker() {
-  join();
-  uv_loop_close(&loop_);
-}
+Worker::~Worker() { join(); }
 
 util::Result<uint16_t> Worker::addListener(const config::Listener& l, uint16_t port) {
   auto entry = std::make_unique<ListenerEntry>();
   entry->cfg = l;
   ListenerEntry* e = entry.get();
-  entry->listener = std::make_unique<net::Listener>(&loop_, [this, e](uv_stream_t* s) { onAccept(s, e->cfg); });
+  entry->listener = std::make_unique<net::Listener>(loop(), [this, e](uv_stream_t* s) { onAccept(s, e->cfg); });
   auto r = entry->listener->listen(l.host, port);
   if (!r.ok()) return r.error();
   uint16_t bound = entry->listener->boundPort();
@@ -846,38 +789,14 @@ void Worker::forget(uint64_t sessionId) {
   if (shuttingDown_) maybeFinish();
 }
 
-void Worker::post(std::function<void()> fn) {
-  // uv_async_send under the lock: maybeFinish() marks the loop ended under the same lock
-  // before it closes the async handle, so we never signal a freed handle.
-  std::lock_guard lk(mu_);
-  if (loopEnded_) return;
-  posted_.push_back(std::move(fn));
-  uv_async_send(async_);
-}
+void Worker::post(std::function<void()> fn) { loop_.post(std::move(fn)); }
 
-void Worker::runPosted() {
-  std::vector<std::function<void()>> batch;
-  bool shutdown;
-  {
-    std::lock_guard lk(mu_);
-    batch.swap(posted_);
-    shutdown = shutdownRequested_;
-  }
-  for (auto& fn : batch) fn();
-  if (shutdown && !shuttingDown_) beginShutdown();
-}
-
-void Worker::start() {
-  thread_ = std::thread([this] {
-    uv_run(&loop_, UV_RUN_DEFAULT);
-  });
-}
+void Worker::start() { loop_.start(); }
 
 void Worker::requestShutdown() {
-  std::lock_guard lk(mu_);
-  if (loopEnded_) return;
-  shutdownRequested_ = true;
-  uv_async_send(async_);
+  loop_.post([this] {
+    if (!shuttingDown_) beginShutdown();
+  });
 }
 
 void Worker::beginShutdown() {
@@ -887,48 +806,25 @@ void Worker::beginShutdown() {
   std::vector<SmtpConnection*> all;
   for (auto& [id, c] : sessions_) all.push_back(c);
   for (auto* c : all) c->shutdown();
-  graceTimer_ = net::newHandle<uv_timer_t>();
-  uv_timer_init(&loop_, graceTimer_);
-  graceTimer_->data = this;
   auto grace = std::chrono::duration_cast<std::chrono::milliseconds>(rt_.settings()->config->limits.shutdownGrace);
-  uv_timer_start(
-      graceTimer_,
-      [](uv_timer_t* t) {
-        auto* self = static_cast<Worker*>(t->data);
-        if (self == nullptr) return;
-        std::vector<SmtpConnection*> left;
-        for (auto& [id, c] : self->sessions_) left.push_back(c);
-        if (!left.empty())
-          util::logWarn("serve", "shutdown grace over: closing " + std::to_string(left.size()) + " sessions");
-        for (auto* c : left) c->forceClose();
-      },
-      static_cast<uint64_t>(grace.count()), 0);
+  graceTimer_ = std::make_unique<net::Timer>(loop());
+  graceTimer_->start(grace, [this] {
+    std::vector<SmtpConnection*> left;
+    for (auto& [id, c] : sessions_) left.push_back(c);
+    if (!left.empty()) util::logWarn("serve", "shutdown grace over: closing " + std::to_string(left.size()) + " sessions");
+    for (auto* c : left) c->forceClose();
+  });
   maybeFinish();
 }
 
 void Worker::maybeFinish() {
   if (!sessions_.empty()) return;
-  if (graceTimer_) {
-    graceTimer_->data = nullptr;
-    net::closeHandle(graceTimer_);
-    graceTimer_ = nullptr;
-  }
-  if (async_) {
-    // Pending posts (store answers for sessions now gone) are dropped.
-    {
-      std::lock_guard lk(mu_);
-      posted_.clear();
-      loopEnded_ = true;
-    }
-    async_->data = nullptr;
-    net::closeHandle(async_);
-    async_ = nullptr;
-  }
-  // With every handle closed, uv_run returns once outstanding thread-pool work is done.
+  graceTimer_.reset();
+  // Pending posts (store answers for sessions now gone) are dropped; with every handle
+  // closed, the loop ends once outstanding thread-pool work is done.
+  loop_.stop();
 }
 
-void Worker::join() {
-  if (thread_.joinable()) thread_.join();
-}
+void Worker::join() { loop_.join(); }
 
 }  // namespace subrelay::app

@@ -10,14 +10,14 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
 #include "app/runtime.h"
 #include "net/listener.h"
+#include "net/uv_loop.h"
+#include "net/uv_timer.h"
 #include "util/result.h"
 
 namespace subrelay::app {
@@ -43,7 +43,7 @@ class Worker {
   void post(std::function<void()> fn);
 
   // Loop-thread only.
-  uv_loop_t* loop() { return &loop_; }
+  uv_loop_t* loop() { return loop_.loop(); }
   Runtime& runtime() { return rt_; }
   int index() const { return index_; }
   void forget(uint64_t sessionId);
@@ -52,20 +52,14 @@ class Worker {
 
  private:
   void onAccept(uv_stream_t* server, const config::Listener& l);
-  void runPosted();
   void beginShutdown();
   void maybeFinish();
 
   Runtime& rt_;
   int index_;
-  uv_loop_t loop_{};
-  uv_async_t* async_ = nullptr;
-  uv_timer_t* graceTimer_ = nullptr;
-  std::thread thread_;
-  std::mutex mu_;
-  std::vector<std::function<void()>> posted_;
-  bool loopEnded_ = false;
-  bool shutdownRequested_ = false;
+  // Declared before everything that holds handles on it: destroyed after them.
+  net::LoopThread loop_;
+  std::unique_ptr<net::Timer> graceTimer_;
   bool shuttingDown_ = false;
   struct ListenerEntry {
     config::Listener cfg;

@@ -1,25 +1,21 @@
-// UvResolver (see uv_resolver.h). Handle lifetimes go through net/uv_handle.h: a closed
-// handle is freed in its close callback, after every libuv callback for it has run.
-// Request callbacks (TCP connect, write) can still fire after their handle was closed, with
-// UV_ECANCELED or, for a finished write, 0: they free the request and touch nothing else.
+// UvResolver (see uv_resolver.h). The sockets and timers are net/'s RAII owners
+// (uv_udp.h, uv_timer.h): destroying one closes it, and none calls back afterwards, so a
+// lookup's transport is simply replaced or dropped.
 #include "dns/uv_resolver.h"
 
 #include <sys/random.h>
 
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <set>
 
 #include "dns/codec.h"
 #include "net/uv_handle.h"
+#include "net/uv_udp.h"
 
 namespace subrelay::dns {
-
-using net::asHandle;
-using net::asStream;
-using net::closeHandle;
-using net::newHandle;
 
 namespace {
 
@@ -37,11 +33,6 @@ uint16_t randomId() {
 constexpr int kRankNetwork = 1;
 constexpr int kRankTimeout = 2;
 constexpr int kRankAnswer = 3;
-
-struct WriteReq {
-  uv_write_t req{};
-  std::string data;
-};
 
 }  // namespace
 
@@ -61,9 +52,9 @@ struct UvResolver::Lookup {
   size_t target = 0;  // index into targets_ of the current try
   uint16_t id = 0;
   std::string wire;
-  uv_udp_t* udp = nullptr;
-  uv_tcp_t* tcp = nullptr;
-  uv_timer_t* timer = nullptr;
+  std::unique_ptr<net::UdpSocket> udp;
+  std::unique_ptr<net::TcpStream> tcp;
+  std::optional<net::Timer> timer;
   std::string tcpIn;
 
   Status failStatus = Status::Timeout;
@@ -78,32 +69,21 @@ UvResolver::UvResolver(uv_loop_t* loop, std::vector<ServerAddress> servers, cons
       timeout_(timeout.count() > 0 ? timeout : std::chrono::milliseconds(1)),
       attempts_(attempts > 0 ? attempts : 1),
       cache_(clock, cacheLimits),
+      deliverTimer_(loop),
       alive_(std::make_shared<bool>(true)) {
   for (const auto& s : servers_) {
     Target t;
-    int rc = s.ipv6 ? uv_ip6_addr(s.address.c_str(), s.port, reinterpret_cast<sockaddr_in6*>(&t.addr))
-                    : uv_ip4_addr(s.address.c_str(), s.port, reinterpret_cast<sockaddr_in*>(&t.addr));
-    if (rc != 0) continue;  // parseServerAddress already refused these
+    if (!net::parseAddress(s.address, s.port, s.ipv6, &t.addr)) continue;  // parseServerAddress refused these
     t.label = s.toString();
     targets_.push_back(std::move(t));
   }
-  deliverTimer_ = newHandle<uv_timer_t>();
-  uv_timer_init(loop_, deliverTimer_);
-  deliverTimer_->data = this;
 }
 
 UvResolver::~UvResolver() {
   *alive_ = false;
-  for (auto& [serial, l] : lookups_) {
-    closeTransport(*l);
-    closeHandle(l->timer);
-    l->timer = nullptr;
-  }
-  lookups_.clear();
+  lookups_.clear();  // closes their sockets and timers
   byKey_.clear();
   pending_.clear();
-  closeHandle(deliverTimer_);
-  deliverTimer_ = nullptr;
 }
 
 void UvResolver::query(const std::string& name, QType type, Callback cb) {
@@ -148,9 +128,7 @@ void UvResolver::query(const std::string& name, QType type, Callback cb) {
   l->qname = *norm;
   l->seen.insert(*norm);
   l->callbacks.push_back(std::move(cb));
-  l->timer = newHandle<uv_timer_t>();
-  uv_timer_init(loop_, l->timer);
-  l->timer->data = l.get();
+  l->timer.emplace(loop_);
   Lookup& ref = *l;
   byKey_.emplace(std::move(key), l->serial);
   lookups_.emplace(l->serial, std::move(l));
@@ -160,16 +138,14 @@ void UvResolver::query(const std::string& name, QType type, Callback cb) {
 }
 
 void UvResolver::closeTransport(Lookup& l) {
-  closeHandle(l.udp);
-  l.udp = nullptr;
-  closeHandle(l.tcp);
-  l.tcp = nullptr;
+  l.udp.reset();
+  l.tcp.reset();
   l.tcpIn.clear();
 }
 
 void UvResolver::startAttempt(Lookup& l) {
   closeTransport(l);
-  uv_timer_stop(l.timer);
+  l.timer->stop();
   const size_t total = targets_.size() * static_cast<size_t>(attempts_);
   if (l.tries >= total) {
     Answer a;
@@ -192,56 +168,41 @@ void UvResolver::startAttempt(Lookup& l) {
     l.failStatus = Status::Error;
     l.failDetail = wire.error().message;
     l.failRank = kRankAnswer;
-    uv_timer_start(l.timer, onTimeout, 0, 0);
+    l.timer->start(std::chrono::milliseconds(0), [this, lp = &l] { onTimeout(*lp); });
     return;
   }
   l.wire = std::move(*wire);
 
-  uv_timer_start(l.timer, onTimeout, static_cast<uint64_t>(timeout_.count()), 0);
+  l.timer->start(timeout_, [this, lp = &l] { onTimeout(*lp); });
 
-  l.udp = newHandle<uv_udp_t>();
-  uv_udp_init(loop_, l.udp);
-  l.udp->data = &l;
+  l.udp = std::make_unique<net::UdpSocket>(loop_);
   // Port 0: the kernel chooses a random ephemeral source port (RFC 5452 9.2). Connecting
   // the socket makes the kernel drop datagrams from any other address and report ICMP
   // port-unreachable as ECONNREFUSED, so a dead server fails fast.
-  sockaddr_storage any{};
-  if (t.addr.ss_family == AF_INET6) {
-    uv_ip6_addr("::", 0, reinterpret_cast<sockaddr_in6*>(&any));
-  } else {
-    uv_ip4_addr("0.0.0.0", 0, reinterpret_cast<sockaddr_in*>(&any));
-  }
-  int rc = uv_udp_bind(l.udp, reinterpret_cast<const sockaddr*>(&any), 0);
-  if (rc == 0) rc = uv_udp_connect(l.udp, reinterpret_cast<const sockaddr*>(&t.addr));
-  if (rc == 0) rc = uv_udp_recv_start(l.udp, onAlloc, onUdpRead);
-  if (rc == 0) {
-    uv_buf_t b = uv_buf_init(l.wire.data(), static_cast<unsigned>(l.wire.size()));
-    rc = uv_udp_try_send(l.udp, &b, 1, nullptr);
-    if (rc >= 0) rc = 0;
-  }
+  const sockaddr_storage any = net::anyAddress(t.addr.ss_family);
+  int rc = l.udp->bind(any);
+  if (rc == 0) rc = l.udp->connect(t.addr);
+  if (rc == 0)
+    rc = l.udp->startReceiving([this, lp = &l](int status, std::string_view data, const sockaddr_storage&, bool truncated) {
+      onUdpRead(*lp, status, data, truncated);
+    });
+  if (rc == 0) rc = l.udp->send(l.wire);
   ++stats_.udpQueries;
   if (rc != 0) {
     // Report from the loop: a zero timer with this try already marked as failed.
     if (l.failRank <= kRankNetwork) {
       l.failStatus = Status::Error;
-      l.failDetail = std::string("cannot send to ") + t.label + ": " + uv_strerror(rc);
+      l.failDetail = std::string("cannot send to ") + t.label + ": " + net::errorText(rc);
       l.failRank = kRankNetwork;
     }
     closeTransport(l);
-    uv_timer_start(
-        l.timer,
-        [](uv_timer_t* h) {
-          auto* lk = static_cast<Lookup*>(h->data);
-          lk->owner->startAttempt(*lk);
-        },
-        0, 0);
+    l.timer->start(std::chrono::milliseconds(0), [this, lp = &l] { startAttempt(*lp); });
   }
 }
 
 void UvResolver::startTcp(Lookup& l) {
   closeTransport(l);
-  uv_timer_stop(l.timer);
-  uv_timer_start(l.timer, onTimeout, static_cast<uint64_t>(timeout_.count()), 0);
+  l.timer->start(timeout_, [this, lp = &l] { onTimeout(*lp); });
   const Target& t = targets_[l.target];
   // The same question with a new ID (RFC 7766 5: retry the truncated query over TCP).
   l.id = randomId();
@@ -251,121 +212,79 @@ void UvResolver::startTcp(Lookup& l) {
     return;
   }
   l.wire = std::move(*wire);
-  l.tcp = newHandle<uv_tcp_t>();
-  uv_tcp_init(loop_, l.tcp);
-  l.tcp->data = &l;
-  auto* req = new uv_connect_t{};
-  req->data = &l;
+  l.tcp = std::make_unique<net::TcpStream>(loop_);
   ++stats_.tcpQueries;
-  int rc = uv_tcp_connect(req, l.tcp, reinterpret_cast<const sockaddr*>(&t.addr), onTcpConnect);
+  int rc = l.tcp->connect(t.addr, [this, lp = &l](int status) { onTcpConnect(*lp, status); });
   if (rc != 0) {
-    delete req;
     // Do not fail synchronously (we may be inside query()): let the timer report it.
     closeTransport(l);
-    uv_timer_stop(l.timer);
     if (l.failRank <= kRankNetwork) {
       l.failStatus = Status::Error;
-      l.failDetail = std::string("cannot connect to ") + t.label + ": " + uv_strerror(rc);
+      l.failDetail = std::string("cannot connect to ") + t.label + ": " + net::errorText(rc);
       l.failRank = kRankNetwork;
     }
-    uv_timer_start(
-        l.timer,
-        [](uv_timer_t* h) {
-          auto* lk = static_cast<Lookup*>(h->data);
-          lk->owner->startAttempt(*lk);
-        },
-        0, 0);
+    l.timer->start(std::chrono::milliseconds(0), [this, lp = &l] { startAttempt(*lp); });
   }
 }
 
-void UvResolver::onAlloc(uv_handle_t* h, size_t /*suggested*/, uv_buf_t* buf) {
-  auto* l = static_cast<Lookup*>(h->data);
-  auto& b = l->owner->recvBuf_;
-  *buf = uv_buf_init(b.data(), static_cast<unsigned>(b.size()));
-}
-
-void UvResolver::onUdpRead(uv_udp_t* h, ssize_t nread, const uv_buf_t* buf, const sockaddr* addr, unsigned flags) {
-  auto* l = static_cast<Lookup*>(h->data);
-  if (l == nullptr || l->udp != h) return;
-  if (nread == 0 && addr == nullptr) return;  // nothing more to read
-  UvResolver* self = l->owner;
-  const std::string& label = self->targets_[l->target].label;
-  if (nread < 0) {
-    self->attemptFailed(*l, Status::Error,
-                        std::string("no answer from ") + label + ": " + uv_strerror(static_cast<int>(nread)),
-                        kRankNetwork);
-    return;
-  }
-  if ((flags & UV_UDP_PARTIAL) != 0) {
-    self->attemptFailed(*l, Status::Error, "oversized datagram from " + label, kRankAnswer);
-    return;
-  }
-  self->handlePacket(*l, std::string_view(buf->base, static_cast<size_t>(nread)), false);
-}
-
-void UvResolver::onTcpConnect(uv_connect_t* req, int status) {
-  if (status == UV_ECANCELED) {  // the handle was closed: the lookup may be gone
-    delete req;
-    return;
-  }
-  auto* l = static_cast<Lookup*>(req->data);
-  uv_stream_t* stream = req->handle;
-  delete req;
-  UvResolver* self = l->owner;
-  const std::string label = self->targets_[l->target].label;
+void UvResolver::onUdpRead(Lookup& l, int status, std::string_view data, bool truncated) {
+  const std::string& label = targets_[l.target].label;
   if (status < 0) {
-    self->attemptFailed(*l, Status::Error, "TCP connect to " + label + ": " + uv_strerror(status), kRankNetwork);
+    attemptFailed(l, Status::Error, std::string("no answer from ") + label + ": " + net::errorText(status),
+                  kRankNetwork);
+    return;
+  }
+  if (truncated) {
+    attemptFailed(l, Status::Error, "oversized datagram from " + label, kRankAnswer);
+    return;
+  }
+  handlePacket(l, data, false);
+}
+
+void UvResolver::onTcpConnect(Lookup& l, int status) {
+  const std::string label = targets_[l.target].label;
+  if (status < 0) {
+    attemptFailed(l, Status::Error, "TCP connect to " + label + ": " + net::errorText(status), kRankNetwork);
     return;
   }
   // RFC 1035 4.2.2: the message is prefixed with its length as two octets.
-  auto* w = new WriteReq;
-  w->data.push_back(static_cast<char>(l->wire.size() >> 8));
-  w->data.push_back(static_cast<char>(l->wire.size() & 0xff));
-  w->data += l->wire;
-  uv_buf_t b = uv_buf_init(w->data.data(), static_cast<unsigned>(w->data.size()));
-  int rc = uv_write(&w->req, stream, &b, 1, [](uv_write_t* r, int) {
-    // Errors show up on the read side (or as a timeout); the lookup is not touched here.
-    delete reinterpret_cast<WriteReq*>(r);
-  });
+  std::string framed;
+  framed.push_back(static_cast<char>(l.wire.size() >> 8));
+  framed.push_back(static_cast<char>(l.wire.size() & 0xff));
+  framed += l.wire;
+  // Write errors show up on the read side (or as a timeout).
+  int rc = l.tcp->write(std::move(framed));
   if (rc != 0) {
-    delete w;
-    self->attemptFailed(*l, Status::Error, "TCP write to " + label + ": " + uv_strerror(rc), kRankNetwork);
+    attemptFailed(l, Status::Error, "TCP write to " + label + ": " + net::errorText(rc), kRankNetwork);
     return;
   }
-  rc = uv_read_start(stream, onAlloc, onTcpRead);
-  if (rc != 0) self->attemptFailed(*l, Status::Error, "TCP read from " + label + ": " + uv_strerror(rc), kRankNetwork);
+  rc = l.tcp->startReading([this, lp = &l](int st, std::string_view data) { onTcpRead(*lp, st, data); });
+  if (rc != 0) attemptFailed(l, Status::Error, "TCP read from " + label + ": " + net::errorText(rc), kRankNetwork);
 }
 
-void UvResolver::onTcpRead(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
-  auto* l = static_cast<Lookup*>(s->data);
-  if (l == nullptr || asStream(l->tcp) != s) return;
-  UvResolver* self = l->owner;
-  if (nread < 0) {
-    const std::string& label = self->targets_[l->target].label;
-    self->attemptFailed(*l, Status::Error,
-                        "TCP connection to " + label + " closed: " + uv_strerror(static_cast<int>(nread)), kRankAnswer);
+void UvResolver::onTcpRead(Lookup& l, int status, std::string_view data) {
+  if (status < 0) {
+    const std::string& label = targets_[l.target].label;
+    attemptFailed(l, Status::Error, "TCP connection to " + label + " closed: " + net::errorText(status), kRankAnswer);
     return;
   }
-  l->tcpIn.append(buf->base, static_cast<size_t>(nread));
-  while (l->tcpIn.size() >= 2) {
-    const size_t len = (static_cast<uint8_t>(l->tcpIn[0]) << 8) | static_cast<uint8_t>(l->tcpIn[1]);
-    if (l->tcpIn.size() < 2 + len) break;
-    const std::string msg = l->tcpIn.substr(2, len);
-    l->tcpIn.erase(0, 2 + len);
-    if (!self->handlePacket(*l, msg, true)) return;
+  l.tcpIn.append(data);
+  while (l.tcpIn.size() >= 2) {
+    const size_t len = (static_cast<uint8_t>(l.tcpIn[0]) << 8) | static_cast<uint8_t>(l.tcpIn[1]);
+    if (l.tcpIn.size() < 2 + len) break;
+    const std::string msg = l.tcpIn.substr(2, len);
+    l.tcpIn.erase(0, 2 + len);
+    if (!handlePacket(l, msg, true)) return;
   }
 }
 
-void UvResolver::onTimeout(uv_timer_t* t) {
-  auto* l = static_cast<Lookup*>(t->data);
-  if (l == nullptr) return;
-  UvResolver* self = l->owner;
-  if (l->tries > 0 && l->udp == nullptr && l->tcp == nullptr) {  // a deferred failure report
-    self->startAttempt(*l);
+void UvResolver::onTimeout(Lookup& l) {
+  if (l.tries > 0 && l.udp == nullptr && l.tcp == nullptr) {  // a deferred failure report
+    startAttempt(l);
     return;
   }
-  const std::string& label = self->targets_[l->target].label;
-  self->attemptFailed(*l, Status::Timeout, "timeout waiting for " + label, kRankTimeout);
+  const std::string& label = targets_[l.target].label;
+  attemptFailed(l, Status::Timeout, "timeout waiting for " + label, kRankTimeout);
 }
 
 bool UvResolver::handlePacket(Lookup& l, std::string_view packet, bool overTcp) {
@@ -437,8 +356,7 @@ void UvResolver::attemptFailed(Lookup& l, Status status, std::string detail, int
 
 void UvResolver::finish(Lookup& l, Answer answer) {
   closeTransport(l);
-  closeHandle(l.timer);
-  l.timer = nullptr;
+  l.timer.reset();
   byKey_.erase(l.key);
   auto node = lookups_.extract(l.serial);
   std::vector<Callback> cbs = std::move(l.callbacks);
@@ -453,9 +371,7 @@ void UvResolver::finish(Lookup& l, Answer answer) {
 
 void UvResolver::deliverLater(Callback cb, Answer answer) {
   pending_.emplace_back(std::move(cb), std::move(answer));
-  if (!uv_is_active(asHandle(deliverTimer_)))
-    uv_timer_start(
-        deliverTimer_, [](uv_timer_t* t) { static_cast<UvResolver*>(t->data)->deliverPending(); }, 0, 0);
+  if (!deliverTimer_.active()) deliverTimer_.start(std::chrono::milliseconds(0), [this] { deliverPending(); });
 }
 
 void UvResolver::deliverPending() {

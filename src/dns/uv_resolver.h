@@ -14,7 +14,7 @@
 //  - identical lookups in flight share one query; answers go to a Cache (cache.h).
 // Callbacks run on the loop, never inside query() (cache hits are queued to a 0 ms timer).
 // Destroying the resolver closes everything at once: no callback runs afterwards. The loop
-// must be run once more (uv_run) to free the closed handles, as with every libuv handle.
+// must be run once more to free the closed handles, as with every libuv handle (net/uv_handle.h).
 //
 // Not here: packet encoding (codec.h), routing decisions (delivery/routing.h).
 #pragma once
@@ -22,7 +22,6 @@
 #include <sys/socket.h>
 #include <uv.h>
 
-#include <array>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -34,6 +33,7 @@
 #include "dns/cache.h"
 #include "dns/resolv_conf.h"
 #include "dns/resolver.h"
+#include "net/uv_timer.h"
 #include "util/clock.h"
 
 namespace subrelay::dns {
@@ -81,11 +81,10 @@ class UvResolver final : public Resolver {
   void deliverLater(Callback cb, Answer answer);
   void deliverPending();
 
-  static void onUdpRead(uv_udp_t* h, ssize_t nread, const uv_buf_t* buf, const sockaddr* addr, unsigned flags);
-  static void onTcpConnect(uv_connect_t* req, int status);
-  static void onTcpRead(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf);
-  static void onTimeout(uv_timer_t* t);
-  static void onAlloc(uv_handle_t* h, size_t suggested, uv_buf_t* buf);
+  void onUdpRead(Lookup& l, int status, std::string_view data, bool truncated);
+  void onTcpConnect(Lookup& l, int status);
+  void onTcpRead(Lookup& l, int status, std::string_view data);
+  void onTimeout(Lookup& l);
 
   uv_loop_t* loop_;
   std::vector<ServerAddress> servers_;
@@ -98,9 +97,8 @@ class UvResolver final : public Resolver {
   std::map<uint64_t, std::unique_ptr<Lookup>> lookups_;
   std::map<Key, uint64_t> byKey_;
   std::vector<std::pair<Callback, Answer>> pending_;
-  uv_timer_t* deliverTimer_ = nullptr;
+  net::Timer deliverTimer_;
   std::shared_ptr<bool> alive_;
-  std::array<char, 65536> recvBuf_{};
 };
 
 }  // namespace subrelay::dns

@@ -27,6 +27,25 @@ void closeHandleRaw(uv_handle_t* h, void (*deleter)(uv_handle_t*)) {
   });
 }
 
+bool parseAddress(const std::string& ip, uint16_t port, bool ipv6, sockaddr_storage* out) {
+  *out = sockaddr_storage{};
+  int rc = ipv6 ? uv_ip6_addr(ip.c_str(), port, reinterpret_cast<sockaddr_in6*>(out))
+                : uv_ip4_addr(ip.c_str(), port, reinterpret_cast<sockaddr_in*>(out));
+  return rc == 0;
+}
+
+sockaddr_storage anyAddress(int family) {
+  sockaddr_storage any{};
+  if (family == AF_INET6) {
+    uv_ip6_addr("::", 0, reinterpret_cast<sockaddr_in6*>(&any));
+  } else {
+    uv_ip4_addr("0.0.0.0", 0, reinterpret_cast<sockaddr_in*>(&any));
+  }
+  return any;
+}
+
+std::string errorText(int status) { return uv_strerror(status); }
+
 std::string addressToString(const sockaddr* sa, uint16_t* port) {
   char buf[INET6_ADDRSTRLEN] = {0};
   if (sa->sa_family == AF_INET) {

@@ -6,6 +6,9 @@
 
 #include <uv.h>
 
+#include <sys/socket.h>
+
+#include <cstdint>
 #include <string>
 
 namespace subrelay::net {
@@ -32,6 +35,14 @@ template <typename T>
 uv_stream_t* asStream(T* h) {
   return reinterpret_cast<uv_stream_t*>(h);
 }
+
+// "1.2.3.4" / "::1" and a port as a sockaddr (AF_INET6 when `ipv6`); false when `ip` is
+// not a literal of that family.
+bool parseAddress(const std::string& ip, uint16_t port, bool ipv6, sockaddr_storage* out);
+// The wildcard address ("0.0.0.0" / "::") of a family, port 0.
+sockaddr_storage anyAddress(int family);
+// libuv's text for one of its (negative) error codes.
+std::string errorText(int status);
 
 // "1.2.3.4" / "::1" and the port of a sockaddr.
 std::string addressToString(const sockaddr* sa, uint16_t* port = nullptr);

@@ -1,4 +1,4 @@
-// submission/: the cleanup stage (RFC 6409 section 8) as a pure function.
+// submission/: the cleanup stage (RFC 6409 section 8) and the end-of-data decisions as pure functions.
 #include <doctest/doctest.h>
 
 #include <chrono>
@@ -6,6 +6,7 @@
 
 #include "message/headers.h"
 #include "submission/cleanup.h"
+#include "submission/decide.h"
 
 using namespace subrelay::submission;
 
@@ -95,4 +96,114 @@ TEST_CASE("cleanup: the signing domain is the From domain as an A-label") {
                   return q;
                 }())
             .signingDomain == "shop.test");
+}
+
+// ---- submission/decide.h: the end-of-data decisions ----
+
+namespace {
+
+std::shared_ptr<const subrelay::dkim::PrivateKey> edKey() {
+  static auto k = [] {
+    auto r = subrelay::dkim::generateKey(subrelay::dkim::Algorithm::Ed25519Sha256);
+    REQUIRE(r.ok());
+    return *r;
+  }();
+  return k;
+}
+
+}  // namespace
+
+TEST_CASE("admit: the rate verdict with the real size, as the reply to the end of data") {
+  using subrelay::policy::Decision;
+  using subrelay::policy::Metric;
+  CHECK_FALSE(admit(Decision{}).has_value());
+
+  Decision perHour;
+  perHour.allowed = false;
+  perHour.ruleKey = "messages_per_hour";
+  perHour.what = Metric::Messages;
+  perHour.retryAfter = std::chrono::seconds(42);
+  auto r = admit(perHour);
+  REQUIRE(r.has_value());
+  CHECK(r->code == 451);
+  CHECK(r->enhanced == "4.7.1");
+  CHECK(r->text == "Rate limit messages_per_hour exceeded; try again in 42 seconds");
+
+  Decision bytes;
+  bytes.allowed = false;
+  bytes.ruleKey = "bytes_per_day";
+  bytes.what = Metric::Bytes;
+  bytes.retryAfter = std::chrono::seconds(1);
+  auto wait = admit(bytes);
+  REQUIRE(wait.has_value());
+  CHECK(wait->code == 451);
+  CHECK(wait->text == "Rate limit bytes_per_day exceeded; try again in 1 second");
+  // Larger than the rule allows at all: waiting cannot help.
+  bytes.permanent = true;
+  auto never = admit(bytes);
+  REQUIRE(never.has_value());
+  CHECK(never->code == 552);
+  CHECK(never->enhanced == "5.3.4");
+  CHECK(never->text == "Message size exceeds rate limit bytes_per_day");
+}
+
+TEST_CASE("decide: keys chosen by the A-label signing domain, none -> unsigned") {
+  subrelay::dkim::KeyRing ring;
+  ring.add({"shop.test", "s1", edKey()});
+  ring.add({"xn--exmple-cua.com", "s2", edKey()});
+  StoreRequest req;
+  req.cleanup = request();
+  req.keys = &ring;
+
+  auto shop = decide("From: Shop <orders@shop.test>\r\nSubject: x\r\n\r\nbody\r\n", req);
+  CHECK_FALSE(shop.refused());
+  CHECK(shop.signingDomain == "shop.test");
+  REQUIRE(shop.keys != nullptr);
+  REQUIRE(shop.keys->size() == 1);
+  CHECK((*shop.keys)[0].selector == "s1");
+  CHECK(shop.keys == ring.forDomain("shop.test"));  // points into the ring, no copy
+  CHECK(shop.content.find("body\r\n") != std::string::npos);
+  CHECK(shop.content.find("Received: ") == 0);
+  CHECK_FALSE(shop.smtputf8);
+
+  // A U-label From domain signs with the key configured for its A-label.
+  auto idn = decide("From: a@ex\xc3\xa4mple.com\r\n\r\nb\r\n", req);
+  CHECK_FALSE(idn.refused());
+  CHECK(idn.signingDomain == "xn--exmple-cua.com");
+  REQUIRE(idn.keys != nullptr);
+  CHECK((*idn.keys)[0].selector == "s2");
+  CHECK(idn.smtputf8);
+  auto alabel = decide("From: a@xn--exmple-cua.com\r\n\r\nb\r\n", req);
+  REQUIRE(alabel.keys != nullptr);
+  CHECK((*alabel.keys)[0].selector == "s2");
+  CHECK_FALSE(alabel.smtputf8);
+
+  // An owned address of a domain without keys (a subdomain needs its own): unsigned.
+  req.cleanup.owns = [](std::string_view) { return true; };
+  auto sub = decide("From: x@mail.shop.test\r\n\r\nb\r\n", req);
+  CHECK_FALSE(sub.refused());
+  CHECK(sub.keys == nullptr);
+  CHECK(sub.signingDomain.empty());
+  CHECK_FALSE(sub.content.empty());
+
+  // No key ring (no signer): never signed.
+  req.keys = nullptr;
+  auto off = decide("From: Shop <orders@shop.test>\r\n\r\nbody\r\n", req);
+  CHECK_FALSE(off.refused());
+  CHECK(off.keys == nullptr);
+}
+
+TEST_CASE("decide: a cleanup refusal is the verdict, nothing to store or sign") {
+  subrelay::dkim::KeyRing ring;
+  ring.add({"shop.test", "s1", edKey()});
+  StoreRequest req;
+  req.cleanup = request();
+  req.keys = &ring;
+  auto v = decide("From: ceo@paypal.com\r\n\r\nb\r\n", req);
+  REQUIRE(v.refused());
+  CHECK(v.refusal->code == 550);
+  CHECK(v.refusal->enhanced == "5.7.1");
+  CHECK(v.refusal->text == "From header address <ceo@paypal.com> not owned by this account");
+  CHECK(v.content.empty());
+  CHECK(v.keys == nullptr);
 }
