@@ -3,13 +3,10 @@
 // out its requests and reports what happened.
 #include "app/delivery_service.h"
 
-#include <uv.h>
-
 #include <map>
 #include <mutex>
 #include <optional>
 #include <random>
-#include <thread>
 
 #include "delivery/routing.h"
 #include "delivery/scheduler.h"
@@ -17,6 +14,8 @@
 #include "dns/uv_resolver.h"
 #include "net/connection.h"
 #include "net/listener.h"
+#include "net/uv_handle.h"
+#include "net/uv_loop.h"
 #include "net/uv_timer.h"
 #include "queue/pruner.h"
 #include "queue/sqlite_store.h"
@@ -91,18 +90,16 @@ struct DeliveryService::Impl final : delivery::Transport {
   std::vector<dns::ServerAddress> servers;
   util::SystemClock clock;
 
-  // --- cross-thread ---
+  // --- cross-thread (under mu); the loop thread is reached only through lt.post() ---
   std::mutex mu;
   std::optional<Settings> pendingSettings;
-  bool wake = false;
+  bool wake = false;          // a wake-up is posted and has not run yet
+  bool started = false;
   bool stopRequested = false;
   std::chrono::seconds grace{30};
-  std::thread thread;
+  net::LoopThread lt;
 
   // --- loop thread only ---
-  uv_loop_t loop{};
-  bool loopStarted = false;
-  std::unique_ptr<net::Async> async;  // guarded by mu for send()
   std::unique_ptr<net::Timer> tick, flushTimer, graceTimer, refillTimer, pruneTimer;
   Settings settings;
   std::unique_ptr<dns::UvResolver> resolver;
@@ -113,7 +110,7 @@ struct DeliveryService::Impl final : delivery::Transport {
   std::map<delivery::SessionId, std::unique_ptr<OutboundConnection>> connections;
   bool stopping = false;
 
-  void onAsync();
+  void onPosted();
   void afterEvent();
   void finishStop();
   void prune();
@@ -137,12 +134,12 @@ struct DeliveryService::Impl final : delivery::Transport {
 class OutboundConnection final : public net::ConnectionHandler {
  public:
   OutboundConnection(DeliveryService::Impl& svc, const delivery::ConnectRequest& req)
-      : svc_(svc), req_(req), timer_(&svc.loop), soon_(&svc.loop) {
+      : svc_(svc), req_(req), timer_(svc.lt.loop()), soon_(svc.lt.loop()) {
     smtp::ClientConfig cc;
     cc.heloName = svc.settings.scheduler.hostname;
     cc.tls = req.tls == delivery::TlsPolicy::Opportunistic ? smtp::ClientTls::Opportunistic : smtp::ClientTls::Required;
     session_ = std::make_unique<smtp::ClientSession>(cc, svc.settings.timeouts);
-    conn_ = std::make_unique<net::Connection>(&svc.loop, this);
+    conn_ = std::make_unique<net::Connection>(svc.lt.loop(), this);
   }
 
   void start() {
@@ -169,7 +166,7 @@ class OutboundConnection final : public net::ConnectionHandler {
   // --- net::ConnectionHandler ---
   void onConnected(int status) override {
     if (status != 0) {
-      fail("connect to " + req_.label() + ": " + uv_strerror(status));
+      fail("connect to " + req_.label() + ": " + net::errorText(status));
       return;
     }
     session_->onConnected();
@@ -351,7 +348,8 @@ void DeliveryService::Impl::afterEvent() {
 // ---------------------------------------------------------------------------------------
 // The service thread
 // ---------------------------------------------------------------------------------------
-void DeliveryService::Impl::onAsync() {
+void DeliveryService::Impl::onPosted() {
+  if (!scheduler) return;  // the service already ended (a post queued behind its end)
   bool doWake = false, doStop = false;
   std::optional<Settings> fresh;
   {
@@ -407,19 +405,13 @@ void DeliveryService::Impl::maybeEndLoop() {
   refillTimer.reset();
   pruneTimer.reset();
   pruner.reset();
-  std::lock_guard lk(mu);  // notify() sends on `async` under the same lock
-  async.reset();
+  lt.stop();  // the loop ends once the handles above have closed
 }
 
 // ---------------------------------------------------------------------------------------
 DeliveryService::DeliveryService(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-DeliveryService::~DeliveryService() {
-  if (impl_->thread.joinable()) stop(std::chrono::seconds(0));
-  // Only a started service has a loop (serve may fail between create() and start(), e.g.
-  // on a port in use).
-  if (impl_->loopStarted) uv_loop_close(&impl_->loop);
-}
+DeliveryService::~DeliveryService() { stop(std::chrono::seconds(0)); }
 
 util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const config::Config& cfg,
                                                                        const std::string& dbPath) {
@@ -452,19 +444,14 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
 
 void DeliveryService::start() {
   Impl& d = *impl_;
-  uv_loop_init(&d.loop);
-  d.loopStarted = true;
-  {
-    std::lock_guard lk(d.mu);
-    d.async = std::make_unique<net::Async>(&d.loop, [&d] { d.onAsync(); });
-  }
-  d.tick = std::make_unique<net::Timer>(&d.loop);
-  d.flushTimer = std::make_unique<net::Timer>(&d.loop);
-  d.graceTimer = std::make_unique<net::Timer>(&d.loop);
-  d.refillTimer = std::make_unique<net::Timer>(&d.loop);
-  d.pruneTimer = std::make_unique<net::Timer>(&d.loop);
+  uv_loop_t* loop = d.lt.loop();  // handles are made before the thread runs the loop
+  d.tick = std::make_unique<net::Timer>(loop);
+  d.flushTimer = std::make_unique<net::Timer>(loop);
+  d.graceTimer = std::make_unique<net::Timer>(loop);
+  d.refillTimer = std::make_unique<net::Timer>(loop);
+  d.pruneTimer = std::make_unique<net::Timer>(loop);
   d.pruner = std::make_unique<queue::Pruner>(*d.store, d.clock);
-  d.resolver = std::make_unique<dns::UvResolver>(&d.loop, d.servers, d.clock);
+  d.resolver = std::make_unique<dns::UvResolver>(loop, d.servers, d.clock);
   std::random_device rd;
   const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
   d.routes = std::make_unique<delivery::RouteResolver>(*d.resolver, seed);
@@ -478,34 +465,42 @@ void DeliveryService::start() {
       },
       kTickInterval);
   d.pruneTimer->start(std::chrono::seconds(1), [&d] { d.prune(); });
-  d.thread = std::thread([&d] { uv_run(&d.loop, UV_RUN_DEFAULT); });
+  {
+    std::lock_guard lk(d.mu);
+    d.started = true;
+  }
+  d.lt.start();
 }
 
 void DeliveryService::notify() {
-  std::lock_guard lk(impl_->mu);
-  if (impl_->stopRequested || !impl_->async) return;
-  impl_->wake = true;
-  impl_->async->send();
+  Impl& d = *impl_;
+  std::lock_guard lk(d.mu);
+  // One wake-up posted at a time: a burst of commits costs one post.
+  if (!d.started || d.stopRequested || d.wake) return;
+  d.wake = true;
+  d.lt.post([&d] { d.onPosted(); });
 }
 
 void DeliveryService::reconfigure(const config::Config& cfg) {
-  std::lock_guard lk(impl_->mu);
-  if (impl_->stopRequested || !impl_->async) return;
-  impl_->pendingSettings = settingsFrom(cfg);
-  impl_->async->send();
+  Impl& d = *impl_;
+  std::lock_guard lk(d.mu);
+  if (!d.started || d.stopRequested) return;
+  d.pendingSettings = settingsFrom(cfg);
+  d.lt.post([&d] { d.onPosted(); });
 }
 
 void DeliveryService::stop(std::chrono::seconds grace) {
+  Impl& d = *impl_;
   {
-    std::lock_guard lk(impl_->mu);
-    if (!impl_->thread.joinable()) return;
-    if (!impl_->stopRequested) {
-      impl_->stopRequested = true;
-      impl_->grace = grace;
-      if (impl_->async) impl_->async->send();
+    std::lock_guard lk(d.mu);
+    if (!d.started) return;  // serve may fail between create() and start()
+    if (!d.stopRequested) {
+      d.stopRequested = true;
+      d.grace = grace;
+      d.lt.post([&d] { d.onPosted(); });
     }
   }
-  impl_->thread.join();
+  d.lt.join();
 }
 
 }  // namespace subrelay::app
