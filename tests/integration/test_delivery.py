@@ -136,7 +136,9 @@ class Delivery(ServerTestCase):
              "tls_policy_overrides": {"verify.test": "verify", "badcert.test": "verify",
                                       "plain.test": "required"}}
         d.update(over)
-        return {"delivery": d}
+        # These tests read DSNs and delivered messages back with `queue show --raw`: keep
+        # the bodies of finished messages (retention.finished_bodies defaults to "0s").
+        return {"delivery": d, "retention": {"finished_bodies": "1h"}}
 
     @classmethod
     def tearDownClass(cls):
