@@ -40,7 +40,7 @@ struct Scheduler::Destination {
 };
 
 struct Scheduler::Session {
-  enum class State { Connecting, Busy, Quitting };
+  enum class State { Connecting, Busy, Idle, Quitting };
   SessionId id = 0;
   std::string destination;
   Route route;  // as when the session started
@@ -54,6 +54,7 @@ struct Scheduler::Session {
   std::string tlsVersion, tlsCipher;
   SteadyTime readyAt{};
   SteadyTime txnStarted{};
+  SteadyTime idleSince{};
   bool aborted = false;
   SessionFailure lastFailure;
 };
@@ -168,6 +169,7 @@ void Scheduler::routeJob(Job job) {
     auto it = destinations_.find(ds->destination);
     if (it != destinations_.end() && it->second->tls == job.tls) {
       it->second->jobs.push_back(std::move(job));
+      feedIdle(*it->second);
       return;
     }
   }
@@ -213,6 +215,7 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
     d->route = route;
     ds.destination = key;
     d->jobs.push_back(std::move(j));
+    feedIdle(*d);
   }
   ds.resolvedAt = clock_.now();
   dispatch();
@@ -225,6 +228,7 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
 // cannot keep a small one from getting its first connection.
 void Scheduler::dispatch() {
   if (stopping_) return;
+  for (auto& [key, d] : destinations_) feedIdle(*d);
   for (;;) {
     if (sessions_.size() >= settings_.maxConnections) return;
     std::vector<Destination*> wanting;
@@ -296,9 +300,27 @@ void Scheduler::onReady(SessionId id, const std::string& tlsVersion, const std::
   takeJob(s);
 }
 
+void Scheduler::feedIdle(Destination& d) {
+  if (d.jobs.empty()) return;
+  std::vector<Session*> idle;
+  for (auto& [id, s] : sessions_)
+    if (s->state == Session::State::Idle && s->destination == d.key) idle.push_back(s.get());
+  for (Session* s : idle) {
+    if (d.jobs.empty()) return;
+    takeJob(*s);
+  }
+}
+
 void Scheduler::takeJob(Session& s) {
   auto dit = destinations_.find(s.destination);
   const bool tooOld = clock_.now() - s.readyAt >= settings_.connectionReuse;
+  if (!stopping_ && !tooOld && !s.aborted && dit != destinations_.end() && dit->second->jobs.empty() &&
+      settings_.idleLinger.count() > 0) {
+    // Nothing to send yet: linger for the next job (tick() ends the wait).
+    if (s.state != Session::State::Idle) s.idleSince = clock_.now();
+    s.state = Session::State::Idle;
+    return;
+  }
   if (stopping_ || tooOld || s.aborted || dit == destinations_.end() || dit->second->jobs.empty()) {
     s.state = Session::State::Quitting;
     transport_.quit(s.id);
@@ -412,6 +434,13 @@ void Scheduler::checkDeadlines() {
   for (auto& [id, s] : sessions_)
     if (s->state == Session::State::Busy && !s->aborted && now - s->txnStarted >= settings_.transactionDeadline)
       late.push_back(id);
+  std::vector<SessionId> lingering;
+  for (auto& [id, s] : sessions_)
+    if (s->state == Session::State::Idle && now - s->idleSince >= settings_.idleLinger) lingering.push_back(id);
+  for (SessionId id : lingering) {
+    sessions_[id]->state = Session::State::Quitting;
+    transport_.quit(id);
+  }
   for (SessionId id : late) {
     Session& s = *sessions_[id];
     s.aborted = true;
@@ -640,6 +669,11 @@ void Scheduler::processDsns() {
 
 void Scheduler::stop() {
   stopping_ = true;
+  for (auto& [id, s] : sessions_)
+    if (s->state == Session::State::Idle) {
+      s->state = Session::State::Quitting;
+      transport_.quit(id);
+    }
   // Sessions with a job finish it and then quit (takeJob sees stopping_); those still
   // connecting quit once ready.
 }

@@ -60,6 +60,10 @@ struct SchedulerSettings {
   // A connection takes no new transaction after this long (Postfix's
   // smtp_connection_reuse_time_limit): its slot goes back to the round-robin.
   std::chrono::seconds connectionReuse{300};
+  // A connection with nothing to send waits this long for the next job of its destination
+  // before it quits (Postfix's smtp_connection_cache_time_limit), so a queue refilled a
+  // moment later does not pay for new connections and TLS handshakes. 0: quit at once.
+  std::chrono::seconds idleLinger{2};
   size_t leaseBatch = 200;     // messages per lease transaction
   size_t maxQueuedJobs = 2000; // jobs held in memory before leasing more
   size_t flushBatch = 256;     // results that force a flush at once
@@ -160,6 +164,7 @@ class Scheduler {
   void openSession(Destination& d);
   void connectNext(Session& s);
   void takeJob(Session& s);
+  void feedIdle(Destination& d);  // queued jobs to the destination's idle connections
   void endSession(SessionId id);
   void record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& mx,
               const std::string& tlsVersion, const std::string& tlsCipher);

@@ -258,6 +258,7 @@ struct Bed {
     settings.retry.schedule = {std::chrono::minutes(5), std::chrono::minutes(10)};
     settings.retry.maxQueueTime = std::chrono::hours(1);
     settings.retry.delayNotice = std::chrono::seconds(0);
+    settings.idleLinger = std::chrono::seconds(0);  // quit at once unless a test says otherwise
   }
   int64_t now() const { return util::unixSeconds(clock.wallNow()); }
   Scheduler& start() {
@@ -568,6 +569,45 @@ TEST_CASE("scheduler: a connection takes no new transaction after connectionReus
   CHECK(b.t.quits.size() == 1);  // m2 waits for a fresh connection
   b.endQuits();
   CHECK(b.t.connects.size() == 2);
+}
+
+TEST_CASE("scheduler: an idle connection lingers for the next job, then quits") {
+  Bed b;
+  b.settings.idleLinger = std::chrono::seconds(2);
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  b.readyAll();
+  b.answerAll(smtp::Outcome::Delivered);
+  CHECK(b.t.quits.empty());  // idle, waiting
+  b.q.add("m2", {"b@example.org"}, b.now());
+  b.clock.advance(std::chrono::seconds(1));
+  s.tick();  // m2 leased: the idle connection takes it, no new connection
+  CHECK(b.t.connects.size() == 1);
+  REQUIRE(b.t.sending.size() == 1);
+  b.answerAll(smtp::Outcome::Delivered);
+  b.clock.advance(std::chrono::seconds(1));
+  s.tick();
+  CHECK(b.t.quits.empty());
+  b.clock.advance(std::chrono::seconds(2));
+  s.tick();  // idle for 2 s: it quits
+  CHECK(b.t.quits.size() == 1);
+  b.endQuits();
+  s.flush();
+  CHECK(b.q.inState(RecipientState::Delivered) == 2);
+  // stop() ends lingering connections at once.
+  b.q.add("m3", {"c@example.org"}, b.now());
+  b.clock.advance(std::chrono::seconds(61));
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  b.readyAll();
+  b.answerAll(smtp::Outcome::Delivered);
+  CHECK(b.t.quits.empty());
+  s.stop();
+  CHECK(b.t.quits.size() == 1);
+  b.endQuits();
+  CHECK(s.drained());
 }
 
 TEST_CASE("scheduler: stop finishes the transaction in hand; finish releases what was never tried") {
