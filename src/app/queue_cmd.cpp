@@ -281,13 +281,24 @@ int queueBounce(const QueueCmdOptions& o, const std::string& id) {
   }
   auto after = store.value()->show(id);
   std::string dsn = "a DSN to the sender is pending";
+  int64_t inFlight = 0;
   if (after.ok()) {
     if (after->isDsn) dsn = "no DSN (the message is itself a DSN)";
     else if (after->mailFrom.empty()) dsn = "no DSN (null sender)";
     else dsn = "a DSN to <" + after->mailFrom + "> is pending";
+    for (const auto& r : after->recipients) inFlight += r.request == queue::OperatorRequest::Bounce;
   }
-  std::printf("bounce: %s of %s failed (bounced by operator); %s\n", plural(n.value(), "recipient").c_str(),
-              id.c_str(), dsn.c_str());
+  const int64_t now = n.value() - inFlight;
+  if (inFlight == 0) {
+    std::printf("bounce: %s of %s failed (bounced by operator); %s\n", plural(n.value(), "recipient").c_str(),
+                id.c_str(), dsn.c_str());
+  } else {
+    // An attempt is running for these: they are bounced when it ends (a delivery stands),
+    // never attempted a second time.
+    std::printf("bounce: %s of %s failed (bounced by operator), %s in flight bounced when the attempt ends "
+                "unless it delivers; %s\n",
+                plural(now, "recipient").c_str(), id.c_str(), std::to_string(inFlight).c_str(), dsn.c_str());
+  }
   return 0;
 }
 
