@@ -111,7 +111,8 @@ class QueueCmd(harness.ServerTestCase):
         line = [l for l in text.splitlines() if l.startswith(qid)]
         self.assertEqual(len(line), 1, text)
         for r in rcpts:
-            self.assertRegex(line[0], re.escape(r) + r" \((queued|deferred), \d+ attempts?, next ")
+            # ", in flight" while the scheduler's attempt for it is running.
+            self.assertRegex(line[0], re.escape(r) + r" \((queued|deferred)(, in flight)?, \d+ attempts?, next ")
         text = self.cli("queue", "show", qid)
         self.assertIn(qid, text)
         self.assertIn("history:", text)
