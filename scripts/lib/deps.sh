@@ -3,7 +3,7 @@
 BUILD_PACKAGES=(
   build-essential meson ninja-build pkg-config cmake
   libuv1-dev android-libboringssl-dev libssl-dev libldns-dev
-  nlohmann-json3-dev libsqlite3-dev doctest-dev libidn2-dev openssl
+  nlohmann-json3-dev libsqlite3-dev doctest-dev libidn2-dev openssl libmicrohttpd-dev
 )
 # Real peers and clients for the integration tests (docs/testbed.md), clang's
 # sanitizer runtimes, Go (test_interop builds a net/smtp client), iproute2 (test_hostile sets up
@@ -12,7 +12,7 @@ TEST_PACKAGES=(
   clang libclang-rt-14-dev sqlite3 python3 swaks libio-socket-inet6-perl
   python3-aiosmtpd python3-aiosmtplib python3-dkim python3-dnspython
   unbound postfix libsasl2-modules opendkim opendkim-tools bind9-dnsutils ldnsutils
-  libnet-ssleay-perl golang-go iproute2
+  libnet-ssleay-perl golang-go iproute2 python3-prometheus-client
 )
 # Node.js: Debian's nodejs + npm, unless a node with npm is already there (NodeSource's
 # nodejs package ships npm itself and conflicts with Debian's npm package).

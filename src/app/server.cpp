@@ -57,13 +57,6 @@ const char* tlsModeName(config::ListenerTls t) {
   return "?";
 }
 
-util::LogLevel parseLevel(const std::string& s) {
-  if (s == "debug") return util::LogLevel::Debug;
-  if (s == "warning") return util::LogLevel::Warn;
-  if (s == "error") return util::LogLevel::Error;
-  return util::LogLevel::Info;
-}
-
 std::string joinHostPort(const std::string& host, uint16_t port) {
   if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
   return host + ":" + std::to_string(port);
@@ -157,7 +150,7 @@ std::shared_ptr<const config::Config> reloadConfig(Runtime& rt, const std::strin
   auto next = std::make_shared<Settings>(*fresh);
   next->generation = old->generation + 1;
   rt.install(next);
-  util::setLogLevel(parseLevel(nc.logLevel));
+  util::setLogLevel(util::parseLogLevel(nc.log.level));
   util::logInfo("serve", "reload done: generation " + std::to_string(next->generation) + ", " +
                              std::to_string(nc.accounts.size()) + " accounts, " + std::to_string(nc.dkim.size()) +
                              " DKIM keys; sessions in progress keep the previous configuration");
@@ -202,7 +195,8 @@ int runServe(const ServeOptions& opts) {
     }
     cfg = std::move(*lr.config);
   }
-  util::setLogLevel(parseLevel(cfg.logLevel));
+  util::setLogLevel(util::parseLogLevel(cfg.log.level));
+  util::setLogFormat(cfg.log.format == "json" ? util::LogFormat::Json : util::LogFormat::Text);
 
   auto rt = std::make_unique<Runtime>();
   {

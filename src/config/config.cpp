@@ -528,7 +528,7 @@ class ConfigReader {
     v_.rejectUnknown(
         root, "",
         {"hostname", "data_dir", "tls", "listeners", "limits", "accounts", "dkim", "delivery", "retention", "log_level",
-         "workers"});
+         "log", "metrics", "workers"});
 
     if (const Json* h = v_.require(root, "", "hostname")) {
       std::string name;
@@ -564,11 +564,16 @@ class ConfigReader {
     cfg_.delivery.retrySchedule = defaultRetrySchedule();
     if (const Json* d = Validator::find(root, "delivery")) readDelivery(*d);
     if (const Json* r = Validator::find(root, "retention")) readRetention(*r);
+    // log_level is the older spelling of log.level; both may not be given.
     if (const Json* l = Validator::find(root, "log_level")) {
       v_.oneOf<std::string>(*l, "log_level",
-                            {{"debug", "debug"}, {"info", "info"}, {"warning", "warning"}, {"error", "error"}},
-                            cfg_.logLevel);
+                            {{"debug", "debug"}, {"info", "info"}, {"warn", "warn"}, {"warning", "warn"},
+                             {"error", "error"}},
+                            cfg_.log.level);
     }
+    if (const Json* l = Validator::find(root, "log")) readLog(*l, Validator::find(root, "log_level") != nullptr);
+    cfg_.logLevel = cfg_.log.level;
+    if (const Json* m = Validator::find(root, "metrics")) readMetrics(*m);
     if (const Json* w = Validator::find(root, "workers")) {
       uint64_t n = 0;
       if (v_.integer(*w, "workers", 0, 64, n)) cfg_.workers = static_cast<uint32_t>(n);
@@ -957,6 +962,44 @@ class ConfigReader {
       }
       *field = v;
     }
+  }
+
+  void readLog(const Json& o, bool oldKey) {
+    const std::string p = "log";
+    if (!v_.object(o, p)) return;
+    v_.rejectUnknown(o, p, {"format", "level"});
+    if (const Json* f = Validator::find(o, "format"))
+      v_.oneOf<std::string>(*f, p + ".format", {{"text", "text"}, {"json", "json"}}, cfg_.log.format);
+    if (const Json* l = Validator::find(o, "level")) {
+      if (oldKey) {
+        v_.fail(p + ".level", "expected only one of log.level and log_level (the older name); remove log_level");
+        return;
+      }
+      v_.oneOf<std::string>(*l, p + ".level",
+                            {{"debug", "debug"}, {"info", "info"}, {"warn", "warn"}, {"error", "error"}},
+                            cfg_.log.level);
+    }
+  }
+
+  void readMetrics(const Json& o) {
+    const std::string p = "metrics";
+    if (!v_.object(o, p)) return;
+    v_.rejectUnknown(o, p, {"address"});
+    const Json* a = v_.require(o, p, "address");
+    if (!a || !v_.string(*a, p + ".address", cfg_.metrics.address)) return;
+    HostPort hp;
+    std::string why = splitHostPort(cfg_.metrics.address, false, hp);
+    if (why.empty() && !hp.ipv6 && !isIpv4(hp.host) && !isLocalhostName(hp.host))
+      why = "the metrics listener binds to an IP address (or localhost), not a host name";
+    if (why.empty() && hp.port == 0) why = "port 0 would pick a random port nobody can scrape";
+    if (!why.empty()) {
+      v_.fail(p + ".address", "expected an address such as \"127.0.0.1:9587\" or \"[::1]:9587\", got " +
+                                  describe(*a) + " (" + why + ")");
+      cfg_.metrics.address.clear();
+      return;
+    }
+    cfg_.metrics.host = hp.host;
+    cfg_.metrics.port = hp.port;
   }
 
   void readRetention(const Json& o) {

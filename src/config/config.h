@@ -141,6 +141,20 @@ struct Retention {
   std::chrono::seconds captured{7 * 24 * 3600};
 };
 
+// log: how events reach stderr. format "text" (one "LEVEL component: event k=v" line) or
+// "json" (one object per line with stable field names, docs/operations.md).
+struct Log {
+  std::string format = "text";
+  std::string level = "info";  // debug | info | warn | error
+};
+
+// metrics: the optional HTTP listener for /metrics, /healthz and /readyz.
+struct Metrics {
+  std::string address;  // "127.0.0.1:9587"; empty = off
+  std::string host;     // parsed from address
+  uint16_t port = 0;
+};
+
 struct Config {
   std::string sourcePath;  // file it came from ("<embedded dev config>" for --dev)
   std::string hostname;
@@ -152,7 +166,9 @@ struct Config {
   std::vector<DkimKey> dkim;
   Delivery delivery;
   Retention retention;
-  std::string logLevel = "info";
+  Log log;
+  Metrics metrics;
+  std::string logLevel = "info";  // mirrors log.level ("warning" spelled "warn")
   uint32_t workers = 0;  // event-loop threads; 0 = one per core
 };
 

@@ -251,7 +251,7 @@ TEST_CASE("several errors in different sections are all reported") {
   expectError(r, "accounts[0].senders[0]", "wildcards are not supported");
   expectError(r, "accounts[0].mode", R"(expected one of "deliver", "capture", got "drop")");
   expectError(r, "workers", "expected an integer from 0 to 64, got 65");
-  expectError(r, "log_level", R"(expected one of "debug", "info", "warning", "error", got "verbose")");
+  expectError(r, "log_level", R"(expected one of "debug", "info", "warn", "warning", "error", got "verbose")");
 }
 
 TEST_CASE("unknown keys are errors at every level") {
@@ -755,7 +755,41 @@ TEST_CASE("log_level and workers") {
   expectOk(parse(withTop(R"(, "workers": 0)")));
   expectError(parse(withTop(R"(, "workers": "4")")), "workers", "expected an integer from 0 to 64, got \"4\"");
   expectError(parse(withTop(R"(, "workers": -1)")), "workers", "got -1");
-  expectError(parse(withTop(R"(, "log_level": "warn")")), "log_level", "got \"warn\"");
+  // "warning" is the older spelling of "warn".
+  LoadResult w = parse(withTop(R"(, "log_level": "warning")"));
+  expectOk(w);
+  CHECK(w.config->log.level == "warn");
+  CHECK(w.config->logLevel == "warn");
+}
+
+TEST_CASE("issue 11: log.format, log.level and metrics.address") {
+  LoadResult d = parse(withTop(""));
+  expectOk(d);
+  CHECK(d.config->log.format == "text");
+  CHECK(d.config->log.level == "info");
+  CHECK(d.config->metrics.address.empty());
+  LoadResult r = parse(withTop(R"(, "log": {"format": "json", "level": "warn"}, "metrics": {"address": "127.0.0.1:9587"})"));
+  expectOk(r);
+  CHECK(r.config->log.format == "json");
+  CHECK(r.config->log.level == "warn");
+  CHECK(r.config->logLevel == "warn");
+  CHECK(r.config->metrics.host == "127.0.0.1");
+  CHECK(r.config->metrics.port == 9587);
+  LoadResult v6 = parse(withTop(R"(, "metrics": {"address": "[::1]:9100"})"));
+  expectOk(v6);
+  CHECK(v6.config->metrics.host == "::1");
+  expectError(parse(withTop(R"(, "log": {"format": "xml"})")), "log.format",
+              R"(expected one of "text", "json", got "xml")");
+  expectError(parse(withTop(R"(, "log": {"level": "warning"})")), "log.level", "got \"warning\"");
+  expectError(parse(withTop(R"(, "log": {"level": "info"}, "log_level": "info")")), "log.level",
+              "expected only one of log.level and log_level");
+  expectError(parse(withTop(R"(, "log": {"colour": true})")), "log.colour", "unknown key");
+  expectError(parse(withTop(R"(, "metrics": {"address": "metrics.example:9587"})")), "metrics.address",
+              "not a host name");
+  expectError(parse(withTop(R"(, "metrics": {"address": "127.0.0.1:0"})")), "metrics.address", "port 0");
+  expectError(parse(withTop(R"(, "metrics": {"address": "127.0.0.1"})")), "metrics.address",
+              R"(expected an address such as "127.0.0.1:9587")");
+  expectError(parse(withTop(R"(, "metrics": {})")), "metrics.address", "");
 }
 
 TEST_CASE("formatErrors gives FILE: PATH: MESSAGE") {

@@ -1,0 +1,197 @@
+// metrics/: the registry and its two text formats, the HTTP routes, the exporter on a
+// real socket; util/log: structured events in both formats.
+#include <doctest/doctest.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "metrics/http_exporter.h"
+#include "metrics/registry.h"
+#include "metrics/server_metrics.h"
+#include "util/log.h"
+
+using namespace subrelay;
+using namespace subrelay::metrics;
+
+namespace {
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+}  // namespace
+
+TEST_CASE("Registry: counters, gauges and label escaping in the Prometheus text format") {
+  Registry r;
+  auto& c = r.counter("demo_requests_total", "Requests\nby code", {"code"});
+  c.with("200").inc();
+  c.with("200").inc(2);
+  c.with("a\"b\\c\nd").inc();
+  auto& g = r.gauge("demo_open", "Open things");
+  g.get().set(3);
+  g.get().add(-1.5);
+  const std::string out = r.render(Format::Prometheus);
+  CHECK(contains(out, "# HELP demo_requests_total Requests\\nby code\n"));
+  CHECK(contains(out, "# TYPE demo_requests_total counter\n"));
+  CHECK(contains(out, "demo_requests_total{code=\"200\"} 3\n"));
+  CHECK(contains(out, "demo_requests_total{code=\"a\\\"b\\\\c\\nd\"} 1\n"));
+  CHECK(contains(out, "# TYPE demo_open gauge\ndemo_open 1.5\n"));
+  CHECK_FALSE(contains(out, "# EOF"));
+}
+
+TEST_CASE("Registry: OpenMetrics drops _total from the family name and ends with # EOF") {
+  Registry r;
+  r.counter("demo_sent_total", "Sent").get().inc(7);
+  const std::string out = r.render(Format::OpenMetrics);
+  CHECK(contains(out, "# TYPE demo_sent counter\n"));
+  CHECK(contains(out, "demo_sent_total 7\n"));
+  CHECK(out.size() >= 6);
+  CHECK(out.substr(out.size() - 6) == "# EOF\n");
+}
+
+TEST_CASE("Histogram: cumulative buckets, +Inf, sum and count") {
+  Registry r;
+  auto& h = r.histogram("demo_seconds", "Latency", {0.1, 1}, {"op"});
+  h.with("x").observe(0.05);
+  h.with("x").observe(0.1);  // le is inclusive
+  h.with("x").observe(0.5);
+  h.with("x").observe(5);
+  const std::string out = r.render(Format::Prometheus);
+  CHECK(contains(out, "demo_seconds_bucket{op=\"x\",le=\"0.10000000000000001\"} 2\n"));
+  CHECK(contains(out, "demo_seconds_bucket{op=\"x\",le=\"1\"} 3\n"));
+  CHECK(contains(out, "demo_seconds_bucket{op=\"x\",le=\"+Inf\"} 4\n"));
+  CHECK(contains(out, "demo_seconds_count{op=\"x\"} 4\n"));
+  CHECK(contains(out, "demo_seconds_sum{op=\"x\"} 5.6500000000000004\n"));
+}
+
+TEST_CASE("Family: label sets beyond the bound share one _other child") {
+  Registry r;
+  auto& c = r.counter("demo_total", "Bounded", {"account"}, 3);
+  for (int i = 0; i < 10; ++i) c.with("acct" + std::to_string(i)).inc();
+  CHECK(c.size() == 4);  // three own children + _other
+  const std::string out = r.render(Format::Prometheus);
+  CHECK(contains(out, "demo_total{account=\"_other\"} 7\n"));
+  CHECK(contains(out, "demo_total{account=\"acct0\"} 1\n"));
+}
+
+TEST_CASE("Registry: collectors run before every render") {
+  Registry r;
+  auto& g = r.gauge("demo_now", "Set at scrape");
+  int calls = 0;
+  r.onCollect([&] { g.get().set(++calls); });
+  CHECK(contains(r.render(Format::Prometheus), "demo_now 1\n"));
+  CHECK(contains(r.render(Format::Prometheus), "demo_now 2\n"));
+}
+
+TEST_CASE("statusLabel keeps RFC 3463 codes and folds the rest into other") {
+  CHECK(statusLabel("5.7.1") == "5.7.1");
+  CHECK(statusLabel("4.3.1") == "4.3.1");
+  CHECK(statusLabel("5.1.10") == "5.1.10");
+  CHECK(statusLabel("") == "other");
+  CHECK(statusLabel("5.7") == "other");
+  CHECK(statusLabel("5.7.1.2") == "other");
+  CHECK(statusLabel("x.y.z") == "other");
+  CHECK(statusLabel("5.1234.1") == "other");
+}
+
+TEST_CASE("ServerMetrics: every family is exported with the subrelay_ prefix") {
+  Registry r;
+  ServerMetrics m(r);
+  m.messagesAccepted.with("shop").inc();
+  const std::string out = r.render(Format::Prometheus);
+  CHECK(contains(out, "subrelay_messages_accepted_total{account=\"shop\"} 1\n"));
+  CHECK(contains(out, "# TYPE subrelay_delivery_latency_seconds histogram\n"));
+  CHECK(contains(out, "subrelay_smtp_connections_open 0\n"));
+}
+
+TEST_CASE("route(): paths, methods and content negotiation") {
+  Endpoints ep;
+  ep.metrics = [](Format f) { return f == Format::OpenMetrics ? std::string("om\n") : std::string("prom\n"); };
+  std::string why;
+  ep.notReady = [&] { return why; };
+  auto r = route({"GET", "/metrics", ""}, ep);
+  CHECK(r.status == 200);
+  CHECK(r.body == "prom\n");
+  CHECK(r.contentType == "text/plain; version=0.0.4; charset=utf-8");
+  r = route({"GET", "/metrics", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"}, ep);
+  CHECK(r.body == "om\n");
+  CHECK(r.contentType == "application/openmetrics-text; version=1.0.0; charset=utf-8");
+  CHECK(route({"HEAD", "/healthz", ""}, ep).status == 200);
+  CHECK(route({"GET", "/readyz", ""}, ep).status == 200);
+  why = "queue not writable";
+  r = route({"GET", "/readyz", ""}, ep);
+  CHECK(r.status == 503);
+  CHECK(r.body == "not ready: queue not writable\n");
+  CHECK(route({"POST", "/metrics", ""}, ep).status == 405);
+  CHECK(route({"GET", "/", ""}, ep).status == 404);
+  CHECK(route({"GET", "/metrics/../etc", ""}, ep).status == 404);
+}
+
+namespace {
+std::string httpGet(uint16_t port, const std::string& request) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  REQUIRE(::write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size()));
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("HttpExporter: serves the routes on a real socket and refuses a busy address") {
+  Registry r;
+  r.counter("demo_hits_total", "Hits").get().inc(4);
+  Endpoints ep;
+  ep.metrics = [&](Format f) { return r.render(f); };
+  ep.notReady = [] { return std::string(); };
+  auto ex = HttpExporter::start("127.0.0.1", 0, ep);
+  REQUIRE(ex.ok());
+  const uint16_t port = ex.value()->port();
+  CHECK(port != 0);
+  std::string resp = httpGet(port, "GET /metrics HTTP/1.0\r\n\r\n");
+  CHECK(contains(resp, " 200 OK\r\n"));
+  CHECK(contains(resp, "demo_hits_total 4\n"));
+  resp = httpGet(port, "GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text\r\n\r\n");
+  CHECK(contains(resp, "# EOF\n"));
+  resp = httpGet(port, "GET /nope HTTP/1.0\r\n\r\n");
+  CHECK(contains(resp, " 404 "));
+  // Request headers beyond the memory limit are refused, not buffered.
+  resp = httpGet(port, "GET /healthz HTTP/1.0\r\nX-Long: " + std::string(64 * 1024, 'a') + "\r\n\r\n");
+  CHECK_FALSE(contains(resp, " 200 "));
+  // The exporter still answers after that.
+  CHECK(contains(httpGet(port, "GET /healthz HTTP/1.0\r\n\r\n"), "ok\n"));
+  auto second = HttpExporter::start("127.0.0.1", port, ep);
+  REQUIRE_FALSE(second.ok());
+  CHECK(contains(second.error().message, "cannot listen on 127.0.0.1:" + std::to_string(port) + " for metrics"));
+  CHECK(contains(second.error().message, "change metrics.address"));
+}
+
+TEST_CASE("LogEvent: the text form keeps the old keys, the json form has stable names") {
+  util::LogEvent e(util::LogLevel::Info, "delivery", "delivered");
+  e.queueId("Q1").recipient("a@b.example").mx("mx.b.example").tls("TLSv1.3").number("attempt", 2);
+  e.status("2.0.0").reply("250 ok \"queued\"\r\nx");
+  CHECK(e.render(util::LogFormat::Text, "T") ==
+        "T info delivery: delivered id=Q1 rcpt=<a@b.example> mx=mx.b.example tls=TLSv1.3 attempt=2 status=2.0.0 "
+        "reply=\"250 ok \"queued\"\\x0d\\x0ax\"");
+  CHECK(e.render(util::LogFormat::Json, "T") ==
+        "{\"time\":\"T\",\"level\":\"info\",\"component\":\"delivery\",\"event\":\"delivered\",\"queue_id\":\"Q1\","
+        "\"recipient\":\"a@b.example\",\"mx\":\"mx.b.example\",\"tls\":\"TLSv1.3\",\"attempt\":2,"
+        "\"status\":\"2.0.0\",\"reply\":\"250 ok \\\"queued\\\"\\\\x0d\\\\x0ax\"}");
+  util::LogEvent w(util::LogLevel::Warn, "smtpd", "refused");
+  w.client("::1").mx("").tls("");
+  CHECK(w.render(util::LogFormat::Json, "T") ==
+        "{\"time\":\"T\",\"level\":\"warn\",\"component\":\"smtpd\",\"event\":\"refused\",\"client\":\"::1\","
+        "\"mx\":\"-\",\"tls\":\"none\"}");
+  CHECK(util::parseLogLevel("warn") == util::LogLevel::Warn);
+  CHECK(util::parseLogLevel("warning") == util::LogLevel::Warn);
+  CHECK(util::parseLogLevel("error") == util::LogLevel::Error);
+}
