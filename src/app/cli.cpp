@@ -16,6 +16,7 @@
 #include "app/dev_config.h"
 #include "app/dkim_cmd.h"
 #include "app/accounts_cmd.h"
+#include "app/status_cmd.h"
 #include "app/queue_cmd.h"
 #include "app/server.h"
 #include "config/config.h"
@@ -49,6 +50,8 @@ constexpr const char* kMainHelp =
     "  queue retry ID|--all, queue drop ID, queue bounce ID\n"
     "                           operator actions on queued messages\n"
     "  accounts [--json]        per-account counters and rate-limit use\n"
+    "  status [--json]          whether serve runs, uptime, sessions, last minute's traffic,\n"
+    "                           top senders and the queue by state\n"
     "\n"
     "options for every command:\n"
     "  -c, --config PATH        configuration file (default /etc/subrelay/config.json)\n"
@@ -118,6 +121,19 @@ constexpr const char* kAccountsHelp =
     "  --json       one JSON object per account and line\n"
     "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
     "  --data-dir   use this data directory (the config is then not read)\n";
+
+constexpr const char* kStatusHelp =
+    "usage: subrelay status [--json] [-c PATH | --dev | --data-dir DIR]\n"
+    "\n"
+    "One screen about the gateway: whether serve runs (it rewrites <data_dir>/status every\n"
+    "2 seconds), its pid, version and uptime, listeners and the metrics address, SMTP\n"
+    "sessions and outbound connections open, messages accepted and delivered in the last\n"
+    "minute and since start, the busiest accounts; and from <data_dir>/queue.db the\n"
+    "recipients queued, deferred and in flight, the oldest waiting message and the messages\n"
+    "received in the last hour by account. Works while serve is stopped (queue part only).\n"
+    "  --json       one JSON object (field names are stable)\n"
+    "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
+    "  --data-dir   use this data directory instead of the config's data_dir\n";
 
 constexpr const char* kKeygenHelp =
     "usage: subrelay dkim-keygen --domain D --selector S [--algorithm rsa-sha256|ed25519-sha256]\n"
@@ -370,7 +386,7 @@ int cliMain(int argc, char** argv) {
   static const Cmd kCmds[] = {{"serve", kServeHelp}, {"check-config", kCheckHelp},
                               {"hash-password", kHashHelp}, {"queue", kQueueHelp},
                               {"dkim-keygen", kKeygenHelp}, {"dns-records", kDnsHelp},
-                              {"accounts", kAccountsHelp}};
+                              {"accounts", kAccountsHelp}, {"status", kStatusHelp}};
   const Cmd* found = nullptr;
   for (const auto& c : kCmds)
     if (cmd == c.name) found = &c;
@@ -421,6 +437,25 @@ int cliMain(int argc, char** argv) {
   if (cmd == "accounts") {
     if (!a.positional.empty()) return usageError("accounts takes no arguments", "accounts ");
     return cmdAccounts(a);
+  }
+  if (cmd == "status") {
+    if (!a.positional.empty()) return usageError("status takes no arguments", "status ");
+    StatusCmdOptions o;
+    o.json = a.json;
+    if (!a.dataDir.empty()) {
+      o.dataDir = a.dataDir;
+    } else if (a.dev) {
+      o.dataDir = kDevDataDir;
+    } else {
+      auto lr = config::loadConfigFile(a.config);
+      if (!lr.config) {
+        for (const auto& l : lr.formatErrors()) std::fprintf(stderr, "%s\n", l.c_str());
+        std::fprintf(stderr, "subrelay: cannot read the configuration (use -c PATH, --dev or --data-dir)\n");
+        return 1;
+      }
+      o.dataDir = lr.config->dataDir;
+    }
+    return statusCommand(o);
   }
   return cmdQueue(a);
 }

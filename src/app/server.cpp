@@ -18,6 +18,7 @@
 #include "app/dev_config.h"
 #include "app/delivery_service.h"
 #include "app/dkim_cmd.h"
+#include "app/ops.h"
 #include "app/runtime.h"
 #include "app/worker.h"
 #include "net/listener.h"
@@ -46,15 +47,6 @@ void sdNotify(const char* state) {
   ::sendto(fd, state, std::strlen(state), MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&sa),
            static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + len));
   ::close(fd);
-}
-
-const char* tlsModeName(config::ListenerTls t) {
-  switch (t) {
-    case config::ListenerTls::StartTls: return "starttls";
-    case config::ListenerTls::Implicit: return "implicit";
-    case config::ListenerTls::None: return "none";
-  }
-  return "?";
 }
 
 std::string joinHostPort(const std::string& host, uint16_t port) {
@@ -273,6 +265,12 @@ int runServe(const ServeOptions& opts) {
       return 1;
     }
   }
+  Operations ops(*rt, dbPath, cfg.dataDir);
+  if (auto r = ops.start(cfg); !r.ok()) {
+    std::fprintf(stderr, "subrelay: %s\n", r.error().message.c_str());
+    return 1;
+  }
+  std::vector<std::pair<std::string, std::string>> bound;
   for (const auto& l : cfg.listeners) {
     uint16_t port = l.port;
     for (auto& w : workers) {
@@ -283,8 +281,10 @@ int runServe(const ServeOptions& opts) {
       }
       port = r.value();  // port 0: every loop joins the port the first one got
     }
-    util::logInfo("serve", "listening on " + joinHostPort(l.host, port) + " (" + tlsModeName(l.tls) + ")");
+    util::logInfo("serve", "listening on " + joinHostPort(l.host, port) + " (" + std::string(config::jsonName(l.tls)) + ")");
+    bound.emplace_back(joinHostPort(l.host, port), std::string(config::jsonName(l.tls)));
   }
+  ops.setListeners(std::move(bound));
   if (dev) {
     // The dev password is random per start and printed by design (README.md: --dev).
     std::fprintf(stderr,
@@ -297,19 +297,23 @@ int runServe(const ServeOptions& opts) {
   util::logInfo("serve", "subrelay started: " + std::to_string(nworkers) + " workers, queue " + dbPath +
                              ", config " + cfg.sourcePath);
   sdNotify("READY=1");
+  ops.setReady(true);
 
   for (;;) {
     timespec tick{2, 0};
     int sig = sigtimedwait(&sigs, nullptr, &tick);
     if (sig < 0) {
       persister.flush();
+      ops.tick();
       continue;
     }
     if (sig == SIGHUP) {
       if (dev) {
         util::logWarn("serve", "SIGHUP: --dev runs on its embedded config; nothing to reload");
       } else {
-        if (auto fresh = reloadConfig(*rt, opts.configPath)) delivery.value()->reconfigure(*fresh);
+        auto fresh = reloadConfig(*rt, opts.configPath);
+        ops.reloaded(fresh != nullptr);
+        if (fresh) delivery.value()->reconfigure(*fresh);
       }
       continue;
     }
@@ -318,6 +322,7 @@ int runServe(const ServeOptions& opts) {
     break;
   }
   sdNotify("STOPPING=1");
+  ops.setReady(false);
   for (auto& w : workers) w->requestShutdown();
   for (auto& w : workers) w->join();
   committer.stop();
@@ -325,6 +330,7 @@ int runServe(const ServeOptions& opts) {
   // Transactions in flight to MX hosts get the same grace as inbound ones.
   delivery.value()->stop(rt->settings()->config->limits.shutdownGrace);
   persister.flush();
+  ops.stop();
   util::logInfo("serve", "stopped; queued messages are safe in " + dbPath);
   return 0;
 }

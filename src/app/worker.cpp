@@ -18,12 +18,17 @@
 #include "smtp/server_session.h"
 #include "submission/decide.h"
 #include "util/clock.h"
+#include "metrics/server_metrics.h"
 #include "util/log.h"
 #include "util/strings.h"
 
 namespace subrelay::app {
 
 namespace {
+
+double secondsSince(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
 
 // Unsent output per connection: past the high mark reading stops until it drains to the
 // low mark (a client that pipelines and never reads cannot make us queue its replies).
@@ -65,7 +70,10 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
     if (!rtp->storageAvailable(declaredSize))
       return smtp::PolicyRefusal{452, "4.3.1", "Insufficient system storage, try again later"};
     auto d = rtp->limits.checkMessage(account, declaredSize, policy::Instant::from(rtp->clock));
-    if (!d.allowed) rtp->meter.addRefusedByLimit(account);
+    if (!d.allowed) {
+      rtp->meter.addRefusedByLimit(account);
+      metrics::server().rateLimited.with(account).inc();
+    }
     return toRefusal(d);
   };
   sc.rcptPolicy = [rtp, stp](std::string_view account, std::string_view rcpt) -> std::optional<smtp::PolicyRefusal> {
@@ -81,10 +89,14 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
     auto d = rtp->limits.tryConsume(account, policy::Metric::Recipients, 1, policy::Instant::from(rtp->clock));
     if (!d.allowed) {
       rtp->meter.addRefusedByLimit(account);
+      metrics::server().rateLimited.with(account).inc();
       return toRefusal(d);
     }
     rtp->meter.addRecipients(account);
     return std::nullopt;
+  };
+  sc.onRefusal = [](std::string_view stage, int, std::string_view enhanced) {
+    metrics::server().messagesRefused.with(stage, metrics::statusLabel(enhanced)).inc();
   };
   return sc;
 }
@@ -130,6 +142,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     conn_.setOutputLimits(kOutputHigh, kOutputLow,
                           std::chrono::duration_cast<std::chrono::milliseconds>(settings_->config->limits.commandTimeout));
     if (!rt.admitConnection(peer_.address)) {
+      metrics::server().connectionsRefused.with("too-many-connections").inc();
       util::logWarn("smtpd", "connection refused client=" + conn_.peerAddress() +
                                  " reason=too-many-connections");
       // RFC 5321 3.1: a server may answer 421 instead of 220 and close.
@@ -138,10 +151,12 @@ class SmtpConnection final : public net::ConnectionHandler {
       return true;
     }
     admitted_ = true;
+    metrics::server().connectionsAccepted.with(config::jsonName(listener_.tls)).inc();
     // Brute-force defence: an address locked for failed AUTHs is refused at once.
     policy::Verdict v = rt.guard.checkAddress(conn_.peerAddress(), rt.clock.now());
     if (v.kind == policy::Verdict::Kind::Refuse) {
       policy::PolicyReply r = policy::authRefusalReply(v, true);
+      metrics::server().connectionsRefused.with("auth-lockout").inc();
       util::logWarn("smtpd", "connection refused client=" + conn_.peerAddress() + " reason=auth-lockout retry_after=" +
                                  std::to_string(v.retryAfter.count()) + "s");
       refusal_ = smtp::formatReply(r.code, r.enhanced, r.text);
@@ -182,6 +197,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     }
     const tls::TlsEngine* e = conn_.tls();
     smtp::TlsInfo info{e->version(), e->cipher()};
+    metrics::server().tlsHandshakes.with(info.version).inc();
     if (listener_.tls == config::ListenerTls::Implicit && session_.phase() == smtp::Phase::Greeting) {
       session_.onConnect(peer_, info);
     } else {
@@ -191,7 +207,9 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
   void onTlsFailed(std::string_view why) override {
-    if (tls::TlsEngine::isCertificateRejection(why)) {
+    const bool rejected = tls::TlsEngine::isCertificateRejection(why);
+    metrics::server().tlsHandshakeFailures.with(rejected ? "client-rejected-certificate" : "handshake-error").inc();
+    if (rejected) {
       // Not the client's fault in the usual case: it was told our certificate is not to
       // be trusted. Say so, so the operator looks at tls.certificate.
       util::logWarn("smtpd", "TLS handshake failed conn=" + tag() + " client=" + peer_.address +
@@ -205,12 +223,14 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
   void onOutputStalled() override {
+    metrics::server().connectionsClosed.with("output-stalled").inc();
     util::logInfo("smtpd", "closing conn=" + tag() + " client=" + peer_.address +
                                " reason=output-stalled pending=" + std::to_string(conn_.pendingWriteBytes()) +
                                ": the client has not read its replies");
   }
 
   void onIdleTimeout() override {
+    metrics::server().connectionsClosed.with("timeout").inc();
     util::logInfo("smtpd", "timeout conn=" + tag() + " client=" + peer_.address);
     if (session_.phase() == smtp::Phase::Greeting || session_.phase() == smtp::Phase::TlsPending) {
       conn_.close();
@@ -261,6 +281,7 @@ class SmtpConnection final : public net::ConnectionHandler {
       rt.guard.recordSuccess(peer_.address, authUser_, now);
       uint32_t maxSessions = settings_->config->limits.maxSessionsPerAccount;
       if (!rt.admitAccountSession(authUser_, maxSessions)) {
+        metrics::server().auth.with("refused").inc();
         util::logWarn("smtpd", "auth refused conn=" + tag() + " client=" + peer_.address +
                                    " user=" + util::sanitizeForLog(authUser_, 64) + " reason=max-sessions-per-account");
         session_.onAuthResult(smtp::AuthVerdict::Refused,
@@ -270,6 +291,7 @@ class SmtpConnection final : public net::ConnectionHandler {
         return;
       }
       accountCounted_ = true;
+      metrics::server().auth.with("success").inc();
       util::logInfo("smtpd", "auth ok conn=" + tag() + " client=" + peer_.address +
                                  " user=" + util::sanitizeForLog(authUser_, 64) + (cached ? " cached=yes" : ""));
       session_.onAuthResult(smtp::AuthVerdict::Ok);
@@ -277,6 +299,7 @@ class SmtpConnection final : public net::ConnectionHandler {
       return;
     }
     rt.guard.recordFailure(peer_.address, authUser_, now);
+    metrics::server().auth.with("failure").inc();
     // Counted under the account only when it exists: arbitrary names must not grow the
     // meters.
     rt.meter.addAuthFailure(settings_->account(authUser_) ? std::string_view(authUser_) : "(unknown)");
@@ -309,11 +332,18 @@ class SmtpConnection final : public net::ConnectionHandler {
       Runtime& rt = worker_.runtime();
       rt.limits.commitMessage(session_.account(), size, policy::Instant::from(rt.clock));
       rt.meter.addAccepted(session_.account(), size);
-      util::logInfo("queue", "accepted id=" + r.value() + " account=" + util::sanitizeForLog(session_.account(), 64) +
-                                 " from=<" + util::sanitizeForLog(from, 200) + "> rcpts=" + std::to_string(rcpts) +
-                                 " size=" + std::to_string(size) + " client=" + peer_.address +
-                                 " tls=" + (conn_.tls() ? conn_.tls()->version() : std::string("none")) +
-                                 (captured ? " captured=yes" : ""));
+      auto& m = metrics::server();
+      m.messagesAccepted.with(session_.account()).inc();
+      m.messageBytes.with(session_.account()).inc(size);
+      m.messageRecipients.with(session_.account()).inc(rcpts);
+      m.acceptLatency.get().observe(secondsSince(endOfData_));
+      util::LogEvent ev(util::LogLevel::Info, "queue", "accepted");
+      ev.queueId(r.value()).account(session_.account());
+      ev.field("from", "sender", from, util::LogEvent::Style::Angle).number("rcpts", static_cast<long long>(rcpts));
+      ev.number("size", static_cast<long long>(size)).client(peer_.address);
+      ev.tls(conn_.tls() ? conn_.tls()->version() : std::string());
+      if (captured) ev.field("captured", "yes");
+      ev.emit();
     } else if (r.error().storageFull) {
       // RFC 3463 4.3.1 "mail system full": the client should try again later, and MAIL is
       // refused up front until there is room again (Runtime::storageAvailable).
@@ -452,6 +482,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     if (v.kind == policy::Verdict::Kind::Refuse) {
       wipe(au.password);
       policy::PolicyReply r = policy::authRefusalReply(v, false);
+      metrics::server().auth.with("lockout").inc();
       util::logWarn("smtpd", "auth refused conn=" + tag() + " client=" + peer_.address + " user=" +
                                  util::sanitizeForLog(authUser_, 64) + " reason=auth-lockout retry_after=" +
                                  std::to_string(v.retryAfter.count()) + "s");
@@ -466,6 +497,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     if (!lastFailedCredential_.empty() &&
         policy::constantTimeEquals(settings_->auth->fingerprint(au.username, au.password), lastFailedCredential_)) {
       wipe(au.password);
+      metrics::server().auth.with("failure").inc();
       util::logInfo("smtpd", "auth failed conn=" + tag() + " client=" + peer_.address +
                                  " user=" + util::sanitizeForLog(authUser_, 64) + " repeat=yes");
       answerAuthFailure();
@@ -531,6 +563,7 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
   void startStore(smtp::Store& st) {
+    endOfData_ = std::chrono::steady_clock::now();
     Runtime& rt = worker_.runtime();
     const Settings& set = *settings_;
     const AccountRuntime* acct = set.account(st.account);
@@ -538,6 +571,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     if (auto refused = submission::admit(
             rt.limits.checkMessage(st.account, st.content.size(), policy::Instant::from(rt.clock)))) {
       rt.meter.addRefusedByLimit(st.account);
+      metrics::server().rateLimited.with(st.account).inc();
       refuseStore(std::move(*refused));
       return;
     }
@@ -659,7 +693,10 @@ class SmtpConnection final : public net::ConnectionHandler {
         opts.headerCanon = pol->second.headerCanon;
         opts.bodyCanon = pol->second.bodyCanon;
       }
+      const auto started = std::chrono::steady_clock::now();
       auto sigs = set.signer->sign(msg.content, *verdict.keys, opts, digests ? &*digests : nullptr);
+      auto& m = metrics::server();
+      m.dkimSignLatency.get().observe(secondsSince(started));
       if (!sigs.ok()) {
         signError = sigs.error().message;
         return;
@@ -668,6 +705,7 @@ class SmtpConnection final : public net::ConnectionHandler {
       // what is stored is exactly what leaves.
       msg.content.insert(0, sigs.value());
       signatures = verdict.keys->size();
+      for (const auto& k : *verdict.keys) m.dkimSignatures.with(dkim::algorithmName(k.key->algorithm())).inc();
     }
 
     static void done(std::unique_ptr<CleanupWork> w, bool cancelled) {
@@ -687,9 +725,18 @@ class SmtpConnection final : public net::ConnectionHandler {
         c->drive();
         return;
       }
-      if (w->signatures > 0)
-        util::logDebug("dkim", "signed conn=" + c->tag() + " domain=" + w->verdict.signingDomain +
-                                   " signatures=" + std::to_string(w->signatures));
+      if (w->signatures > 0) {
+        // One line per message event; the queue id is already chosen.
+        std::string selectors;
+        for (const auto& k : *w->verdict.keys)
+          selectors += (selectors.empty() ? "" : ",") + k.selector + ":" + std::string(dkim::algorithmName(k.key->algorithm()));
+        util::LogEvent(util::LogLevel::Info, "dkim", "signed")
+            .queueId(w->msg.id)
+            .account(w->msg.account)
+            .field("domain", w->verdict.signingDomain)
+            .field("selectors", selectors)
+            .emit();
+      }
       c->commit(std::move(w->msg));
     }
   };
@@ -745,6 +792,7 @@ class SmtpConnection final : public net::ConnectionHandler {
   std::optional<dkim::StreamingBodyHash> bodyHash_;
   std::optional<message::HeaderScanner> headerScan_;
   bool bodyStarted_ = false;
+  std::chrono::steady_clock::time_point endOfData_{};  // for the accept latency
   uint64_t timerProgress_ = ~uint64_t{0};
   smtp::Phase timerPhase_ = smtp::Phase::Closed;
 };

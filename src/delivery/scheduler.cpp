@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "delivery/dsn.h"
+#include "metrics/server_metrics.h"
 #include "util/log.h"
 #include "util/strings.h"
 #include "util/time_fmt.h"
@@ -261,6 +262,7 @@ void Scheduler::openSession(Destination& d) {
   ++d.sessions;
   Session& ref = *s;
   sessions_[s->id] = std::move(s);
+  metrics::server().deliveryConnections.get().set(static_cast<double>(sessions_.size()));
   connectNext(ref);
 }
 
@@ -394,6 +396,7 @@ void Scheduler::endSession(SessionId id) {
   if (it == sessions_.end()) return;
   std::unique_ptr<Session> s = std::move(it->second);
   sessions_.erase(it);
+  metrics::server().deliveryConnections.get().set(static_cast<double>(sessions_.size()));
   auto dit = destinations_.find(s->destination);
   if (dit != destinations_.end()) {
     Destination& d = *dit->second;
@@ -517,15 +520,17 @@ void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>&
     }
     // History rows say failed for an expiry too; its status (4.4.7) tells them apart.
     rec.attempt.result = result == "expired" ? "failed" : result;
-    util::logInfo("delivery", result + " id=" + m.id + " rcpt=<" + util::sanitizeForLog(rr.recipient, 200) +
-                                  "> mx=" + (mx.empty() ? std::string("-") : mx) +
-                                  " tls=" + (tlsVersion.empty() ? std::string("none") : tlsVersion) +
-                                  " attempt=" + std::to_string(rcpt->attempts + 1) +
-                                  (rec.newState == queue::RecipientState::Deferred
-                                       ? " next=" + util::isoUtc(rec.nextAttempt)
-                                       : "") +
-                                  " status=" + rec.lastStatus.str() + " reply=\"" +
-                                  util::sanitizeForLog(summary, 300) + "\"");
+    auto& metrics = metrics::server();
+    metrics.deliveryAttempts.with(result, tlsVersion.empty() ? "none" : tlsVersion).inc();
+    if (rec.newState == queue::RecipientState::Delivered)
+      metrics.deliveryLatency.get().observe(static_cast<double>(std::max<int64_t>(0, now - m.receivedAt)));
+    // One line per recipient event, joined to "accepted" by the queue id.
+    util::LogEvent ev(util::LogLevel::Info, "delivery", result);
+    ev.queueId(m.id).recipient(rr.recipient).mx(mx).tls(tlsVersion);
+    ev.number("attempt", rcpt->attempts + 1);
+    if (rec.newState == queue::RecipientState::Deferred) ev.field("next", util::isoUtc(rec.nextAttempt));
+    ev.status(rec.lastStatus.str()).reply(summary).account(m.account);
+    ev.emit();
     pending_.push_back(std::move(rec));
   }
   leased_ -= std::min(leased_, job.rcpts.size());
@@ -644,12 +649,23 @@ void Scheduler::processDsns() {
         util::logError("delivery", "cannot queue the DSN for id=" + w.message.id + ": " + r.error().message);
         continue;
       }
-      if (dsn)
-        util::logInfo("delivery", "bounced id=" + w.message.id + " dsn=" + dsn->id + " to=<" +
-                                      util::sanitizeForLog(w.message.mailFrom, 200) +
-                                      "> rcpts=" + std::to_string(w.message.recipients.size()));
-      else
-        util::logInfo("delivery", "failed id=" + w.message.id + " (no DSN: null sender or a DSN itself)");
+      if (dsn) {
+        metrics::server().dsns.with("failure").inc();
+        util::LogEvent(util::LogLevel::Info, "delivery", "bounced")
+            .queueId(w.message.id)
+            .field("dsn", "dsn_id", dsn->id)
+            .field("to", "sender", w.message.mailFrom, util::LogEvent::Style::Angle)
+            .number("rcpts", static_cast<long long>(w.message.recipients.size()))
+            .account(w.message.account)
+            .emit();
+      } else {
+        util::LogEvent(util::LogLevel::Info, "delivery", "failed")
+            .queueId(w.message.id)
+            .field("dsn", "dsn_id", "none")
+            .field("why", "null sender or a DSN itself")
+            .account(w.message.account)
+            .emit();
+      }
     }
   }
   if (settings_.retry.delayNotice.count() > 0) {
@@ -657,9 +673,15 @@ void Scheduler::processDsns() {
         work.ok()) {
       for (const auto& w : work.value()) {
         auto dsn = build(w, true);
-        if (queue_.completeDelayNotice(w.message.id, indexes(w), dsn).ok() && dsn)
-          util::logInfo("delivery", "delay notice id=" + w.message.id + " dsn=" + dsn->id + " to=<" +
-                                        util::sanitizeForLog(w.message.mailFrom, 200) + ">");
+        if (queue_.completeDelayNotice(w.message.id, indexes(w), dsn).ok() && dsn) {
+          metrics::server().dsns.with("delay").inc();
+          util::LogEvent(util::LogLevel::Info, "delivery", "delay-notice")
+              .queueId(w.message.id)
+              .field("dsn", "dsn_id", dsn->id)
+              .field("to", "sender", w.message.mailFrom, util::LogEvent::Style::Angle)
+              .account(w.message.account)
+              .emit();
+        }
       }
     }
   }

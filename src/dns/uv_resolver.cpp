@@ -12,6 +12,7 @@
 #include <set>
 
 #include "dns/codec.h"
+#include "metrics/server_metrics.h"
 #include "net/uv_handle.h"
 #include "net/uv_udp.h"
 
@@ -130,6 +131,7 @@ void UvResolver::query(const std::string& name, QType type, Callback cb) {
   l->callbacks.push_back(std::move(cb));
   l->timer.emplace(loop_);
   Lookup& ref = *l;
+  metrics::server().dnsQueries.with(typeName(type)).inc();
   byKey_.emplace(std::move(key), l->serial);
   lookups_.emplace(l->serial, std::move(l));
   // Sockets are opened now, but every outcome (even an immediate send error) is reported
@@ -361,6 +363,9 @@ void UvResolver::finish(Lookup& l, Answer answer) {
   auto node = lookups_.extract(l.serial);
   std::vector<Callback> cbs = std::move(l.callbacks);
   node = {};  // l is gone from here on
+  if (answer.status == Status::ServFail || answer.status == Status::Refused || answer.status == Status::Timeout ||
+      answer.status == Status::Error)
+    metrics::server().dnsFailures.with(statusName(answer.status)).inc();
   cache_.insert(answer);
   std::shared_ptr<bool> alive = alive_;
   for (auto& cb : cbs) {

@@ -101,6 +101,12 @@ class Family final : public FamilyBase {
     std::lock_guard lk(mu_);
     return children_.size();
   }
+  // Calls fn(labelValues, child) for every child, under the family's lock.
+  template <class Fn>
+  void forEach(Fn fn) const {
+    std::lock_guard lk(mu_);
+    for (const auto& [values, child] : children_) fn(values, *child);
+  }
 
  private:
   void renderChildren(std::string& out, Format f) const override;

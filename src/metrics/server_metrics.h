@@ -27,7 +27,7 @@ struct ServerMetrics {
   Family<Counter>& auth;                  // {result=success|failure|lockout|refused}
   // --- messages
   Family<Counter>& messagesAccepted;      // {account}
-  Family<Counter>& messagesRefused;       // {reason}
+  Family<Counter>& messagesRefused;       // {stage=mail|rcpt|data, reason=enhanced status}
   Family<Counter>& messageBytes;          // {account}
   Family<Counter>& messageRecipients;     // {account}
   Family<Counter>& rateLimited;           // {account}

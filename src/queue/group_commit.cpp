@@ -8,6 +8,8 @@
 #include <utility>
 #include <vector>
 
+#include "metrics/server_metrics.h"
+
 namespace subrelay::queue {
 
 GroupCommitter::GroupCommitter(Store& store, size_t maxBatch)
@@ -19,7 +21,7 @@ void GroupCommitter::submit(NewMessage msg, Callback done) {
   {
     std::lock_guard lock(mu_);
     if (!stopping_) {
-      pending_.push_back(Item{std::move(msg), std::move(done)});
+      pending_.push_back(Item{std::move(msg), std::move(done), std::chrono::steady_clock::now()});
       cv_.notify_one();
       return;
     }
@@ -56,6 +58,8 @@ uint64_t GroupCommitter::messages() const {
 void GroupCommitter::run() {
   std::vector<NewMessage> batch;
   std::vector<Callback> callbacks;
+  std::vector<std::chrono::steady_clock::time_point> queuedAt;
+  auto& commitLatency = metrics::server().commitLatency.get();
   for (;;) {
     {
       std::unique_lock lock(mu_);
@@ -68,11 +72,15 @@ void GroupCommitter::run() {
       for (size_t i = 0; i < n; ++i) {
         batch.push_back(std::move(pending_.front().msg));
         callbacks.push_back(std::move(pending_.front().done));
+        queuedAt.push_back(pending_.front().queuedAt);
         pending_.pop_front();
       }
     }
     // The lock is free while SQLite fsyncs: sessions keep queueing the next batch.
     auto results = store_.insertBatch(batch);
+    const auto committed = std::chrono::steady_clock::now();
+    for (const auto& t : queuedAt) commitLatency.observe(std::chrono::duration<double>(committed - t).count());
+    queuedAt.clear();
     {
       std::lock_guard lock(mu_);
       ++commits_;

@@ -4,6 +4,7 @@
 // marshals it back to its event loop (app/ uses uv_async_send).
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -38,6 +39,7 @@ class GroupCommitter {
   struct Item {
     NewMessage msg;
     Callback done;
+    std::chrono::steady_clock::time_point queuedAt;
   };
   Store& store_;
   size_t maxBatch_;

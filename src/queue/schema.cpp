@@ -142,11 +142,27 @@ INSERT INTO finished (message_id, finished_at)
     AND (r.state IN ('queued', 'deferred') OR r.dsn_pending = 1));
 )sql";
 
+// Version 5: operations (issue 11). operator_events: what `queue drop` did while serve
+// may be running, so that serve logs the "dropped" message event (one line per message
+// event, joined on the queue id, in serve's log) and then deletes the row. A CLI
+// command's own stderr is not where an operator's log collector looks.
+constexpr const char* kV5 = R"sql(
+CREATE TABLE operator_events (
+  seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+  at         INTEGER NOT NULL,
+  message_id TEXT    NOT NULL,
+  account    TEXT    NOT NULL,
+  event      TEXT    NOT NULL,
+  recipients INTEGER NOT NULL DEFAULT 0
+);
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
     {3, kV3},
     {4, kV4},
+    {5, kV5},
 };
 
 }  // namespace

@@ -2,6 +2,7 @@
 // returns after the WAL is fsynced, which is what README.md's "250 only after commit" needs.
 // Schema and migrations live in schema.cpp; the writer thread in group_commit.cpp.
 #include "queue/sqlite_store.h"
+#include "util/clock.h"
 
 #include <cerrno>
 
@@ -105,6 +106,8 @@ struct SqliteStore::Statements {
   Stmt retryOne, retryAll, retryOneLeased, retryAllLeased, dropOne, bounceOne, bounceOneLeased;
   // account policy
   Stmt upsertWindow, loadWindows, addMeter, loadMeters;
+  // operations
+  Stmt queueStats, acceptedSince, noteDrop, operatorEvents, deleteOperatorEvents;
   // retention
   Stmt markFinished, markCaptured, pruneCaptured, pruneHistory, unprunedRows, emptyContent, setPruned;
 };
@@ -202,6 +205,13 @@ constexpr const char* kRetryAllLeased =
     "WHERE state IN ('queued', 'deferred') AND lease_until != 0 AND pending_request = 0";
 // Recipients and attempts go with it: ON DELETE CASCADE (foreign_keys is on).
 constexpr const char* kDropOne = "DELETE FROM messages WHERE id = ?1";
+constexpr const char* kNoteDrop =
+    "INSERT INTO operator_events (at, message_id, account, event, recipients) "
+    "SELECT ?2, id, account, 'dropped', (SELECT count(*) FROM recipients WHERE message_id = ?1) "
+    "FROM messages WHERE id = ?1";
+constexpr const char* kOperatorEvents =
+    "SELECT seq, at, message_id, account, event, recipients FROM operator_events ORDER BY seq LIMIT ?1";
+constexpr const char* kDeleteOperatorEvents = "DELETE FROM operator_events WHERE seq <= ?1";
 constexpr const char* kBounceOne =
     "UPDATE recipients SET state = 'failed', last_error = 'bounced by operator', last_code = 0, "
     "last_status = '5.0.0', next_attempt = 0, lease_until = 0, updated_at = ?2, dsn_pending = "
@@ -222,6 +232,16 @@ constexpr const char* kAddMeter =
     "accepted = accepted + excluded.accepted, refused_by_limit = refused_by_limit + excluded.refused_by_limit, "
     "recipients = recipients + excluded.recipients, bytes = bytes + excluded.bytes, "
     "auth_failures = auth_failures + excluded.auth_failures, updated_at = excluded.updated_at";
+// Operations (metrics and `subrelay status`): recipients still to deliver, by state and
+// whether an attempt is in flight, with the oldest message among them. Reads the
+// recipients_due index range for the two waiting states only, never the history.
+constexpr const char* kQueueStats =
+    "SELECT r.state, r.lease_until != 0, count(*), min(m.received_at) "
+    "FROM recipients r JOIN messages m ON m.id = r.message_id "
+    "WHERE r.state IN ('queued', 'deferred') AND m.captured = 0 GROUP BY 1, 2";
+// Messages received since a time, by account (the messages_received index range).
+constexpr const char* kAcceptedSince =
+    "SELECT account, count(*), sum(captured) FROM messages WHERE received_at >= ?1 GROUP BY account";
 constexpr const char* kLoadMeters =
     "SELECT username, accepted, refused_by_limit, recipients, bytes, auth_failures, updated_at "
     "FROM meters ORDER BY username";
@@ -509,6 +529,11 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.loadWindows, kLoadWindows},
       {&s.addMeter, kAddMeter},
       {&s.loadMeters, kLoadMeters},
+      {&s.queueStats, kQueueStats},
+      {&s.acceptedSince, kAcceptedSince},
+      {&s.noteDrop, kNoteDrop},
+      {&s.operatorEvents, kOperatorEvents},
+      {&s.deleteOperatorEvents, kDeleteOperatorEvents},
       {&s.markFinished, kMarkFinished},
       {&s.markCaptured, kMarkCaptured},
       {&s.pruneCaptured, kPruneCaptured},
@@ -1026,6 +1051,12 @@ util::Result<int64_t> SqliteStore::drop(const std::string& id) {
   const Statements& s = *stmts_;
   Txn txn(db_, s.begin, s.commit, s.rollback);
   if (!txn.open()) return dbError("cannot begin drop transaction");
+  {
+    Use n(s.noteDrop);
+    bindText(n.get(), 1, id);
+    sqlite3_bind_int64(n.get(), 2, util::unixSeconds(std::chrono::system_clock::now()));
+    if (sqlite3_step(n.get()) != SQLITE_DONE) return dbError("cannot drop " + id);
+  }
   Use u(s.dropOne);
   bindText(u.get(), 1, id);
   if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot drop " + id);
@@ -1234,6 +1265,71 @@ util::Result<std::vector<MeterRow>> SqliteStore::loadMeters() {
     out.push_back(std::move(m));
   }
   if (rc != SQLITE_DONE) return dbError("cannot load meters");
+  return out;
+}
+
+util::Result<QueueStats> SqliteStore::queueStats() {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->queueStats);
+  sqlite3_stmt* st = u.get();
+  QueueStats q;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    const std::string state = columnText(st, 0);
+    const bool leased = sqlite3_column_int(st, 1) != 0;
+    const uint64_t n = fromDb(sqlite3_column_int64(st, 2));
+    const int64_t oldest = sqlite3_column_int64(st, 3);
+    if (leased)
+      q.inFlight += n;
+    else if (state == "queued")
+      q.queued += n;
+    else
+      q.deferred += n;
+    if (q.oldestReceivedAt == 0 || oldest < q.oldestReceivedAt) q.oldestReceivedAt = oldest;
+  }
+  if (rc != SQLITE_DONE) return dbError("cannot count the queue");
+  return q;
+}
+
+util::Result<std::vector<AccountActivity>> SqliteStore::acceptedSince(int64_t since) {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->acceptedSince);
+  sqlite3_stmt* st = u.get();
+  sqlite3_bind_int64(st, 1, since);
+  std::vector<AccountActivity> out;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+    out.push_back({columnText(st, 0), fromDb(sqlite3_column_int64(st, 1)), fromDb(sqlite3_column_int64(st, 2))});
+  if (rc != SQLITE_DONE) return dbError("cannot count recent messages");
+  return out;
+}
+
+util::Result<std::vector<OperatorEvent>> SqliteStore::takeOperatorEvents(size_t max) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin reading operator events");
+  std::vector<OperatorEvent> out;
+  int64_t last = 0;
+  {
+    Use u(s.operatorEvents);
+    sqlite3_bind_int64(u.get(), 1, static_cast<int64_t>(max));
+    int rc;
+    while ((rc = sqlite3_step(u.get())) == SQLITE_ROW) {
+      last = sqlite3_column_int64(u.get(), 0);
+      out.push_back({sqlite3_column_int64(u.get(), 1), columnText(u.get(), 2), columnText(u.get(), 3),
+                     columnText(u.get(), 4), fromDb(sqlite3_column_int64(u.get(), 5))});
+    }
+    if (rc != SQLITE_DONE) return dbError("cannot read operator events");
+  }
+  if (out.empty()) return out;
+  {
+    Use d(s.deleteOperatorEvents);
+    sqlite3_bind_int64(d.get(), 1, last);
+    if (sqlite3_step(d.get()) != SQLITE_DONE) return dbError("cannot delete operator events");
+  }
+  if (!txn.commit()) return dbError("cannot commit operator events");
   return out;
 }
 

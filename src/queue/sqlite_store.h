@@ -122,8 +122,15 @@ class SqliteStore final : public Store, public DeliveryQueue {
   util::Result<void> addMeters(const std::vector<MeterRow>& deltas, int64_t now);
   util::Result<std::vector<MeterRow>> loadMeters();
 
+  // Operations: recipients waiting by state, and messages received since a time by
+  // account (still in the queue: retention may have removed older ones).
+  util::Result<QueueStats> queueStats();
+  util::Result<std::vector<AccountActivity>> acceptedSince(int64_t since);
+  // Operator actions recorded for serve to log (drop), oldest first, deleted as taken.
+  util::Result<std::vector<OperatorEvent>> takeOperatorEvents(size_t max);
+
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 4;
+  static constexpr int kSchemaVersion = 5;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);

@@ -185,6 +185,29 @@ struct MeterRow {
   int64_t updatedAt = 0;
 };
 
+// --- operations (metrics, `subrelay status`) ---------------------------------------
+
+struct QueueStats {
+  uint64_t queued = 0;     // never attempted, not in flight
+  uint64_t deferred = 0;   // waiting for a retry, not in flight
+  uint64_t inFlight = 0;   // leased by an attempt
+  int64_t oldestReceivedAt = 0;  // unix seconds; 0 when nothing waits
+};
+
+struct OperatorEvent {
+  int64_t at = 0;
+  std::string messageId;
+  std::string account;
+  std::string event;  // "dropped"
+  uint64_t recipients = 0;
+};
+
+struct AccountActivity {
+  std::string account;
+  uint64_t messages = 0;
+  uint64_t captured = 0;
+};
+
 // --- retention ----------------------------------------------------------------------
 
 // config retention.* in seconds (SqliteStore::prune()).

@@ -328,6 +328,7 @@ void ServerSession::handleLine(std::string_view raw) {
   // downstream server would.
   bool bare = raw.size() < 2 || raw[raw.size() - 2] != '\r';
   std::string_view line = raw.substr(0, raw.size() - (bare ? 1 : 2));
+  stage_ = nullptr;  // set again below for MAIL, RCPT, DATA and BDAT
   if (line.size() > lineLimit(line)) {
     authStep_ = AuthStep::None;
     badCommand(500, "5.5.2", "Line too long");
@@ -344,6 +345,10 @@ void ServerSession::handleLine(std::string_view raw) {
   }
   Command cmd = parseCommand(line);
   if (isJunk(cmd.verb) && !countJunk()) return;
+  stage_ = cmd.verb == Verb::Mail   ? "mail"
+           : cmd.verb == Verb::Rcpt ? "rcpt"
+           : (cmd.verb == Verb::Data || cmd.verb == Verb::Bdat) ? "data"
+                                                                : nullptr;
   switch (cmd.verb) {
     case Verb::Helo:
       handleEhlo(cmd.args, false);
@@ -566,6 +571,7 @@ void ServerSession::send(std::string bytes) {
 }
 
 void ServerSession::reply(int code, std::string_view enhanced, std::string_view text) {
+  if (code >= 400 && stage_ != nullptr && cfg_.onRefusal) cfg_.onRefusal(stage_, code, enhanced);
   send(formatReply(code, enhanced, text));
 }
 

@@ -85,6 +85,9 @@ struct SessionConfig {
   // refusal is the reply at its end (header limits live in the driver's observer).
   std::function<std::optional<PolicyRefusal>(std::string_view chunk)> onContent;
   std::function<void()> onContentReset;
+  // Observes every 4xx/5xx answer to MAIL ("mail"), RCPT ("rcpt") and to the end of a
+  // message ("data": DATA, BDAT), with its enhanced status code (metrics).
+  std::function<void(std::string_view stage, int code, std::string_view enhanced)> onRefusal;
 };
 
 struct Peer {
@@ -283,7 +286,8 @@ class ServerSession {
   uint64_t linesHandled_ = 0;
   uint64_t dataBytesSeen_ = 0;  // DATA/BDAT octets over the session, kept or not
   uint32_t junkCommands_ = 0;
-  std::optional<PolicyRefusal> contentRefusal_;  // from onContent: the reply at end of data
+  std::optional<PolicyRefusal> contentRefusal_;
+  const char* stage_ = nullptr;  // "mail", "rcpt", "data" while answering those (onRefusal)  // from onContent: the reply at end of data
   Phase phase_ = Phase::Greeting;
   AuthStep authStep_ = AuthStep::None;
   Pending pending_ = Pending::None;

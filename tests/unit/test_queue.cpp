@@ -1691,7 +1691,7 @@ TEST_CASE("retention: prune uses the finished table's indexes and vacuum gives p
   CHECK_FALSE(reader->incrementalVacuum(10).ok());
 }
 
-TEST_CASE("a version 2 database migrates to version 4: data kept, finished messages found, vacuum switched on") {
+TEST_CASE("a version 2 database migrates to the current version (4 and later): data kept, finished messages found, vacuum switched on") {
   TempDir dir;
   const std::string path = dir.file("v2.db");
   {
@@ -1724,7 +1724,7 @@ TEST_CASE("a version 2 database migrates to version 4: data kept, finished messa
     rc("0000000000000204", 0, "captured", 1700000000);
   }
   auto store = mustOpen(path);
-  CHECK(store->schemaVersion() == 4);
+  CHECK(store->schemaVersion() == SqliteStore::kSchemaVersion);
   CHECK(store->count().value() == 4);
   CHECK(store->show("0000000000000201")->finishedAt == 1700000500);
   CHECK(store->show("0000000000000201")->attempts.size() == 1);
@@ -1738,7 +1738,7 @@ TEST_CASE("a version 2 database migrates to version 4: data kept, finished messa
   {
     RawDb raw(path);
     CHECK(raw.text("PRAGMA auto_vacuum") == "2");
-    CHECK(raw.text("PRAGMA user_version") == "4");
+    CHECK(raw.text("PRAGMA user_version") == std::to_string(SqliteStore::kSchemaVersion));
   }
   RetentionPolicy policy;  // bodies at once, history 30 days, captured 7 days
   auto r = store->prune(1700000500, policy, 10);
@@ -1772,4 +1772,72 @@ TEST_CASE("prune pacing: at once while batches come back full, then every few se
   CHECK(p.next(PruneCounts{}, 10, false) == 2s);
   // A failure backs off, whatever the counts say.
   CHECK(p.next(full, 1000, true) == 30s);
+}
+
+// ---------------------------------------------------------------------------------------
+// Operations (issue 11): the queue by state for metrics and `subrelay status`, recent
+// messages by account, and `queue drop` recorded for serve to log.
+
+TEST_CASE("queueStats, acceptedSince and operator events") {
+  TempDir dir;
+  auto store = mustOpen(dir.file("queue.db"));
+  auto q0 = store->queueStats();
+  REQUIRE(q0.ok());
+  CHECK(q0->queued + q0->deferred + q0->inFlight == 0);
+  CHECK(q0->oldestReceivedAt == 0);
+
+  NewMessage a = makeMessage("0000000000000a01", 1'800'000'000, 2);
+  NewMessage b = makeMessage("0000000000000b01", 1'800'000'100, 1);
+  b.account = "ci";
+  NewMessage c = makeMessage("0000000000000c01", 1'700'000'000, 3);
+  c.captured = true;  // captured mail never waits for delivery
+  for (auto& r : store->insertBatch({a, b, c})) REQUIRE(r.ok());
+
+  auto q = store->queueStats();
+  REQUIRE(q.ok());
+  CHECK(q->queued == 3);
+  CHECK(q->deferred == 0);
+  CHECK(q->inFlight == 0);
+  CHECK(q->oldestReceivedAt == 1'800'000'000);
+
+  // Lease a's recipients: in flight, no longer queued.
+  auto due = store->leaseDue(1'800'000'200, 1);
+  REQUIRE(due.ok());
+  REQUIRE(due->size() == 1);
+  q = store->queueStats();
+  CHECK(q->inFlight == 2);
+  CHECK(q->queued == 1);
+
+  auto recent = store->acceptedSince(1'800'000'050);
+  REQUIRE(recent.ok());
+  REQUIRE(recent->size() == 1);
+  CHECK(recent->at(0).account == "ci");
+  CHECK(recent->at(0).messages == 1);
+  auto all = store->acceptedSince(0);
+  REQUIRE(all.ok());
+  uint64_t captured = 0, messages = 0;
+  for (const auto& r : all.value()) {
+    captured += r.captured;
+    messages += r.messages;
+  }
+  CHECK(messages == 3);
+  CHECK(captured == 1);
+
+  // A drop leaves one event for serve; taking it removes it.
+  auto none = store->takeOperatorEvents(10);
+  REQUIRE(none.ok());
+  CHECK(none->empty());
+  REQUIRE(store->drop(b.id).ok());
+  auto evs = store->takeOperatorEvents(10);
+  REQUIRE(evs.ok());
+  REQUIRE(evs->size() == 1);
+  CHECK(evs->at(0).event == "dropped");
+  CHECK(evs->at(0).messageId == b.id);
+  CHECK(evs->at(0).account == "ci");
+  CHECK(evs->at(0).recipients == 1);
+  CHECK(evs->at(0).at > 0);
+  CHECK(store->takeOperatorEvents(10)->empty());
+  // A drop of an unknown id records nothing.
+  CHECK_FALSE(store->drop("ffffffffffffffff").ok());
+  CHECK(store->takeOperatorEvents(10)->empty());
 }
