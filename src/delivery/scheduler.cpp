@@ -606,11 +606,8 @@ std::optional<queue::NewMessage> makeDsn(const queue::MessageInfo& m, const std:
   dsn.recipients = {m.mailFrom};
   dsn.content = buildDsn(in);
   dsn.isDsn = true;
-  auto nonAscii = [](const std::string& s) {
-    return std::any_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x80; });
-  };
-  dsn.eightBit = nonAscii(dsn.content);
-  dsn.smtputf8 = nonAscii(m.mailFrom);
+  dsn.eightBit = util::hasNonAscii(dsn.content);
+  dsn.smtputf8 = util::hasNonAscii(m.mailFrom);
   dsn.receivedAt = now;
   return dsn;
 }

@@ -54,6 +54,12 @@ bool isAtext(unsigned char c) {
   }
 }
 
+bool hasNonAscii(std::string_view s) {
+  for (unsigned char c : s)
+    if (c >= 0x80) return true;
+  return false;
+}
+
 std::string hexEncode(std::string_view bytes) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
