@@ -72,8 +72,7 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
     // user@[192.0.2.1] names a host, not a domain with an MX: a tenant could aim it at
     // internal services. Only where delivery.allow_private_destinations says so.
     if (!stp->config->delivery.allowPrivateDestinations) {
-      size_t at = rcpt.rfind('@');
-      if (at != std::string_view::npos && delivery::isAddressLiteralDomain(rcpt.substr(at + 1)))
+      if (delivery::isAddressLiteralDomain(util::domainPart(rcpt)))
         return smtp::PolicyRefusal{550, "5.7.1",
                                    "Address-literal recipients are not accepted "
                                    "(delivery.allow_private_destinations)"};

@@ -61,11 +61,6 @@ struct Scheduler::Session {
 
 namespace {
 
-std::string domainOf(const std::string& address) {
-  size_t at = address.rfind('@');
-  return at == std::string::npos ? std::string() : util::toLower(address.substr(at + 1));
-}
-
 int64_t unixNow(const util::Clock& c) { return util::unixSeconds(c.wallNow()); }
 
 constexpr auto kWakeInterval = std::chrono::milliseconds(50);
@@ -145,7 +140,7 @@ void Scheduler::pull() {
     leased_ += meta->due.recipients.size();
     // One job per recipient domain: those recipients share the route and one transaction.
     std::map<std::string, std::vector<queue::DueRecipient>> byDomain;
-    for (const auto& r : meta->due.recipients) byDomain[domainOf(r.address)].push_back(r);
+    for (const auto& r : meta->due.recipients) byDomain[util::toLower(util::domainPart(r.address))].push_back(r);
     for (auto& [domain, rcpts] : byDomain) {
       ++queuedJobs_;
       routeJob(Job{meta, domain, tlsFor(domain), std::move(rcpts)});

@@ -57,9 +57,8 @@ CleanupResult cleanup(std::string_view content, const CleanupRequest& req) {
 
   // RFC 6376 3.5: d= is the From domain (the first mailbox; all are the account's).
   const std::string& first = addrs.front();
-  if (size_t at = first.rfind('@'); at != std::string::npos) {
-    if (auto d = idna::toAscii(std::string_view(first).substr(at + 1))) r.signingDomain = std::move(*d);
-  }
+  // (No '@': toAscii("") is "", the same as no signing domain.)
+  if (auto d = idna::toAscii(util::domainPart(first))) r.signingDomain = std::move(*d);
   r.content = message::applySubmissionFixups(content, headers, req.trace);
   return r;
 }

@@ -17,3 +17,15 @@ TEST_CASE("hasNonAscii: any octet >= 0x80") {
   CHECK(util::hasNonAscii("Subject: plain\r\n\r\nbody \xe2\x82\xac"));  // only at the end
   CHECK(util::hasNonAscii(std::string("\x00\xc3", 2)));  // after a NUL
 }
+
+TEST_CASE("domainPart: after the last '@', as written") {
+  CHECK(util::domainPart("user@example.org") == "example.org");
+  CHECK(util::domainPart("User@Example.ORG") == "Example.ORG");  // no case folding
+  CHECK(util::domainPart("\"a@b\"@example.org") == "example.org");  // quoted local part with '@'
+  CHECK(util::domainPart("user@[192.0.2.1]") == "[192.0.2.1]");
+  CHECK(util::domainPart("j\xc3\xb6rg@b\xc3\xbc" "cher.example") == "b\xc3\xbc" "cher.example");
+  CHECK(util::domainPart("@example.org") == "example.org");
+  CHECK(util::domainPart("user@").empty());
+  CHECK(util::domainPart("postmaster").empty());  // no '@'
+  CHECK(util::domainPart("").empty());
+}
