@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "delivery/dsn.h"
+#include "message/headers.h"
 #include "util/log.h"
 #include "util/strings.h"
 #include "util/time_fmt.h"
@@ -617,11 +618,7 @@ void Scheduler::processDsns() {
     std::vector<queue::AttemptInfo> history;
     if (auto full = queue_.show(m.id); full.ok()) history = std::move(full.value().attempts);
     std::string headers;
-    if (auto content = queue_.content(m.id); content.ok()) {
-      const std::string& c = content.value();
-      size_t end = c.find("\r\n\r\n");
-      headers = end == std::string::npos ? c : c.substr(0, end + 2);
-    }
+    if (auto content = queue_.content(m.id); content.ok()) headers = message::headerSection(content.value());
     return makeDsn(m, history, headers, delayed, settings_, now, queue::newQueueId());
   };
   auto indexes = [](const queue::DsnWork& w) {

@@ -425,6 +425,42 @@ TEST_CASE("scheduler: a permanent failure is typed and bounced once; a delay not
   CHECK(b.q.dsns.size() == 2);
 }
 
+TEST_CASE("scheduler: a DSN quotes the original header section as HeaderScanner bounds it") {
+  struct Case {
+    const char* name;
+    std::string content;
+    std::string headers;  // what the DSN quotes
+    std::string body;     // what it must not quote
+  };
+  const Case cases[] = {
+      {"CRLF with the empty line", "Subject: hi\r\nX-Tag: a\r\n\r\nsecret body\r\n", "X-Tag: a", "secret body"},
+      {"no empty line: the body starts at the first non-field line",
+       "Subject: hi\r\nX-Tag: a\r\nsecret body\r\n\r\nX-Late: not a header\r\n", "X-Tag: a", "secret body"},
+      {"LF-only lines", "Subject: hi\nX-Tag: a\n\nsecret body\n", "X-Tag: a", "secret body"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.name);
+    Bed b;
+    b.q.add("m1", {"gone@example.org"}, b.now());
+    b.q.msgs.back().content = c.content;
+    Scheduler& s = b.start();
+    s.tick();
+    s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+    b.readyAll();
+    b.answerAll(smtp::Outcome::PermFail, 550, "5.1.1", "no such user");
+    s.flush();
+    s.tick();
+    REQUIRE(b.q.dsns.size() == 1);
+    const std::string& dsn = b.q.dsns[0].content;
+    const size_t part = dsn.find("text/rfc822-headers");
+    REQUIRE(part != std::string::npos);
+    CHECK(dsn.find("Subject: hi", part) != std::string::npos);
+    CHECK(dsn.find(c.headers, part) != std::string::npos);
+    CHECK(dsn.find(c.body) == std::string::npos);
+    CHECK(dsn.find("X-Late") == std::string::npos);
+  }
+}
+
 TEST_CASE("scheduler: per-destination and total connection limits, fair between destinations") {
   Bed b;
   b.settings.maxPerDestination = 3;
