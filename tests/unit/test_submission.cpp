@@ -6,6 +6,7 @@
 
 #include "message/headers.h"
 #include "submission/cleanup.h"
+#include "submission/content_scan.h"
 #include "submission/decide.h"
 
 using namespace subrelay::submission;
@@ -206,4 +207,85 @@ TEST_CASE("decide: a cleanup refusal is the verdict, nothing to store or sign") 
   CHECK(v.refusal->text == "From header address <ceo@paypal.com> not owned by this account");
   CHECK(v.content.empty());
   CHECK(v.keys == nullptr);
+}
+
+// ---------------------------------------------------------------------------------------
+// ContentScan: the header limits and the DKIM body hash while the message streams in.
+
+namespace {
+
+subrelay::dkim::StreamingBodyHash::Digests digestsOf(std::string_view body) {
+  subrelay::dkim::StreamingBodyHash h;
+  h.updateBody(body);
+  return h.finish();
+}
+
+// Feeds `m` in pieces of `step` octets (0: whole) and returns the scan's digests.
+std::optional<subrelay::dkim::StreamingBodyHash::Digests> scanned(std::string_view m, size_t step) {
+  ContentScan scan({0, 0}, true);
+  if (step == 0) step = m.size() + 1;
+  for (size_t i = 0; i < m.size(); i += step) CHECK_FALSE(scan.feed(m.substr(i, step)));
+  return scan.finish();
+}
+
+}  // namespace
+
+TEST_CASE("ContentScan: the body hash starts at HeaderScanner's boundary, however the message is split") {
+  struct Case {
+    const char* message;
+    const char* body;
+  };
+  const Case cases[] = {
+      {"Subject: x\r\n\r\nHello  world \r\n\r\n\r\n", "Hello  world \r\n\r\n\r\n"},
+      {"Subject: x\r\nnot a field\r\nmore\r\n", "not a field\r\nmore\r\n"},  // no empty line
+      {"Subject: x\r\nunfinished", "unfinished"},  // an open line at the end is body
+      {"Subject: x\r\n", ""},
+      {"", ""},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.message);
+    const auto want = digestsOf(c.body);
+    for (size_t step : {size_t(0), size_t(1), size_t(3), size_t(7)}) {
+      CAPTURE(step);
+      auto got = scanned(c.message, step);
+      REQUIRE(got);
+      CHECK(got->simple == want.simple);
+      CHECK(got->relaxed == want.relaxed);
+    }
+  }
+  // Nothing fed at all: the empty body's digests.
+  ContentScan none({0, 0}, true);
+  auto empty = none.finish();
+  REQUIRE(empty);
+  CHECK(empty->relaxed == digestsOf("").relaxed);
+}
+
+TEST_CASE("ContentScan: header limits refuse with 552 5.3.4; no hashing without keys") {
+  struct Case {
+    ContentScan::Limits limits;
+    const char* fits;     // within the limit
+    uint64_t fitsBytes;   // headerBytes() after it
+    const char* breaks;   // passes it
+    const char* text;
+  };
+  const Case cases[] = {
+      {{0, 2}, "A: 1\r\nB: 2\r\n", 12, "C: 3\r\n\r\nbody\r\n", "Too many header fields (limit 2)"},
+      {{20, 0}, "Subject: short\r\n", 16, "X-Long: 0123456789\r\n",
+       "Message header section too large (limit 20 bytes)"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.text);
+    ContentScan scan(c.limits, false);
+    CHECK_FALSE(scan.feed(c.fits));
+    CHECK(scan.headerBytes() == c.fitsBytes);
+    auto r = scan.feed(c.breaks);
+    REQUIRE(r);
+    CHECK(r->code == 552);
+    CHECK(r->enhanced == "5.3.4");
+    CHECK(r->text == c.text);
+  }
+  ContentScan within({1000, 10}, false);
+  CHECK_FALSE(within.feed("Subject: x\r\n\r\nbody\r\n"));
+  CHECK(within.headerBytes() == 14);
+  CHECK_FALSE(within.finish());
 }
