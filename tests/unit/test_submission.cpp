@@ -2,7 +2,9 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "message/headers.h"
 #include "submission/cleanup.h"
@@ -30,39 +32,35 @@ CleanupRequest request() {
   return r;
 }
 
+// cleanup() with request() refuses `message` with 550 and this enhanced code (and text).
+void checkRefused(const std::string& message, const std::string& enhanced, const std::string& text = "") {
+  CAPTURE(message);
+  auto r = cleanup(message, request());
+  CHECK_FALSE(r.ok);
+  CHECK(r.code == 550);
+  CHECK(r.enhanced == enhanced);
+  if (!text.empty()) CHECK(r.text == text);
+}
+
 }  // namespace
 
 TEST_CASE("cleanup: From ownership, count and syntax") {
   auto ok = cleanup("From: Shop <orders@shop.test>\r\nSubject: x\r\n\r\nbody\r\n", request());
   CHECK(ok.ok);
   CHECK(ok.signingDomain == "shop.test");
-  auto none = cleanup("Subject: x\r\n\r\nbody\r\n", request());
-  CHECK_FALSE(none.ok);
-  CHECK(none.code == 550);
-  CHECK(none.enhanced == "5.6.0");
-  auto two = cleanup("From: orders@shop.test\r\nFrom: orders@shop.test\r\n\r\nb\r\n", request());
-  CHECK(two.code == 550);
-  CHECK(two.enhanced == "5.6.0");
-  auto foreign = cleanup("From: ceo@paypal.com\r\n\r\nb\r\n", request());
-  CHECK(foreign.code == 550);
-  CHECK(foreign.enhanced == "5.7.1");
-  CHECK(foreign.text == "From header address <ceo@paypal.com> not owned by this account");
+  checkRefused("Subject: x\r\n\r\nbody\r\n", "5.6.0");
+  checkRefused("From: orders@shop.test\r\nFrom: orders@shop.test\r\n\r\nb\r\n", "5.6.0");
+  checkRefused("From: ceo@paypal.com\r\n\r\nb\r\n", "5.7.1",
+               "From header address <ceo@paypal.com> not owned by this account");
 }
 
 TEST_CASE("cleanup: Sender must be owned too, Reply-To stays free") {
-  auto spoof = cleanup("From: orders@shop.test\r\nSender: ceo@paypal.com\r\n\r\nb\r\n", request());
-  CHECK_FALSE(spoof.ok);
-  CHECK(spoof.code == 550);
-  CHECK(spoof.enhanced == "5.7.1");
-  CHECK(spoof.text == "Sender header address <ceo@paypal.com> not owned by this account");
+  checkRefused("From: orders@shop.test\r\nSender: ceo@paypal.com\r\n\r\nb\r\n", "5.7.1",
+               "Sender header address <ceo@paypal.com> not owned by this account");
   CHECK(cleanup("From: orders@shop.test\r\nSender: Ops <ops@shop.test>\r\n\r\nb\r\n", request()).ok);
   CHECK(cleanup("From: orders@shop.test\r\nReply-To: visitor@gmail.com\r\n\r\nb\r\n", request()).ok);
-  auto two = cleanup("From: orders@shop.test\r\nSender: ops@shop.test\r\nSender: ops@shop.test\r\n\r\nb\r\n", request());
-  CHECK(two.code == 550);
-  CHECK(two.enhanced == "5.6.0");
-  auto list = cleanup("From: orders@shop.test\r\nSender: ops@shop.test, orders@shop.test\r\n\r\nb\r\n", request());
-  CHECK(list.code == 550);
-  CHECK(list.enhanced == "5.6.0");
+  checkRefused("From: orders@shop.test\r\nSender: ops@shop.test\r\nSender: ops@shop.test\r\n\r\nb\r\n", "5.6.0");
+  checkRefused("From: orders@shop.test\r\nSender: ops@shop.test, orders@shop.test\r\n\r\nb\r\n", "5.6.0");
 }
 
 TEST_CASE("cleanup: SMTPUTF8 is decided from the envelope and header octets") {
@@ -112,6 +110,29 @@ std::shared_ptr<const subrelay::dkim::PrivateKey> edKey() {
   return k;
 }
 
+// A rate verdict that refuses.
+subrelay::policy::Decision refusedBy(const char* rule, subrelay::policy::Metric what, std::chrono::seconds retry) {
+  subrelay::policy::Decision d;
+  d.allowed = false;
+  d.ruleKey = rule;
+  d.what = what;
+  d.retryAfter = retry;
+  return d;
+}
+
+// A store request with request()'s cleanup and a key ring of Ed25519 keys
+// (domain, selector).
+struct Signing {
+  subrelay::dkim::KeyRing ring;
+  StoreRequest req;
+  explicit Signing(std::initializer_list<std::pair<const char*, const char*>> keys) {
+    for (const auto& [domain, selector] : keys) ring.add({domain, selector, edKey()});
+    req.cleanup = request();
+    req.keys = &ring;
+  }
+  Signing(const Signing&) = delete;  // req points into ring
+};
+
 }  // namespace
 
 TEST_CASE("admit: the rate verdict with the real size, as the reply to the end of data") {
@@ -119,22 +140,13 @@ TEST_CASE("admit: the rate verdict with the real size, as the reply to the end o
   using subrelay::policy::Metric;
   CHECK_FALSE(admit(Decision{}).has_value());
 
-  Decision perHour;
-  perHour.allowed = false;
-  perHour.ruleKey = "messages_per_hour";
-  perHour.what = Metric::Messages;
-  perHour.retryAfter = std::chrono::seconds(42);
-  auto r = admit(perHour);
+  auto r = admit(refusedBy("messages_per_hour", Metric::Messages, std::chrono::seconds(42)));
   REQUIRE(r.has_value());
   CHECK(r->code == 451);
   CHECK(r->enhanced == "4.7.1");
   CHECK(r->text == "Rate limit messages_per_hour exceeded; try again in 42 seconds");
 
-  Decision bytes;
-  bytes.allowed = false;
-  bytes.ruleKey = "bytes_per_day";
-  bytes.what = Metric::Bytes;
-  bytes.retryAfter = std::chrono::seconds(1);
+  Decision bytes = refusedBy("bytes_per_day", Metric::Bytes, std::chrono::seconds(1));
   auto wait = admit(bytes);
   REQUIRE(wait.has_value());
   CHECK(wait->code == 451);
@@ -149,12 +161,9 @@ TEST_CASE("admit: the rate verdict with the real size, as the reply to the end o
 }
 
 TEST_CASE("decide: keys chosen by the A-label signing domain, none -> unsigned") {
-  subrelay::dkim::KeyRing ring;
-  ring.add({"shop.test", "s1", edKey()});
-  ring.add({"xn--exmple-cua.com", "s2", edKey()});
-  StoreRequest req;
-  req.cleanup = request();
-  req.keys = &ring;
+  Signing sg{{"shop.test", "s1"}, {"xn--exmple-cua.com", "s2"}};
+  const subrelay::dkim::KeyRing& ring = sg.ring;
+  StoreRequest& req = sg.req;
 
   auto shop = decide("From: Shop <orders@shop.test>\r\nSubject: x\r\n\r\nbody\r\n", req);
   CHECK_FALSE(shop.refused());
@@ -195,12 +204,8 @@ TEST_CASE("decide: keys chosen by the A-label signing domain, none -> unsigned")
 }
 
 TEST_CASE("decide: a cleanup refusal is the verdict, nothing to store or sign") {
-  subrelay::dkim::KeyRing ring;
-  ring.add({"shop.test", "s1", edKey()});
-  StoreRequest req;
-  req.cleanup = request();
-  req.keys = &ring;
-  auto v = decide("From: ceo@paypal.com\r\n\r\nb\r\n", req);
+  Signing sg{{"shop.test", "s1"}};
+  auto v = decide("From: ceo@paypal.com\r\n\r\nb\r\n", sg.req);
   REQUIRE(v.refused());
   CHECK(v.refusal->code == 550);
   CHECK(v.refusal->enhanced == "5.7.1");
