@@ -247,28 +247,14 @@ def main():
             self.concurrency = concurrency
             self.tls_reuse = tls_reuse
 
-        def main_cf(self):
-            cf = {
-                "compatibility_level": "3.6",
-                "queue_directory": self.queue_dir,
-                "data_directory": self.data_dir,
-                "maillog_file": self.maillog_path,
-                "maillog_file_prefixes": self.dir,
-                "myhostname": self.hostname,
-                "mydomain": "pfbench.test",
-                "myorigin": "$myhostname",
-                "inet_interfaces": "loopback-only",  # the smtpd binds RELAY_IP in master.cf
-                "inet_protocols": "ipv4",
-                "mydestination": "",
+        def main_cf_settings(self):
+            # PostfixMx's settings (paths, names, loopback, no aliases or rewriting), less
+            # its Maildir delivery and smtpd TLS (the relay's smtpd offers none), plus the
+            # queueing smtpd and the outbound smtp client.
+            cf = {k: v for k, v in super().main_cf_settings().items()
+                  if not k.startswith(("virtual_", "smtpd_tls_"))}
+            cf.update({
                 "relay_domains": "",
-                "mynetworks": "127.0.0.0/8",
-                "alias_maps": "",
-                "alias_database": "",
-                "local_recipient_maps": "",
-                "biff": "no",
-                "append_dot_mydomain": "no",
-                "smtpd_peername_lookup": "no",
-                "local_header_rewrite_clients": "",
                 # queueing: accept from loopback and put every message on hold
                 "smtpd_relay_restrictions": "permit_mynetworks, reject",
                 "smtpd_recipient_restrictions": "check_recipient_access static:HOLD, permit_mynetworks, reject",
@@ -288,8 +274,8 @@ def main():
                 "smtp_destination_concurrency_limit": str(self.concurrency),
                 "smtp_dns_support_level": "enabled",
                 "smtp_host_lookup": "dns",
-            }
-            return "".join(f"{k} = {v}\n" for k, v in cf.items())
+            })
+            return cf
 
         def master_cf(self):
             services = mta_peers._MASTER_CF_SERVICES

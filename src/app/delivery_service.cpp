@@ -8,6 +8,7 @@
 #include <optional>
 #include <random>
 
+#include "delivery/attempt.h"
 #include "delivery/routing.h"
 #include "delivery/scheduler.h"
 #include "dns/resolv_conf.h"
@@ -129,7 +130,8 @@ struct DeliveryService::Impl final : delivery::Transport {
 
 // ---------------------------------------------------------------------------------------
 // OutboundConnection: one TCP connection for one scheduler session: net::Connection for
-// the bytes and TLS, smtp::ClientSession for the protocol, one timer for its deadlines.
+// the bytes and TLS, smtp::ClientSession for the protocol, one timer for the deadline
+// delivery::AttemptClock decides, the failure texts from delivery/attempt.h.
 // ---------------------------------------------------------------------------------------
 class OutboundConnection final : public net::ConnectionHandler {
  public:
@@ -143,10 +145,11 @@ class OutboundConnection final : public net::ConnectionHandler {
   }
 
   void start() {
-    // RFC 5321 4.5.3.2 gives no connect timeout; delivery.timeouts.connect (30 s, as
-    // Postfix's smtp_connect_timeout) keeps a dead MX from holding a slot for long.
-    timer_.start(std::chrono::duration_cast<std::chrono::milliseconds>(svc_.settings.connectTimeout),
-                 [this] { fail("timeout connecting to " + req_.label()); });
+    // delivery.timeouts.connect (30 s, as Postfix's smtp_connect_timeout) keeps a dead MX
+    // from holding a slot for long.
+    const auto now = svc_.clock.now();
+    clock_.connecting(now, std::chrono::duration_cast<std::chrono::milliseconds>(svc_.settings.connectTimeout));
+    armTimer(now);
     conn_->connect(req_.ip, req_.port);
   }
 
@@ -166,7 +169,7 @@ class OutboundConnection final : public net::ConnectionHandler {
   // --- net::ConnectionHandler ---
   void onConnected(int status) override {
     if (status != 0) {
-      fail("connect to " + req_.label() + ": " + net::errorText(status));
+      fail(delivery::connectionEndText(delivery::ConnectionEnd::ConnectError, req_.label(), net::errorText(status)));
       return;
     }
     session_->onConnected();
@@ -192,7 +195,7 @@ class OutboundConnection final : public net::ConnectionHandler {
   void onIdleTimeout() override {}
   void onPeerClosed() override {
     if (!session_->closed()) {
-      session_->onConnectionLost("connection closed by " + req_.label());
+      session_->onConnectionLost(delivery::connectionEndText(delivery::ConnectionEnd::PeerClosed, req_.label()));
       pump();
     }
   }
@@ -200,7 +203,8 @@ class OutboundConnection final : public net::ConnectionHandler {
     timer_.stop();
     soon_.stop();
     if (!session_->closed()) {
-      session_->onConnectionLost(failure_ ? failure_->text : "connection to " + req_.label() + " closed");
+      session_->onConnectionLost(failure_ ? failure_->text
+                                          : delivery::connectionEndText(delivery::ConnectionEnd::Closed, req_.label()));
       pumpActions();  // results only; nothing can be written any more
     }
     auto& svc = svc_;
@@ -212,7 +216,7 @@ class OutboundConnection final : public net::ConnectionHandler {
  private:
   // A local reason to end the connection (timeout, connect error, abort).
   void fail(std::string why) {
-    if (!failure_) failure_ = delivery::SessionFailure{0, "", std::move(why)};
+    if (!failure_) failure_ = delivery::localFailure(std::move(why));
     if (!session_->closed()) {
       session_->onConnectionLost(failure_->text);
       pumpActions();
@@ -227,21 +231,30 @@ class OutboundConnection final : public net::ConnectionHandler {
   void pump() {
     pumpActions();
     if (conn_->closing() || session_->closed()) return;
-    // Each RFC 5321 4.5.3.2 timeout is a total for its stage: the timer is set when the
-    // session starts waiting for something new (progress() moved), not on every read.
-    auto t = session_->timeout();
-    if (!t) {
+    const auto now = svc_.clock.now();
+    std::optional<std::chrono::milliseconds> stage;
+    if (auto t = session_->timeout()) stage = std::chrono::duration_cast<std::chrono::milliseconds>(*t);
+    if (clock_.update(now, stage, session_->progress())) armTimer(now);
+  }
+
+  // The one timer follows the clock's deadline.
+  void armTimer(delivery::AttemptClock::Time now) {
+    if (!clock_.deadline()) {
       timer_.stop();
-      armed_.reset();
       return;
     }
-    if (armed_ == session_->progress() && timer_.active()) return;
-    armed_ = session_->progress();
-    timer_.start(std::chrono::duration_cast<std::chrono::milliseconds>(*t), [this] {
-      session_->onTimeout();
-      pumpActions();
-      if (!conn_->closing()) conn_->close();
-    });
+    timer_.start(clock_.remaining(now), [this] { onDeadline(); });
+  }
+
+  void onDeadline() {
+    if (!clock_.deadline()) return;
+    if (clock_.deadline()->kind == delivery::AttemptClock::Kind::Connect) {
+      fail(delivery::connectionEndText(delivery::ConnectionEnd::ConnectTimeout, req_.label()));
+      return;
+    }
+    session_->onTimeout();
+    pumpActions();
+    if (!conn_->closing()) conn_->close();
   }
 
   void pumpActions() {
@@ -261,14 +274,7 @@ class OutboundConnection final : public net::ConnectionHandler {
         } else if (auto* td = std::get_if<smtp::TransactionDone>(&a)) {
           svc_.scheduler->onTransactionDone(req_.id, td->results, !session_->closed() && !conn_->closing());
         } else if (auto* sf = std::get_if<smtp::SessionFailed>(&a)) {
-          if (!failure_) {
-            delivery::SessionFailure f;
-            f.code = sf->reply.code;
-            f.enhanced = sf->reply.enhanced;
-            f.text = sf->reply.code ? req_.label() + " said: " + sf->reply.summary()
-                                    : (sf->reply.text.empty() ? sf->stage : sf->reply.text) + " (" + req_.label() + ")";
-            failure_ = std::move(f);
-          }
+          if (!failure_) failure_ = delivery::sessionFailure(*sf, req_.label());
         }
       }
     }
@@ -276,9 +282,9 @@ class OutboundConnection final : public net::ConnectionHandler {
 
   DeliveryService::Impl& svc_;
   delivery::ConnectRequest req_;
-  net::Timer timer_;  // connect, then the stage deadline
+  delivery::AttemptClock clock_;  // which deadline applies, and when
+  net::Timer timer_;  // fires at clock_'s deadline: connect, then the stage's
   net::Timer soon_;   // runs pump() on the next loop turn
-  std::optional<uint64_t> armed_;  // progress() when the stage timer was set
   std::unique_ptr<net::Connection> conn_;
   std::unique_ptr<smtp::ClientSession> session_;
   std::string tlsVersion_, tlsCipher_;

@@ -9,13 +9,13 @@
 
 #include "delivery/destination.h"
 #include "message/fixups.h"
-#include "message/header_scanner.h"
 #include "net/connection.h"
 #include "net/uv_loop.h"
 #include "net/uv_timer.h"
 #include "policy/password.h"
 #include "smtp/reply.h"
 #include "smtp/server_session.h"
+#include "submission/content_scan.h"
 #include "submission/decide.h"
 #include "util/clock.h"
 #include "metrics/server_metrics.h"
@@ -80,8 +80,7 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
     // user@[192.0.2.1] names a host, not a domain with an MX: a tenant could aim it at
     // internal services. Only where delivery.allow_private_destinations says so.
     if (!stp->config->delivery.allowPrivateDestinations) {
-      size_t at = rcpt.rfind('@');
-      if (at != std::string_view::npos && delivery::isAddressLiteralDomain(rcpt.substr(at + 1)))
+      if (delivery::isAddressLiteralDomain(util::domainPart(rcpt)))
         return smtp::PolicyRefusal{550, "5.7.1",
                                    "Address-literal recipients are not accepted "
                                    "(delivery.allow_private_destinations)"};
@@ -99,14 +98,6 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
     metrics::server().messagesRefused.with(stage, metrics::statusLabel(enhanced)).inc();
   };
   return sc;
-}
-
-using StreamingDigests = dkim::StreamingBodyHash::Digests;
-
-std::string headerLimitText(message::HeaderScanner::Violation v, const config::Limits& lim) {
-  if (v == message::HeaderScanner::Violation::TooManyFields)
-    return "Too many header fields (limit " + std::to_string(lim.maxHeaderFields) + ")";
-  return "Message header section too large (limit " + std::to_string(lim.maxHeaderBytes) + " bytes)";
 }
 
 void wipe(std::string& s) {
@@ -366,55 +357,24 @@ class SmtpConnection final : public net::ConnectionHandler {
   }
 
  private:
-  // Every message streams through a HeaderScanner: it enforces limits.max_header_bytes
-  // and max_header_fields as the data arrives (a flood of tiny fields is refused without
-  // being kept), and it decides where the body starts, by the same rule the fix-ups use.
-  // With DKIM keys configured, the body hash is fed from there while the message streams
-  // in (RFC 6376 3.7), so signing needs no second pass over the body.
+  // Every message streams through a submission::ContentScan: the header limits as the
+  // data arrives and, with DKIM keys configured, the body hash (content_scan.h).
   smtp::SessionConfig withContentObserver(smtp::SessionConfig sc) {
-    sc.onContent = [this](std::string_view chunk) -> std::optional<smtp::PolicyRefusal> { return onContent(chunk); };
-    sc.onContentReset = [this]() {
-      headerScan_.reset();
-      bodyHash_.reset();
-      bodyStarted_ = false;
+    sc.onContent = [this](std::string_view chunk) -> std::optional<smtp::PolicyRefusal> {
+      if (auto r = contentScan().feed(chunk)) return smtp::PolicyRefusal{r->code, r->enhanced, r->text};
+      return std::nullopt;
     };
+    sc.onContentReset = [this]() { contentScan_.reset(); };
     return sc;
   }
 
-  std::optional<smtp::PolicyRefusal> onContent(std::string_view chunk) {
-    const bool hashing = !settings_->dkimKeys.empty();
-    if (!headerScan_) {
+  submission::ContentScan& contentScan() {
+    if (!contentScan_) {
       const auto& lim = settings_->config->limits;
-      headerScan_.emplace(message::HeaderScanner::Limits{lim.maxHeaderBytes, lim.maxHeaderFields});
-      headerScan_->keepUndecided(hashing);
+      contentScan_.emplace(submission::ContentScan::Limits{lim.maxHeaderBytes, lim.maxHeaderFields},
+                           !settings_->dkimKeys.empty());
     }
-    const size_t at = headerScan_->feed(chunk);
-    if (headerScan_->violation() != message::HeaderScanner::Violation::None)
-      return smtp::PolicyRefusal{552, "5.3.4", headerLimitText(headerScan_->violation(), settings_->config->limits)};
-    if (!hashing || at == std::string_view::npos) return std::nullopt;
-    if (!bodyHash_) bodyHash_.emplace();
-    if (!bodyStarted_) {
-      bodyStarted_ = true;
-      bodyHash_->updateBody(headerScan_->bodyPrefix());  // a body line begun in an earlier piece
-    }
-    bodyHash_->updateBody(chunk.substr(at));
-    return std::nullopt;
-  }
-
-  // The body digests of the message just received: the scan ends where the message does
-  // (an unfinished line that never became a header field is body).
-  std::optional<StreamingDigests> finishBodyHash() {
-    if (settings_->dkimKeys.empty()) return std::nullopt;
-    if (!bodyHash_) bodyHash_.emplace();
-    if (headerScan_ && !bodyStarted_) {
-      headerScan_->finish();
-      bodyHash_->updateBody(headerScan_->bodyPrefix());
-    }
-    StreamingDigests d = bodyHash_->finish();
-    bodyHash_.reset();
-    headerScan_.reset();
-    bodyStarted_ = false;
-    return d;
+    return *contentScan_;
   }
 
   // "worker.counter", short and unique per process, for log lines.
@@ -582,8 +542,9 @@ class SmtpConnection final : public net::ConnectionHandler {
     w->settings = settings_;
     w->content = std::move(st.content);
     // What the streaming scan saw of the header section decides where cleanup runs.
-    const uint64_t headerBytes = headerScan_ ? headerScan_->headerBytes() : 0;
-    w->digests = finishBodyHash();
+    const uint64_t headerBytes = contentScan().headerBytes();
+    w->digests = contentScan().finish();
+    contentScan_.reset();
 
     queue::NewMessage& m = w->msg;
     m.id = queue::newQueueId();
@@ -666,7 +627,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     uint64_t sessionId;
     std::shared_ptr<const Settings> settings;  // holds the key ring the verdict points into
     std::string content;                       // as received
-    std::optional<StreamingDigests> digests;
+    std::optional<dkim::StreamingBodyHash::Digests> digests;
     submission::StoreRequest request;
     submission::Verdict verdict;  // its content moves into msg
     queue::NewMessage msg;
@@ -789,9 +750,7 @@ class SmtpConnection final : public net::ConnectionHandler {
   // credential that failed in this session.
   std::string lastFailedCredential_;
   std::string refusal_;          // refused at connect (implicit TLS: sent after the handshake)
-  std::optional<dkim::StreamingBodyHash> bodyHash_;
-  std::optional<message::HeaderScanner> headerScan_;
-  bool bodyStarted_ = false;
+  std::optional<submission::ContentScan> contentScan_;  // the message streaming in
   std::chrono::steady_clock::time_point endOfData_{};  // for the accept latency
   uint64_t timerProgress_ = ~uint64_t{0};
   smtp::Phase timerPhase_ = smtp::Phase::Closed;

@@ -25,13 +25,11 @@ namespace subrelay::delivery {
 
 namespace {
 
+using util::hasNonAscii;
+
 constexpr size_t kFoldAt = 78;     // RFC 5322 2.1.1 SHOULD
 constexpr size_t kMaxLine = 998;   // RFC 5322 2.1.1 MUST (without the CRLF)
 constexpr size_t kTextWidth = 76;  // the human-readable part
-
-bool hasNonAscii(std::string_view s) {
-  return std::any_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x80; });
-}
 
 // Length of the well-formed UTF-8 sequence (RFC 3629 section 4) starting at s[i], or 0.
 size_t utf8Length(std::string_view s, size_t i) {

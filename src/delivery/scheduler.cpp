@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "delivery/dsn.h"
+#include "message/headers.h"
 #include "metrics/server_metrics.h"
 #include "util/log.h"
 #include "util/strings.h"
@@ -61,11 +62,6 @@ struct Scheduler::Session {
 };
 
 namespace {
-
-std::string domainOf(const std::string& address) {
-  size_t at = address.rfind('@');
-  return at == std::string::npos ? std::string() : util::toLower(address.substr(at + 1));
-}
 
 int64_t unixNow(const util::Clock& c) { return util::unixSeconds(c.wallNow()); }
 
@@ -146,7 +142,7 @@ void Scheduler::pull() {
     leased_ += meta->due.recipients.size();
     // One job per recipient domain: those recipients share the route and one transaction.
     std::map<std::string, std::vector<queue::DueRecipient>> byDomain;
-    for (const auto& r : meta->due.recipients) byDomain[domainOf(r.address)].push_back(r);
+    for (const auto& r : meta->due.recipients) byDomain[util::toLower(util::domainPart(r.address))].push_back(r);
     for (auto& [domain, rcpts] : byDomain) {
       ++queuedJobs_;
       routeJob(Job{meta, domain, tlsFor(domain), std::move(rcpts)});
@@ -611,11 +607,8 @@ std::optional<queue::NewMessage> makeDsn(const queue::MessageInfo& m, const std:
   dsn.recipients = {m.mailFrom};
   dsn.content = buildDsn(in);
   dsn.isDsn = true;
-  auto nonAscii = [](const std::string& s) {
-    return std::any_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x80; });
-  };
-  dsn.eightBit = nonAscii(dsn.content);
-  dsn.smtputf8 = nonAscii(m.mailFrom);
+  dsn.eightBit = util::hasNonAscii(dsn.content);
+  dsn.smtputf8 = util::hasNonAscii(m.mailFrom);
   dsn.receivedAt = now;
   return dsn;
 }
@@ -630,11 +623,7 @@ void Scheduler::processDsns() {
     std::vector<queue::AttemptInfo> history;
     if (auto full = queue_.show(m.id); full.ok()) history = std::move(full.value().attempts);
     std::string headers;
-    if (auto content = queue_.content(m.id); content.ok()) {
-      const std::string& c = content.value();
-      size_t end = c.find("\r\n\r\n");
-      headers = end == std::string::npos ? c : c.substr(0, end + 2);
-    }
+    if (auto content = queue_.content(m.id); content.ok()) headers = message::headerSection(content.value());
     return makeDsn(m, history, headers, delayed, settings_, now, queue::newQueueId());
   };
   auto indexes = [](const queue::DsnWork& w) {

@@ -10,8 +10,7 @@
 namespace subrelay::idna {
 
 bool needsIdna(std::string_view domain) {
-  for (char c : domain)
-    if (static_cast<unsigned char>(c) >= 0x80) return true;
+  if (util::hasNonAscii(domain)) return true;
   // An A-label is a label that starts with the ACE prefix (RFC 5890 2.3.2.1).
   size_t pos = 0;
   while (pos <= domain.size()) {

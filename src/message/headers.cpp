@@ -48,6 +48,18 @@ HeaderBlock scanHeaders(std::string_view m) {
   return block;
 }
 
+std::string_view headerSection(std::string_view m) {
+  HeaderScanner sc;
+  sc.feed(m);  // stops at the body
+  sc.finish();
+  auto end = static_cast<size_t>(sc.bodyOffset());
+  if (sc.hasSeparator()) {
+    --end;  // the empty line's LF
+    if (end > 0 && m[end - 1] == '\r') --end;
+  }
+  return m.substr(0, end);
+}
+
 const HeaderField* findField(const HeaderBlock& block, std::string_view name) {
   for (const auto& f : block.fields)
     if (util::iequals(f.name, name)) return &f;

@@ -25,6 +25,10 @@ struct HeaderBlock {
 };
 
 HeaderBlock scanHeaders(std::string_view message);
+// The header section alone, without the empty line that ends it (when there is one), as
+// HeaderScanner bounds it: a message without an empty line has its body start at the
+// first line that is not a header field. Reads no further than that line.
+std::string_view headerSection(std::string_view message);
 const HeaderField* findField(const HeaderBlock& block, std::string_view name);
 size_t countFields(const HeaderBlock& block, std::string_view name);
 

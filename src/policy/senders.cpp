@@ -63,10 +63,12 @@ bool localPartsMatch(std::string_view want, bool wantQuoted, std::string_view go
 }  // namespace
 
 bool splitAddress(std::string_view address, std::string_view& local, std::string_view& domain) {
-  size_t at = address.rfind('@');
-  if (at == std::string_view::npos || at == 0 || at + 1 == address.size()) return false;
-  local = address.substr(0, at);
-  domain = address.substr(at + 1);
+  std::string_view d = util::domainPart(address);
+  if (d.empty()) return false;  // no '@', or nothing after it
+  std::string_view l = address.substr(0, address.size() - d.size() - 1);
+  if (l.empty()) return false;
+  local = l;
+  domain = d;
   return true;
 }
 

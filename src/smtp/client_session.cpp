@@ -18,6 +18,7 @@
 namespace subrelay::smtp {
 namespace {
 
+using util::hasNonAscii;
 using util::iequals;
 
 // What a sent command (or the connection itself) waits for, in the order the replies
@@ -99,12 +100,6 @@ bool sendableAddress(std::string_view a) {
     if (c < 0x20 || c == 0x7f || c == '<' || c == '>') return false;
   }
   return true;
-}
-
-bool hasNonAscii(std::string_view s) {
-  for (char ch : s)
-    if (static_cast<unsigned char>(ch) >= 0x80) return true;
-  return false;
 }
 
 // dotStuff with the count of dots it added, so the SIZE estimate (RFC 1870 section 3:

@@ -10,6 +10,7 @@
 
 namespace subrelay::smtp {
 namespace {
+using util::hasNonAscii;
 using util::isAtext;
 
 // RFC 5321 4.5.3.1.3: a path is at most 256 octets including "<" and ">".
@@ -40,12 +41,6 @@ bool isDotString(std::string_view s) {
     }
   }
   return !atomStart;  // no trailing dot
-}
-
-bool hasNonAscii(std::string_view s) {
-  for (unsigned char c : s)
-    if (c >= 0x80) return true;
-  return false;
 }
 
 // 1*3DIGIT with a value up to 255 (RFC 5321 4.1.3 Snum).

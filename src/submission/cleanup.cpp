@@ -19,12 +19,6 @@ CleanupResult refuse(int code, const char* enhanced, std::string text) {
 
 }  // namespace
 
-bool hasNonAscii(std::string_view s) {
-  for (char c : s)
-    if (static_cast<unsigned char>(c) >= 0x80) return true;
-  return false;
-}
-
 CleanupResult cleanup(std::string_view content, const CleanupRequest& req) {
   // One scan of the header section; the fix-ups below reuse it.
   const message::HeaderBlock headers = message::scanHeaders(content);
@@ -57,15 +51,14 @@ CleanupResult cleanup(std::string_view content, const CleanupRequest& req) {
   r.ok = true;
   // RFC 6531 3.4: SMTPUTF8 is needed for non-ASCII addresses or header fields; the body
   // is 8BITMIME's business. Decided on the client's header section, before ours is added.
-  bool utf8 = hasNonAscii(req.mailFrom) || hasNonAscii(content.substr(0, headers.bodyOffset));
-  for (const auto& rcpt : req.recipients) utf8 = utf8 || hasNonAscii(rcpt);
+  bool utf8 = util::hasNonAscii(req.mailFrom) || util::hasNonAscii(content.substr(0, headers.bodyOffset));
+  for (const auto& rcpt : req.recipients) utf8 = utf8 || util::hasNonAscii(rcpt);
   r.smtputf8 = utf8;
 
   // RFC 6376 3.5: d= is the From domain (the first mailbox; all are the account's).
   const std::string& first = addrs.front();
-  if (size_t at = first.rfind('@'); at != std::string::npos) {
-    if (auto d = idna::toAscii(std::string_view(first).substr(at + 1))) r.signingDomain = std::move(*d);
-  }
+  // (No '@': toAscii("") is "", the same as no signing domain.)
+  if (auto d = idna::toAscii(util::domainPart(first))) r.signingDomain = std::move(*d);
   r.content = message::applySubmissionFixups(content, headers, req.trace);
   return r;
 }

@@ -47,7 +47,4 @@ struct CleanupResult {
 
 CleanupResult cleanup(std::string_view content, const CleanupRequest& request);
 
-// True when any octet is >= 0x80.
-bool hasNonAscii(std::string_view s);
-
 }  // namespace subrelay::submission

@@ -554,7 +554,8 @@ class PostfixMx(_Peer):
         return self.addresses[0][1]
 
     # -- configuration ---------------------------------------------------------------------
-    def main_cf(self):
+    def main_cf_settings(self):
+        """main.cf as a dict; a subclass changes what differs and keeps the rest."""
         access = [f"{{{k} = {v}}}" for k, v in self.recipient_access.items()]
         access += ["{tempfail@ = 450 4.2.1 try later}", "{permfail@ = 550 5.1.1 no such user}"]
         v6 = any(":" in ip for ip, _ in self.addresses)
@@ -597,7 +598,10 @@ class PostfixMx(_Peer):
         if self.tls:
             cf["smtpd_tls_chain_files"] = f"{self.key}, {self.cert}"
         cf.update(self.main_cf_extra)
-        return "".join(f"{k} = {v}\n" for k, v in cf.items())
+        return cf
+
+    def main_cf(self):
+        return "".join(f"{k} = {v}\n" for k, v in self.main_cf_settings().items())
 
     def master_cf(self):
         lines = []

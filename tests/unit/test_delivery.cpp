@@ -14,10 +14,12 @@
 #include <utility>
 #include <vector>
 
+#include "delivery/attempt.h"
 #include "delivery/destination.h"
 #include "delivery/dsn.h"
 #include "delivery/retry.h"
 #include "delivery/routing.h"
+#include "util/clock.h"
 
 using namespace subrelay;
 using namespace subrelay::delivery;
@@ -1078,4 +1080,123 @@ TEST_CASE("applyDestinationPolicy: refused addresses dropped, none left is a per
   CHECK(isAddressLiteralDomain("[192.0.2.1]"));
   CHECK(isAddressLiteralDomain("[IPv6:::1]"));
   CHECK_FALSE(isAddressLiteralDomain("example.com"));
+}
+
+// ---------------------------------------------------------------------------------------
+// AttemptClock: one outbound connection's deadline on a fake clock.
+
+TEST_CASE("AttemptClock: the connect deadline, then stage totals restarted only by progress") {
+  using std::chrono::milliseconds;
+  using std::chrono::seconds;
+  using Kind = AttemptClock::Kind;
+  util::FakeClock fc;
+  AttemptClock c;
+  CHECK_FALSE(c.deadline());
+  CHECK_FALSE(c.expired(fc.now()));
+
+  c.connecting(fc.now(), seconds(30));
+  REQUIRE(c.deadline());
+  CHECK(c.deadline()->kind == Kind::Connect);
+  CHECK(c.remaining(fc.now()) == seconds(30));
+  fc.advance(seconds(29));
+  CHECK_FALSE(c.expired(fc.now()));
+  CHECK(c.remaining(fc.now()) == seconds(1));
+
+  // Connected, waiting for the greeting: the stage deadline replaces the connect one,
+  // whatever the progress count.
+  CHECK(c.update(fc.now(), seconds(300), 0));
+  CHECK(c.deadline()->kind == Kind::Stage);
+  CHECK(c.remaining(fc.now()) == seconds(300));
+  const auto greetingDue = c.deadline()->at;
+
+  // Events without progress (bytes of a reply that never completes) do not extend it,
+  // nor does a different timeout for the same stage.
+  fc.advance(seconds(100));
+  CHECK_FALSE(c.update(fc.now(), seconds(300), 0));
+  CHECK_FALSE(c.update(fc.now(), seconds(600), 0));
+  CHECK(c.deadline()->at == greetingDue);
+  CHECK(c.remaining(fc.now()) == seconds(200));
+  fc.advance(seconds(199));
+  CHECK_FALSE(c.expired(fc.now()));
+  fc.advance(milliseconds(1000));
+  CHECK(c.expired(fc.now()));
+  CHECK(c.remaining(fc.now()) == milliseconds(0));
+
+  // Progress moved: a new total from now.
+  CHECK(c.update(fc.now(), seconds(300), 1));
+  CHECK(c.deadline()->at == fc.now() + seconds(300));
+  CHECK_FALSE(c.expired(fc.now()));
+
+  // Waiting for nothing (idle between transactions): no deadline, the timer stops.
+  CHECK(c.update(fc.now(), std::nullopt, 1));
+  CHECK_FALSE(c.deadline());
+  CHECK_FALSE(c.update(fc.now(), std::nullopt, 1));
+  CHECK_FALSE(c.expired(fc.now() + std::chrono::hours(1)));
+  // Waiting again without a new reply (a new transaction from idle): a fresh deadline.
+  fc.advance(seconds(5));
+  CHECK(c.update(fc.now(), seconds(300), 1));
+  CHECK(c.deadline()->at == fc.now() + seconds(300));
+  CHECK(c.deadline()->kind == Kind::Stage);
+}
+
+TEST_CASE("AttemptClock driven by a ClientSession: a trickling greeting does not extend the deadline") {
+  using std::chrono::seconds;
+  util::FakeClock fc;
+  smtp::ClientConfig cfg;
+  cfg.heloName = "relay.example.net";
+  smtp::ClientTimeouts t;
+  smtp::ClientSession s(cfg, t);
+  AttemptClock c;
+  auto update = [&] {
+    std::optional<std::chrono::milliseconds> stage;
+    if (auto to = s.timeout()) stage = *to;
+    return c.update(fc.now(), stage, s.progress());
+  };
+  c.connecting(fc.now(), seconds(30));
+  fc.advance(seconds(1));
+  s.onConnected();
+  CHECK(update());
+  const auto due = c.deadline()->at;
+  CHECK(due == fc.now() + t.greeting);
+  for (char ch : std::string("220 mx.example.org ESMTP")) {
+    fc.advance(seconds(10));
+    s.onBytes(std::string_view(&ch, 1));
+    CHECK_FALSE(update());
+  }
+  CHECK(c.deadline()->at == due);
+  s.onBytes("\r\n");  // a whole reply: EHLO goes out, a new stage begins
+  CHECK(update());
+  CHECK(c.deadline()->at == fc.now() + t.mail);
+}
+
+TEST_CASE("connection failure texts") {
+  const std::string peer = "mx.example.org [192.0.2.10]:25";
+  CHECK(connectionEndText(ConnectionEnd::ConnectTimeout, peer) == "timeout connecting to " + peer);
+  CHECK(connectionEndText(ConnectionEnd::ConnectError, peer, "connection refused") ==
+        "connect to " + peer + ": connection refused");
+  CHECK(connectionEndText(ConnectionEnd::PeerClosed, peer) == "connection closed by " + peer);
+  CHECK(connectionEndText(ConnectionEnd::Closed, peer) == "connection to " + peer + " closed");
+
+  SessionFailure local = localFailure("aborted by operator");
+  CHECK(local.code == 0);
+  CHECK(local.enhanced.empty());
+  CHECK(local.text == "aborted by operator");
+
+  smtp::SessionFailed said;
+  said.reply.code = 554;
+  said.reply.enhanced = "5.7.1";
+  said.reply.text = "go away\nsecond line";
+  said.stage = "greeting";
+  SessionFailure f = sessionFailure(said, peer);
+  CHECK(f.code == 554);
+  CHECK(f.enhanced == "5.7.1");
+  CHECK(f.text == peer + " said: 554 5.7.1 go away");
+
+  smtp::SessionFailed quiet;  // no reply: the session's own words, else the stage
+  quiet.reply.text = "TLS required but not offered";
+  quiet.stage = "ehlo";
+  CHECK(sessionFailure(quiet, peer).text == "TLS required but not offered (" + peer + ")");
+  CHECK(sessionFailure(quiet, peer).code == 0);
+  quiet.reply.text.clear();
+  CHECK(sessionFailure(quiet, peer).text == "ehlo (" + peer + ")");
 }

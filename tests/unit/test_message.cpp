@@ -40,12 +40,6 @@ bool allLinesShort(const std::string& s, size_t max) {
   return true;
 }
 
-// The part of a message from the start up to the end of its header section.
-std::string headerSection(const std::string& m) {
-  auto b = scanHeaders(m);
-  return b.fields.empty() ? "" : m.substr(0, b.fields.back().offset + b.fields.back().length);
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -152,6 +146,20 @@ TEST_CASE("scanHeaders: tolerated shapes") {
     REQUIRE(b.fields.size() == 1);
     CHECK(b.fields[0].length == 11);
   }
+}
+
+TEST_CASE("headerSection: the fields, without the empty line, wherever the scanner ends them") {
+  CHECK(headerSection("Subject: x\r\nTo: a@b\r\n\r\nbody\r\n") == "Subject: x\r\nTo: a@b\r\n");
+  CHECK(headerSection("Subject: x\r\n folded\r\n\r\n\r\nbody") == "Subject: x\r\n folded\r\n");
+  CHECK(headerSection("Subject: x\nTo: a@b\n\nbody\n") == "Subject: x\nTo: a@b\n");  // LF only
+  CHECK(headerSection("Subject: x\r\n\nbody") == "Subject: x\r\n");  // a bare-LF empty line
+  // No empty line: the body starts at the first line that is not a field.
+  CHECK(headerSection("Subject: x\r\nthis is text\r\n\r\nFrom: a@b\r\n") == "Subject: x\r\n");
+  CHECK(headerSection("Subject: x\r\nTo: a@b\r\n") == "Subject: x\r\nTo: a@b\r\n");  // all header
+  CHECK(headerSection("Subject: x\r") == "Subject: x\r");
+  CHECK(headerSection("\r\nonly body\r\n").empty());
+  CHECK(headerSection("just text\r\n\r\n").empty());
+  CHECK(headerSection("").empty());
 }
 
 TEST_CASE("scanHeaders is linear on hostile input") {
@@ -362,7 +370,7 @@ TEST_CASE("fix-ups: Date and Message-ID are added at the end of the header block
   SUBCASE("everything else is byte for byte the same") {
     const std::string in = "Subject: x\r\n folded\r\nX-Odd :  spaced \r\n\r\nline\r\n\r\n.dots\r\n";
     const std::string out = applySubmissionFixups(in, t);
-    const std::string hdr = headerSection(in);
+    const std::string hdr(headerSection(in));
     const size_t at = out.find(hdr);
     REQUIRE(at != std::string::npos);
     const size_t afterAdded = out.find("\r\n\r\nline", at);

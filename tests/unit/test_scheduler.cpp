@@ -7,6 +7,7 @@
 
 #include "delivery/scheduler.h"
 #include "queue/write_behind.h"
+#include "util/strings.h"
 
 using namespace subrelay;
 using namespace subrelay::delivery;
@@ -214,7 +215,7 @@ class FakeTransport final : public Transport {
   std::map<SessionId, std::set<std::string>> domainsBy;  // recipient domains per connection
   void send(SessionId id, smtp::OutboundMessage m) override {
     CHECK(sending.count(id) == 0);  // one transaction at a time per connection
-    for (const auto& r : m.recipients) domainsBy[id].insert(r.substr(r.find('@') + 1));
+    for (const auto& r : m.recipients) domainsBy[id].insert(std::string(util::domainPart(r)));
     sending[id] = std::move(m);
   }
   void quit(SessionId id) override { quits.push_back(id); }
@@ -233,6 +234,9 @@ Route routeTo(std::vector<std::pair<std::string, std::vector<std::string>>> host
   }
   return r;
 }
+
+// The one MX most cases deliver example.org to.
+Route exampleMx() { return routeTo({{"mx.example.org", {"192.0.2.10"}}}); }
 
 smtp::RecipientResult result(const std::string& rcpt, smtp::Outcome o, int code, std::string enhanced,
                              std::string text) {
@@ -289,6 +293,42 @@ struct Bed {
     for (SessionId id : ids)
       if (!t.sending.count(id)) s->onReady(id, "TLSv1.3", "TLS_AES_128_GCM_SHA256");
   }
+  // A tick; every lookup it asks for is answered with exampleMx(); every connection is
+  // ready, so the transactions are in t.sending.
+  void tickRoutedReady() {
+    const size_t asked = t.resolves.size();
+    s->tick();
+    for (size_t i = asked; i < t.resolves.size(); ++i) s->onRoute(t.resolves[i], exampleMx());
+    readyAll();
+  }
+  // start() and the first tick with example.org routed to exampleMx(): the connections
+  // are asked for.
+  Scheduler& startRouted() {
+    start();
+    s->tick();
+    s->onRoute("example.org", exampleMx());
+    return *s;
+  }
+  // ... and every connection is ready: the transactions are in t.sending.
+  Scheduler& startReady() {
+    startRouted();
+    readyAll();
+    return *s;
+  }
+  // Time passes, then a tick.
+  void tickAfter(std::chrono::seconds d) {
+    clock.advance(d);
+    s->tick();
+  }
+  // Up to `rounds` rounds of: every connection ready, every transaction delivered, every
+  // quit answered; until no connection is left.
+  void deliverAll(int rounds) {
+    for (int round = 0; round < rounds && (!t.open.empty() || !t.sending.empty()); ++round) {
+      readyAll();
+      answerAll(smtp::Outcome::Delivered);
+      endQuits();
+    }
+  }
 };
 
 }  // namespace
@@ -300,7 +340,7 @@ TEST_CASE("scheduler: lease, route, deliver, record each recipient once, quit") 
   s.tick();
   REQUIRE(b.t.resolves == std::vector<std::string>{"example.org"});
   CHECK(b.t.connects.empty());  // nothing before the route
-  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
+  s.onRoute("example.org", exampleMx());
   REQUIRE(b.t.connects.size() == 3);  // one per job, below the per-destination limit
   CHECK(b.t.connects[0].ip == "192.0.2.10");
   CHECK(b.t.connects[0].host == "mx.example.org");
@@ -325,13 +365,9 @@ TEST_CASE("scheduler: lease, route, deliver, record each recipient once, quit") 
 TEST_CASE("scheduler: a route is reused for its TTL, then looked up again") {
   Bed b;
   b.q.add("m1", {"a@example.org"}, b.now());
-  Scheduler& s = b.start();
-  s.tick();
-  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
-  b.readyAll();
+  Scheduler& s = b.startReady();
   b.q.add("m2", {"b@example.org"}, b.now());
-  b.clock.advance(std::chrono::seconds(1));
-  s.tick();
+  b.tickAfter(std::chrono::seconds(1));
   CHECK(b.t.resolves.size() == 1);  // fresh route: m2 joins the destination at once
   REQUIRE(b.t.connects.size() == 2);
   CHECK(b.t.connects[1].ip == "192.0.2.10");
@@ -342,8 +378,7 @@ TEST_CASE("scheduler: a route is reused for its TTL, then looked up again") {
   s.flush();
   CHECK(b.q.inState(RecipientState::Delivered) == 2);
   b.q.add("m3", {"c@example.org"}, b.now());
-  b.clock.advance(std::chrono::seconds(61));
-  s.tick();
+  b.tickAfter(std::chrono::seconds(61));
   CHECK(b.t.resolves.size() == 2);
 }
 
@@ -353,12 +388,7 @@ TEST_CASE("scheduler: temporary failures follow the retry schedule, then expire 
   b.q.add("m1", {"u@example.org"}, t0);
   Scheduler& s = b.start();
   auto attempt = [&](smtp::Outcome o, int code, const std::string& enh) {
-    s.tick();
-    if (!b.t.resolves.empty()) {
-      s.onRoute(b.t.resolves.back(), routeTo({{"mx.example.org", {"192.0.2.10"}}}));
-      b.t.resolves.clear();
-    }
-    b.readyAll();
+    b.tickRoutedReady();
     b.answerAll(o, code, enh, "try later");
     s.flush();
     b.endQuits();
@@ -369,8 +399,7 @@ TEST_CASE("scheduler: temporary failures follow the retry schedule, then expire 
   CHECK(r.next == t0 + 300);  // first step: 5 min
   CHECK(r.lastStatus.str() == "4.7.1");
 
-  b.clock.advance(std::chrono::seconds(299));
-  s.tick();
+  b.tickAfter(std::chrono::seconds(299));
   CHECK(b.t.connects.size() == 1);  // not due yet
   b.clock.advance(std::chrono::seconds(61));  // beyond the route TTL too
   attempt(smtp::Outcome::TempFail, 421, "");
@@ -402,10 +431,7 @@ TEST_CASE("scheduler: a permanent failure is typed and bounced once; a delay not
   Bed b;
   b.settings.retry.delayNotice = std::chrono::minutes(30);
   b.q.add("m1", {"gone@example.org", "slow@example.org"}, b.now());
-  Scheduler& s = b.start();
-  s.tick();
-  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
-  b.readyAll();
+  Scheduler& s = b.startReady();
   auto [id, m] = *b.t.sending.begin();
   b.t.sending.clear();
   s.onTransactionDone(id, {result("gone@example.org", smtp::Outcome::PermFail, 550, "5.1.1", "no such user"),
@@ -417,12 +443,44 @@ TEST_CASE("scheduler: a permanent failure is typed and bounced once; a delay not
   REQUIRE(b.q.dsns.size() == 1);
   CHECK(b.q.dsns[0].content.find("Status: 5.1.1") != std::string::npos);
   CHECK(b.q.dsns[0].content.find("Diagnostic-Code: smtp; 550 5.1.1 no such user") != std::string::npos);
-  b.clock.advance(std::chrono::minutes(31));
-  s.tick();
+  b.tickAfter(std::chrono::minutes(31));
   REQUIRE(b.q.dsns.size() == 2);  // the delay notice for the deferred one
   CHECK(b.q.dsns[1].content.find("Action: delayed") != std::string::npos);
   s.tick();
   CHECK(b.q.dsns.size() == 2);
+}
+
+TEST_CASE("scheduler: a DSN quotes the original header section as HeaderScanner bounds it") {
+  struct Case {
+    const char* name;
+    std::string content;
+    std::string headers;  // what the DSN quotes
+    std::string body;     // what it must not quote
+  };
+  const Case cases[] = {
+      {"CRLF with the empty line", "Subject: hi\r\nX-Tag: a\r\n\r\nsecret body\r\n", "X-Tag: a", "secret body"},
+      {"no empty line: the body starts at the first non-field line",
+       "Subject: hi\r\nX-Tag: a\r\nsecret body\r\n\r\nX-Late: not a header\r\n", "X-Tag: a", "secret body"},
+      {"LF-only lines", "Subject: hi\nX-Tag: a\n\nsecret body\n", "X-Tag: a", "secret body"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.name);
+    Bed b;
+    b.q.add("m1", {"gone@example.org"}, b.now());
+    b.q.msgs.back().content = c.content;
+    Scheduler& s = b.startReady();
+    b.answerAll(smtp::Outcome::PermFail, 550, "5.1.1", "no such user");
+    s.flush();
+    s.tick();
+    REQUIRE(b.q.dsns.size() == 1);
+    const std::string& dsn = b.q.dsns[0].content;
+    const size_t part = dsn.find("text/rfc822-headers");
+    REQUIRE(part != std::string::npos);
+    CHECK(dsn.find("Subject: hi", part) != std::string::npos);
+    CHECK(dsn.find(c.headers, part) != std::string::npos);
+    CHECK(dsn.find(c.body) == std::string::npos);
+    CHECK(dsn.find("X-Late") == std::string::npos);
+  }
 }
 
 TEST_CASE("scheduler: per-destination and total connection limits, fair between destinations") {
@@ -439,11 +497,7 @@ TEST_CASE("scheduler: per-destination and total connection limits, fair between 
   CHECK(b.t.connects.size() == 4);  // the total limit: small still gets one
   CHECK(std::count_if(b.t.connects.begin(), b.t.connects.end(),
                       [](const ConnectRequest& r) { return r.ip == "192.0.2.2"; }) == 1);
-  for (int round = 0; round < 30 && (!b.t.open.empty() || !b.t.sending.empty()); ++round) {
-    b.readyAll();
-    b.answerAll(smtp::Outcome::Delivered);
-    b.endQuits();
-  }
+  b.deliverAll(30);
   s.flush();
   CHECK(b.t.maxOpen <= 4);
   CHECK(b.q.inState(RecipientState::Delivered) == 22);
@@ -462,11 +516,7 @@ TEST_CASE("scheduler: domains with the same MX hosts share one destination and i
   s.onRoute("two.example", routeTo({{"ALT1.mail.test", {"192.0.2.6"}}, {"aspmx.mail.test", {"192.0.2.5"}}}));
   CHECK(s.stats().destinations == 1);
   CHECK(b.t.connects.size() == 2);
-  for (int round = 0; round < 10 && !b.t.open.empty(); ++round) {
-    b.readyAll();
-    b.answerAll(smtp::Outcome::Delivered);
-    b.endQuits();
-  }
+  b.deliverAll(10);
   CHECK(b.t.maxOpen == 2);
   bool shared = false;  // some connection carried mail for both domains
   for (const auto& [id, domains] : b.t.domainsBy) shared = shared || domains.size() == 2;
@@ -526,20 +576,15 @@ TEST_CASE("scheduler: a transaction over its overall deadline is aborted and def
   Bed b;
   b.settings.transactionDeadline = std::chrono::seconds(900);
   b.q.add("m1", {"a@example.org"}, b.now());
-  Scheduler& s = b.start();
-  s.tick();
-  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
-  b.readyAll();
+  Scheduler& s = b.startReady();
   REQUIRE(b.t.sending.size() == 1);
   // A server answering just in time for each stage: the overall bound still holds, and
   // however long the attempt runs, nothing is leased a second time.
   for (int i = 0; i < 14; ++i) {
-    b.clock.advance(std::chrono::seconds(60));
-    s.tick();
+    b.tickAfter(std::chrono::seconds(60));
   }
   CHECK(b.t.aborts.empty());
-  b.clock.advance(std::chrono::seconds(60));
-  s.tick();
+  b.tickAfter(std::chrono::seconds(60));
   REQUIRE(b.t.aborts.size() == 1);
   // The transport closes: TempFail results (canContinue false), then the end.
   auto [id, m] = *b.t.sending.begin();
@@ -560,10 +605,7 @@ TEST_CASE("scheduler: a connection takes no new transaction after connectionReus
   b.settings.maxPerDestination = 1;
   b.q.add("m1", {"a@example.org"}, b.now());
   b.q.add("m2", {"b@example.org"}, b.now());
-  Scheduler& s = b.start();
-  s.tick();
-  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
-  b.readyAll();
+  Scheduler& s = b.startReady();
   b.clock.advance(std::chrono::seconds(301));
   b.answerAll(smtp::Outcome::Delivered);
   CHECK(b.t.quits.size() == 1);  // m2 waits for a fresh connection
@@ -575,23 +617,17 @@ TEST_CASE("scheduler: an idle connection lingers for the next job, then quits") 
   Bed b;
   b.settings.idleLinger = std::chrono::seconds(2);
   b.q.add("m1", {"a@example.org"}, b.now());
-  Scheduler& s = b.start();
-  s.tick();
-  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
-  b.readyAll();
+  Scheduler& s = b.startReady();
   b.answerAll(smtp::Outcome::Delivered);
   CHECK(b.t.quits.empty());  // idle, waiting
   b.q.add("m2", {"b@example.org"}, b.now());
-  b.clock.advance(std::chrono::seconds(1));
-  s.tick();  // m2 leased: the idle connection takes it, no new connection
+  b.tickAfter(std::chrono::seconds(1));  // m2 leased: the idle connection takes it, no new connection
   CHECK(b.t.connects.size() == 1);
   REQUIRE(b.t.sending.size() == 1);
   b.answerAll(smtp::Outcome::Delivered);
-  b.clock.advance(std::chrono::seconds(1));
-  s.tick();
+  b.tickAfter(std::chrono::seconds(1));
   CHECK(b.t.quits.empty());
-  b.clock.advance(std::chrono::seconds(2));
-  s.tick();  // idle for 2 s: it quits
+  b.tickAfter(std::chrono::seconds(2));  // idle for 2 s: it quits
   CHECK(b.t.quits.size() == 1);
   b.endQuits();
   s.flush();
@@ -599,9 +635,7 @@ TEST_CASE("scheduler: an idle connection lingers for the next job, then quits") 
   // stop() ends lingering connections at once.
   b.q.add("m3", {"c@example.org"}, b.now());
   b.clock.advance(std::chrono::seconds(61));
-  s.tick();
-  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
-  b.readyAll();
+  b.tickRoutedReady();
   b.answerAll(smtp::Outcome::Delivered);
   CHECK(b.t.quits.empty());
   s.stop();
@@ -615,10 +649,7 @@ TEST_CASE("scheduler: stop finishes the transaction in hand; finish releases wha
   b.settings.maxPerDestination = 1;
   for (int i = 0; i < 5; ++i) b.q.add("m" + std::to_string(i), {"a@example.org"}, b.now());
   b.q.add("w", {"z@waiting.example"}, b.now());
-  Scheduler& s = b.start();
-  s.tick();
-  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
-  b.readyAll();
+  Scheduler& s = b.startReady();
   REQUIRE(b.t.sending.size() == 1);
   s.stop();
   CHECK_FALSE(s.drained());
@@ -638,10 +669,7 @@ TEST_CASE("scheduler: results that cannot be written are kept for the next flush
   Bed b;
   b.settings.flushBatch = 1000;
   b.q.add("m1", {"a@example.org"}, b.now());
-  Scheduler& s = b.start();
-  s.tick();
-  s.onRoute("example.org", routeTo({{"mx.example.org", {"192.0.2.10"}}}));
-  b.readyAll();
+  Scheduler& s = b.startReady();
   b.answerAll(smtp::Outcome::Delivered);
   CHECK(b.t.flushes >= 1);
   b.q.failRecord = true;

@@ -2,10 +2,13 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "message/headers.h"
 #include "submission/cleanup.h"
+#include "submission/content_scan.h"
 #include "submission/decide.h"
 
 using namespace subrelay::submission;
@@ -29,39 +32,35 @@ CleanupRequest request() {
   return r;
 }
 
+// cleanup() with request() refuses `message` with 550 and this enhanced code (and text).
+void checkRefused(const std::string& message, const std::string& enhanced, const std::string& text = "") {
+  CAPTURE(message);
+  auto r = cleanup(message, request());
+  CHECK_FALSE(r.ok);
+  CHECK(r.code == 550);
+  CHECK(r.enhanced == enhanced);
+  if (!text.empty()) CHECK(r.text == text);
+}
+
 }  // namespace
 
 TEST_CASE("cleanup: From ownership, count and syntax") {
   auto ok = cleanup("From: Shop <orders@shop.test>\r\nSubject: x\r\n\r\nbody\r\n", request());
   CHECK(ok.ok);
   CHECK(ok.signingDomain == "shop.test");
-  auto none = cleanup("Subject: x\r\n\r\nbody\r\n", request());
-  CHECK_FALSE(none.ok);
-  CHECK(none.code == 550);
-  CHECK(none.enhanced == "5.6.0");
-  auto two = cleanup("From: orders@shop.test\r\nFrom: orders@shop.test\r\n\r\nb\r\n", request());
-  CHECK(two.code == 550);
-  CHECK(two.enhanced == "5.6.0");
-  auto foreign = cleanup("From: ceo@paypal.com\r\n\r\nb\r\n", request());
-  CHECK(foreign.code == 550);
-  CHECK(foreign.enhanced == "5.7.1");
-  CHECK(foreign.text == "From header address <ceo@paypal.com> not owned by this account");
+  checkRefused("Subject: x\r\n\r\nbody\r\n", "5.6.0");
+  checkRefused("From: orders@shop.test\r\nFrom: orders@shop.test\r\n\r\nb\r\n", "5.6.0");
+  checkRefused("From: ceo@paypal.com\r\n\r\nb\r\n", "5.7.1",
+               "From header address <ceo@paypal.com> not owned by this account");
 }
 
 TEST_CASE("cleanup: Sender must be owned too, Reply-To stays free") {
-  auto spoof = cleanup("From: orders@shop.test\r\nSender: ceo@paypal.com\r\n\r\nb\r\n", request());
-  CHECK_FALSE(spoof.ok);
-  CHECK(spoof.code == 550);
-  CHECK(spoof.enhanced == "5.7.1");
-  CHECK(spoof.text == "Sender header address <ceo@paypal.com> not owned by this account");
+  checkRefused("From: orders@shop.test\r\nSender: ceo@paypal.com\r\n\r\nb\r\n", "5.7.1",
+               "Sender header address <ceo@paypal.com> not owned by this account");
   CHECK(cleanup("From: orders@shop.test\r\nSender: Ops <ops@shop.test>\r\n\r\nb\r\n", request()).ok);
   CHECK(cleanup("From: orders@shop.test\r\nReply-To: visitor@gmail.com\r\n\r\nb\r\n", request()).ok);
-  auto two = cleanup("From: orders@shop.test\r\nSender: ops@shop.test\r\nSender: ops@shop.test\r\n\r\nb\r\n", request());
-  CHECK(two.code == 550);
-  CHECK(two.enhanced == "5.6.0");
-  auto list = cleanup("From: orders@shop.test\r\nSender: ops@shop.test, orders@shop.test\r\n\r\nb\r\n", request());
-  CHECK(list.code == 550);
-  CHECK(list.enhanced == "5.6.0");
+  checkRefused("From: orders@shop.test\r\nSender: ops@shop.test\r\nSender: ops@shop.test\r\n\r\nb\r\n", "5.6.0");
+  checkRefused("From: orders@shop.test\r\nSender: ops@shop.test, orders@shop.test\r\n\r\nb\r\n", "5.6.0");
 }
 
 TEST_CASE("cleanup: SMTPUTF8 is decided from the envelope and header octets") {
@@ -111,6 +110,29 @@ std::shared_ptr<const subrelay::dkim::PrivateKey> edKey() {
   return k;
 }
 
+// A rate verdict that refuses.
+subrelay::policy::Decision refusedBy(const char* rule, subrelay::policy::Metric what, std::chrono::seconds retry) {
+  subrelay::policy::Decision d;
+  d.allowed = false;
+  d.ruleKey = rule;
+  d.what = what;
+  d.retryAfter = retry;
+  return d;
+}
+
+// A store request with request()'s cleanup and a key ring of Ed25519 keys
+// (domain, selector).
+struct Signing {
+  subrelay::dkim::KeyRing ring;
+  StoreRequest req;
+  explicit Signing(std::initializer_list<std::pair<const char*, const char*>> keys) {
+    for (const auto& [domain, selector] : keys) ring.add({domain, selector, edKey()});
+    req.cleanup = request();
+    req.keys = &ring;
+  }
+  Signing(const Signing&) = delete;  // req points into ring
+};
+
 }  // namespace
 
 TEST_CASE("admit: the rate verdict with the real size, as the reply to the end of data") {
@@ -118,22 +140,13 @@ TEST_CASE("admit: the rate verdict with the real size, as the reply to the end o
   using subrelay::policy::Metric;
   CHECK_FALSE(admit(Decision{}).has_value());
 
-  Decision perHour;
-  perHour.allowed = false;
-  perHour.ruleKey = "messages_per_hour";
-  perHour.what = Metric::Messages;
-  perHour.retryAfter = std::chrono::seconds(42);
-  auto r = admit(perHour);
+  auto r = admit(refusedBy("messages_per_hour", Metric::Messages, std::chrono::seconds(42)));
   REQUIRE(r.has_value());
   CHECK(r->code == 451);
   CHECK(r->enhanced == "4.7.1");
   CHECK(r->text == "Rate limit messages_per_hour exceeded; try again in 42 seconds");
 
-  Decision bytes;
-  bytes.allowed = false;
-  bytes.ruleKey = "bytes_per_day";
-  bytes.what = Metric::Bytes;
-  bytes.retryAfter = std::chrono::seconds(1);
+  Decision bytes = refusedBy("bytes_per_day", Metric::Bytes, std::chrono::seconds(1));
   auto wait = admit(bytes);
   REQUIRE(wait.has_value());
   CHECK(wait->code == 451);
@@ -148,12 +161,9 @@ TEST_CASE("admit: the rate verdict with the real size, as the reply to the end o
 }
 
 TEST_CASE("decide: keys chosen by the A-label signing domain, none -> unsigned") {
-  subrelay::dkim::KeyRing ring;
-  ring.add({"shop.test", "s1", edKey()});
-  ring.add({"xn--exmple-cua.com", "s2", edKey()});
-  StoreRequest req;
-  req.cleanup = request();
-  req.keys = &ring;
+  Signing sg{{"shop.test", "s1"}, {"xn--exmple-cua.com", "s2"}};
+  const subrelay::dkim::KeyRing& ring = sg.ring;
+  StoreRequest& req = sg.req;
 
   auto shop = decide("From: Shop <orders@shop.test>\r\nSubject: x\r\n\r\nbody\r\n", req);
   CHECK_FALSE(shop.refused());
@@ -194,16 +204,93 @@ TEST_CASE("decide: keys chosen by the A-label signing domain, none -> unsigned")
 }
 
 TEST_CASE("decide: a cleanup refusal is the verdict, nothing to store or sign") {
-  subrelay::dkim::KeyRing ring;
-  ring.add({"shop.test", "s1", edKey()});
-  StoreRequest req;
-  req.cleanup = request();
-  req.keys = &ring;
-  auto v = decide("From: ceo@paypal.com\r\n\r\nb\r\n", req);
+  Signing sg{{"shop.test", "s1"}};
+  auto v = decide("From: ceo@paypal.com\r\n\r\nb\r\n", sg.req);
   REQUIRE(v.refused());
   CHECK(v.refusal->code == 550);
   CHECK(v.refusal->enhanced == "5.7.1");
   CHECK(v.refusal->text == "From header address <ceo@paypal.com> not owned by this account");
   CHECK(v.content.empty());
   CHECK(v.keys == nullptr);
+}
+
+// ---------------------------------------------------------------------------------------
+// ContentScan: the header limits and the DKIM body hash while the message streams in.
+
+namespace {
+
+subrelay::dkim::StreamingBodyHash::Digests digestsOf(std::string_view body) {
+  subrelay::dkim::StreamingBodyHash h;
+  h.updateBody(body);
+  return h.finish();
+}
+
+// Feeds `m` in pieces of `step` octets (0: whole) and returns the scan's digests.
+std::optional<subrelay::dkim::StreamingBodyHash::Digests> scanned(std::string_view m, size_t step) {
+  ContentScan scan({0, 0}, true);
+  if (step == 0) step = m.size() + 1;
+  for (size_t i = 0; i < m.size(); i += step) CHECK_FALSE(scan.feed(m.substr(i, step)));
+  return scan.finish();
+}
+
+}  // namespace
+
+TEST_CASE("ContentScan: the body hash starts at HeaderScanner's boundary, however the message is split") {
+  struct Case {
+    const char* message;
+    const char* body;
+  };
+  const Case cases[] = {
+      {"Subject: x\r\n\r\nHello  world \r\n\r\n\r\n", "Hello  world \r\n\r\n\r\n"},
+      {"Subject: x\r\nnot a field\r\nmore\r\n", "not a field\r\nmore\r\n"},  // no empty line
+      {"Subject: x\r\nunfinished", "unfinished"},  // an open line at the end is body
+      {"Subject: x\r\n", ""},
+      {"", ""},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.message);
+    const auto want = digestsOf(c.body);
+    for (size_t step : {size_t(0), size_t(1), size_t(3), size_t(7)}) {
+      CAPTURE(step);
+      auto got = scanned(c.message, step);
+      REQUIRE(got);
+      CHECK(got->simple == want.simple);
+      CHECK(got->relaxed == want.relaxed);
+    }
+  }
+  // Nothing fed at all: the empty body's digests.
+  ContentScan none({0, 0}, true);
+  auto empty = none.finish();
+  REQUIRE(empty);
+  CHECK(empty->relaxed == digestsOf("").relaxed);
+}
+
+TEST_CASE("ContentScan: header limits refuse with 552 5.3.4; no hashing without keys") {
+  struct Case {
+    ContentScan::Limits limits;
+    const char* fits;     // within the limit
+    uint64_t fitsBytes;   // headerBytes() after it
+    const char* breaks;   // passes it
+    const char* text;
+  };
+  const Case cases[] = {
+      {{0, 2}, "A: 1\r\nB: 2\r\n", 12, "C: 3\r\n\r\nbody\r\n", "Too many header fields (limit 2)"},
+      {{20, 0}, "Subject: short\r\n", 16, "X-Long: 0123456789\r\n",
+       "Message header section too large (limit 20 bytes)"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.text);
+    ContentScan scan(c.limits, false);
+    CHECK_FALSE(scan.feed(c.fits));
+    CHECK(scan.headerBytes() == c.fitsBytes);
+    auto r = scan.feed(c.breaks);
+    REQUIRE(r);
+    CHECK(r->code == 552);
+    CHECK(r->enhanced == "5.3.4");
+    CHECK(r->text == c.text);
+  }
+  ContentScan within({1000, 10}, false);
+  CHECK_FALSE(within.feed("Subject: x\r\n\r\nbody\r\n"));
+  CHECK(within.headerBytes() == 14);
+  CHECK_FALSE(within.finish());
 }
