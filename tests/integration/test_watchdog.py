@@ -2,11 +2,15 @@
 systemd's place: READY=1 once it listens, WATCHDOG=1 every half of WATCHDOG_USEC while its
 loops run, none when WATCHDOG_PID names another process, STOPPING=1 on SIGTERM.
 
-A loop that stops is not provoked here (that would need a hook in the binary just for this
-test); the decision to stop pinging and the log line naming the loop are covered by
-tests/unit/test_util.cpp (LoopWatch)."""
+Stuck loops are made from outside, without a hook in the binary: every thread but the main
+one is stopped with ptrace (PTRACE_SEIZE + PTRACE_INTERRUPT stop one thread, not the
+process), so the loops stop stamping their heartbeats while the main thread goes on; the
+pings must stop with one log line naming a loop, and resume once the threads are let go.
+The decision itself is unit-tested in tests/unit/test_util.cpp (LoopWatch)."""
 
+import ctypes
 import os
+import re
 import signal
 import socket
 import time
@@ -43,8 +47,55 @@ class NotifySocket:
                 return self.messages
             self.messages.append((time.monotonic(), data.decode(errors="replace")))
 
+    def drain(self):
+        """Reads what is already queued on the socket, without waiting."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.messages.append((time.monotonic(), self.sock.recv(4096).decode(errors="replace")))
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+
     def texts(self):
         return [t for _, t in self.messages]
+
+
+PTRACE_DETACH = 17
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+WALL = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
+
+
+def ptrace(request, tid):
+    if _libc.ptrace(request, tid, None, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"ptrace({request:#x}, {tid}): {os.strerror(err)}")
+
+
+class FrozenThreads:
+    """Stops every thread of `pid` except the main thread, until release()."""
+
+    def __init__(self, pid):
+        self.tids = []
+        for name in os.listdir(f"/proc/{pid}/task"):
+            tid = int(name)
+            if tid == pid:
+                continue
+            ptrace(PTRACE_SEIZE, tid)
+            self.tids.append(tid)
+            ptrace(PTRACE_INTERRUPT, tid)
+            os.waitpid(tid, WALL)
+
+    def release(self):
+        for tid in self.tids:
+            ptrace(PTRACE_DETACH, tid)
+        self.tids = []
 
 
 class Watchdog(harness.ServerTestCase):
@@ -89,6 +140,29 @@ class Watchdog(harness.ServerTestCase):
         self.assertIn("READY=1", notify.texts())
         self.assertNotIn("WATCHDOG=1", notify.texts())
         self.assertNotIn("systemd watchdog", srv.log_text())
+
+
+    def test_stuck_loops_stop_the_pings_until_they_run_again(self):
+        srv, notify = self.start_with_notify(WATCHDOG_USEC="2000000")
+        notify.collect(harness.scale(10), until=lambda m: sum(t == "WATCHDOG=1" for _, t in m) >= 1)
+        self.assertIn("WATCHDOG=1", notify.texts())
+        frozen = FrozenThreads(srv.proc.pid)
+        self.addCleanup(frozen.release)
+        self.assertGreaterEqual(len(frozen.tids), 3, "expected two workers and the delivery thread")
+        m = srv.wait_log(r"watchdog: (worker \d+|delivery) loop has not run for [0-9.]+s; "
+                         r"not pinging systemd", timeout=5)
+        # From the log line on, no ping for as long as the loops stay stopped (2.5 s: more
+        # than two ping intervals). Pings sent before it may still wait in the socket.
+        notify.drain()
+        notify.messages.clear()
+        notify.collect(2.5)
+        self.assertNotIn("WATCHDOG=1", notify.texts())
+        self.assertEqual(len(re.findall(r"loop has not run for", srv.log_text())), 1,
+                         "a stuck loop is logged once")
+        frozen.release()
+        srv.wait_log(r"watchdog: every loop runs again; pinging systemd", timeout=5)
+        notify.collect(harness.scale(5), until=lambda m: any(t == "WATCHDOG=1" for _, t in m))
+        self.assertIn("WATCHDOG=1", notify.texts(), f"no ping after {m.group(1)} ran again")
 
 
 if __name__ == "__main__":
