@@ -7,12 +7,16 @@ BUILD_PACKAGES=(
 )
 # Real peers and clients for the integration tests (docs/testbed.md), clang's
 # sanitizer runtimes, Go (test_interop builds a net/smtp client), iproute2 (test_hostile sets up
-# addresses in its own network namespace), and node/npm for nodemailer.
+# addresses in its own network namespace), node/npm for nodemailer, and for the install and
+# packaging tests: systemd-analyze (unit hardening), strace (the unit's system call filter
+# against what serve calls), groff/man-db (the man page renders without warnings), dpkg-dev
+# and adduser (scripts/build-deb, the package's postinst).
 TEST_PACKAGES=(
   clang libclang-rt-14-dev sqlite3 python3 swaks libio-socket-inet6-perl
   python3-aiosmtpd python3-aiosmtplib python3-dkim python3-dnspython
   unbound postfix libsasl2-modules opendkim opendkim-tools bind9-dnsutils ldnsutils
   libnet-ssleay-perl golang-go iproute2 python3-prometheus-client
+  systemd strace groff-base man-db dpkg-dev adduser
 )
 # Node.js: Debian's nodejs + npm, unless a node with npm is already there (NodeSource's
 # nodejs package ships npm itself and conflicts with Debian's npm package).

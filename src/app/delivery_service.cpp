@@ -99,9 +99,10 @@ struct DeliveryService::Impl final : delivery::Transport {
   bool stopRequested = false;
   std::chrono::seconds grace{30};
   net::LoopThread lt;
+  util::Heartbeat heartbeat;  // stamped on the loop thread, read by serve's main thread
 
   // --- loop thread only ---
-  std::unique_ptr<net::Timer> tick, flushTimer, graceTimer, refillTimer, pruneTimer;
+  std::unique_ptr<net::Timer> tick, flushTimer, graceTimer, refillTimer, pruneTimer, heartbeatTimer;
   Settings settings;
   std::unique_ptr<dns::UvResolver> resolver;
   std::unique_ptr<delivery::RouteResolver> routes;
@@ -410,6 +411,7 @@ void DeliveryService::Impl::maybeEndLoop() {
   graceTimer.reset();
   refillTimer.reset();
   pruneTimer.reset();
+  heartbeatTimer.reset();
   pruner.reset();
   lt.stop();  // the loop ends once the handles above have closed
 }
@@ -448,9 +450,12 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
   return std::unique_ptr<DeliveryService>(new DeliveryService(std::move(impl)));
 }
 
-void DeliveryService::start() {
+void DeliveryService::start(std::chrono::milliseconds heartbeatEvery) {
   Impl& d = *impl_;
   uv_loop_t* loop = d.lt.loop();  // handles are made before the thread runs the loop
+  d.heartbeatTimer = std::make_unique<net::Timer>(loop);
+  d.heartbeat.stamp(util::steadyMs());
+  d.heartbeatTimer->start(heartbeatEvery, [&d] { d.heartbeat.stamp(util::steadyMs()); }, heartbeatEvery);
   d.tick = std::make_unique<net::Timer>(loop);
   d.flushTimer = std::make_unique<net::Timer>(loop);
   d.graceTimer = std::make_unique<net::Timer>(loop);
@@ -477,6 +482,8 @@ void DeliveryService::start() {
   }
   d.lt.start();
 }
+
+const util::Heartbeat& DeliveryService::heartbeat() const { return impl_->heartbeat; }
 
 void DeliveryService::notify() {
   Impl& d = *impl_;

@@ -23,6 +23,7 @@
 
 #include "config/config.h"
 #include "util/result.h"
+#include "util/watchdog.h"
 
 namespace subrelay::app {
 
@@ -34,7 +35,10 @@ class DeliveryService {
   DeliveryService(const DeliveryService&) = delete;
   DeliveryService& operator=(const DeliveryService&) = delete;
 
-  void start();
+  // Runs the loop on its thread; it stamps heartbeat() every `heartbeatEvery` while it runs.
+  void start(std::chrono::milliseconds heartbeatEvery = std::chrono::milliseconds(1000));
+  // Any thread: when the delivery loop last ran its heartbeat timer (the watchdog's input).
+  const util::Heartbeat& heartbeat() const;
   // Thread-safe: new mail was committed; look at the queue soon.
   void notify();
   // Thread-safe: SIGHUP with a valid config (delivery.* and hostname are taken over;

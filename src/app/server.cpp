@@ -8,12 +8,16 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <thread>
+#include <vector>
 
 #include "app/dev_config.h"
 #include "app/delivery_service.h"
@@ -24,6 +28,7 @@
 #include "net/listener.h"
 #include "queue/sqlite_store.h"
 #include "util/log.h"
+#include "util/watchdog.h"
 
 namespace subrelay::app {
 
@@ -292,21 +297,57 @@ int runServe(const ServeOptions& opts) {
                  "dev certificate: ./%s/tls/cert.pem (self-signed; every message is captured, none delivered)\n",
                  devPassword.c_str(), kDevDataDir);
   }
-  for (auto& w : workers) w->start();
-  delivery.value()->start();
+  // systemd's watchdog (WatchdogSec=): WATCHDOG=1 every half timeout, but only while every
+  // event loop keeps stamping its heartbeat; a loop that has not run for half the timeout
+  // stops the pings, and systemd restarts the service.
+  const auto watchdog = util::watchdogTimeout(std::getenv("WATCHDOG_USEC"), std::getenv("WATCHDOG_PID"),
+                                              static_cast<long>(::getpid()));
+  const auto maxBeatAge = watchdog ? std::chrono::duration_cast<std::chrono::milliseconds>(*watchdog / 2)
+                                   : std::chrono::milliseconds(60'000);
+  const auto beatEvery = util::heartbeatPeriod(maxBeatAge);
+  for (auto& w : workers) w->start(beatEvery);
+  delivery.value()->start(beatEvery);
   util::logInfo("serve", "subrelay started: " + std::to_string(nworkers) + " workers, queue " + dbPath +
                              ", config " + cfg.sourcePath);
   sdNotify("READY=1");
   ops.setReady(true);
+  if (watchdog)
+    util::logInfo("serve", "systemd watchdog: " + std::to_string(watchdog->count() / 1000) + " ms; pinging every " +
+                               std::to_string(maxBeatAge.count()) + " ms while every loop runs");
 
+  util::LoopWatch loopWatch(maxBeatAge);
+  auto checkLoops = [&] {
+    std::vector<util::LoopBeat> beats;
+    for (auto& w : workers) beats.push_back({"worker " + std::to_string(w->index()), w->heartbeat().lastMs()});
+    beats.push_back({"delivery", delivery.value()->heartbeat().lastMs()});
+    auto step = loopWatch.check(beats, util::steadyMs());
+    if (step.logError) util::logError("serve", *step.logError);
+    if (step.logInfo) util::logInfo("serve", *step.logInfo);
+    if (step.ping) sdNotify("WATCHDOG=1");
+  };
+  // The rate windows and meters are written every 2 s; the watchdog is checked every half
+  // timeout (first right away). One sigtimedwait waits for whichever comes first.
+  using Steady = std::chrono::steady_clock;
+  constexpr auto kFlushEvery = std::chrono::seconds(2);
+  auto nextFlush = Steady::now() + kFlushEvery;
+  auto nextPing = Steady::now();
   for (;;) {
-    timespec tick{2, 0};
-    int sig = sigtimedwait(&sigs, nullptr, &tick);
-    if (sig < 0) {
+    auto now = Steady::now();
+    if (watchdog && now >= nextPing) {
+      checkLoops();
+      nextPing = now + maxBeatAge;
+    }
+    if (now >= nextFlush) {
       persister.flush();
       ops.tick();
-      continue;
+      nextFlush = Steady::now() + kFlushEvery;
     }
+    auto until = watchdog ? std::min(nextFlush, nextPing) : nextFlush;
+    auto wait = std::chrono::duration_cast<std::chrono::nanoseconds>(until - Steady::now());
+    if (wait < std::chrono::milliseconds(1)) wait = std::chrono::milliseconds(1);
+    timespec tick{static_cast<time_t>(wait.count() / 1'000'000'000), static_cast<long>(wait.count() % 1'000'000'000)};
+    int sig = sigtimedwait(&sigs, nullptr, &tick);
+    if (sig < 0) continue;
     if (sig == SIGHUP) {
       if (dev) {
         util::logWarn("serve", "SIGHUP: --dev runs on its embedded config; nothing to reload");

@@ -798,7 +798,13 @@ void Worker::forget(uint64_t sessionId) {
 
 void Worker::post(std::function<void()> fn) { loop_.post(std::move(fn)); }
 
-void Worker::start() { loop_.start(); }
+void Worker::start(std::chrono::milliseconds heartbeatEvery) {
+  // Made before the thread runs the loop (as every handle of a LoopThread's loop is).
+  heartbeatTimer_ = std::make_unique<net::Timer>(loop());
+  heartbeat_.stamp(util::steadyMs());
+  heartbeatTimer_->start(heartbeatEvery, [this] { heartbeat_.stamp(util::steadyMs()); }, heartbeatEvery);
+  loop_.start();
+}
 
 void Worker::requestShutdown() {
   loop_.post([this] {
@@ -827,6 +833,7 @@ void Worker::beginShutdown() {
 void Worker::maybeFinish() {
   if (!sessions_.empty()) return;
   graceTimer_.reset();
+  heartbeatTimer_.reset();
   // Pending posts (store answers for sessions now gone) are dropped; with every handle
   // closed, the loop ends once outstanding thread-pool work is done.
   loop_.stop();

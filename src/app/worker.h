@@ -19,6 +19,7 @@
 #include "net/uv_loop.h"
 #include "net/uv_timer.h"
 #include "util/result.h"
+#include "util/watchdog.h"
 
 namespace subrelay::app {
 
@@ -34,7 +35,10 @@ class Worker {
   // Before start(): open this worker's socket for a listener. Returns the bound port.
   util::Result<uint16_t> addListener(const config::Listener& l, uint16_t port);
 
-  void start();
+  // Runs the loop on its thread; it stamps heartbeat() every `heartbeatEvery` while it runs.
+  void start(std::chrono::milliseconds heartbeatEvery = std::chrono::milliseconds(1000));
+  // Any thread: when this worker's loop last ran its heartbeat timer (the watchdog's input).
+  const util::Heartbeat& heartbeat() const { return heartbeat_; }
   // Thread-safe: stop accepting, ask sessions to finish, force-close after the grace time.
   void requestShutdown();
   void join();
@@ -60,6 +64,8 @@ class Worker {
   // Declared before everything that holds handles on it: destroyed after them.
   net::LoopThread loop_;
   std::unique_ptr<net::Timer> graceTimer_;
+  std::unique_ptr<net::Timer> heartbeatTimer_;
+  util::Heartbeat heartbeat_;
   bool shuttingDown_ = false;
   struct ListenerEntry {
     config::Listener cfg;
