@@ -4,12 +4,14 @@
 # machine drifts for both alike), then each scenario's median and the ratio B/A.
 #
 #   bench/ab.sh --a DIR --b DIR [--runs N] [--duration S] [--scenarios pooled,permsg] [--dkim rsa]
-#               [--compare-postfix]
+#               [--compare-postfix] [--a-args "ARGS"] [--b-args "ARGS"]
 #
 # DIR is a release build directory of the tree to measure (made with
 # `meson setup DIR --buildtype=release` in that tree; bench/submission.sh builds it when
 # missing). With --compare-postfix, each round also runs Postfix + OpenDKIM once, so the
-# lead over Postfix can be quoted for both builds from the same invocation.
+# lead over Postfix can be quoted for both builds from the same invocation. --a-args and
+# --b-args pass more options to bench/submission.sh for one side only, so the same build
+# can be compared with itself, e.g. --a-args "--metrics off" --b-args "--metrics on".
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,6 +22,8 @@ DKIM=rsa
 A=""
 B=""
 POSTFIX=0
+A_ARGS=""
+B_ARGS=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --a) A=$(realpath "$2"); shift 2 ;;
@@ -29,6 +33,8 @@ while [[ $# -gt 0 ]]; do
     --scenarios) SCENARIOS=$2; shift 2 ;;
     --dkim) DKIM=$2; shift 2 ;;
     --compare-postfix) POSTFIX=1; shift ;;
+    --a-args) A_ARGS=$2; shift 2 ;;
+    --b-args) B_ARGS=$2; shift 2 ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "ab.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -39,9 +45,11 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 for ((i = 1; i <= RUNS; i++)); do
   for side in a b; do
-    dir=$A; [[ $side == b ]] && dir=$B
+    dir=$A; extra=$A_ARGS
+    [[ $side == b ]] && { dir=$B; extra=$B_ARGS; }
+    # shellcheck disable=SC2086
     "$ROOT/bench/submission.sh" --runs 1 --duration "$DURATION" --scenarios "$SCENARIOS" --dkim "$DKIM" \
-      --build-dir "$dir" >"$OUT/$side.$i.log" 2>&1 || { tail -20 "$OUT/$side.$i.log" >&2; exit 1; }
+      --build-dir "$dir" $extra >"$OUT/$side.$i.log" 2>&1 || { tail -20 "$OUT/$side.$i.log" >&2; exit 1; }
     grep -E '^  .* subrelay [0-9.]+ msg/s' "$OUT/$side.$i.log" | sed "s/^/run $i $side:/"
   done
   if [[ $POSTFIX == 1 ]]; then

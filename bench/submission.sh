@@ -28,6 +28,9 @@ POSTFIX_TLS_PORT=25873
 TLS_MODE=starttls
 DKIM_MODE=rsa
 LIMITS_MODE=none
+METRICS_MODE=off
+METRICS_PORT=19587
+SCRAPER_PID=""
 PASSWORD="bench-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 
 usage() {
@@ -48,6 +51,8 @@ usage: bench/submission.sh [options]
   --limits MODE       none (default) or all: the bench account gets a rate limit of every kind
                       (messages/recipients per second..month, bytes per day), set high enough never
                       to refuse, so every check and the window persistence run (issue 5's cost)
+  --metrics MODE      off (default) or on: metrics.address on 127.0.0.1:$METRICS_PORT and a
+                      scraper fetching /metrics every second for the whole run (issue 11's cost)
   --ports A,B,C,D     subrelay STARTTLS, subrelay implicit TLS, Postfix STARTTLS, Postfix implicit TLS
                       (default $SUBRELAY_PORT,$SUBRELAY_TLS_PORT,$POSTFIX_PORT,$POSTFIX_TLS_PORT)
   --json-out FILE     also write every run's loadgen JSON (one object per line) to FILE
@@ -70,6 +75,7 @@ while [[ $# -gt 0 ]]; do
     --tls) TLS_MODE=$2; shift 2 ;;
     --dkim) DKIM_MODE=$2; shift 2 ;;
     --limits) LIMITS_MODE=$2; shift 2 ;;
+    --metrics) METRICS_MODE=$2; shift 2 ;;
     --json-out) JSON_OUT=$(realpath -m "$2"); shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -80,6 +86,7 @@ done
 for v in RUNS DURATION CONNECTIONS SIZE THREADS SUBRELAY_PORT SUBRELAY_TLS_PORT POSTFIX_PORT POSTFIX_TLS_PORT; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || { echo "submission.sh: bad value for $v: '${!v}'" >&2; exit 2; }
 done
+[[ $METRICS_MODE == off || $METRICS_MODE == on ]] || { echo "submission.sh: --metrics off|on, got '$METRICS_MODE'" >&2; exit 2; }
 [[ $LIMITS_MODE == none || $LIMITS_MODE == all ]] || { echo "submission.sh: --limits none|all, got '$LIMITS_MODE'" >&2; exit 2; }
 [[ $DKIM_MODE == none || $DKIM_MODE == rsa || $DKIM_MODE == dual ]] \
   || { echo "submission.sh: --dkim none|rsa|dual, got '$DKIM_MODE'" >&2; exit 2; }
@@ -125,6 +132,7 @@ OPENDKIM_PID=""
 POSTFIX_STARTED=0
 
 cleanup() {
+  [[ -n $SCRAPER_PID ]] && kill "$SCRAPER_PID" 2>/dev/null
   local rc=$?
   set +e
   if [[ -n $SUBRELAY_PID ]] && kill -0 "$SUBRELAY_PID" 2>/dev/null; then
@@ -205,6 +213,12 @@ start_subrelay() {
   log "starting subrelay serve on 127.0.0.1:$SUBRELAY_PORT (starttls) and :$SUBRELAY_TLS_PORT (implicit)"
   "$SUBRELAY" serve -c "$TMP/subrelay/config.json" >"$TMP/subrelay/stdout.log" 2>"$TMP/subrelay/stderr.log" &
   SUBRELAY_PID=$!
+  if [[ $METRICS_MODE == on ]]; then
+    # What a Prometheus server does, only 15 times as often: a full scrape every second.
+    ( while sleep 1; do curl -s -o /dev/null "http://127.0.0.1:$METRICS_PORT/metrics"; done ) &
+    SCRAPER_PID=$!
+    log "metrics on 127.0.0.1:$METRICS_PORT, scraped every second"
+  fi
   if ! wait_port "$SUBRELAY_PORT" 20 "$SUBRELAY_PID"; then
     tail -n 20 "$TMP/subrelay/stderr.log" >&2
     die "subrelay did not listen on $SUBRELAY_PORT"
@@ -251,6 +265,11 @@ rate_limits_json() {
   printf ' "recipients_per_day": %s, "bytes_per_day": 1000000000000 }' $big
 }
 
+metrics_json() {
+  [[ $METRICS_MODE == on ]] && printf '"metrics": { "address": "127.0.0.1:%s" },' "$METRICS_PORT"
+  return 0
+}
+
 write_subrelay_config() {  # password hash, dkim section (or empty)
   cat >"$TMP/subrelay/config.json" <<EOF
 {
@@ -262,6 +281,7 @@ write_subrelay_config() {  # password hash, dkim section (or empty)
     { "address": "127.0.0.1:$SUBRELAY_TLS_PORT", "tls": "implicit" }
   ],
   "limits": { "max_connections": 5000, "max_connections_per_ip": 5000 },
+  $(metrics_json)
   $2
   "accounts": [
     { "username": "bench", "password_hash": "$1", "senders": ["@bench.test"], "mode": "capture"$(rate_limits_json) }

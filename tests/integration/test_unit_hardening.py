@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
 
 import harness
 from harness import Account, make_message
@@ -116,7 +117,9 @@ class UnitHardening(harness.ServerTestCase):
 
         srv = harness.Server(accounts=[Account("webshop", "pw-webshop-1", ["@shop.test"]),
                                        Account("out", "pw-out-1", ["@out.test"], mode="deliver")],
-                             listeners=("starttls", "implicit"))
+                             listeners=("starttls", "implicit"),
+                             # the metrics listener's thread (libmicrohttpd) is under the filter too
+                             extra_config={"metrics": {"address": f"127.0.0.1:{harness.free_port()}"}})
         cfg = srv.write_config()
         trace = os.path.join(srv.workdir, "strace.out")
         log = os.path.join(srv.workdir, "serve-strace.log")
@@ -138,6 +141,9 @@ class UnitHardening(harness.ServerTestCase):
         conn.sendmail("a@out.test", ["b@example.org"], make_message("a@out.test", ["b@example.org"], "d"))
         conn.quit()
         srv.wait_log(r"deferred id=", timeout=20)  # the delivery loop resolved and gave up
+        maddr = srv.extra_config["metrics"]["address"]
+        with urllib.request.urlopen(f"http://{maddr}/metrics", timeout=harness.scale(10)) as r:
+            self.assertIn(b"subrelay_messages_accepted_total", r.read())
         time.sleep(2.5)  # a flush of the meters and a few watchdog checks
         # strace forwards nothing: the signals go to serve itself (strace's only child).
         child = int(subprocess.run(["pgrep", "-P", str(proc.pid)], stdout=subprocess.PIPE).stdout.split()[0])

@@ -195,3 +195,122 @@ TEST_CASE("LogEvent: the text form keeps the old keys, the json form has stable 
   CHECK(util::parseLogLevel("warning") == util::LogLevel::Warn);
   CHECK(util::parseLogLevel("error") == util::LogLevel::Error);
 }
+
+// ---- metrics/status.h: what serve publishes for `subrelay status`, and how it is shown.
+
+#include "metrics/status.h"
+
+TEST_CASE("status snapshot: serialize and parse round trip; damaged files are refused") {
+  ServerSnapshot s;
+  s.pid = 4242;
+  s.version = "0.1.0";
+  s.startedAt = 1'800'000'000;
+  s.updatedAt = 1'800'000'100;
+  s.listeners = {{"[::]:587", "starttls"}, {"127.0.0.1:465", "implicit"}};
+  s.metricsAddress = "127.0.0.1:9587";
+  s.sessions = 3;
+  s.deliveryConnections = 2;
+  s.acceptedTotal = 100;
+  s.deliveredTotal = 90;
+  s.acceptedLastMinute = 10;
+  s.deliveredLastMinute = 9;
+  s.accounts = {{"shop", 80, 8}, {"ci\tx", 20, 2}};  // a tab cannot break the format
+  const std::string text = serialize(s);
+  auto p = parseSnapshot(text);
+  REQUIRE(p);
+  CHECK(p->pid == 4242);
+  CHECK(p->listeners == s.listeners);
+  CHECK(p->metricsAddress == "127.0.0.1:9587");
+  CHECK(p->sessions == 3);
+  CHECK(p->deliveredLastMinute == 9);
+  REQUIRE(p->accounts.size() == 2);
+  CHECK(p->accounts[1].account == "ci x");
+  CHECK(p->accounts[1].total == 20);
+  CHECK_FALSE(parseSnapshot(""));
+  CHECK_FALSE(parseSnapshot(text.substr(0, text.size() / 2)));  // cut short: no "end"
+  CHECK_FALSE(parseSnapshot("something else\nend\n"));
+  std::string bad = text;
+  bad.replace(bad.find("sessions\t3"), 10, "sessions\tx");
+  CHECK_FALSE(parseSnapshot(bad));
+  // A newer writer's extra keys are skipped.
+  std::string newer = text;
+  newer.insert(newer.find("end\n"), "future_key\t1\n");
+  CHECK(parseSnapshot(newer));
+}
+
+TEST_CASE("RecentCounts: the last minute from cumulative samples") {
+  RecentCounts rc;
+  RecentCounts::Totals t;
+  t.accepted = 100;
+  t.delivered = 50;
+  t.perAccount = {{"shop", 100}};
+  rc.sample(0, t);
+  // One sample: the totals (the process is younger than a minute).
+  CHECK(rc.lastMinute().accepted == 100);
+  for (int s = 1; s <= 90; ++s) {
+    t.accepted += 2;
+    t.delivered += 1;
+    t.perAccount["shop"] += 1;
+    t.perAccount["ci"] += 1;
+    rc.sample(s * 1000, t);
+  }
+  auto m = rc.lastMinute();
+  // The base is the newest sample at least 60 s old: 60 s of traffic.
+  CHECK(m.accepted == 120);
+  CHECK(m.delivered == 60);
+  CHECK(m.perAccount["shop"] == 60);
+  CHECK(m.perAccount["ci"] == 60);
+  ServerSnapshot s;
+  fillCounts(s, rc);
+  CHECK(s.acceptedTotal == 280);
+  CHECK(s.acceptedLastMinute == 120);
+  REQUIRE(s.accounts.size() == 2);
+  CHECK(s.accounts[0].account == "shop");  // same last minute: the larger total first
+  CHECK(s.accounts[0].total == 190);
+}
+
+TEST_CASE("status rendering: text and JSON, running and not") {
+  StatusReport r;
+  r.now = 1'800'003'700;
+  r.queued = 2;
+  r.deferred = 5;
+  r.inFlight = 1;
+  r.oldestReceivedAt = 1'800'000'000;
+  r.receivedLastHour = 40;
+  r.capturedLastHour = 4;
+  r.queueAccounts = {{"shop", 36, 0}, {"ci", 4, 0}};
+  r.notRunningWhy = "no /var/lib/subrelay/status; serve writes it while it runs";
+  std::string text = renderText(r);
+  CHECK(text.find("subrelay: not running (no /var/lib/subrelay/status") == 0);
+  CHECK(text.find("queue: 2 queued, 5 deferred, 1 in flight; oldest 1h 1m (received 2027-01-15T08:00:00Z)") !=
+        std::string::npos);
+  CHECK(text.find("top senders (messages in the last hour): shop 36 ci 4") != std::string::npos);
+  std::string json = renderJson(r);
+  CHECK(json.find("\"running\":false") != std::string::npos);
+  CHECK(json.find("\"queue\":{\"queued\":2,\"deferred\":5,\"in_flight\":1,\"oldest_age_seconds\":3700}") !=
+        std::string::npos);
+
+  ServerSnapshot s;
+  s.pid = 7;
+  s.version = "0.1.0";
+  s.startedAt = r.now - 90061;
+  s.updatedAt = r.now;
+  s.listeners = {{"[::]:587", "starttls"}};
+  s.accounts = {{"shop", 500, 12}};
+  s.acceptedLastMinute = 12;
+  r.server = s;
+  r.running = true;
+  text = renderText(r);
+  CHECK(text.find("subrelay 0.1.0: running, pid 7, up 1d 1h") == 0);
+  CHECK(text.find("listeners: [::]:587 (starttls)\n") != std::string::npos);
+  CHECK(text.find("top senders (last minute / since start): shop 12/500") != std::string::npos);
+  json = renderJson(r);
+  CHECK(json.find("\"running\":true,\"pid\":7") != std::string::npos);
+  CHECK(json.find("\"uptime_seconds\":90061") != std::string::npos);
+  CHECK(json.find("\"top_senders\":[{\"account\":\"shop\",\"accepted_last_minute\":12,\"accepted_total\":500}]") !=
+        std::string::npos);
+  CHECK(formatAge(5) == "5s");
+  CHECK(formatAge(65) == "1m 5s");
+  CHECK(formatAge(7260) == "2h 1m");
+  CHECK(formatAge(-3) == "0s");
+}
