@@ -132,9 +132,9 @@ OPENDKIM_PID=""
 POSTFIX_STARTED=0
 
 cleanup() {
-  [[ -n $SCRAPER_PID ]] && kill "$SCRAPER_PID" 2>/dev/null
   local rc=$?
   set +e
+  [[ -n $SCRAPER_PID ]] && kill "$SCRAPER_PID" 2>/dev/null
   if [[ -n $SUBRELAY_PID ]] && kill -0 "$SUBRELAY_PID" 2>/dev/null; then
     kill -TERM "$SUBRELAY_PID"
     for _ in $(seq 1 100); do kill -0 "$SUBRELAY_PID" 2>/dev/null || break; sleep 0.1; done

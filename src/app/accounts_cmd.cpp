@@ -1,5 +1,7 @@
 #include "app/accounts_cmd.h"
 
+#include "app/queue_cmd.h"
+
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
@@ -32,15 +34,7 @@ uint64_t currentCount(const queue::RateWindowRow& w, policy::Period period) {
 }  // namespace
 
 int accountsList(const AccountsCmdOptions& o) {
-  std::string path = (std::filesystem::path(o.dataDir) / "queue.db").string();
-  if (!std::filesystem::exists(path)) {
-    std::fprintf(stderr, "subrelay: no queue at %s (has `subrelay serve` run with this data_dir?)\n", path.c_str());
-    return 1;
-  }
-  queue::OpenOptions oo;
-  oo.readOnly = true;
-  oo.create = false;
-  auto store = queue::SqliteStore::open(path, oo);
+  auto store = openQueue(o.dataDir);
   if (!store.ok()) {
     std::fprintf(stderr, "subrelay: %s\n", store.error().message.c_str());
     return 1;

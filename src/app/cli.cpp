@@ -341,23 +341,32 @@ int cmdQueue(const Args& a) {
   return queueShow(o, a.positional[1]);
 }
 
+// The data directory of accounts and status: --data-dir, --dev, or the config's data_dir
+// (then the config is kept in *cfg). False, with the errors printed, when the config is bad.
+bool dataDirOf(const Args& a, std::string& dataDir, std::optional<config::Config>* cfg = nullptr) {
+  if (!a.dataDir.empty()) {
+    dataDir = a.dataDir;
+    return true;
+  }
+  if (a.dev) {
+    dataDir = kDevDataDir;
+    return true;
+  }
+  auto lr = config::loadConfigFile(a.config);
+  if (!lr.config) {
+    for (const auto& l : lr.formatErrors()) std::fprintf(stderr, "%s\n", l.c_str());
+    std::fprintf(stderr, "subrelay: cannot read the configuration (use -c PATH, --dev or --data-dir)\n");
+    return false;
+  }
+  dataDir = lr.config->dataDir;
+  if (cfg) *cfg = std::move(lr.config);
+  return true;
+}
+
 int cmdAccounts(const Args& a) {
   AccountsCmdOptions o;
   o.json = a.json;
-  if (!a.dataDir.empty()) {
-    o.dataDir = a.dataDir;
-  } else if (a.dev) {
-    o.dataDir = kDevDataDir;
-  } else {
-    auto lr = config::loadConfigFile(a.config);
-    if (!lr.config) {
-      for (const auto& l : lr.formatErrors()) std::fprintf(stderr, "%s\n", l.c_str());
-      std::fprintf(stderr, "subrelay: cannot read the configuration (use -c PATH, --dev or --data-dir)\n");
-      return 1;
-    }
-    o.dataDir = lr.config->dataDir;
-    o.config = std::move(lr.config);
-  }
+  if (!dataDirOf(a, o.dataDir, &o.config)) return 1;
   return accountsList(o);
 }
 
@@ -442,19 +451,7 @@ int cliMain(int argc, char** argv) {
     if (!a.positional.empty()) return usageError("status takes no arguments", "status ");
     StatusCmdOptions o;
     o.json = a.json;
-    if (!a.dataDir.empty()) {
-      o.dataDir = a.dataDir;
-    } else if (a.dev) {
-      o.dataDir = kDevDataDir;
-    } else {
-      auto lr = config::loadConfigFile(a.config);
-      if (!lr.config) {
-        for (const auto& l : lr.formatErrors()) std::fprintf(stderr, "%s\n", l.c_str());
-        std::fprintf(stderr, "subrelay: cannot read the configuration (use -c PATH, --dev or --data-dir)\n");
-        return 1;
-      }
-      o.dataDir = lr.config->dataDir;
-    }
+    if (!dataDirOf(a, o.dataDir)) return 1;
     return statusCommand(o);
   }
   return cmdQueue(a);

@@ -12,11 +12,10 @@
 
 namespace subrelay::app {
 
-namespace {
-
-// list/show open read-only (they must never change or migrate the file); the operator
-// actions open read-write without creating anything. Either way the file must exist.
-util::Result<std::unique_ptr<queue::SqliteStore>> openQueue(const std::string& dataDir, bool writable = false) {
+// list/show (and accounts, status) open read-only: they must never change or migrate the
+// file; the operator actions open read-write without creating anything. Either way the
+// file must exist.
+util::Result<std::unique_ptr<queue::SqliteStore>> openQueue(const std::string& dataDir, bool writable) {
   std::string path = (std::filesystem::path(dataDir) / "queue.db").string();
   if (!std::filesystem::exists(path))
     return util::makeError("no queue at " + path + " (has `subrelay serve` run with this data_dir?)");
@@ -25,6 +24,8 @@ util::Result<std::unique_ptr<queue::SqliteStore>> openQueue(const std::string& d
   oo.create = false;
   return queue::SqliteStore::open(path, oo);
 }
+
+namespace {
 
 bool waiting(const queue::RecipientInfo& r) { return queue::deliverable(r.state); }
 

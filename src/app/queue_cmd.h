@@ -5,7 +5,11 @@
 #pragma once
 
 #include <optional>
+#include <memory>
 #include <string>
+
+#include "queue/sqlite_store.h"
+#include "util/result.h"
 
 namespace subrelay::app {
 
@@ -14,6 +18,9 @@ struct QueueCmdOptions {
   bool json = false;
   bool raw = false;
 };
+
+// <dataDir>/queue.db for a command: read-only unless writable; never created.
+util::Result<std::unique_ptr<queue::SqliteStore>> openQueue(const std::string& dataDir, bool writable = false);
 
 int queueList(const QueueCmdOptions& o);
 int queueShow(const QueueCmdOptions& o, const std::string& id);

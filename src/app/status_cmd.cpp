@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 
+#include "app/queue_cmd.h"
 #include "metrics/status.h"
 #include "queue/sqlite_store.h"
 #include "util/clock.h"
@@ -40,15 +41,7 @@ int statusCommand(const StatusCmdOptions& o) {
       r.running = true;
     }
   }
-  const std::string dbPath = (fs::path(o.dataDir) / "queue.db").string();
-  if (!fs::exists(dbPath)) {
-    std::fprintf(stderr, "subrelay: no queue at %s (has `subrelay serve` run with this data_dir?)\n", dbPath.c_str());
-    return 1;
-  }
-  queue::OpenOptions oo;
-  oo.readOnly = true;
-  oo.create = false;
-  auto store = queue::SqliteStore::open(dbPath, oo);
+  auto store = openQueue(o.dataDir);
   if (!store.ok()) {
     std::fprintf(stderr, "subrelay: %s\n", store.error().message.c_str());
     return 1;

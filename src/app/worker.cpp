@@ -323,11 +323,15 @@ class SmtpConnection final : public net::ConnectionHandler {
       Runtime& rt = worker_.runtime();
       rt.limits.commitMessage(session_.account(), size, policy::Instant::from(rt.clock));
       rt.meter.addAccepted(session_.account(), size);
+      // The account's counters are looked up once per session (its account cannot change).
       auto& m = metrics::server();
-      m.messagesAccepted.with(session_.account()).inc();
-      m.messageBytes.with(session_.account()).inc(size);
-      m.messageRecipients.with(session_.account()).inc(rcpts);
-      m.acceptLatency.get().observe(secondsSince(endOfData_));
+      if (!acctMetrics_.accepted)
+        acctMetrics_ = {&m.messagesAccepted.with(session_.account()), &m.messageBytes.with(session_.account()),
+                        &m.messageRecipients.with(session_.account()), &m.acceptLatency.get()};
+      acctMetrics_.accepted->inc();
+      acctMetrics_.bytes->inc(size);
+      acctMetrics_.recipients->inc(rcpts);
+      acctMetrics_.acceptLatency->observe(secondsSince(endOfData_));
       util::LogEvent ev(util::LogLevel::Info, "queue", "accepted");
       ev.queueId(r.value()).account(session_.account());
       ev.field("from", "sender", from, util::LogEvent::Style::Angle).number("rcpts", static_cast<long long>(rcpts));
@@ -752,6 +756,12 @@ class SmtpConnection final : public net::ConnectionHandler {
   std::string refusal_;          // refused at connect (implicit TLS: sent after the handshake)
   std::optional<submission::ContentScan> contentScan_;  // the message streaming in
   std::chrono::steady_clock::time_point endOfData_{};  // for the accept latency
+  struct {
+    metrics::Counter* accepted = nullptr;
+    metrics::Counter* bytes = nullptr;
+    metrics::Counter* recipients = nullptr;
+    metrics::Histogram* acceptLatency = nullptr;
+  } acctMetrics_;
   uint64_t timerProgress_ = ~uint64_t{0};
   smtp::Phase timerPhase_ = smtp::Phase::Closed;
 };

@@ -535,6 +535,19 @@ class Server:
 _counter = [0]
 
 
+def wait_for(pred, what, timeout=20, interval=0.1):
+    """Polls pred() until it returns something true (returned), or fails after timeout
+    seconds (scaled for sanitizer builds) saying what was awaited."""
+    deadline = time.monotonic() + scale(timeout)
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
 def token(prefix="t"):
     _counter[0] += 1
     return f"{prefix}{os.getpid()}x{_counter[0]}x{random.randrange(1 << 32):08x}"

@@ -17,7 +17,7 @@ import time
 
 import harness
 import mta_peers
-from harness import Account, ServerTestCase, scale, token
+from harness import Account, ServerTestCase, scale, token, wait_for
 from mta_peers import AioSink, make_cert
 from peers import Unbound
 
@@ -156,15 +156,6 @@ def submit(srv, rcpts, subject=None):
     return qid
 
 
-def wait_for(pred, what, timeout=20, interval=0.1):
-    deadline = time.monotonic() + scale(timeout)
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def states(srv, qid):

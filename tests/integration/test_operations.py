@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import harness
 import mta_peers
-from harness import Account, ServerTestCase, scale, token
+from harness import Account, ServerTestCase, scale, token, wait_for
 from mta_peers import AioSink, make_cert
 from peers import Unbound
 
@@ -38,15 +38,6 @@ ZONES = [
 ]
 
 
-def wait_for(pred, what, timeout=20, interval=0.1):
-    deadline = time.monotonic() + scale(timeout)
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def http(port, path, accept=None, method="GET"):
