@@ -1239,3 +1239,32 @@ class AioSink(_Peer):
                 raise PeerError(f"{self!r}: connections still open after {scale(timeout):.0f}s: "
                                 f"{self.stats()}")
             time.sleep(0.05)
+
+
+class OneMxTestCase(harness.ServerTestCase):
+    """A test class with unbound serving ZONES (or what unbound_zones() returns) and one
+    aiosmtpd MX on MX_IP with a certificate for MX_NAMES (SINK_OPTIONS go to AioSink).
+    The class gets cls.dns, cls.port (the MX's port) and cls.sink; both stop with the class."""
+
+    ZONES = []
+    MX_IP = "127.0.0.31"
+    MX_NAMES = ["mx.sink.test"]
+    SINK_OPTIONS = {}
+
+    @classmethod
+    def unbound_zones(cls):
+        return cls.ZONES
+
+    @classmethod
+    def setUpClass(cls):
+        from peers import Unbound  # peers imports this module's neighbours; import late
+        cls.dns = Unbound(cls.unbound_zones())
+        cls.port = free_port(cls.MX_IP)
+        cls.sink = AioSink(f"{cls.MX_IP}:{cls.port}", cert=make_cert(list(cls.MX_NAMES)), **cls.SINK_OPTIONS)
+        cls.sink.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.sink.stop()
+        cls.dns.close()

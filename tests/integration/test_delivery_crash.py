@@ -3,14 +3,11 @@
 in flight at the kill.
 """
 
-import json
 import time
 
 import harness
 import mta_peers
-from harness import Account, ServerTestCase, scale, token
-from mta_peers import AioSink, make_cert
-from peers import Unbound
+from harness import Account, scale, token
 
 SENDER = "app@crash.test"
 ACCOUNT = Account("app", "app-Passw0rd", ["@crash.test"], mode="deliver")
@@ -29,19 +26,11 @@ def all_states(srv):
     return out
 
 
-class DeliveryCrash(ServerTestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.dns = Unbound(ZONES)
-        cls.port = mta_peers.free_port("127.0.0.31")
-        cls.sink = AioSink(f"127.0.0.31:{cls.port}", cert=make_cert(["mx.sink.test"]), slow_seconds=3.0)
-        cls.sink.start()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        cls.sink.stop()
-        cls.dns.close()
+class DeliveryCrash(mta_peers.OneMxTestCase):
+    ZONES = ZONES
+    MX_IP = "127.0.0.31"
+    MX_NAMES = ["mx.sink.test"]
+    SINK_OPTIONS = {"slow_seconds": 3.0}
 
     def server(self):
         return self.start_server(accounts=[ACCOUNT], extra_config={"delivery": {

@@ -11,9 +11,8 @@ import time
 
 import harness
 import mta_peers
-from harness import Account, RawClient, ServerTestCase, scale, token
-from mta_peers import AioSink, make_cert
-from peers import Unbound, testbed_zones
+from harness import Account, RawClient, scale, token
+from peers import testbed_zones
 
 SENDER = "app@shop.test"
 ACCOUNT = Account("app", "app-Passw0rd", ["@shop.test"], mode="deliver")
@@ -39,20 +38,14 @@ def wait_state(srv, qid, want, timeout=15):
         time.sleep(0.1)
 
 
-class Destinations(ServerTestCase):
-    @classmethod
-    def setUpClass(cls):
-        lines, extra = testbed_zones()
-        cls.dns = Unbound((lines + ZONES, extra))
-        cls.port = mta_peers.free_port("127.0.0.51")
-        cls.sink = AioSink(f"127.0.0.51:{cls.port}", cert=make_cert("mx.internal.test"))
-        cls.sink.start()
+class Destinations(mta_peers.OneMxTestCase):
+    MX_IP = "127.0.0.51"
+    MX_NAMES = ["mx.internal.test"]
 
     @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        cls.sink.stop()
-        cls.dns.close()
+    def unbound_zones(cls):
+        lines, extra = testbed_zones()
+        return (lines + ZONES, extra)
 
     def server(self, allow):
         delivery = {"resolvers": [self.dns.address], "port": self.port, "retry_schedule": ["1s"]}

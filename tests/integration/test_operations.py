@@ -23,9 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import harness
 import mta_peers
-from harness import Account, ServerTestCase, scale, token, wait_for
-from mta_peers import AioSink, make_cert
-from peers import Unbound
+from harness import Account, scale, token, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DASHBOARD = os.path.join(HERE, "..", "..", "contrib", "grafana", "subrelay-dashboard.json")
@@ -87,24 +85,15 @@ def keygen(directory):
     return path
 
 
-class Operations(ServerTestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.dns = Unbound(ZONES)
-        cls.mx_port = mta_peers.free_port("127.0.0.71")
-        cls.sink = AioSink(f"127.0.0.71:{cls.mx_port}", cert=make_cert(["mx.ops.test"]))
-        cls.sink.start()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        cls.sink.stop()
-        cls.dns.close()
+class Operations(mta_peers.OneMxTestCase):
+    ZONES = ZONES
+    MX_IP = "127.0.0.71"
+    MX_NAMES = ["mx.ops.test"]
 
     def server(self, metrics_port, log_format="json"):
         workdir = harness.make_tmpdir()
         extra = {
-            "delivery": {"resolvers": [self.dns.address], "port": self.mx_port, "retry_schedule": ["1h"],
+            "delivery": {"resolvers": [self.dns.address], "port": self.port, "retry_schedule": ["1h"],
                          "max_queue_time": "1d", "allow_private_destinations": True},
             "dkim": [{"domain": "ops.test", "selector": "e1", "algorithm": "ed25519-sha256",
                       "private_key": keygen(workdir)}],
