@@ -605,7 +605,7 @@ TEST_CASE("scheduler: a connection takes no new transaction after connectionReus
   b.settings.maxPerDestination = 1;
   b.q.add("m1", {"a@example.org"}, b.now());
   b.q.add("m2", {"b@example.org"}, b.now());
-  Scheduler& s = b.startReady();
+  b.startReady();
   b.clock.advance(std::chrono::seconds(301));
   b.answerAll(smtp::Outcome::Delivered);
   CHECK(b.t.quits.size() == 1);  // m2 waits for a fresh connection
