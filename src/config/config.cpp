@@ -572,7 +572,6 @@ class ConfigReader {
                             cfg_.log.level);
     }
     if (const Json* l = Validator::find(root, "log")) readLog(*l, Validator::find(root, "log_level") != nullptr);
-    cfg_.logLevel = cfg_.log.level;
     if (const Json* m = Validator::find(root, "metrics")) readMetrics(*m);
     if (const Json* w = Validator::find(root, "workers")) {
       uint64_t n = 0;

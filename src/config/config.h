@@ -168,7 +168,6 @@ struct Config {
   Retention retention;
   Log log;
   Metrics metrics;
-  std::string logLevel = "info";  // mirrors log.level ("warning" spelled "warn")
   uint32_t workers = 0;  // event-loop threads; 0 = one per core
 };
 

@@ -162,7 +162,7 @@ TEST_CASE("the README configuration example parses") {
   CHECK(c.delivery.maxQueueTime == std::chrono::hours(5 * 24));
   CHECK(c.delivery.maxConnections == 200);
   CHECK(c.delivery.maxConnectionsPerDomain == 10);
-  CHECK(c.logLevel == "info");
+  CHECK(c.log.level == "info");
   CHECK(c.workers == 0);
 }
 
@@ -196,7 +196,7 @@ TEST_CASE("defaults") {
   REQUIRE(c.delivery.retrySchedule.size() == 8);
   CHECK(c.delivery.retrySchedule.front() == 5min);
   CHECK(c.delivery.retrySchedule.back() == 8h);
-  CHECK(c.logLevel == "info");
+  CHECK(c.log.level == "info");
   CHECK(c.listeners[0].tls == ListenerTls::StartTls);
   CHECK(c.retention.finishedBodies == 0s);
   CHECK(c.retention.history == 30 * 24h);
@@ -750,7 +750,7 @@ TEST_CASE("retention") {
 TEST_CASE("log_level and workers") {
   LoadResult r = parse(withTop(R"(, "log_level": "debug", "workers": 64)"));
   expectOk(r);
-  CHECK(r.config->logLevel == "debug");
+  CHECK(r.config->log.level == "debug");
   CHECK(r.config->workers == 64);
   expectOk(parse(withTop(R"(, "workers": 0)")));
   expectError(parse(withTop(R"(, "workers": "4")")), "workers", "expected an integer from 0 to 64, got \"4\"");
@@ -759,7 +759,7 @@ TEST_CASE("log_level and workers") {
   LoadResult w = parse(withTop(R"(, "log_level": "warning")"));
   expectOk(w);
   CHECK(w.config->log.level == "warn");
-  CHECK(w.config->logLevel == "warn");
+  CHECK(w.config->log.level == "warn");
 }
 
 TEST_CASE("issue 11: log.format, log.level and metrics.address") {
@@ -772,7 +772,7 @@ TEST_CASE("issue 11: log.format, log.level and metrics.address") {
   expectOk(r);
   CHECK(r.config->log.format == "json");
   CHECK(r.config->log.level == "warn");
-  CHECK(r.config->logLevel == "warn");
+  CHECK(r.config->log.level == "warn");
   CHECK(r.config->metrics.host == "127.0.0.1");
   CHECK(r.config->metrics.port == 9587);
   LoadResult v6 = parse(withTop(R"(, "metrics": {"address": "[::1]:9100"})"));
