@@ -1,5 +1,7 @@
 #include "app/dev_config.h"
 
+#include "util/file.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -43,31 +45,6 @@ std::string randomPassword() {
   return pw;
 }
 
-// Written through a new file created with its final mode (a key must never be readable
-// by others, not even between creation and a chmod).
-bool writeFile(const std::string& path, const std::string& data, mode_t mode) {
-  const std::string tmp = path + ".new";
-  ::unlink(tmp.c_str());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
-  if (fd < 0) return false;
-  size_t off = 0;
-  while (off < data.size()) {
-    ssize_t n = ::write(fd, data.data() + off, data.size() - off);
-    if (n <= 0) {
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return false;
-    }
-    off += static_cast<size_t>(n);
-  }
-  const bool ok = ::fsync(fd) == 0 && ::close(fd) == 0;
-  if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
-    ::unlink(tmp.c_str());
-    return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 util::Result<DevSetup> makeDevSetup() {
@@ -88,7 +65,7 @@ util::Result<DevSetup> makeDevSetup() {
   if (!fs::exists(out.certificatePath) || !fs::exists(keyPath)) {
     auto pem = tls::makeSelfSigned("localhost", 825);
     if (!pem.ok()) return util::makeError("cannot make the dev certificate: " + pem.error().message);
-    if (!writeFile(keyPath, pem->privateKeyPem, 0600) || !writeFile(out.certificatePath, pem->certificatePem, 0644))
+    if (!util::replaceFile(keyPath, pem->privateKeyPem, 0600, true) || !util::replaceFile(out.certificatePath, pem->certificatePem, 0644, true))
       return util::makeError("cannot write the dev certificate under ./" + std::string(kDevDataDir) + "/tls");
   }
 

@@ -10,6 +10,7 @@
 #include "metrics/server_metrics.h"
 #include "subrelay_build_config.h"
 #include "util/clock.h"
+#include "util/file.h"
 #include "util/log.h"
 #include "util/time_fmt.h"
 
@@ -18,20 +19,6 @@ namespace subrelay::app {
 namespace {
 int64_t nowSeconds() { return util::unixSeconds(std::chrono::system_clock::now()); }
 
-// Written whole and renamed over the old one, so a reader never sees half a file.
-bool writeAtomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return false;
-  size_t off = 0;
-  while (off < text.size()) {
-    ssize_t n = ::write(fd, text.data() + off, text.size() - off);
-    if (n <= 0) break;
-    off += static_cast<size_t>(n);
-  }
-  ::close(fd);
-  return off == text.size() && ::rename(tmp.c_str(), path.c_str()) == 0;
-}
 }  // namespace
 
 Operations::Operations(Runtime& rt, std::string dbPath, std::string dataDir)
@@ -127,7 +114,7 @@ void Operations::tick() {
   snapshot_.sessions = rt_.connections();
   snapshot_.deliveryConnections = static_cast<uint64_t>(m.deliveryConnections.get().value());
   metrics::fillCounts(snapshot_, recent_);
-  writeAtomically((std::filesystem::path(dataDir_) / "status").string(), metrics::serialize(snapshot_));
+  util::replaceFile((std::filesystem::path(dataDir_) / "status").string(), metrics::serialize(snapshot_), 0600, false);
 }
 
 void Operations::stop() {
