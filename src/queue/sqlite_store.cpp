@@ -1308,8 +1308,9 @@ util::Result<std::vector<OperatorEvent>> SqliteStore::takeOperatorEvents(size_t 
   std::lock_guard lock(mu_);
   if (readOnly_) return readOnlyError();
   const Statements& s = *stmts_;
-  Txn txn(db_, s.begin, s.commit, s.rollback);
-  if (!txn.open()) return dbError("cannot begin reading operator events");
+  // Read first, outside a transaction: serve asks every 2 s and there is almost never an
+  // event, so an idle server takes no write lock for it. Only serve deletes rows, so the
+  // rows read are still there for the delete below.
   std::vector<OperatorEvent> out;
   int64_t last = 0;
   {
@@ -1324,6 +1325,8 @@ util::Result<std::vector<OperatorEvent>> SqliteStore::takeOperatorEvents(size_t 
     if (rc != SQLITE_DONE) return dbError("cannot read operator events");
   }
   if (out.empty()) return out;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin deleting operator events");
   {
     Use d(s.deleteOperatorEvents);
     sqlite3_bind_int64(d.get(), 1, last);
