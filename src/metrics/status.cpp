@@ -167,6 +167,37 @@ std::string formatAge(int64_t t) {
   return std::to_string(sec) + "s";
 }
 
+void judgeServer(StatusReport& r, std::optional<ServerSnapshot> snapshot, bool fileFound, bool pidAlive,
+                 const std::string& statusPath) {
+  r.server = std::move(snapshot);
+  r.running = false;
+  if (!fileFound) {
+    r.notRunningWhy = "no " + statusPath + "; serve writes it while it runs";
+  } else if (!r.server) {
+    r.notRunningWhy = statusPath + " is not a status file";
+  } else if (!pidAlive) {
+    r.notRunningWhy = "pid " + std::to_string(r.server->pid) + " is gone; it last reported " +
+                      std::to_string(r.now - r.server->updatedAt) + "s ago";
+  } else if (r.now - r.server->updatedAt > kStaleAfterSeconds) {
+    r.notRunningWhy = "pid " + std::to_string(r.server->pid) + " has not reported for " +
+                      std::to_string(r.now - r.server->updatedAt) + "s (hung or stopped?)";
+  } else {
+    r.running = true;
+    r.notRunningWhy.clear();
+  }
+}
+
+void fillRecent(StatusReport& r, const std::vector<AccountCount>& perAccount, uint64_t captured) {
+  r.receivedLastHour = 0;
+  for (const auto& a : perAccount) r.receivedLastHour += a.total;
+  r.capturedLastHour = captured;
+  r.queueAccounts = perAccount;
+  std::sort(r.queueAccounts.begin(), r.queueAccounts.end(), [](const AccountCount& a, const AccountCount& b) {
+    return a.total != b.total ? a.total > b.total : a.account < b.account;
+  });
+  if (r.queueAccounts.size() > kTopAccounts) r.queueAccounts.resize(kTopAccounts);
+}
+
 std::string renderText(const StatusReport& r) {
   std::string o;
   if (r.running && r.server) {

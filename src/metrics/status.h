@@ -70,6 +70,16 @@ struct StatusReport {
   int64_t now = 0;
 };
 
+// Whether serve runs, from what it published: the snapshot (nullopt: no file, or not a
+// status file), whether its pid exists, and how old it is. Fills running, server and
+// notRunningWhy; statusPath names the file in the reasons.
+void judgeServer(StatusReport& r, std::optional<ServerSnapshot> snapshot, bool fileFound, bool pidAlive,
+                 const std::string& statusPath);
+constexpr int64_t kStaleAfterSeconds = 30;
+
+// The busiest accounts of the last hour (at most kTopAccounts), totals into r.
+void fillRecent(StatusReport& r, const std::vector<AccountCount>& perAccount, uint64_t captured);
+
 std::string renderText(const StatusReport& r);
 std::string renderJson(const StatusReport& r);
 // "3d 4h", "2h 5m", "5m 3s", "12s".

@@ -314,3 +314,38 @@ TEST_CASE("status rendering: text and JSON, running and not") {
   CHECK(formatAge(7260) == "2h 1m");
   CHECK(formatAge(-3) == "0s");
 }
+
+TEST_CASE("judgeServer: running only with a status file, a live pid and a fresh report") {
+  ServerSnapshot s;
+  s.pid = 99;
+  s.updatedAt = 1000;
+  StatusReport r;
+  r.now = 1010;
+  judgeServer(r, std::nullopt, false, false, "/d/status");
+  CHECK_FALSE(r.running);
+  CHECK(r.notRunningWhy == "no /d/status; serve writes it while it runs");
+  judgeServer(r, std::nullopt, true, false, "/d/status");
+  CHECK(r.notRunningWhy == "/d/status is not a status file");
+  judgeServer(r, s, true, false, "/d/status");
+  CHECK(r.notRunningWhy == "pid 99 is gone; it last reported 10s ago");
+  CHECK(r.server);  // the last snapshot is kept for the JSON
+  r.now = 1000 + kStaleAfterSeconds + 1;
+  judgeServer(r, s, true, true, "/d/status");
+  CHECK(r.notRunningWhy == "pid 99 has not reported for 31s (hung or stopped?)");
+  r.now = 1000 + kStaleAfterSeconds;
+  judgeServer(r, s, true, true, "/d/status");
+  CHECK(r.running);
+  CHECK(r.notRunningWhy.empty());
+}
+
+TEST_CASE("fillRecent: totals and the busiest accounts first, at most kTopAccounts") {
+  std::vector<AccountCount> per;
+  for (int i = 0; i < 12; ++i) per.push_back({"a" + std::to_string(i), static_cast<uint64_t>(i), 0});
+  StatusReport r;
+  fillRecent(r, per, 3);
+  CHECK(r.receivedLastHour == 66);
+  CHECK(r.capturedLastHour == 3);
+  REQUIRE(r.queueAccounts.size() == kTopAccounts);
+  CHECK(r.queueAccounts.front().account == "a11");
+  CHECK(r.queueAccounts.back().account == "a2");
+}
