@@ -172,35 +172,30 @@ void Family<Histogram>::renderChildren(std::string& out, Format) const {
   }
 }
 
-Family<Counter>& Registry::counter(std::string name, std::string help, std::vector<std::string> labels,
-                                   size_t maxChildren) {
-  auto f = std::make_unique<Family<Counter>>(Kind::Counter, std::move(name), std::move(help), std::move(labels),
-                                             maxChildren, [] { return std::make_unique<Counter>(); });
+template <class T>
+Family<T>& Registry::add(std::unique_ptr<Family<T>> f) {
   auto& ref = *f;
   std::lock_guard lk(mu_);
   families_.push_back(std::move(f));
   return ref;
+}
+
+Family<Counter>& Registry::counter(std::string name, std::string help, std::vector<std::string> labels,
+                                   size_t maxChildren) {
+  return add(std::make_unique<Family<Counter>>(Kind::Counter, std::move(name), std::move(help), std::move(labels),
+                                               maxChildren, [] { return std::make_unique<Counter>(); }));
 }
 
 Family<Gauge>& Registry::gauge(std::string name, std::string help, std::vector<std::string> labels,
                                size_t maxChildren) {
-  auto f = std::make_unique<Family<Gauge>>(Kind::Gauge, std::move(name), std::move(help), std::move(labels),
-                                           maxChildren, [] { return std::make_unique<Gauge>(); });
-  auto& ref = *f;
-  std::lock_guard lk(mu_);
-  families_.push_back(std::move(f));
-  return ref;
+  return add(std::make_unique<Family<Gauge>>(Kind::Gauge, std::move(name), std::move(help), std::move(labels),
+                                             maxChildren, [] { return std::make_unique<Gauge>(); }));
 }
 
 Family<Histogram>& Registry::histogram(std::string name, std::string help, std::vector<double> bounds,
                                        std::vector<std::string> labels, size_t maxChildren) {
-  auto f = std::make_unique<Family<Histogram>>(Kind::Histogram, std::move(name), std::move(help), std::move(labels),
-                                               maxChildren,
-                                               [bounds] { return std::make_unique<Histogram>(bounds); });
-  auto& ref = *f;
-  std::lock_guard lk(mu_);
-  families_.push_back(std::move(f));
-  return ref;
+  return add(std::make_unique<Family<Histogram>>(Kind::Histogram, std::move(name), std::move(help), std::move(labels),
+                                                 maxChildren, [bounds] { return std::make_unique<Histogram>(bounds); }));
 }
 
 void Registry::onCollect(std::function<void()> fn) {

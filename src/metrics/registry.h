@@ -129,6 +129,8 @@ class Registry {
   std::string render(Format f) const;
 
  private:
+  template <class T>
+  Family<T>& add(std::unique_ptr<Family<T>> f);
   mutable std::mutex mu_;
   std::deque<std::unique_ptr<FamilyBase>> families_;
   std::vector<std::function<void()>> collectors_;
