@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <initializer_list>
@@ -54,6 +55,7 @@ constexpr uint64_t kU32Max = std::numeric_limits<uint32_t>::max();
 constexpr uint64_t kU64Max = std::numeric_limits<uint64_t>::max();
 // A config file is a few kilobytes; anything this big is a mistake (wrong file).
 constexpr off_t kMaxConfigFileBytes = off_t{16} * 1024 * 1024;
+constexpr size_t kMaxSecretBytes = 1024;  // a relay password file
 
 // ---- rendering input in messages -------------------------------------------------------
 
@@ -518,7 +520,7 @@ class Validator {
 
 class ConfigReader {
  public:
-  ConfigReader(std::vector<ConfigError>& errors, Config& cfg) : v_(errors), cfg_(cfg) {}
+  ConfigReader(std::vector<ConfigError>& errors, Config& cfg) : v_(errors), cfg_(cfg), errors_(errors) {}
 
   void read(const Json& root) {
     if (!root.is_object()) {
@@ -577,6 +579,7 @@ class ConfigReader {
       uint64_t n = 0;
       if (v_.integer(*w, "workers", 0, 64, n)) cfg_.workers = static_cast<uint32_t>(n);
     }
+    checkRelayLoops();
   }
 
  private:
@@ -725,7 +728,8 @@ class ConfigReader {
   // True when the username is valid (so it can be checked for duplicates).
   bool readAccount(const Json& o, const std::string& p, Account& a) {
     if (!v_.object(o, p)) return false;
-    v_.rejectUnknown(o, p, {"username", "password_hash", "senders", "rate_limits", "mode", "allow_null_sender"});
+    v_.rejectUnknown(o, p,
+                     {"username", "password_hash", "senders", "rate_limits", "mode", "allow_null_sender", "relay"});
     bool nameOk = false;
     if (const Json* u = v_.require(o, p, "username")) {
       if (v_.string(*u, p + ".username", a.username)) {
@@ -753,6 +757,7 @@ class ConfigReader {
       v_.oneOf<AccountMode>(*m, p + ".mode", {{"deliver", AccountMode::Deliver}, {"capture", AccountMode::Capture}},
                             a.mode);
     if (const Json* n = Validator::find(o, "allow_null_sender")) v_.boolean(*n, p + ".allow_null_sender", a.allowNullSender);
+    if (const Json* r = Validator::find(o, "relay")) readRelayList(*r, p + ".relay", a.relay);
     return nameOk;
   }
 
@@ -917,8 +922,11 @@ class ConfigReader {
     v_.rejectUnknown(o, p,
                      {"resolvers", "port", "tls", "tls_policy_overrides", "retry_schedule", "max_queue_time",
                       "max_connections", "max_connections_per_domain", "delay_notice", "tls_ca_file",
-                      "allow_private_destinations", "timeouts"});
+                      "allow_private_destinations", "timeouts", "relay", "relay_overrides"});
     Delivery& d = cfg_.delivery;
+    if (const Json* x = Validator::find(o, "relay")) readRelayList(*x, p + ".relay", d.relay);
+    if (const Json* x = Validator::find(o, "relay_overrides"))
+      readRelayOverrides(*x, p + ".relay_overrides", d.relayOverrides);
     if (const Json* x = Validator::find(o, "timeouts")) readDeliveryTimeouts(*x, p + ".timeouts", d.timeouts);
     if (const Json* x = Validator::find(o, "allow_private_destinations"))
       v_.boolean(*x, p + ".allow_private_destinations", d.allowPrivateDestinations);
@@ -1075,6 +1083,151 @@ class ConfigReader {
     }
   }
 
+  // ---- smarthosts ----------------------------------------------------------------------
+
+  // delivery.relay, accounts[].relay, delivery.relay_overrides["d"]: a non-empty list of
+  // upstreams. Each entry's jsonPath is kept for log lines.
+  void readRelayList(const Json& arr, const std::string& p, std::vector<RelayUpstream>& out) {
+    if (!arr.is_array()) {
+      v_.fail(p, "expected a list of upstreams {host, port, tls, verify, username, password_file}, got " +
+                     describe(arr));
+      return;
+    }
+    if (arr.empty()) {
+      v_.fail(p, "expected at least one upstream (remove the key for direct MX delivery)");
+      return;
+    }
+    std::map<std::string, size_t> seen;  // canonical host:port -> index
+    for (size_t i = 0; i < arr.size(); ++i) {
+      const std::string ip = item(p, i);
+      RelayUpstream r;
+      if (!readRelay(arr[i], ip, r)) continue;
+      auto [it, inserted] = seen.emplace(canonicalAddress(r.host, r.port), i);
+      if (!inserted) {
+        v_.fail(ip, "duplicate upstream " + quote(r.host + ":" + std::to_string(r.port)) + " (also " +
+                        item(p, it->second) + ")");
+        continue;
+      }
+      out.push_back(std::move(r));
+    }
+  }
+
+  // True when the entry is complete and valid.
+  bool readRelay(const Json& o, const std::string& p, RelayUpstream& r) {
+    if (!v_.object(o, p)) return false;
+    const size_t before = errorCount();
+    v_.rejectUnknown(o, p, {"host", "port", "tls", "verify", "username", "password_file"});
+    r.jsonPath = p;
+    if (const Json* h = v_.require(o, p, "host")) {
+      std::string host;
+      if (v_.string(*h, p + ".host", host)) {
+        if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+        std::string why;
+        if (isIpv4(host) || isIpv6(host)) {
+          r.host = host;
+        } else if (isLocalhostName(host)) {
+          r.host = "localhost";
+        } else {
+          std::string idnaWhy;
+          std::optional<std::string> ascii = idna::toAscii(host, &idnaWhy);
+          if (!ascii)
+            why = "not a valid internationalized domain name (IDNA2008): " + idnaWhy;
+          else if (why = domainProblem(*ascii); why.empty())
+            r.host = util::toLower(*ascii);
+        }
+        if (!why.empty())
+          v_.fail(p + ".host", "expected a host name or IP address such as \"smtp.provider.example\" or "
+                               "\"10.0.0.5\", got " + describe(*h) + " (" + why + ")");
+      }
+    }
+    if (const Json* t = Validator::find(o, "tls")) {
+      if (t->is_string() && t->get_ref<const std::string&>() == "none")
+        v_.fail(p + ".tls", "a relay is always reached over TLS: expected \"starttls\" or \"implicit\"");
+      else
+        v_.oneOf<RelayTls>(*t, p + ".tls", {{"starttls", RelayTls::StartTls}, {"implicit", RelayTls::Implicit}},
+                           r.tls);
+    }
+    // RFC 8314 3.3 / 7.3: 465 is submission over implicit TLS, 587 submission with STARTTLS.
+    r.port = r.tls == RelayTls::Implicit ? 465 : 587;
+    if (const Json* x = Validator::find(o, "port")) {
+      uint64_t n = 0;
+      if (v_.integer(*x, p + ".port", 1, 65535, n)) r.port = static_cast<uint16_t>(n);
+    }
+    if (const Json* v = Validator::find(o, "verify")) v_.boolean(*v, p + ".verify", r.verify);
+    const Json* user = Validator::find(o, "username");
+    const Json* pwFile = Validator::find(o, "password_file");
+    if (user && v_.string(*user, p + ".username", r.username)) {
+      // RFC 4616 2: the PLAIN message separates its parts with NUL; controls cannot be typed
+      // into an upstream's account settings anyway and would break log lines.
+      if (r.username.size() > 255 ||
+          std::any_of(r.username.begin(), r.username.end(),
+                      [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; }))
+        v_.fail(p + ".username", "expected a user name of at most 255 octets without control characters");
+    }
+    if (pwFile) v_.pathString(*pwFile, p + ".password_file", r.passwordFile);
+    if (user && !pwFile) v_.fail(p + ".password_file", "required with username (a file holding the password)");
+    if (pwFile && !user) v_.fail(p + ".username", "required with password_file");
+    if (user && !r.verify)
+      v_.fail(p + ".verify", "AUTH is sent only over verified TLS: set verify to true (delivery.tls_ca_file for a "
+                             "private CA) or remove username and password_file");
+    return errorCount() == before && !r.host.empty();
+  }
+
+  void readRelayOverrides(const Json& o, const std::string& p, std::vector<RelayOverride>& out) {
+    if (!v_.object(o, p)) return;
+    std::map<std::string, std::string> seen;  // lower-cased domain -> key as written
+    for (auto it = o.begin(); it != o.end(); ++it) {
+      const std::string& key = it.key();
+      const std::string kp = child(p, key);
+      std::string why = domainProblem(key);
+      if (!why.empty()) {
+        v_.fail(kp, "expected a recipient domain as the key, got " + quote(key) + " (" + why + ")");
+        continue;
+      }
+      RelayOverride ov;
+      ov.domain = util::toLower(key);
+      auto [prev, inserted] = seen.emplace(ov.domain, key);
+      if (!inserted) {
+        v_.fail(kp, "domain " + quote(key) + " is also listed as " + quote(prev->second) +
+                        " (domain names are case-insensitive)");
+        continue;
+      }
+      const Json& v = it.value();
+      if (v.is_string()) {
+        if (v.get_ref<const std::string&>() != "direct") {
+          v_.fail(kp, "expected \"direct\" or a list of upstreams, got " + describe(v));
+          continue;
+        }
+        ov.direct = true;
+      } else {
+        readRelayList(v, kp, ov.relay);
+        if (ov.relay.empty()) continue;
+      }
+      out.push_back(std::move(ov));
+    }
+  }
+
+  // A relay on a loopback or wildcard address at one of our own listener ports would hand
+  // every message back to this server, which would queue it again.
+  void checkRelayLoops() {
+    auto check = [&](const std::vector<RelayUpstream>& list) {
+      for (const RelayUpstream& r : list) {
+        bool local = isLoopbackHost(r.host) || r.host == "0.0.0.0" || r.host == "::";
+        if (!local) continue;
+        for (size_t k = 0; k < cfg_.listeners.size(); ++k) {
+          if (cfg_.listeners[k].port == r.port)
+            v_.fail(r.jsonPath, "would deliver to this server itself (listeners[" + std::to_string(k) +
+                                    "] listens on port " + std::to_string(r.port) + ")");
+        }
+      }
+    };
+    check(cfg_.delivery.relay);
+    for (const Account& a : cfg_.accounts) check(a.relay);
+    for (const RelayOverride& o : cfg_.delivery.relayOverrides) check(o.relay);
+  }
+
+  size_t errorCount() const { return errors_.size(); }
+
   void readRetrySchedule(const Json& arr, const std::string& p) {
     if (!v_.array(arr, p)) return;
     if (arr.empty()) {
@@ -1091,6 +1244,7 @@ class ConfigReader {
 
   Validator v_;
   Config& cfg_;
+  std::vector<ConfigError>& errors_;
   std::vector<bool> tlsKnown_;  // per listener, see readListener()
 };
 
@@ -1275,6 +1429,58 @@ std::string fileProblem(const std::string& path) {
   return why;
 }
 
+// Reads a relay password file. "" on success, else why not. The rules keep a password out
+// of places an operator would not expect: not world-readable, no trailing garbage.
+std::string readSecretFile(const std::string& path, std::string& out) {
+  out.clear();
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0) return std::strerror(errno);
+  struct stat st {};
+  std::string why;
+  char buf[kMaxSecretBytes + 2];
+  size_t len = 0;
+  if (::fstat(fd, &st) != 0) {
+    why = std::strerror(errno);
+  } else if (!S_ISREG(st.st_mode)) {
+    why = "not a regular file";
+  } else if ((st.st_mode & (S_IRWXO | S_IWGRP)) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    why = std::string("readable or writable by other users (mode ") + mode +
+          "): chmod 600, or 640 with the group subrelay runs as";
+  } else if (st.st_size > static_cast<off_t>(kMaxSecretBytes)) {
+    why = "larger than 1 KiB: is this the right file?";
+  } else {
+    while (len < sizeof buf) {
+      ssize_t n = ::read(fd, buf + len, sizeof buf - len);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        why = std::strerror(errno);
+        break;
+      }
+      if (n == 0) break;
+      len += static_cast<size_t>(n);
+    }
+    if (why.empty() && len > kMaxSecretBytes) why = "larger than 1 KiB: is this the right file?";
+  }
+  ::close(fd);
+  if (why.empty()) {
+    std::string_view v(buf, len);
+    if (v.size() >= 2 && v.substr(v.size() - 2) == "\r\n")
+      v.remove_suffix(2);
+    else if (!v.empty() && v.back() == '\n')
+      v.remove_suffix(1);
+    if (v.empty())
+      why = "is empty";
+    else if (v.find_first_of(std::string_view("\r\n\0", 3)) != std::string_view::npos)
+      why = "has more than one line (the whole first line is the password; remove the rest)";
+    else
+      out.assign(v);
+  }
+  ::explicit_bzero(buf, sizeof buf);
+  return why;
+}
+
 }  // namespace
 
 std::vector<std::chrono::seconds> defaultRetrySchedule() {
@@ -1318,6 +1524,8 @@ std::string_view jsonName(DeliveryTls tls) {
   }
   return "?";
 }
+
+std::string_view jsonName(RelayTls tls) { return tls == RelayTls::Implicit ? "implicit" : "starttls"; }
 
 bool parseHostPort(std::string_view s, std::string& host, uint16_t& port) {
   HostPort hp;
@@ -1382,9 +1590,26 @@ LoadResult loadConfigFile(const std::string& path) {
   LoadResult r = parseConfig(text, path);
   if (r.config) {
     r.errors = checkFiles(*r.config);
+    if (r.errors.empty()) r.errors = loadSecrets(*r.config);
     if (!r.errors.empty()) r.config.reset();
   }
   return r;
+}
+
+std::vector<ConfigError> loadSecrets(Config& config) {
+  std::vector<ConfigError> errors;
+  auto load = [&errors](std::vector<RelayUpstream>& list) {
+    for (RelayUpstream& r : list) {
+      if (r.passwordFile.empty()) continue;
+      std::string why = readSecretFile(r.passwordFile, r.password);
+      if (!why.empty())
+        errors.push_back(ConfigError{r.jsonPath + ".password_file", "cannot read " + quote(r.passwordFile, 200) + ": " + why});
+    }
+  };
+  load(config.delivery.relay);
+  for (Account& a : config.accounts) load(a.relay);
+  for (RelayOverride& o : config.delivery.relayOverrides) load(o.relay);
+  return errors;
 }
 
 std::vector<ConfigError> checkFiles(const Config& config) {

@@ -69,6 +69,30 @@ struct RateLimit {
   uint64_t amount = 0;
 };
 
+// One smarthost (delivery.relay[], accounts[].relay[]): an upstream SMTP server that takes
+// our outbound mail, reached over TLS always, with AUTH when a username is given.
+enum class RelayTls { StartTls, Implicit };
+
+struct RelayUpstream {
+  std::string host;  // IP literal (no brackets), "localhost" or a lower-case A-label name
+  uint16_t port = 0; // default 587 for starttls, 465 for implicit (RFC 8314 3.3, 7.3)
+  RelayTls tls = RelayTls::StartTls;
+  bool verify = true;  // the certificate must be valid for host (delivery.tls_ca_file or the system store)
+  std::string username;
+  std::string passwordFile;
+  // Read from passwordFile by loadConfigFile() (loadSecrets()); never printed or logged.
+  std::string password;
+  std::string jsonPath;  // "delivery.relay[0]", for log lines and hints
+};
+
+// delivery.relay_overrides: a recipient domain routed through its own upstreams, or
+// "direct" (MX delivery even when a relay is configured).
+struct RelayOverride {
+  std::string domain;
+  bool direct = false;
+  std::vector<RelayUpstream> relay;
+};
+
 struct Account {
   std::string username;
   std::string passwordHash;
@@ -78,6 +102,8 @@ struct Account {
   // MAIL FROM:<> (an MTA relaying its bounces through us); the header From is still
   // checked against senders.
   bool allowNullSender = false;
+  // accounts[].relay: this tenant's upstreams; empty = delivery.relay (or direct MX).
+  std::vector<RelayUpstream> relay;
 };
 
 struct DkimKey {
@@ -114,6 +140,10 @@ struct Delivery {
   // Delivery to loopback, private, link-local, CGNAT, multicast and this host's own
   // addresses, and address-literal recipients; off by default (delivery/destination.h).
   bool allowPrivateDestinations = false;
+  // delivery.relay: smarthosts tried in order; empty = direct MX delivery.
+  std::vector<RelayUpstream> relay;
+  // delivery.relay_overrides (extension): per recipient domain, before accounts[].relay.
+  std::vector<RelayOverride> relayOverrides;
   // delivery.timeouts: each a total for its stage (RFC 5321 4.5.3.2 defaults), not
   // re-armed by bytes that do not complete a reply; `transaction` bounds MAIL to the final
   // reply as a whole, `connect` the TCP connect.
@@ -198,6 +228,10 @@ LoadResult loadConfigFile(const std::string& path);
 // dkim[].private_key must be readable regular files; data_dir, when it exists, must be a
 // directory. Relative paths are taken relative to the current directory.
 std::vector<ConfigError> checkFiles(const Config& config);
+// Reads every relay password_file into RelayUpstream::password (loadConfigFile() runs it
+// after checkFiles()). A file must be a regular file of at most 1 KiB, not readable or
+// writable by others, holding one line; one trailing newline is dropped.
+std::vector<ConfigError> loadSecrets(Config& config);
 
 // 5m, 10m, 20m, 40m, 1h, 2h, 4h, 8h: used when delivery.retry_schedule is absent.
 std::vector<std::chrono::seconds> defaultRetrySchedule();
@@ -211,6 +245,7 @@ bool isValidDomainName(std::string_view name);
 std::string_view jsonName(ListenerTls tls);
 std::string_view jsonName(AccountMode mode);
 std::string_view jsonName(DeliveryTls tls);
+std::string_view jsonName(RelayTls tls);
 
 // Parses an address like "[::]:587", "127.0.0.1:2587", "localhost:25". The port is
 // required and may be 0..65535; the host is an IPv4 address, a bracketed IPv6 address

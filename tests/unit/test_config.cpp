@@ -2,6 +2,7 @@
 // errors at once, unknown keys at every level, durations and host:port forms.
 #include <doctest/doctest.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -1071,4 +1072,125 @@ TEST_CASE("issue 9: header and junk limits, allow_null_sender, IDN senders") {
         std::vector<std::string>{"@xn--exmple-cua.com", "Info@xn--exmple-cua.org", "@xn--exmple-cua.net"});
   expectError(parse(withAccount(R"("senders": ["@xn--zz.com"])")), "accounts[0].senders[0]", "IDNA2008");
   expectError(parse(withAccount(R"("senders": ["@-bad.com"])")), "accounts[0].senders[0]", "");
+}
+
+TEST_CASE("issue 12: delivery.relay, accounts[].relay and relay_overrides") {
+  SUBCASE("defaults: port from tls, verify on") {
+    LoadResult r = parse(withTop(R"(, "delivery": {"relay": [
+        {"host": "SMTP.Provider.Example", "username": "u", "password_file": "/etc/subrelay/pw"},
+        {"host": "10.0.0.5", "tls": "implicit", "verify": false},
+        {"host": "[::1]", "port": 2525}]})"));
+    expectOk(r);
+    const auto& rl = r.config->delivery.relay;
+    REQUIRE(rl.size() == 3);
+    CHECK(rl[0].host == "smtp.provider.example");
+    CHECK(rl[0].port == 587);
+    CHECK(rl[0].tls == RelayTls::StartTls);
+    CHECK(rl[0].verify);
+    CHECK(rl[0].username == "u");
+    CHECK(rl[0].passwordFile == "/etc/subrelay/pw");
+    CHECK(rl[0].password.empty());  // parseConfig never reads files
+    CHECK(rl[0].jsonPath == "delivery.relay[0]");
+    CHECK(rl[1].port == 465);
+    CHECK(rl[1].tls == RelayTls::Implicit);
+    CHECK_FALSE(rl[1].verify);
+    CHECK(rl[2].host == "::1");
+    CHECK(rl[2].port == 2525);
+    CHECK(std::string(jsonName(RelayTls::Implicit)) == "implicit");
+  }
+  SUBCASE("per account and per domain") {
+    LoadResult r = parse(withTop(R"(, "accounts": [{"username": "t1", "password_hash": ")" + std::string(kHash) +
+                                 R"(", "senders": ["@a.example"], "relay": [{"host": "relay.t1.example"}]}],
+        "delivery": {"relay_overrides": {"Internal.Example": [{"host": "10.1.1.1", "port": 25}], "gmail.com": "direct"}})"));
+    expectOk(r);
+    REQUIRE(r.config->accounts[0].relay.size() == 1);
+    CHECK(r.config->accounts[0].relay[0].jsonPath == "accounts[0].relay[0]");
+    const auto& ov = r.config->delivery.relayOverrides;
+    REQUIRE(ov.size() == 2);
+    // Object keys come in byte order: "Internal.Example" before "gmail.com".
+    CHECK(ov[1].domain == "gmail.com");
+    CHECK(ov[1].direct);
+    CHECK(ov[0].domain == "internal.example");
+    REQUIRE(ov[0].relay.size() == 1);
+    CHECK(ov[0].relay[0].port == 25);
+    CHECK(ov[0].relay[0].jsonPath == R"(delivery.relay_overrides["Internal.Example"][0])");
+    CHECK(r.config->delivery.relay.empty());
+  }
+  SUBCASE("errors with their paths") {
+    LoadResult r = parse(withTop(R"(, "delivery": {"relay": [
+        {"host": "bad host"},
+        {"host": "r.example", "tls": "none"},
+        {"host": "r2.example", "username": "u"},
+        {"host": "r3.example", "password_file": "/pw"},
+        {"host": "r4.example", "username": "u", "password_file": "/pw", "verify": false},
+        {"host": "r5.example", "prot": 25},
+        {"host": "r6.example", "port": 0},
+        {"host": "r6.example", "port": 587},
+        {"host": "R6.example"},
+        {"host": "r7.example", "username": "a\u0000b", "password_file": "/pw"}],
+      "relay_overrides": {"x.example": "mx", "y.example": [], "bad_dom": "direct"}})"));
+    expectError(r, "delivery.relay[0].host", "expected a host name or IP address");
+    expectError(r, "delivery.relay[1].tls", "always reached over TLS");
+    expectError(r, "delivery.relay[2].password_file", "required with username");
+    expectError(r, "delivery.relay[3].username", "required with password_file");
+    expectError(r, "delivery.relay[4].verify", "AUTH is sent only over verified TLS");
+    expectError(r, "delivery.relay[5].prot", "did you mean \"port\"");
+    expectError(r, "delivery.relay[6].port", "expected an integer from 1 to 65535");
+    expectError(r, "delivery.relay[8]", "duplicate upstream \"r6.example:587\" (also delivery.relay[7])");
+    expectError(r, "delivery.relay[9].username", "without control characters");
+    expectError(r, R"(delivery.relay_overrides["x.example"])", "expected \"direct\" or a list");
+    expectError(r, R"(delivery.relay_overrides["y.example"])", "at least one upstream");
+    expectError(r, "delivery.relay_overrides.bad_dom", "expected a recipient domain");
+  }
+  SUBCASE("not a list; empty list") {
+    expectError(parse(withTop(R"(, "delivery": {"relay": {"host": "x.example"}})")), "delivery.relay",
+                "expected a list of upstreams");
+    expectError(parse(withTop(R"(, "delivery": {"relay": []})")), "delivery.relay", "remove the key for direct MX");
+    expectError(parse(withAccount(R"("senders": ["@a.example"], "relay": "x")")), "accounts[0].relay",
+                "expected a list of upstreams");
+  }
+  SUBCASE("a relay pointing at our own listener is a loop") {
+    LoadResult r = parse(withTop(R"(, "delivery": {"relay": [{"host": "127.0.0.1", "port": 587}]})"));
+    expectError(r, "delivery.relay[0]", "would deliver to this server itself (listeners[0]");
+    expectOk(parse(withTop(R"(, "delivery": {"relay": [{"host": "127.0.0.1", "port": 2587}]})")));
+    expectOk(parse(withTop(R"(, "delivery": {"relay": [{"host": "10.0.0.1", "port": 587}]})")));
+  }
+}
+
+TEST_CASE("issue 12: relay password files") {
+  TempDir dir;
+  std::string cert = dir.write("cert.pem", "x");
+  auto load = [&](const std::string& pwPath) {
+    std::string text = R"({"hostname": "relay.example.net", "data_dir": ")" + dir.path.string() +
+                       R"(", "tls": {"certificate": ")" + cert + R"(", "private_key": ")" + cert +
+                       R"("}, "listeners": [{"address": "[::]:587"}],
+        "delivery": {"relay": [{"host": "r.example", "username": "u", "password_file": ")" +
+                       pwPath + R"("}]}})";
+    return loadConfigFile(dir.write("config.json", text));
+  };
+  auto secret = [&](const std::string& name, const std::string& text, mode_t mode) {
+    std::string p = dir.write(name, text);
+    ::chmod(p.c_str(), mode);
+    return p;
+  };
+  SUBCASE("one line, newline dropped") {
+    LoadResult r = load(secret("pw1", "s3cret\n", 0600));
+    expectOk(r);
+    CHECK(r.config->delivery.relay[0].password == "s3cret");
+    LoadResult crlf = load(secret("pw2", "s3 cret\r\n", 0640));
+    expectOk(crlf);
+    CHECK(crlf.config->delivery.relay[0].password == "s3 cret");
+    CHECK(load(secret("pw3", "nonewline", 0400)).config->delivery.relay[0].password == "nonewline");
+  }
+  SUBCASE("refused files") {
+    expectError(load(secret("pw4", "x\n", 0644)), "delivery.relay[0].password_file", "readable or writable by other users (mode 0644)");
+    expectError(load(secret("pw5", "x\n", 0620)), "delivery.relay[0].password_file", "chmod 600");
+    expectError(load(secret("pw6", "a\nb\n", 0600)), "delivery.relay[0].password_file", "more than one line");
+    expectError(load(secret("pw7", "\n", 0600)), "delivery.relay[0].password_file", "is empty");
+    expectError(load(secret("pw8", std::string(2000, 'x'), 0600)), "delivery.relay[0].password_file", "larger than 1 KiB");
+    expectError(load((dir.path / "absent").string()), "delivery.relay[0].password_file", "No such file or directory");
+    LoadResult r = load(secret("pw9", "x\n", 0644));
+    // The message names the file and never its content.
+    CHECK(allErrors(r).find((dir.path / "pw9").string()) != std::string::npos);
+  }
 }
