@@ -1,6 +1,7 @@
 // smtp::ClientSession: the I/O-free SMTP client core used for delivery (RFC 5321), with
 // STARTTLS (RFC 3207), PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152),
-// SMTPUTF8 (RFC 6531) and enhanced status codes (RFC 2034, RFC 3463).
+// SMTPUTF8 (RFC 6531), enhanced status codes (RFC 2034, RFC 3463) and, towards a
+// smarthost, AUTH PLAIN / LOGIN (RFC 4954, RFC 4616).
 //
 // Replies are assembled from whole lines only, so the way the bytes are split never
 // changes what happens. Every command we send is ASCII or UTF-8 without controls and
@@ -9,10 +10,13 @@
 // Not here: the socket, timers, the TLS engine, MX choice, retry decisions (delivery/).
 #include "smtp/client_session.h"
 
+#include <string.h>  // explicit_bzero
+
 #include <deque>
 #include <utility>
 
 #include "smtp/reply.h"
+#include "util/base64.h"
 #include "util/strings.h"
 
 namespace subrelay::smtp {
@@ -23,7 +27,7 @@ using util::iequals;
 
 // What a sent command (or the connection itself) waits for, in the order the replies
 // must come back (RFC 2920 section 3.1: responses are matched by counting, never by code).
-enum class Expect { Greeting, Ehlo, Helo, StartTls, Rset, Mail, Rcpt, Data, DataEnd, Quit };
+enum class Expect { Greeting, Ehlo, Helo, StartTls, Auth, Rset, Mail, Rcpt, Data, DataEnd, Quit };
 
 const char* stageOf(Expect e) {
   switch (e) {
@@ -35,6 +39,8 @@ const char* stageOf(Expect e) {
       return "ehlo";
     case Expect::StartTls:
       return "starttls";
+    case Expect::Auth:
+      return "auth";
     case Expect::Rset:
       return "rset";
     case Expect::Mail:
@@ -61,6 +67,8 @@ const char* describe(Expect e) {
       return "the HELO reply";
     case Expect::StartTls:
       return "the STARTTLS reply";
+    case Expect::Auth:
+      return "the AUTH reply";
     case Expect::Rset:
       return "the RSET reply";
     case Expect::Mail:
@@ -183,8 +191,12 @@ struct ClientSession::Impl {
   // Capabilities from the last EHLO (forgotten after STARTTLS, RFC 3207 section 4.2).
   bool ready = false;
   bool capStartTls = false, capPipelining = false, capSize = false, cap8bit = false, capUtf8 = false,
-       capEnhanced = false, capChunking = false;
+       capEnhanced = false, capChunking = false, capAuth = false, authPlain = false, authLogin = false;
   uint64_t sizeLimit = 0;
+  // AUTH towards a smarthost: LOGIN answers two 334 challenges (user, then password).
+  bool authenticated = false;
+  bool authLoginMech = false;
+  int authStep = 0;
   bool tlsActive = false;
   bool startTlsRefused = false;  // Opportunistic: 454 to STARTTLS, continue in clear
   bool needRset = false;
@@ -204,6 +216,7 @@ struct ClientSession::Impl {
 
   void resetCaps() {
     capStartTls = capPipelining = capSize = cap8bit = capUtf8 = capEnhanced = capChunking = false;
+    capAuth = authPlain = authLogin = false;
     sizeLimit = 0;
   }
 
@@ -356,6 +369,8 @@ struct ClientSession::Impl {
         return onHelo(std::move(r));
       case Expect::StartTls:
         return onStartTlsReply(std::move(r));
+      case Expect::Auth:
+        return onAuth(std::move(r));
       case Expect::Rset:
         return onRset(std::move(r));
       case Expect::Mail:
@@ -442,6 +457,16 @@ struct ClientSession::Impl {
         capUtf8 = true;
       } else if (iequals(kw, "ENHANCEDSTATUSCODES")) {
         capEnhanced = true;
+      } else if (iequals(kw, "AUTH") || (kw.size() > 5 && iequals(kw.substr(0, 5), "AUTH="))) {
+        // RFC 4954 3: "AUTH mech...". "AUTH=mech..." is the pre-standard form some old
+        // servers still send next to it.
+        capAuth = true;
+        std::string_view mechs = kw.size() > 5 ? line.substr(5) : arg;
+        for (std::string_view m : util::split(mechs, ' ')) {
+          m = util::trim(m);
+          if (iequals(m, "PLAIN")) authPlain = true;
+          if (iequals(m, "LOGIN")) authLogin = true;
+        }
       } else if (iequals(kw, "CHUNKING")) {
         capChunking = true;  // RFC 3030: recognised, not used (DATA is enough for us)
       } else if (iequals(kw, "SIZE")) {
@@ -475,8 +500,105 @@ struct ClientSession::Impl {
         return;
       }
     }
+    if (cfg.auth && !authenticated) {
+      startAuth();
+      return;
+    }
     ready = true;
     actions.emplace_back(SessionReady{});
+  }
+
+  // ---- AUTH (RFC 4954) towards a smarthost ---------------------------------------
+
+  // Sends a line holding a credential and wipes our copies of it (the action keeps one
+  // until the transport writes it; the TLS engine encrypts it at once).
+  void sendSecretLine(std::string line) {
+    sendLine(line);
+    ::explicit_bzero(line.data(), line.size());
+  }
+
+  void startAuth() {
+    // RFC 4954 4: credentials never travel in clear. The transport only sets auth with a
+    // verified TLS policy, so this is a second lock.
+    if (!tlsActive) {
+      fail(localReply("4.7.10", "AUTH needs TLS, and this connection is not encrypted"), "auth", Outcome::TempFail,
+           true);
+      return;
+    }
+    if (!capAuth) {
+      fail(localReply("4.7.0", "the relay does not offer AUTH (credentials are configured for it)"), "auth",
+           Outcome::TempFail, true);
+      return;
+    }
+    if (authPlain) {
+      // RFC 4616 2: authzid NUL authcid NUL passwd, with an empty authzid; sent as the
+      // initial response (RFC 4954 4) to save a round trip.
+      std::string msg;
+      msg.reserve(cfg.auth->username.size() + cfg.auth->password.size() + 2);
+      msg += '\0';
+      msg += cfg.auth->username;
+      msg += '\0';
+      msg += cfg.auth->password;
+      std::string encoded = util::base64Encode(msg);
+      ::explicit_bzero(msg.data(), msg.size());
+      sendSecretLine("AUTH PLAIN " + encoded);
+      ::explicit_bzero(encoded.data(), encoded.size());
+      authLoginMech = false;
+    } else if (authLogin) {
+      sendLine("AUTH LOGIN");
+      authLoginMech = true;
+    } else {
+      fail(localReply("4.7.0", "the relay offers no AUTH mechanism we support (PLAIN, LOGIN)"), "auth",
+           Outcome::TempFail, true);
+      return;
+    }
+    authStep = 0;
+    expects.push_back(Expect::Auth);
+  }
+
+  void onAuth(ServerReply r) {
+    if (r.code == 235) {
+      // RFC 4954 4: no security layer with PLAIN/LOGIN, so no second EHLO is needed.
+      authenticated = true;
+      ready = true;
+      actions.emplace_back(SessionReady{});
+      return;
+    }
+    if (r.code == 334 && authLoginMech && authStep < 2) {
+      // LOGIN: the first challenge asks for the user name, the second for the password
+      // (draft-murchison-sasl-login); the challenge text itself is not needed.
+      const std::string& value = authStep == 0 ? cfg.auth->username : cfg.auth->password;
+      ++authStep;
+      std::string encoded = util::base64Encode(value);
+      sendSecretLine(encoded);
+      ::explicit_bzero(encoded.data(), encoded.size());
+      expects.push_back(Expect::Auth);
+      return;
+    }
+    if (r.code == 334) {
+      // A challenge PLAIN (initial response given) or a third LOGIN step never expects.
+      // RFC 4954 4: "*" cancels the exchange; we just leave.
+      protocolError("unexpected AUTH challenge");
+      return;
+    }
+    if (r.code == 421) {
+      fail(std::move(r), "auth", Outcome::TempFail, false);
+      return;
+    }
+    if (r.code >= 500) {
+      // 535 5.7.8 and friends: our credentials are wrong, which is our configuration and
+      // not the recipients' fault. Recorded as a temporary failure with 4.7.8 so the
+      // mail waits for the operator instead of bouncing; the server's reply is kept in
+      // the text (the password never is: it is not in any reply).
+      ServerReply mapped;
+      mapped.code = 0;
+      mapped.enhanced = "4.7.8";
+      mapped.text = "the relay refused authentication as \"" + util::sanitizeForLog(cfg.auth->username, 80) +
+                    "\": " + r.summary();
+      fail(std::move(mapped), "auth", Outcome::TempFail, true);
+      return;
+    }
+    fail(std::move(r), "auth", Outcome::TempFail, true);
   }
 
   void onStartTlsReply(ServerReply r) {
@@ -881,6 +1003,7 @@ uint64_t ClientSession::progress() const { return impl_->progress; }
 bool ClientSession::offersPipelining() const { return impl_->capPipelining; }
 bool ClientSession::offersStartTls() const { return impl_->capStartTls; }
 bool ClientSession::tlsActive() const { return impl_->tlsActive; }
+bool ClientSession::authenticated() const { return impl_->authenticated; }
 std::optional<uint64_t> ClientSession::serverSizeLimit() const {
   if (impl_->capSize && impl_->sizeLimit > 0) return impl_->sizeLimit;
   return std::nullopt;

@@ -3,7 +3,8 @@
 // owns the socket, the TLS engine and the timers.
 //
 //   onConnected() -> greeting -> EHLO (HELO when EHLO is refused) -> STARTTLS when
-//   offered (or required) -> EHLO again -> Idle
+//   offered (or required) -> EHLO again -> AUTH (smarthost credentials, inside TLS
+//   only) -> Idle
 //   Idle + send(message) -> MAIL, RCPT..., DATA (or pipelined when PIPELINING) ->
 //   per-recipient results -> Idle (RSET first when a transaction failed half-way)
 //   Idle + quit() -> QUIT -> Close
@@ -28,9 +29,19 @@ enum class ClientTls {
   Implicit,       // the transport already runs TLS from the first byte: no STARTTLS
 };
 
+// Credentials for an upstream relay (RFC 4954). Sent only inside TLS, with PLAIN
+// (RFC 4616) when offered, else LOGIN.
+struct ClientAuth {
+  std::string username;
+  std::string password;
+};
+
 struct ClientConfig {
   std::string heloName;  // our host name for EHLO/HELO
   ClientTls tls = ClientTls::Opportunistic;
+  // Set: authenticate after the EHLO inside TLS, before SessionReady. The transport sets it
+  // only for a verified relay connection.
+  std::shared_ptr<const ClientAuth> auth;
   size_t maxReplyLine = 4096;   // longer server lines -> protocol error (temporary)
   size_t maxReplyLines = 1000;  // lines in one multi-line reply
 };
@@ -59,7 +70,7 @@ struct RecipientResult {
   std::string recipient;
   Outcome outcome = Outcome::TempFail;
   ServerReply reply;  // the reply that decided (RCPT's, or DATA's / MAIL's for all)
-  std::string stage;  // "connect" "ehlo" "starttls" "rset" "mail" "rcpt" "data" "data-end" "local"
+  std::string stage;  // "connect" "ehlo" "starttls" "auth" "rset" "mail" "rcpt" "data" "data-end" "local"
 };
 
 // What the transport must do next.
@@ -126,6 +137,7 @@ class ClientSession {
   bool offersPipelining() const;
   bool offersStartTls() const;
   bool tlsActive() const;
+  bool authenticated() const;  // AUTH succeeded (ClientConfig::auth)
   std::optional<uint64_t> serverSizeLimit() const;  // SIZE n, n > 0
   bool idle() const;    // ready for send()
   bool closed() const;

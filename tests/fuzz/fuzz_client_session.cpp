@@ -68,6 +68,8 @@ Run drive(std::string_view input, Split split) {
     cfg.maxReplyLine = 40;
     cfg.maxReplyLines = 4;
   }
+  // Smarthost credentials: AUTH must never go out before TLS is up.
+  if (variant & 8) cfg.auth = std::make_shared<ClientAuth>(ClientAuth{"fuzzuser", "fuzzpass"});
   ClientSession s(cfg);
   bool closed = false, failed = false, tlsPending = false;
   size_t sends = 0, dones = 0;
@@ -83,6 +85,7 @@ Run drive(std::string_view input, Split split) {
         FUZZ_CHECK(!b->bytes.empty());
         FUZZ_CHECK(b->bytes.size() >= 2 && b->bytes.substr(b->bytes.size() - 2) == "\r\n");
         FUZZ_CHECK(onlyCrlf(b->bytes));
+        if (b->bytes.rfind("AUTH", 0) == 0) FUZZ_CHECK(cfg.auth && s.tlsActive());
         run.log += "C[" + b->bytes + "]";
       } else if (std::holds_alternative<StartTls>(a)) {
         FUZZ_CHECK(!tlsPending);

@@ -1044,3 +1044,149 @@ TEST_CASE("nothing on the wire is a bare CR or LF") {
   h.srv("250 ok\n");
   CHECK(onlyCrlf(h.log));  // SendBytes only; the log's action markers carry no CR/LF
 }
+
+// ---- AUTH towards a smarthost (RFC 4954, RFC 4616) -------------------------------------
+
+namespace {
+
+ClientConfig authConfig(ClientTls tls = ClientTls::Required, std::string user = "user", std::string pass = "pass") {
+  ClientConfig c = testConfig(tls);
+  c.auth = std::make_shared<ClientAuth>(ClientAuth{std::move(user), std::move(pass)});
+  return c;
+}
+
+// Greeting, EHLO offering STARTTLS, the handshake and the EHLO inside TLS with `caps`.
+void tlsHandshake(Harness& h, std::string_view caps) {
+  handshake(h, "STARTTLS,AUTH PLAIN LOGIN");
+  CHECK(h.take() == "STARTTLS\r\n");  // no AUTH before TLS, although it was offered
+  h.srv("220 go\n");
+  h.tlsUp();
+  CHECK(h.take() == "EHLO relay.example.net\r\n");
+  std::string reply = "250-smtp.provider.example\n";
+  std::string c(caps);
+  size_t pos = 0;
+  while (pos < c.size()) {
+    size_t e = c.find(',', pos);
+    if (e == std::string::npos) e = c.size();
+    reply += "250" + std::string(e == c.size() ? " " : "-") + c.substr(pos, e - pos) + "\n";
+    pos = e + 1;
+  }
+  h.srv(reply);
+}
+
+}  // namespace
+
+TEST_CASE("AUTH PLAIN after STARTTLS, kept across transactions") {
+  for (Split sp : kSplits) {
+    Harness h(authConfig(), sp);
+    tlsHandshake(h, "PIPELINING,AUTH LOGIN PLAIN CRAM-MD5");
+    // RFC 4616 2: NUL user NUL pass, base64, as the initial response.
+    CHECK(h.take() == "AUTH PLAIN AHVzZXIAcGFzcw==\r\n");
+    CHECK(h.readies == 0);
+    CHECK(h.s.timeout() == 300s);
+    h.srv("235 2.7.0 Authentication successful\n");
+    CHECK(h.readies == 1);
+    CHECK(h.s.authenticated());
+    CHECK(h.take().empty());  // no EHLO again: PLAIN has no security layer (RFC 4954 4)
+    h.send(message({"a@x.org"}));
+    h.srv("250 ok\n250 ok\n354 go\n");
+    h.srv("250 queued\n");
+    REQUIRE(h.dones.size() == 1);
+    CHECK(h.dones[0].results[0].outcome == Outcome::Delivered);
+    h.take();
+    h.send(message({"b@x.org"}));
+    CHECK(h.take().rfind("MAIL FROM:", 0) == 0);  // no second AUTH on a reused connection
+  }
+}
+
+TEST_CASE("AUTH LOGIN answers two challenges; the old AUTH= form is understood") {
+  for (Split sp : kSplits) {
+    Harness h(authConfig(ClientTls::Required, "relayuser", "s3cret"), sp);
+    tlsHandshake(h, "AUTH=LOGIN");
+    CHECK(h.take() == "AUTH LOGIN\r\n");
+    h.srv("334 VXNlcm5hbWU6\n");
+    CHECK(h.take() == "cmVsYXl1c2Vy\r\n");
+    h.srv("334 UGFzc3dvcmQ6\n");
+    CHECK(h.take() == "czNjcmV0\r\n");
+    h.srv("235 ok\n");
+    CHECK(h.readies == 1);
+  }
+}
+
+TEST_CASE("AUTH refused: 535 is a temporary 4.7.8 without the password") {
+  Harness h(authConfig(ClientTls::Required, "relayuser", "hunter2"));
+  tlsHandshake(h, "AUTH PLAIN");
+  h.take();
+  h.srv("535 5.7.8 Error: authentication failed: hunter2-free text\n");
+  REQUIRE(h.fails.size() == 1);
+  CHECK(h.fails[0].stage == "auth");
+  CHECK(h.fails[0].outcome == Outcome::TempFail);
+  CHECK(h.fails[0].reply.code == 0);
+  CHECK(h.fails[0].reply.enhanced == "4.7.8");
+  CHECK(h.fails[0].reply.text.find("relayuser") != std::string::npos);
+  CHECK(h.fails[0].reply.text.find("535 5.7.8") != std::string::npos);
+  CHECK(h.take() == "QUIT\r\n");
+  CHECK(h.closes == 1);
+  CHECK(h.readies == 0);
+}
+
+TEST_CASE("AUTH: 454, 421, no AUTH offered, no usable mechanism, odd challenges") {
+  SUBCASE("454 is temporary with the server's reply") {
+    Harness h(authConfig());
+    tlsHandshake(h, "AUTH PLAIN");
+    h.take();
+    h.srv("454 4.7.0 Temporary authentication failure\n");
+    REQUIRE(h.fails.size() == 1);
+    CHECK(h.fails[0].reply.code == 454);
+    CHECK(h.take() == "QUIT\r\n");
+  }
+  SUBCASE("421: no QUIT") {
+    Harness h(authConfig());
+    tlsHandshake(h, "AUTH PLAIN");
+    h.take();
+    h.srv("421 4.3.2 shutting down\n");
+    REQUIRE(h.fails.size() == 1);
+    CHECK(h.take().empty());
+  }
+  SUBCASE("no AUTH offered") {
+    Harness h(authConfig());
+    tlsHandshake(h, "PIPELINING");
+    REQUIRE(h.fails.size() == 1);
+    CHECK(h.fails[0].stage == "auth");
+    CHECK(h.fails[0].reply.text.find("does not offer AUTH") != std::string::npos);
+    CHECK(h.take() == "QUIT\r\n");
+  }
+  SUBCASE("only mechanisms we do not speak") {
+    Harness h(authConfig());
+    tlsHandshake(h, "AUTH CRAM-MD5 SCRAM-SHA-256");
+    REQUIRE(h.fails.size() == 1);
+    CHECK(h.fails[0].reply.text.find("PLAIN, LOGIN") != std::string::npos);
+  }
+  SUBCASE("a challenge after PLAIN's initial response is a protocol error") {
+    Harness h(authConfig());
+    tlsHandshake(h, "AUTH PLAIN");
+    h.take();
+    h.srv("334 \n");
+    REQUIRE(h.fails.size() == 1);
+    CHECK(h.fails[0].reply.enhanced == "4.5.0");
+  }
+}
+
+TEST_CASE("AUTH with implicit TLS follows the first EHLO; never in clear") {
+  SUBCASE("implicit") {
+    Harness h(authConfig(ClientTls::Implicit));
+    h.srv("220 smtp.provider.example ESMTP\n");
+    CHECK(h.take() == "EHLO relay.example.net\r\n");
+    h.srv("250-smtp.provider.example\n250 AUTH PLAIN\n");
+    CHECK(h.take() == "AUTH PLAIN AHVzZXIAcGFzcw==\r\n");
+    h.srv("235 ok\n");
+    CHECK(h.readies == 1);
+  }
+  SUBCASE("opportunistic without STARTTLS: refused locally, no credentials sent") {
+    Harness h(authConfig(ClientTls::Opportunistic));
+    handshake(h, "AUTH PLAIN LOGIN");
+    REQUIRE(h.fails.size() == 1);
+    CHECK(h.fails[0].reply.enhanced == "4.7.10");
+    CHECK(h.take() == "QUIT\r\n");
+  }
+}
