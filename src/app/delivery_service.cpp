@@ -50,6 +50,23 @@ struct Settings {
   queue::RetentionPolicy retention;  // retention.*
 };
 
+std::shared_ptr<const delivery::RelaySet> relaySet(const std::vector<config::RelayUpstream>& list, std::string id) {
+  if (list.empty()) return nullptr;
+  auto set = std::make_shared<delivery::RelaySet>();
+  set->id = std::move(id);
+  for (const auto& r : list) {
+    delivery::RelayHost h;
+    h.host = r.host;
+    h.port = r.port;
+    h.implicitTls = r.tls == config::RelayTls::Implicit;
+    h.verify = r.verify;
+    if (!r.username.empty()) h.auth = std::make_shared<smtp::ClientAuth>(smtp::ClientAuth{r.username, r.password});
+    h.origin = r.jsonPath;
+    set->hosts.push_back(std::move(h));
+  }
+  return set;
+}
+
 Settings settingsFrom(const config::Config& cfg) {
   Settings s;
   delivery::SchedulerSettings& d = s.scheduler;
@@ -64,6 +81,11 @@ Settings settingsFrom(const config::Config& cfg) {
   d.retry.delayNotice = cfg.delivery.delayNotice;
   d.maxConnections = cfg.delivery.maxConnections;
   d.maxPerDestination = cfg.delivery.maxConnectionsPerDomain;
+  d.relay = relaySet(cfg.delivery.relay, "delivery.relay");
+  for (const auto& a : cfg.accounts)
+    if (!a.relay.empty()) d.accountRelays[a.username] = relaySet(a.relay, "account:" + a.username);
+  for (const auto& o : cfg.delivery.relayOverrides)
+    d.domainRelays[o.domain] = o.direct ? nullptr : relaySet(o.relay, "domain:" + o.domain);
   const auto& t = cfg.delivery.timeouts;
   d.transactionDeadline = t.transaction;
   s.connectTimeout = t.connect;
@@ -122,6 +144,7 @@ struct DeliveryService::Impl final : delivery::Transport {
 
   // --- delivery::Transport ---
   void resolve(const std::string& domain) override;
+  void resolveRelay(const std::string& key, const std::vector<std::string>& hosts) override;
   void connect(const delivery::ConnectRequest& request) override;
   void send(delivery::SessionId id, smtp::OutboundMessage message) override;
   void quit(delivery::SessionId id) override;
@@ -140,7 +163,12 @@ class OutboundConnection final : public net::ConnectionHandler {
       : svc_(svc), req_(req), timer_(svc.lt.loop()), soon_(svc.lt.loop()) {
     smtp::ClientConfig cc;
     cc.heloName = svc.settings.scheduler.hostname;
-    cc.tls = req.tls == delivery::TlsPolicy::Opportunistic ? smtp::ClientTls::Opportunistic : smtp::ClientTls::Required;
+    cc.tls = req.implicitTls                                 ? smtp::ClientTls::Implicit
+             : req.tls == delivery::TlsPolicy::Opportunistic ? smtp::ClientTls::Opportunistic
+                                                             : smtp::ClientTls::Required;
+    // Credentials go only to a relay whose certificate is verified (the config refuses
+    // username without verify; this is the second lock).
+    if (req.tls == delivery::TlsPolicy::Verify) cc.auth = req.auth;
     session_ = std::make_unique<smtp::ClientSession>(cc, svc.settings.timeouts);
     conn_ = std::make_unique<net::Connection>(svc.lt.loop(), this);
   }
@@ -173,6 +201,12 @@ class OutboundConnection final : public net::ConnectionHandler {
       fail(delivery::connectionEndText(delivery::ConnectionEnd::ConnectError, req_.label(), net::errorText(status)));
       return;
     }
+    if (req_.implicitTls) {
+      // RFC 8314 3.3: TLS from the first byte; the greeting comes inside it. The connect
+      // deadline keeps bounding the handshake until the session starts.
+      conn_->startTlsClient(tlsContext(), req_.host);
+      return;
+    }
     session_->onConnected();
     pump();
   }
@@ -183,13 +217,24 @@ class OutboundConnection final : public net::ConnectionHandler {
   void onTlsEstablished() override {
     tlsVersion_ = conn_->tls()->version();
     tlsCipher_ = conn_->tls()->cipher();
-    session_->onTlsEstablished();
+    if (req_.implicitTls && !implicitUp_) {
+      implicitUp_ = true;
+      session_->onConnected();
+    } else {
+      session_->onTlsEstablished();
+    }
     pump();
   }
   void onTlsFailed(std::string_view why) override {
     std::string detail(why);
     if (conn_->tls() && !conn_->tls()->peerVerifyError().empty())
       detail = "certificate: " + conn_->tls()->peerVerifyError();
+    if (req_.implicitTls && !implicitUp_) {
+      // No session yet (it waits for the greeting inside TLS): fail the connection.
+      failure_ = delivery::localFailure("TLS handshake with " + req_.label() + " failed: " + detail, "4.7.5");
+      fail(failure_->text);
+      return;
+    }
     session_->onTlsFailed(detail);
     pump();
   }
@@ -267,7 +312,7 @@ class OutboundConnection final : public net::ConnectionHandler {
           if (!conn_->closing()) conn_->write(sb->bytes);
         } else if (std::holds_alternative<smtp::StartTls>(a)) {
           if (!conn_->closing())
-            conn_->startTlsClient(req_.tls == delivery::TlsPolicy::Verify ? svc_.verifyCtx : svc_.plainCtx, req_.host);
+            conn_->startTlsClient(tlsContext(), req_.host);
         } else if (std::holds_alternative<smtp::CloseConnection>(a)) {
           if (!conn_->closing()) conn_->closeAfterWrite();
         } else if (std::holds_alternative<smtp::SessionReady>(a)) {
@@ -281,8 +326,13 @@ class OutboundConnection final : public net::ConnectionHandler {
     }
   }
 
+  const std::shared_ptr<tls::TlsContext>& tlsContext() const {
+    return req_.tls == delivery::TlsPolicy::Verify ? svc_.verifyCtx : svc_.plainCtx;
+  }
+
   DeliveryService::Impl& svc_;
   delivery::ConnectRequest req_;
+  bool implicitUp_ = false;  // implicit TLS: the handshake finished, the session started
   delivery::AttemptClock clock_;  // which deadline applies, and when
   net::Timer timer_;  // fires at clock_'s deadline: connect, then the stage's
   net::Timer soon_;   // runs pump() on the next loop turn
@@ -298,6 +348,13 @@ class OutboundConnection final : public net::ConnectionHandler {
 void DeliveryService::Impl::resolve(const std::string& domain) {
   routes->resolve(domain, [this, domain](delivery::Route route) {
     scheduler->onRoute(domain, std::move(route));
+    afterEvent();
+  });
+}
+
+void DeliveryService::Impl::resolveRelay(const std::string& key, const std::vector<std::string>& hosts) {
+  routes->resolveHosts(hosts, [this, key](delivery::Route route) {
+    scheduler->onRoute(key, std::move(route));
     afterEvent();
   });
 }

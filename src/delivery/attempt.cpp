@@ -38,12 +38,15 @@ std::string connectionEndText(ConnectionEnd why, const std::string& peer, std::s
   return "connection to " + peer + " closed";
 }
 
-SessionFailure localFailure(std::string text) { return SessionFailure{0, "", std::move(text)}; }
+SessionFailure localFailure(std::string text, std::string enhanced) {
+  return SessionFailure{0, std::move(enhanced), std::move(text), {}};
+}
 
 SessionFailure sessionFailure(const smtp::SessionFailed& failed, const std::string& peer) {
   SessionFailure f;
   f.code = failed.reply.code;
   f.enhanced = failed.reply.enhanced;
+  f.stage = failed.stage;
   f.text = failed.reply.code ? peer + " said: " + failed.reply.summary()
                              : (failed.reply.text.empty() ? failed.stage : failed.reply.text) + " (" + peer + ")";
   return f;

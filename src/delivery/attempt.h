@@ -61,7 +61,7 @@ enum class ConnectionEnd {
 std::string connectionEndText(ConnectionEnd why, const std::string& peer, std::string_view detail = {});
 
 // A local reason (connect trouble, a timeout, an abort): no reply code.
-SessionFailure localFailure(std::string text);
+SessionFailure localFailure(std::string text, std::string enhanced = {});
 // The session gave up on a server reply (its code and enhanced status kept, the text
 // names the peer) or on a stage without one (the reply's text or the stage).
 SessionFailure sessionFailure(const smtp::SessionFailed& failed, const std::string& peer);

@@ -71,6 +71,7 @@ bool isDefiniteNegative(dns::Status s) { return s == dns::Status::NxDomain || s 
 struct HostLookup {
   MxHost host;
   bool literal = false;  // exchange is an address: not looked up (see looksLikeAddress)
+  bool preset = false;   // relay host given as an address (or localhost): v6/v4 filled, no lookup
   dns::Status aaaa = dns::Status::Error;
   dns::Status a = dns::Status::Error;
   std::string aaaaDetail;
@@ -90,6 +91,9 @@ struct Pending {
   std::vector<HostLookup> hosts;
   size_t outstanding = 0;
   bool done = false;
+  // resolveHosts(): configured relays. Every host keeps all its addresses (two relays on
+  // one IP with different ports are different upstreams), and no answer is permanent.
+  bool relay = false;
 };
 
 void deliver(const std::shared_ptr<Pending>& p, Route route) {
@@ -126,7 +130,7 @@ void finish(const std::shared_ptr<Pending>& p) {
     for (const auto* list : {&h.v6, &h.v4}) {
       for (const auto& addr : *list) {
         hadAddresses = true;
-        if (seen.insert(addr).second) host.addresses.push_back(addr);
+        if (p->relay || seen.insert(addr).second) host.addresses.push_back(addr);
       }
     }
     if (!host.addresses.empty()) {
@@ -148,6 +152,12 @@ void finish(const std::shared_ptr<Pending>& p) {
 
   if (anyUsable) {
     route.status = RouteStatus::Ok;
+  } else if (p->relay) {
+    // A relay name that does not resolve is our configuration (or DNS) failing, never a
+    // fact about the recipients: always temporary.
+    route.status = RouteStatus::TempFail;
+    route.enhanced = "4.4.3";
+    route.detail = "no address for any configured relay host: " + why;
   } else if (anyTemporary) {
     route.status = RouteStatus::TempFail;
     route.enhanced = "4.4.3";
@@ -183,13 +193,13 @@ void startAddressLookups(const std::shared_ptr<Pending>& p) {
   // Count first: a resolver that answered inside query() (the interface forbids it)
   // must still not see the count reach zero before every query is out.
   for (const auto& h : p->hosts)
-    if (!h.literal) p->outstanding += 2;
+    if (!h.literal && !h.preset) p->outstanding += 2;
   if (p->outstanding == 0) {
     finish(p);
     return;
   }
   for (size_t i = 0; i < p->hosts.size(); ++i) {
-    if (p->hosts[i].literal) continue;
+    if (p->hosts[i].literal || p->hosts[i].preset) continue;
     const std::string name = p->hosts[i].host.name;
     p->resolver->query(name, dns::QType::AAAA, [p, i](const dns::Answer& a) { onAddress(p, i, dns::QType::AAAA, a); });
     p->resolver->query(name, dns::QType::A, [p, i](const dns::Answer& a) { onAddress(p, i, dns::QType::A, a); });
@@ -315,6 +325,59 @@ void RouteResolver::resolve(const std::string& domain, RouteCallback cb) {
   p->cb = std::move(cb);
   p->rng.seed(rng_());  // one stream per resolve: answers may come back in any order
   resolver_.query(p->domain, dns::QType::MX, [p](const dns::Answer& a) { onMx(p, a); });
+}
+
+void RouteResolver::resolveHosts(const std::vector<std::string>& names, RouteCallback cb) {
+  auto p = std::make_shared<Pending>();
+  p->alive = alive_;
+  p->resolver = &resolver_;
+  p->relay = true;
+  p->cb = std::move(cb);
+  for (const auto& name : names) {
+    HostLookup h;
+    h.host.name = name;
+    in6_addr v6{};
+    in_addr v4{};
+    if (inet_pton(AF_INET6, name.c_str(), &v6) == 1) {
+      h.preset = true;
+      h.v6 = {name};
+    } else if (inet_pton(AF_INET, name.c_str(), &v4) == 1) {
+      h.preset = true;
+      h.v4 = {name};
+    } else if (util::iequals(name, "localhost")) {
+      // RFC 6761 6.3: localhost is the loopback address without asking DNS.
+      h.preset = true;
+      h.v6 = {"::1"};
+      h.v4 = {"127.0.0.1"};
+    } else {
+      h.host.name = normaliseName(name);
+    }
+    p->domain += (p->domain.empty() ? "" : ", ") + h.host.name;
+    p->hosts.push_back(std::move(h));
+  }
+  // With nothing to look up this finishes at once; the scheduler never asks for such a
+  // list (relayRouteWithoutDns() answers it without the resolver).
+  startAddressLookups(p);
+}
+
+std::optional<Route> relayRouteWithoutDns(const std::vector<std::string>& names) {
+  Route r;
+  for (const auto& name : names) {
+    MxHost h;
+    h.name = name;
+    in6_addr v6{};
+    in_addr v4{};
+    if (inet_pton(AF_INET6, name.c_str(), &v6) == 1 || inet_pton(AF_INET, name.c_str(), &v4) == 1)
+      h.addresses = {name};
+    else if (util::iequals(name, "localhost"))
+      h.addresses = {"::1", "127.0.0.1"};
+    else
+      return std::nullopt;
+    r.hosts.push_back(std::move(h));
+  }
+  if (r.hosts.empty()) return std::nullopt;
+  r.status = RouteStatus::Ok;
+  return r;
 }
 
 }  // namespace subrelay::delivery

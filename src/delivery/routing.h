@@ -59,6 +59,11 @@ std::optional<Route> routeForAddressLiteral(const std::string& domain);
 // Also used by RFC 5321 5.1 "if the MX list contains the local host": never route to an
 // address that is loopback unless allowLoopback (tests) is set. Left to the caller.
 
+// Configured relays given only as IP addresses or "localhost" (RFC 6761 6.3: loopback,
+// never asked of DNS): the route, hosts in order, with no lookup. nullopt when any name
+// needs DNS (then RouteResolver::resolveHosts).
+std::optional<Route> relayRouteWithoutDns(const std::vector<std::string>& names);
+
 using RouteCallback = std::function<void(Route)>;
 
 class RouteResolver {
@@ -73,6 +78,12 @@ class RouteResolver {
   // parallel; calls back once with the whole route. The callback always runs from a
   // resolver callback, never inside resolve(). Several resolves may run at once.
   void resolve(const std::string& domain, RouteCallback cb);
+  // Configured relays (delivery.relay): no MX step. Each name in order becomes one host
+  // of the route (hosts[i] is names[i]); an IP address or "localhost" needs no DNS,
+  // others get AAAA and A. Addresses are not de-duplicated across hosts, and a route with
+  // no address at all is TempFail 4.4.3 (never permanent). Calls back like resolve(), but
+  // inside the call when no name needs DNS (use relayRouteWithoutDns() for those lists).
+  void resolveHosts(const std::vector<std::string>& names, RouteCallback cb);
 
  private:
   dns::Resolver& resolver_;

@@ -20,9 +20,12 @@ struct Scheduler::Job {
     std::shared_ptr<const std::string> content;  // read once, when the first job needs it
   };
   std::shared_ptr<Message> meta;
+  // The route key: the recipient domain, or for relayed mail "relay:ID#GENERATION" (all
+  // of a message's relayed recipients, whatever their domains, go in one transaction).
   std::string domain;
   TlsPolicy tls = TlsPolicy::Opportunistic;
   std::vector<queue::DueRecipient> rcpts;
+  std::shared_ptr<const RelaySet> relay;  // set: through these upstreams, not the MX
 };
 
 struct Scheduler::DomainState {
@@ -36,6 +39,7 @@ struct Scheduler::Destination {
   std::string key;
   Route route;  // the latest route of any of its domains
   TlsPolicy tls = TlsPolicy::Opportunistic;
+  std::shared_ptr<const RelaySet> relay;  // route.hosts[i] is relay->hosts[i]
   std::deque<Job> jobs;
   uint32_t sessions = 0;
   uint32_t working = 0;  // sessions that reached Ready at least once and are still open
@@ -48,6 +52,7 @@ struct Scheduler::Session {
   Route route;  // as when the session started
   TlsPolicy tls = TlsPolicy::Opportunistic;
   uint16_t port = 25;
+  std::shared_ptr<const RelaySet> relay;
   size_t host = 0, addr = 0;  // the next address to try
   State state = State::Connecting;
   bool everReady = false;
@@ -75,6 +80,15 @@ std::string ConnectRequest::label() const {
   return host + " [" + a + "]:" + std::to_string(port);
 }
 
+std::string relayDestinationKey(const RelaySet& relay, uint64_t generation) {
+  std::string key = "relay|" + relay.id + "#" + std::to_string(generation);
+  for (const auto& h : relay.hosts) {
+    key += "|" + h.host + ":" + std::to_string(h.port) + (h.implicitTls ? "/implicit" : "/starttls");
+    if (!h.verify) key += "/noverify";
+  }
+  return key;
+}
+
 std::string destinationKey(const Route& route, TlsPolicy tls) {
   std::vector<std::string> names;
   for (const auto& h : route.hosts)
@@ -92,7 +106,18 @@ Scheduler::Scheduler(queue::DeliveryQueue& queue, Transport& transport, const ut
 
 Scheduler::~Scheduler() = default;
 
-void Scheduler::reconfigure(SchedulerSettings settings) { settings_ = std::move(settings); }
+void Scheduler::reconfigure(SchedulerSettings settings) {
+  settings_ = std::move(settings);
+  ++generation_;
+}
+
+std::shared_ptr<const RelaySet> Scheduler::relayFor(const std::string& account, const std::string& domain) const {
+  // Postfix's order: transport_maps (a domain's route) before
+  // sender_dependent_relayhost_maps (the tenant's) before relayhost.
+  if (auto it = settings_.domainRelays.find(domain); it != settings_.domainRelays.end()) return it->second;
+  if (auto it = settings_.accountRelays.find(account); it != settings_.accountRelays.end()) return it->second;
+  return settings_.relay;
+}
 
 TlsPolicy Scheduler::tlsFor(const std::string& domain) const {
   auto it = settings_.tlsOverrides.find(domain);
@@ -141,18 +166,34 @@ void Scheduler::pull() {
     meta->due = std::move(m);
     leased_ += meta->due.recipients.size();
     // One job per recipient domain: those recipients share the route and one transaction.
-    std::map<std::string, std::vector<queue::DueRecipient>> byDomain;
-    for (const auto& r : meta->due.recipients) byDomain[util::toLower(util::domainPart(r.address))].push_back(r);
-    for (auto& [domain, rcpts] : byDomain) {
+    // Relayed recipients share the relay instead, whatever their domains.
+    std::map<std::string, Job> byRoute;
+    for (const auto& r : meta->due.recipients) {
+      const std::string domain = util::toLower(util::domainPart(r.address));
+      auto relay = relayFor(meta->due.account, domain);
+      const std::string key = relay ? "relay:" + relay->id + "#" + std::to_string(generation_) : domain;
+      auto [it, inserted] = byRoute.try_emplace(key);
+      Job& j = it->second;
+      if (inserted) {
+        j.meta = meta;
+        j.domain = key;
+        j.relay = relay;
+        // A relay's own tls/verify decide per host (connectNext); the job's value only
+        // has to match its destination's.
+        j.tls = relay ? TlsPolicy::Verify : tlsFor(domain);
+      }
+      j.rcpts.push_back(r);
+    }
+    for (auto& [key, job] : byRoute) {
       ++queuedJobs_;
-      routeJob(Job{meta, domain, tlsFor(domain), std::move(rcpts)});
+      routeJob(std::move(job));
     }
   }
 }
 
 void Scheduler::routeJob(Job job) {
   // user@[192.0.2.1]: the address literal is the route (RFC 5321 4.1.3), no DNS.
-  if (auto literal = routeForAddressLiteral(job.domain)) {
+  if (auto literal = job.relay ? std::nullopt : routeForAddressLiteral(job.domain)) {
     auto& ds = domains_[job.domain];
     if (!ds) ds = std::make_unique<DomainState>();
     ds->waiting.push_back(std::move(job));
@@ -171,10 +212,21 @@ void Scheduler::routeJob(Job job) {
     }
   }
   ds->waiting.push_back(std::move(job));
-  if (!ds->resolving) {
+  if (ds->resolving) return;
+  const Job& j = ds->waiting.back();
+  if (!j.relay) {
     ds->resolving = true;
-    transport_.resolve(ds->waiting.back().domain);
+    transport_.resolve(j.domain);
+    return;
   }
+  std::vector<std::string> names;
+  for (const auto& h : j.relay->hosts) names.push_back(h.host);
+  if (auto direct = relayRouteWithoutDns(names)) {
+    onRoute(j.domain, std::move(*direct));
+    return;
+  }
+  ds->resolving = true;
+  transport_.resolveRelay(j.domain, names);
 }
 
 void Scheduler::onRoute(const std::string& domain, Route resolved) {
@@ -184,9 +236,21 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
   ds.resolving = false;
   std::deque<Job> jobs = std::move(ds.waiting);
   ds.waiting.clear();
-  // delivery.allow_private_destinations: internal, loopback and our own addresses are no
-  // destination for a tenant's mail (address literals included).
-  Route route = applyDestinationPolicy(std::move(resolved), settings_.destinations);
+  std::shared_ptr<const RelaySet> relay = jobs.empty() ? nullptr : jobs.front().relay;
+  Route route;
+  if (relay) {
+    // A configured relay is trusted: company relays sit on 10.x or loopback, so the
+    // destination policy is not applied. Its trouble is never the recipients' fault.
+    route = std::move(resolved);
+    if (route.status == RouteStatus::PermFail) {
+      route.status = RouteStatus::TempFail;
+      route.enhanced = "4.4.3";
+    }
+  } else {
+    // delivery.allow_private_destinations: internal, loopback and our own addresses are no
+    // destination for a tenant's mail (address literals included).
+    route = applyDestinationPolicy(std::move(resolved), settings_.destinations);
+  }
   if (route.status != RouteStatus::Ok) {
     const bool perm = route.status == RouteStatus::PermFail;
     util::logInfo("delivery", "route domain=" + domain + " result=" + (perm ? "failed" : "deferred") + " detail=\"" +
@@ -202,12 +266,13 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
     return;
   }
   for (auto& j : jobs) {
-    const std::string key = destinationKey(route, j.tls);
+    const std::string key = j.relay ? relayDestinationKey(*j.relay, generation_) : destinationKey(route, j.tls);
     auto& d = destinations_[key];
     if (!d) {
       d = std::make_unique<Destination>();
       d->key = key;
       d->tls = j.tls;
+      d->relay = j.relay;
     }
     d->route = route;
     ds.destination = key;
@@ -255,6 +320,7 @@ void Scheduler::openSession(Destination& d) {
   s->route = d.route;
   s->tls = d.tls;
   s->port = settings_.port;
+  s->relay = d.relay;
   ++d.sessions;
   Session& ref = *s;
   sessions_[s->id] = std::move(s);
@@ -278,6 +344,16 @@ void Scheduler::connectNext(Session& s) {
   }
   const auto& h = s.route.hosts[s.host];
   s.current = ConnectRequest{s.id, h.name, h.addresses[s.addr++], s.port, s.tls};
+  if (s.relay && s.host < s.relay->hosts.size()) {
+    const RelayHost& r = s.relay->hosts[s.host];
+    s.current.host = r.host;
+    s.current.port = r.port;
+    // Always TLS; verify:false still refuses clear text (and carries no credentials).
+    s.current.tls = r.verify ? TlsPolicy::Verify : TlsPolicy::Required;
+    s.current.implicitTls = r.implicitTls;
+    s.current.auth = r.verify ? r.auth : nullptr;
+    s.current.relay = r.origin;
+  }
   s.state = Session::State::Connecting;
   s.tlsVersion.clear();
   s.tlsCipher.clear();
@@ -359,7 +435,7 @@ void Scheduler::onTransactionDone(SessionId id, const std::vector<smtp::Recipien
   if (!s.job) return;
   Job job = std::move(*s.job);
   s.job.reset();
-  record(job, results, s.current.label(), s.tlsVersion, s.tlsCipher);
+  record(job, results, s.current.label(), s.tlsVersion, s.tlsCipher, s.current.relay);
   if (job.meta.use_count() == 1) job.meta->content.reset();
   if (!canContinue) {
     s.state = Session::State::Quitting;  // onSessionEnded follows
@@ -377,8 +453,25 @@ void Scheduler::onSessionEnded(SessionId id, std::optional<SessionFailure> failu
   if (s.job) {
     const SessionFailure& f = s.lastFailure;
     failJob(*s.job, smtp::Outcome::TempFail, f.code, f.enhanced.empty() ? "4.4.2" : f.enhanced,
-            f.text.empty() ? "connection lost" : f.text, s.current.label());
+            f.text.empty() ? "connection lost" : f.text, s.current.label(), s.current.relay);
     s.job.reset();
+  }
+  if (s.relay && !s.everReady && failure && !s.current.relay.empty()) {
+    // The operator must see a refused login at once: it will not fix itself, and the
+    // mail waits (deferred) until the password is corrected.
+    if (failure->stage == "auth") {
+      util::LogEvent ev(util::LogLevel::Warn, "delivery", "relay-auth-failed");
+      ev.field("relay", s.current.relay).mx(s.current.label());
+      if (s.current.auth) ev.field("user", s.current.auth->username);
+      ev.reply(failure->text).field("hint", "check " + s.current.relay + ".username and .password_file");
+      ev.emit();
+    } else {
+      util::LogEvent(util::LogLevel::Info, "delivery", "relay-failover")
+          .field("relay", s.current.relay)
+          .mx(s.current.label())
+          .field("error", failure->text)
+          .emit();
+    }
   }
   if (!s.everReady && failure && !stopping_ && !s.aborted) {
     connectNext(s);  // may end the session
@@ -407,7 +500,7 @@ void Scheduler::endSession(SessionId id) {
       util::logInfo("delivery", "unreachable destination=" + d.key + " error=\"" + util::sanitizeForLog(why) + "\"");
       while (!d.jobs.empty()) {
         failJob(d.jobs.front(), smtp::Outcome::TempFail, f.code, f.enhanced.empty() ? "4.4.1" : f.enhanced, why,
-                s->current.label());
+                s->current.label(), s->current.relay);
         d.jobs.pop_front();
         --queuedJobs_;
       }
@@ -454,7 +547,7 @@ void Scheduler::checkDeadlines() {
 // ---- results --------------------------------------------------------------------------
 
 void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& mx,
-                       const std::string& tlsVersion, const std::string& tlsCipher) {
+                       const std::string& tlsVersion, const std::string& tlsCipher, const std::string& relay) {
   const int64_t now = unixNow(clock_);
   const auto& m = job.meta->due;
   for (const auto& rr : results) {
@@ -526,6 +619,7 @@ void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>&
     ev.number("attempt", rcpt->attempts + 1);
     if (rec.newState == queue::RecipientState::Deferred) ev.field("next", util::isoUtc(rec.nextAttempt));
     ev.status(rec.lastStatus.str()).reply(summary).account(m.account);
+    if (!relay.empty()) ev.field("relay", relay);
     ev.emit();
     pending_.push_back(std::move(rec));
   }
@@ -537,7 +631,7 @@ void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>&
 }
 
 void Scheduler::failJob(const Job& job, smtp::Outcome outcome, int code, const std::string& enhanced,
-                        const std::string& text, const std::string& mx) {
+                        const std::string& text, const std::string& mx, const std::string& relay) {
   std::vector<smtp::RecipientResult> rs;
   for (const auto& r : job.rcpts) {
     smtp::RecipientResult rr;
@@ -549,7 +643,7 @@ void Scheduler::failJob(const Job& job, smtp::Outcome outcome, int code, const s
     rr.stage = "connect";
     rs.push_back(std::move(rr));
   }
-  record(job, rs, mx, "", "");
+  record(job, rs, mx, "", "", relay);
 }
 
 void Scheduler::flush() {

@@ -43,6 +43,25 @@ namespace subrelay::delivery {
 
 enum class TlsPolicy { Opportunistic, Required, Verify };
 
+// A configured smarthost (delivery.relay[i], accounts[].relay[i]): always TLS, verified
+// unless the operator said otherwise, with AUTH when credentials are set.
+struct RelayHost {
+  std::string host;  // name or IP literal; the certificate name for verify
+  uint16_t port = 587;
+  bool implicitTls = false;  // TLS from the first byte (465) instead of STARTTLS
+  bool verify = true;
+  std::shared_ptr<const smtp::ClientAuth> auth;
+  std::string origin;  // "delivery.relay[0]": names the entry in logs and hints
+};
+
+// One relay list, tried in order (failover). id: "delivery.relay", "account:NAME" or
+// "domain:NAME"; it keeps tenants with identical lists on separate connections (each
+// authenticates as itself).
+struct RelaySet {
+  std::string id;
+  std::vector<RelayHost> hosts;
+};
+
 struct SchedulerSettings {
   std::string hostname;            // EHLO name, Reporting-MTA of DSNs
   uint16_t port = 25;
@@ -71,6 +90,13 @@ struct SchedulerSettings {
   size_t maxQueuedJobs = 2000; // jobs held in memory before leasing more
   size_t flushBatch = 256;     // results that force a flush at once
   size_t dsnBatch = 50;        // messages per DSN pass
+  // Smarthosts. Precedence for a recipient: domainRelays[domain] (nullptr there means
+  // direct MX delivery), then accountRelays[account], then relay, then direct. A relay is
+  // configured by the operator and trusted: the destination policy does not apply to it,
+  // and delivery.tls / tls_policy_overrides do not either (the relay's tls and verify do).
+  std::shared_ptr<const RelaySet> relay;
+  std::map<std::string, std::shared_ptr<const RelaySet>> accountRelays;
+  std::map<std::string, std::shared_ptr<const RelaySet>> domainRelays;
 };
 
 using SessionId = uint64_t;
@@ -81,6 +107,9 @@ struct ConnectRequest {
   std::string ip;
   uint16_t port = 25;
   TlsPolicy tls = TlsPolicy::Opportunistic;
+  bool implicitTls = false;                      // relays on 465
+  std::shared_ptr<const smtp::ClientAuth> auth;  // relays with credentials (only with Verify)
+  std::string relay;                             // the relay's origin; "" for MX delivery
   std::string label() const;  // "mx.example.com [192.0.2.1]:25"
 };
 
@@ -90,12 +119,15 @@ struct SessionFailure {
   int code = 0;
   std::string enhanced;
   std::string text;
+  std::string stage;  // smtp::SessionFailed::stage when the session gave up ("auth", ...)
 };
 
 class Transport {
  public:
   virtual ~Transport() = default;
   virtual void resolve(const std::string& domain) = 0;                 // -> onRoute
+  // A relay list's host names (RouteResolver::resolveHosts) -> onRoute(key, route).
+  virtual void resolveRelay(const std::string& key, const std::vector<std::string>& hosts) = 0;
   virtual void connect(const ConnectRequest& request) = 0;             // -> onReady | onSessionEnded
   virtual void send(SessionId id, smtp::OutboundMessage message) = 0;  // -> onTransactionDone
   virtual void quit(SessionId id) = 0;                                 // -> onSessionEnded
@@ -133,6 +165,7 @@ class Scheduler {
   bool refillWanted() const;
   void refill();
 
+  // domain: as passed to resolve(), or the key passed to resolveRelay().
   void onRoute(const std::string& domain, Route route);
   void onReady(SessionId id, const std::string& tlsVersion, const std::string& tlsCipher);
   // canContinue: the connection is still usable for another transaction (false when the
@@ -170,12 +203,13 @@ class Scheduler {
   void feedIdle(Destination& d);  // queued jobs to the destination's idle connections
   void endSession(SessionId id);
   void record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& mx,
-              const std::string& tlsVersion, const std::string& tlsCipher);
+              const std::string& tlsVersion, const std::string& tlsCipher, const std::string& relay = {});
   void failJob(const Job& job, smtp::Outcome outcome, int code, const std::string& enhanced, const std::string& text,
-               const std::string& mx);
+               const std::string& mx, const std::string& relay = {});
   void processDsns();
   void checkDeadlines();
   TlsPolicy tlsFor(const std::string& domain) const;
+  std::shared_ptr<const RelaySet> relayFor(const std::string& account, const std::string& domain) const;
 
   queue::DeliveryQueue& queue_;
   Transport& transport_;
@@ -191,9 +225,16 @@ class Scheduler {
   size_t leased_ = 0;
   bool moreDue_ = false;
   bool stopping_ = false;
+  // Bumped by reconfigure(): relay routes and destinations carry it, so new jobs use the
+  // new relay settings (hosts, credentials) at once while old sessions finish.
+  uint64_t generation_ = 0;
   std::chrono::steady_clock::time_point lastPull_{};
   std::vector<queue::AttemptRecord> pending_;
 };
+
+// The key of a relay destination: the set's id, the configuration generation and each
+// host's name, port and TLS mode. Never the password (keys appear in log lines).
+std::string relayDestinationKey(const RelaySet& relay, uint64_t generation);
 
 // The key of a destination: the TLS policy and the sorted MX host names with usable
 // addresses (an address literal: its address). Domains with the same key share

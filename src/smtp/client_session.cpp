@@ -593,8 +593,8 @@ struct ClientSession::Impl {
       ServerReply mapped;
       mapped.code = 0;
       mapped.enhanced = "4.7.8";
-      mapped.text = "the relay refused authentication as \"" + util::sanitizeForLog(cfg.auth->username, 80) +
-                    "\": " + r.summary();
+      mapped.text = "the relay refused authentication as user " + util::sanitizeForLog(cfg.auth->username, 80) +
+                    ": " + r.summary();
       fail(std::move(mapped), "auth", Outcome::TempFail, true);
       return;
     }

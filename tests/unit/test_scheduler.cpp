@@ -31,6 +31,7 @@ struct FakeRcpt {
 struct FakeMsg {
   std::string id;
   std::string mailFrom = "app@shop.example";
+  std::string account = "acct";
   int64_t receivedAt = 0;
   bool isDsn = false;
   std::string content = "Subject: hi\r\n\r\nbody\r\n";
@@ -83,7 +84,7 @@ class FakeQueue final : public queue::DeliveryQueue {
       }
       if (d.recipients.empty()) continue;
       d.id = m.id;
-      d.account = "acct";
+      d.account = m.account;
       d.mailFrom = m.mailFrom;
       d.size = int64_t(m.content.size());
       d.receivedAt = m.receivedAt;
@@ -164,7 +165,7 @@ class FakeQueue final : public queue::DeliveryQueue {
   static queue::MessageInfo infoOf(const FakeMsg& m, Pred keep) {
     queue::MessageInfo info;
     info.id = m.id;
-    info.account = "acct";
+    info.account = m.account;
     info.mailFrom = m.mailFrom;
     info.receivedAt = m.receivedAt;
     info.isDsn = m.isDsn;
@@ -198,6 +199,7 @@ class FakeQueue final : public queue::DeliveryQueue {
 class FakeTransport final : public Transport {
  public:
   std::vector<std::string> resolves;
+  std::vector<std::pair<std::string, std::vector<std::string>>> relayResolves;  // key, hosts
   std::vector<ConnectRequest> connects;
   std::map<SessionId, smtp::OutboundMessage> sending;  // sent, no result yet
   std::vector<SessionId> quits;
@@ -207,6 +209,9 @@ class FakeTransport final : public Transport {
   int flushes = 0;
 
   void resolve(const std::string& domain) override { resolves.push_back(domain); }
+  void resolveRelay(const std::string& key, const std::vector<std::string>& hosts) override {
+    relayResolves.emplace_back(key, hosts);
+  }
   void connect(const ConnectRequest& r) override {
     connects.push_back(r);
     open.insert(r.id);
@@ -760,4 +765,177 @@ TEST_CASE("WriteBehindQueue: results are committed by the writer thread, failure
   CHECK(writes.recorded.size() == 2);
   CHECK(writes.recorded[0].index == 0);  // order kept across the retry
   CHECK(writes.doubleLeases == 0);
+}
+
+// ---- smarthosts (issue 12) ---------------------------------------------------------------
+
+namespace {
+
+std::shared_ptr<const RelaySet> relays(std::string id, std::vector<RelayHost> hosts) {
+  auto r = std::make_shared<RelaySet>();
+  r->id = std::move(id);
+  r->hosts = std::move(hosts);
+  return r;
+}
+
+RelayHost relayHost(std::string host, uint16_t port, std::string origin, bool implicit = false,
+                    std::string user = "relayuser", bool verify = true) {
+  RelayHost h;
+  h.host = std::move(host);
+  h.port = port;
+  h.implicitTls = implicit;
+  h.verify = verify;
+  if (!user.empty()) h.auth = std::make_shared<smtp::ClientAuth>(smtp::ClientAuth{user, "pw-" + user});
+  h.origin = std::move(origin);
+  return h;
+}
+
+}  // namespace
+
+TEST_CASE("scheduler: a relay on loopback takes every domain in one transaction, no MX lookup, no policy") {
+  Bed b;
+  b.settings.relay = relays("delivery.relay", {relayHost("127.0.0.1", 2525, "delivery.relay[0]")});
+  b.q.add("m1", {"a@example.org", "b@gmail.example", "c@[192.0.2.9]"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  CHECK(b.t.resolves.empty());
+  CHECK(b.t.relayResolves.empty());  // an IP needs no DNS
+  REQUIRE(b.t.connects.size() == 1);
+  const ConnectRequest& c = b.t.connects[0];
+  CHECK(c.ip == "127.0.0.1");
+  CHECK(c.port == 2525);
+  CHECK(c.tls == TlsPolicy::Verify);
+  CHECK(c.relay == "delivery.relay[0]");
+  REQUIRE(c.auth);
+  CHECK(c.auth->username == "relayuser");
+  CHECK(c.label() == "127.0.0.1 [127.0.0.1]:2525");
+  b.readyAll();
+  REQUIRE(b.t.sending.size() == 1);
+  CHECK(b.t.sending.begin()->second.recipients.size() == 3);
+  b.answerAll(smtp::Outcome::Delivered);
+  s.flush();
+  CHECK(b.q.inState(RecipientState::Delivered) == 3);
+}
+
+TEST_CASE("scheduler: relay failover walks the list in order with each host's port, TLS and credentials") {
+  Bed b;
+  b.settings.relay = relays("delivery.relay", {relayHost("smtp1.provider.example", 587, "delivery.relay[0]"),
+                                               relayHost("smtp2.provider.example", 465, "delivery.relay[1]", true, "other")});
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  REQUIRE(b.t.relayResolves.size() == 1);
+  const std::string key = b.t.relayResolves[0].first;
+  CHECK(b.t.relayResolves[0].second == std::vector<std::string>{"smtp1.provider.example", "smtp2.provider.example"});
+  s.onRoute(key, routeTo({{"smtp1.provider.example", {"10.0.0.1"}}, {"smtp2.provider.example", {"10.0.0.1"}}}));
+  REQUIRE(b.t.connects.size() == 1);
+  CHECK(b.t.connects[0].port == 587);
+  CHECK_FALSE(b.t.connects[0].implicitTls);
+  s.onSessionEnded(b.t.connects[0].id, SessionFailure{0, "", "connect to 10.0.0.1:587: refused", ""});
+  REQUIRE(b.t.connects.size() == 2);  // the same IP on another port is another upstream
+  CHECK(b.t.connects[1].ip == "10.0.0.1");
+  CHECK(b.t.connects[1].port == 465);
+  CHECK(b.t.connects[1].implicitTls);
+  CHECK(b.t.connects[1].auth->username == "other");
+  CHECK(b.t.connects[1].relay == "delivery.relay[1]");
+  b.readyAll();
+  b.answerAll(smtp::Outcome::Delivered);
+  s.flush();
+  CHECK(b.q.inState(RecipientState::Delivered) == 1);
+}
+
+TEST_CASE("scheduler: a refused relay login defers everything for that relay once, with 4.7.8 and no DSN") {
+  Bed b;
+  b.settings.relay = relays("delivery.relay", {relayHost("127.0.0.1", 2525, "delivery.relay[0]")});
+  b.settings.maxPerDestination = 1;
+  for (int i = 0; i < 5; ++i) b.q.add("m" + std::to_string(i), {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  REQUIRE(b.t.connects.size() == 1);
+  s.onSessionEnded(b.t.connects[0].id,
+                   SessionFailure{0, "4.7.8", "the relay refused authentication as user relayuser: 535 5.7.8 no", "auth"});
+  s.flush();
+  s.tick();
+  CHECK(b.t.connects.size() == 1);  // not one connection per message
+  CHECK(b.q.inState(RecipientState::Deferred) == 5);
+  CHECK(b.q.rcpt("m3", 0).lastStatus.str() == "4.7.8");
+  CHECK(b.q.rcpt("m3", 0).lastError.find("535 5.7.8") != std::string::npos);
+  CHECK(b.q.rcpt("m3", 0).lastError.find("pw-") == std::string::npos);
+  CHECK(b.q.dsns.empty());
+}
+
+TEST_CASE("scheduler: relay precedence: domain override, then account, then delivery.relay; direct goes to the MX") {
+  Bed b;
+  b.settings.relay = relays("delivery.relay", {relayHost("10.0.0.1", 587, "delivery.relay[0]")});
+  b.settings.accountRelays["tenant"] = relays("account:tenant", {relayHost("10.0.0.2", 587, "accounts[1].relay[0]")});
+  b.settings.domainRelays["internal.example"] = relays("domain:internal.example", {relayHost("10.0.0.3", 25, "o")});
+  b.settings.domainRelays["example.org"] = nullptr;  // "direct"
+  b.q.add("m1", {"a@other.example", "b@internal.example", "c@example.org"}, b.now());
+  b.q.add("m2", {"d@other.example"}, b.now());
+  b.q.msgs[1].account = "tenant";
+  Scheduler& s = b.start();
+  s.tick();
+  CHECK(b.t.resolves == std::vector<std::string>{"example.org"});
+  std::set<std::string> ips;
+  for (const auto& c : b.t.connects) ips.insert(c.ip + ":" + std::to_string(c.port));
+  CHECK(ips == std::set<std::string>{"10.0.0.1:587", "10.0.0.2:587", "10.0.0.3:25"});
+}
+
+TEST_CASE("scheduler: two tenants with identical relay lists never share a connection") {
+  Bed b;
+  auto host = relayHost("10.0.0.1", 587, "x");
+  b.settings.accountRelays["t1"] = relays("account:t1", {host});
+  b.settings.accountRelays["t2"] = relays("account:t2", {host});
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.add("m2", {"b@example.org"}, b.now());
+  b.q.msgs[0].account = "t1";
+  b.q.msgs[1].account = "t2";
+  Scheduler& s = b.start();
+  s.tick();
+  CHECK(b.t.connects.size() == 2);
+  CHECK(s.stats().destinations == 2);
+}
+
+TEST_CASE("scheduler: a relay name that does not resolve defers (4.4.3), never bounces") {
+  Bed b;
+  b.settings.relay = relays("delivery.relay", {relayHost("smtp.nowhere.example", 587, "delivery.relay[0]")});
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  REQUIRE(b.t.relayResolves.size() == 1);
+  Route r;
+  r.status = RouteStatus::PermFail;
+  r.enhanced = "5.4.4";
+  r.detail = "no address for any configured relay host: smtp.nowhere.example: AAAA nxdomain, A nxdomain";
+  s.onRoute(b.t.relayResolves[0].first, r);
+  s.flush();
+  CHECK(b.q.rcpt("m1", 0).state == RecipientState::Deferred);
+  CHECK(b.q.rcpt("m1", 0).lastStatus.str() == "4.4.3");
+}
+
+TEST_CASE("scheduler: after reconfigure, new relay jobs use a new destination") {
+  Bed b;
+  b.settings.relay = relays("delivery.relay", {relayHost("10.0.0.1", 587, "delivery.relay[0]")});
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  REQUIRE(b.t.connects.size() == 1);
+  CHECK(b.t.connects[0].auth->password == "pw-relayuser");
+  SchedulerSettings next = b.settings;
+  next.relay = relays("delivery.relay", {relayHost("10.0.0.1", 587, "delivery.relay[0]", false, "newuser")});
+  s.reconfigure(next);
+  b.q.add("m2", {"b@example.org"}, b.now());
+  b.clock.advance(std::chrono::seconds(1));
+  s.tick();
+  REQUIRE(b.t.connects.size() == 2);
+  CHECK(b.t.connects[1].auth->username == "newuser");
+  CHECK(s.stats().destinations == 2);
+}
+
+TEST_CASE("relayDestinationKey: id, generation, hosts; never the password") {
+  auto r = relays("account:t1", {relayHost("smtp.example", 465, "x", true, "u")});
+  const std::string k = relayDestinationKey(*r, 3);
+  CHECK(k == "relay|account:t1#3|smtp.example:465/implicit");
+  CHECK(k.find("pw-u") == std::string::npos);
+  CHECK(relayDestinationKey(*r, 4) != k);
 }
