@@ -14,7 +14,7 @@ BUILD_PACKAGES=(
 TEST_PACKAGES=(
   clang libclang-rt-14-dev sqlite3 python3 swaks libio-socket-inet6-perl
   python3-aiosmtpd python3-aiosmtplib python3-dkim python3-dnspython
-  unbound postfix libsasl2-modules opendkim opendkim-tools bind9-dnsutils ldnsutils
+  unbound postfix libsasl2-modules sasl2-bin libsasl2-modules-db opendkim opendkim-tools bind9-dnsutils ldnsutils
   libnet-ssleay-perl golang-go iproute2 python3-prometheus-client
   systemd strace groff-base man-db dpkg-dev adduser
 )

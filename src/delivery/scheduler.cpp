@@ -43,6 +43,11 @@ struct Scheduler::Destination {
   std::deque<Job> jobs;
   uint32_t sessions = 0;
   uint32_t working = 0;  // sessions that reached Ready at least once and are still open
+  // A session failed before it was ever ready and none works: open no more connections;
+  // when the last one ends, the waiting jobs are deferred together. Cleared by a session
+  // that becomes ready. Without it, parallel sessions failing one after another (a relay
+  // refusing our login) would each start a replacement, for ever.
+  bool unreachable = false;
 };
 
 struct Scheduler::Session {
@@ -299,7 +304,8 @@ void Scheduler::dispatch() {
       // More connections only while jobs outnumber the connections that will take them.
       const size_t idleWanted = d->jobs.size();
       const uint32_t connecting = busy - std::min(busy, d->working);
-      if (d->sessions < settings_.maxPerDestination && idleWanted > connecting) wanting.push_back(d.get());
+      if (d->sessions < settings_.maxPerDestination && idleWanted > connecting && !d->unreachable)
+        wanting.push_back(d.get());
     }
     if (wanting.empty()) return;
     // Start after the destination served last.
@@ -369,7 +375,10 @@ void Scheduler::onReady(SessionId id, const std::string& tlsVersion, const std::
   if (!s.everReady) {
     s.everReady = true;
     s.readyAt = clock_.now();
-    if (auto d = destinations_.find(s.destination); d != destinations_.end()) ++d->second->working;
+    if (auto d = destinations_.find(s.destination); d != destinations_.end()) {
+      ++d->second->working;
+      d->second->unreachable = false;
+    }
   }
   takeJob(s);
 }
@@ -463,13 +472,15 @@ void Scheduler::onSessionEnded(SessionId id, std::optional<SessionFailure> failu
       util::LogEvent ev(util::LogLevel::Warn, "delivery", "relay-auth-failed");
       ev.field("relay", s.current.relay).mx(s.current.label());
       if (s.current.auth) ev.field("user", s.current.auth->username);
-      ev.reply(failure->text).field("hint", "check " + s.current.relay + ".username and .password_file");
+      ev.reply(failure->text)
+          .field("hint", "hint", "check " + s.current.relay + ".username and .password_file",
+                 util::LogEvent::Style::Quoted);
       ev.emit();
     } else {
       util::LogEvent(util::LogLevel::Info, "delivery", "relay-failover")
           .field("relay", s.current.relay)
           .mx(s.current.label())
-          .field("error", failure->text)
+          .field("error", "error", failure->text, util::LogEvent::Style::Quoted)
           .emit();
     }
   }
@@ -494,7 +505,8 @@ void Scheduler::endSession(SessionId id) {
     // Every address of the route failed before a greeting, and no other connection to the
     // destination works: the jobs waiting for it share this verdict (retried later)
     // instead of each trying the same dead hosts.
-    if (!s->everReady && !s->aborted && d.working == 0 && d.sessions == 0 && !stopping_) {
+    if (!s->everReady && !s->aborted && d.working == 0 && !stopping_) d.unreachable = true;
+    if (d.unreachable && d.working == 0 && d.sessions == 0 && !stopping_) {
       const SessionFailure& f = s->lastFailure;
       std::string why = f.text.empty() ? "no reachable mail exchanger" : f.text;
       util::logInfo("delivery", "unreachable destination=" + d.key + " error=\"" + util::sanitizeForLog(why) + "\"");

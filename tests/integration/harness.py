@@ -263,18 +263,20 @@ def hash_password(password):
 
 
 class Account:
-    def __init__(self, username, password, senders, mode="capture", rate_limits=None):
+    def __init__(self, username, password, senders, mode="capture", rate_limits=None, extra=None):
         self.username = username
         self.password = password
         self.senders = list(senders)
         self.mode = mode
         self.rate_limits = rate_limits
+        self.extra = dict(extra or {})  # more accounts[] keys, e.g. {"relay": [...]}
 
     def to_json(self):
         j = {"username": self.username, "password_hash": hash_password(self.password),
              "senders": self.senders, "mode": self.mode}
         if self.rate_limits:
             j["rate_limits"] = dict(self.rate_limits)
+        j.update(self.extra)
         return j
 
 

@@ -790,6 +790,77 @@ class PostfixMx(_Peer):
         return out
 
 
+class PostfixRelay(PostfixMx):
+    """A PostfixMx that acts as a smarthost: it relays only for clients that authenticated
+    with Cyrus SASL (sasldb, PLAIN and LOGIN), and only inside TLS (smtpd_tls_auth_only).
+    Loopback clients get no free pass (mynetworks is empty).
+
+    users:        {"name": "password"} in the sasldb, realm relay.test.
+    wrappermode:  addresses that speak TLS from the first byte (port 465 style).
+    Every other argument is PostfixMx's; STARTTLS is required on the other addresses.
+    Needs sasl2-bin (saslpasswd2) and libsasl2-modules-db (scripts/lib/deps.sh)."""
+
+    prefix = "subrelay-postfix-relay-"
+    REALM = "relay.test"
+
+    def __init__(self, addresses, users, wrappermode=(), **kw):
+        super().__init__(addresses, **kw)
+        self.users = dict(users)
+        self.wrappermode = {parse_address(a) for a in wrappermode}
+        self.require_tls |= set(self.addresses) - self.wrappermode
+        self.sasl_dir = os.path.join(self.conf_dir, "sasl")
+        self.sasldb = os.path.join(self.dir, "sasldb2")
+
+    def __repr__(self):
+        return f"PostfixRelay({[format_address(*a) for a in self.addresses]}, dir={self.dir})"
+
+    def main_cf_settings(self):
+        cf = super().main_cf_settings()
+        cf.update({
+            "mynetworks": "",
+            "smtpd_sasl_auth_enable": "yes",
+            "smtpd_sasl_type": "cyrus",
+            "smtpd_sasl_path": "smtpd",
+            "cyrus_sasl_config_path": self.sasl_dir,
+            "smtpd_sasl_local_domain": self.REALM,
+            "smtpd_sasl_security_options": "noanonymous",
+            "smtpd_tls_auth_only": "yes",
+            "smtpd_sasl_authenticated_header": "yes",
+            "smtpd_relay_restrictions": "permit_sasl_authenticated, reject",
+        })
+        cf.update(self.main_cf_extra)
+        return cf
+
+    def master_cf(self):
+        text = super().master_cf()
+        for addr in self.wrappermode:
+            head = f"{format_address(*addr)} inet n - n - - smtpd"
+            text = text.replace(head, head + " -o smtpd_tls_wrappermode=yes", 1)
+        return text
+
+    def start(self, timeout=20):
+        if self.started:
+            return self
+        if shutil.which("saslpasswd2") is None:
+            raise PeerError("saslpasswd2 is missing (sasl2-bin; scripts/lib/deps.sh installs it)")
+        # Debian's smtpd reads smtpd.conf from $config_directory/sasl, whatever
+        # cyrus_sasl_config_path says; it is written there.
+        os.makedirs(self.sasl_dir, exist_ok=True)
+        with open(os.path.join(self.sasl_dir, "smtpd.conf"), "w") as f:
+            f.write(f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {self.sasldb}\n"
+                    "mech_list: PLAIN LOGIN\n")
+        for user, password in self.users.items():
+            subprocess.run(["saslpasswd2", "-c", "-p", "-f", self.sasldb, "-u", self.REALM, user],
+                           input=password.encode(), check=True, timeout=scale(10))
+        os.chown(self.sasldb, pwd.getpwnam("postfix").pw_uid, -1)
+        os.chmod(self.sasldb, 0o600)
+        return super().start(timeout)
+
+    def sasl_logins(self):
+        """[(method, username)] of every successful AUTH, from the maillog."""
+        return re.findall(r"sasl_method=(\w+), sasl_username=([^\s,]+)", self.maillog())
+
+
 # --------------------------------------------------------------------------------------------
 # smtp-sink
 # --------------------------------------------------------------------------------------------

@@ -939,3 +939,25 @@ TEST_CASE("relayDestinationKey: id, generation, hosts; never the password") {
   CHECK(k.find("pw-u") == std::string::npos);
   CHECK(relayDestinationKey(*r, 4) != k);
 }
+
+TEST_CASE("scheduler: parallel sessions failing before ready start no replacements; the jobs are deferred once") {
+  Bed b;
+  b.settings.relay = relays("delivery.relay", {relayHost("127.0.0.1", 2525, "delivery.relay[0]")});
+  b.settings.maxPerDestination = 3;
+  for (int i = 0; i < 6; ++i) b.q.add("m" + std::to_string(i), {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  REQUIRE(b.t.connects.size() == 3);
+  const SessionFailure authFail{0, "4.7.8", "the relay refused authentication as user relayuser: 535 5.7.8 no", "auth"};
+  for (size_t i = 0; i < 3; ++i) {
+    s.onSessionEnded(b.t.connects[i].id, authFail);
+    CHECK(b.t.connects.size() == 3);  // no replacement connection
+  }
+  s.flush();
+  CHECK(b.q.inState(RecipientState::Deferred) == 6);
+  CHECK(s.stats().destinations == 0);
+  // When they are due again, connections open again (up to the limit).
+  b.clock.advance(std::chrono::minutes(6));
+  s.tick();
+  CHECK(b.t.connects.size() == 6);
+}
