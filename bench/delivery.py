@@ -3,7 +3,15 @@
 STARTTLS (issue 3).
 
     bench/delivery.py [--binary build-bench/src/app/subrelay] [--messages 3000] [--runs 3]
-                      [--size 4096] [--per-domain 10] [--domains 1]
+                      [--size 4096] [--per-domain 10] [--domains 1] [--mode mx|relay|both]
+
+--mode relay sends the same messages through a smarthost instead (issue 12): delivery.relay
+names the same receiving Postfix by host name (mx.bench.test, looked up in the same unbound),
+STARTTLS with the certificate verified against the test CA, AUTH PLAIN with Cyrus SASL
+(sasldb). --mode both alternates MX and relay runs (mx 1, relay 1, mx 2, ...) and prints the
+ratio of the medians and the median of the per-round ratios. The receiver is the same in
+both modes: Postfix with SASL, relaying for authenticated clients and accepting MX delivery
+from anyone (smtpd_relay_restrictions = permit_sasl_authenticated, permit).
 
 Per run: subrelay is started with delivery pointed at a dead resolver, N messages of SIZE
 bytes are submitted (implicit TLS + AUTH, pooled), subrelay is stopped, `queue retry --all`
@@ -34,6 +42,8 @@ def main():
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--per-domain", type=int, default=10)
     ap.add_argument("--domains", type=int, default=1, help="recipient domains (all on the one MX)")
+    ap.add_argument("--mode", choices=("mx", "relay", "both"), default="mx",
+                    help="direct MX delivery, through a smarthost, or both alternating")
     args = ap.parse_args()
     if not os.access(args.binary, os.X_OK):
         raise SystemExit(f"{args.binary}: not built (meson setup build-bench --buildtype=release && ninja -C build-bench)")
@@ -51,15 +61,26 @@ def main():
     dns = Unbound(zones)
     port = mta_peers.free_port("127.0.0.51")
     cert = mta_peers.make_cert(["mx.bench.test"])
-    mx = mta_peers.PostfixMx([f"127.0.0.51:{port}"], cert=cert.cert, key=cert.key,
-                             main_cf={"virtual_transport": "discard:", "default_process_limit": "200",
-                                      "smtpd_client_connection_count_limit": "0"})
+    main_cf = {"virtual_transport": "discard:", "default_process_limit": "200",
+               "smtpd_client_connection_count_limit": "0"}
+    relay_password = "bench-Relay-secret"
+    if args.mode == "mx":
+        mx = mta_peers.PostfixMx([f"127.0.0.51:{port}"], cert=cert.cert, key=cert.key, main_cf=main_cf)
+    else:
+        main_cf["smtpd_relay_restrictions"] = "permit_sasl_authenticated, permit"
+        mx = mta_peers.PostfixRelay([f"127.0.0.51:{port}"], users={"bench": relay_password}, cert=cert.cert,
+                                    key=cert.key, main_cf=main_cf, hostname="mx.bench.test")
     mx.start()
+    pwfile = os.path.join(harness.make_tmpdir("subrelay-bench-relay-"), "relay.pw")
+    with open(pwfile, "w") as f:
+        f.write(relay_password + "\n")
+    os.chmod(pwfile, 0o600)
+    modes = ["mx", "relay"] if args.mode == "both" else [args.mode]
     acct = harness.Account("bench", "bench-Passw0rd", ["@bench.test"], mode="deliver")
     body = ("x" * 76 + "\r\n") * max(1, (args.size - 300) // 78)
-    rates = []
+    rates = {m: [] for m in modes}
     try:
-        for run in range(args.runs):
+        for run, mode in ((r, m) for r in range(args.runs) for m in modes):
             srv = harness.Server(accounts=[acct], listeners=("implicit",),
                                  limits={"max_connections_per_ip": 500},
                                  extra_config={
@@ -76,10 +97,14 @@ def main():
             # The fill phase had no DNS: what it tried is deferred; make everything due now.
             subprocess.run([args.binary, "queue", "retry", "--all", "--data-dir", srv.data_dir], check=True,
                            capture_output=True)
-            srv.extra_config = {
-                                "delivery": {"resolvers": [dns.address], "port": port,
-                                             "allow_private_destinations": True,
-                                             "max_connections_per_domain": args.per_domain}}
+            delivery = {"resolvers": [dns.address], "port": port, "allow_private_destinations": True,
+                        "max_connections_per_domain": args.per_domain}
+            if mode == "relay":
+                delivery["relay"] = [{"host": "mx.bench.test", "port": port, "username": "bench",
+                                      "password_file": pwfile}]
+                delivery["tls_ca_file"] = harness.pki().ca
+                delivery["allow_private_destinations"] = False  # a relay does not need it
+            srv.extra_config = {"delivery": delivery}
             db = os.path.join(srv.data_dir, "queue.db")
             t0 = time.monotonic()
             srv.start()
@@ -98,16 +123,22 @@ def main():
             elapsed = time.monotonic() - t0
             srv.stop()
             rate = args.messages / elapsed
-            rates.append(rate)
-            print(f"run {run + 1}: {args.messages} messages of {args.size} B delivered over STARTTLS in "
+            rates[mode].append(rate)
+            how = "through the smarthost (STARTTLS, verified, AUTH)" if mode == "relay" else "to the MX over STARTTLS"
+            print(f"run {run + 1} {mode}: {args.messages} messages of {args.size} B delivered {how} in "
                   f"{elapsed:.2f} s = {rate:.0f} msg/s", flush=True)
             srv.kill()
     finally:
         mx.stop()
         dns.close()
-    print(f"median: {statistics.median(rates):.0f} msg/s delivered "
-          f"(per-domain connections {args.per_domain}, {args.domains} domain(s), receiving MTA: Postfix, "
-          "queue fsync on both sides)")
+    for mode in modes:
+        print(f"median {mode}: {statistics.median(rates[mode]):.0f} msg/s delivered "
+              f"(per-domain connections {args.per_domain}, {args.domains} domain(s), receiving MTA: Postfix, "
+              "queue fsync on both sides)")
+    if len(modes) == 2:
+        pairs = [r / m for m, r in zip(rates["mx"], rates["relay"])]
+        print(f"relay/mx: ratio of medians {statistics.median(rates['relay']) / statistics.median(rates['mx']):.3f}, "
+              f"median of per-round ratios {statistics.median(pairs):.3f}")
 
 
 if __name__ == "__main__":
