@@ -653,6 +653,9 @@ void ServerSession::handleEhlo(std::string_view args, bool extended) {
   lines.emplace_back("CHUNKING");
   // RFC 3207 4.2: not offered again once TLS is up.
   if (cfg_.starttlsAvailable && !tls_) lines.emplace_back("STARTTLS");
+  // RFC 8689 2: REQUIRETLS is for sessions that use TLS; advertised after STARTTLS (or on
+  // an implicit-TLS listener), never in clear.
+  if (tls_) lines.emplace_back("REQUIRETLS");
   if (tls_ || cfg_.authWithoutTls) lines.emplace_back("AUTH PLAIN LOGIN");
   replyMulti(250, {}, lines);
 }
@@ -720,6 +723,19 @@ void ServerSession::handleMail(std::string_view args) {
         return;
       }
       env.smtputf8 = true;
+    } else if (prm.keyword == "REQUIRETLS") {
+      // RFC 8689 2 (item 8): no value. The option needs a TLS session (section 2: "MUST
+      // only be specified in the context of an SMTP session meeting the security
+      // requirements"), which a loopback "none" listener is not.
+      if (prm.hasValue) {
+        badCommand(501, "5.5.4", "REQUIRETLS takes no value");
+        return;
+      }
+      if (!tls_) {
+        reply(530, "5.7.10", "REQUIRETLS needs a TLS session (use STARTTLS or the implicit-TLS port)");
+        return;
+      }
+      env.requireTls = true;
     } else if (prm.keyword == "AUTH") {
       // RFC 4954 5: accepted; we never trust an AUTH= identity from the client.
     } else {

@@ -123,6 +123,9 @@ struct Envelope {
   std::vector<std::string> recipients; // addr-specs without <>
   bool smtputf8 = false;
   bool eightBitMime = false;           // BODY=8BITMIME or BINARYMIME
+  // MAIL FROM:<...> REQUIRETLS (RFC 8689 4.1): every hop must use verified TLS, or the
+  // message bounces. Only accepted inside TLS.
+  bool requireTls = false;
   std::optional<uint64_t> declaredSize;
 };
 // A complete message: store it durably, then call onStored().

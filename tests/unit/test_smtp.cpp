@@ -356,6 +356,7 @@ TEST_CASE("greeting and EHLO advertisement") {
     lines = h.feed("EHLO client.test\r\n");
     CHECK(lines.back() == "250 AUTH PLAIN LOGIN");
     CHECK(std::find(lines.begin(), lines.end(), "250-STARTTLS") == lines.end());
+    CHECK(std::find(lines.begin(), lines.end(), "250-REQUIRETLS") != lines.end());  // RFC 8689 2, inside TLS
   }
   SUBCASE("HELO") { CHECK(h.feed("HELO client.test\r\n") == std::vector<std::string>{"250 relay.test"}); }
   SUBCASE("missing or bad argument") {
@@ -385,6 +386,7 @@ TEST_CASE("EHLO variants by listener") {
     auto lines = h.feed("EHLO x\r\n");
     CHECK(std::find(lines.begin(), lines.end(), "250-SIZE 1000") != lines.end());
     CHECK(lines.back() == "250 AUTH PLAIN LOGIN");
+    CHECK(std::find(lines.begin(), lines.end(), "250-REQUIRETLS") == lines.end());  // never in clear
   }
   SUBCASE("implicit TLS") {
     Harness h;
@@ -1525,4 +1527,34 @@ TEST_CASE("null sender: its own reply when the account may not use it") {
   Harness h2(c);
   h2.login();
   CHECK(h2.last("MAIL FROM:<>\r\n") == "250 2.1.0 Ok");
+}
+
+TEST_CASE("MAIL FROM ... REQUIRETLS (RFC 8689)") {
+  SUBCASE("inside TLS: tagged") {
+    Harness h;
+    h.login();
+    CHECK(h.last("MAIL FROM:<alice@example.com> REQUIRETLS=yes\r\n") == "501 5.5.4 REQUIRETLS takes no value");
+    CHECK(h.last("MAIL FROM:<alice@example.com> requiretls\r\n") == "250 2.1.0 Ok");
+    CHECK(h.last("RCPT TO:<bob@example.net>\r\n") == "250 2.1.5 Ok");
+    h.feed("DATA\r\n");
+    h.feed("Subject: x\r\n\r\nbody\r\n.\r\n");
+    auto* st = h.takeAction<Store>();
+    REQUIRE(st != nullptr);
+    CHECK(st->envelope.requireTls);
+  }
+  SUBCASE("a loopback listener without TLS refuses it") {
+    auto c = testConfig();
+    c.starttlsAvailable = false;
+    c.authWithoutTls = true;
+    Harness h(c);
+    h.connect();
+    h.feed("EHLO x\r\n");
+    h.feed("AUTH PLAIN " + plainIr("", "alice", "pw") + "\r\n");
+    REQUIRE(h.takeAction<Authenticate>() != nullptr);
+    h.s.onAuthResult(AuthVerdict::Ok);
+    h.step();
+    CHECK(h.last("MAIL FROM:<alice@example.com> REQUIRETLS\r\n") ==
+          "530 5.7.10 REQUIRETLS needs a TLS session (use STARTTLS or the implicit-TLS port)");
+    CHECK_FALSE(h.s.inTransaction());
+  }
 }
