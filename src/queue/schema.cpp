@@ -157,12 +157,34 @@ CREATE TABLE operator_events (
 );
 )sql";
 
+// Version 6: MTA-STS (issue 12, RFC 8461). sts_policies: the last good policy fetched for
+// each Policy Domain, so that a restart keeps applying it until it expires (3.3: a valid
+// cached policy "MUST" be applied when no live one can be had, and 10.2: a cache that
+// forgets makes downgrades easier). One row per domain; the parsed fields beside the text
+// as served, so a load needs no parsing. checked_at: the last time discovery confirmed
+// the policy (TXT id unchanged), which paces the daily refresh across restarts.
+constexpr const char* kV6 = R"sql(
+CREATE TABLE sts_policies (
+  domain     TEXT    NOT NULL PRIMARY KEY,
+  policy_id  TEXT    NOT NULL,
+  mode       TEXT    NOT NULL,
+  max_age    INTEGER NOT NULL,
+  mx         TEXT    NOT NULL DEFAULT '',
+  policy     TEXT    NOT NULL DEFAULT '',
+  fetched_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  checked_at INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX sts_policies_expiry ON sts_policies(expires_at);
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
     {3, kV3},
     {4, kV4},
     {5, kV5},
+    {6, kV6},
 };
 
 }  // namespace

@@ -108,6 +108,8 @@ struct SqliteStore::Statements {
   Stmt upsertWindow, loadWindows, addMeter, loadMeters;
   // operations
   Stmt queueStats, acceptedSince, noteDrop, operatorEvents, deleteOperatorEvents;
+  // MTA-STS policy cache
+  Stmt saveSts, touchSts, loadSts, loadAllSts, pruneSts;
   // retention
   Stmt markFinished, markCaptured, pruneCaptured, pruneHistory, unprunedRows, emptyContent, setPruned;
 };
@@ -212,6 +214,15 @@ constexpr const char* kNoteDrop =
 constexpr const char* kOperatorEvents =
     "SELECT seq, at, message_id, account, event, recipients FROM operator_events ORDER BY seq LIMIT ?1";
 constexpr const char* kDeleteOperatorEvents = "DELETE FROM operator_events WHERE seq <= ?1";
+
+#define SUBRELAY_STS_COLUMNS \
+  "domain, policy_id, mode, max_age, mx, policy, fetched_at, expires_at, checked_at"
+constexpr const char* kSaveSts = "INSERT OR REPLACE INTO sts_policies (" SUBRELAY_STS_COLUMNS
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+constexpr const char* kTouchSts = "UPDATE sts_policies SET checked_at = ?2 WHERE domain = ?1";
+constexpr const char* kLoadSts = "SELECT " SUBRELAY_STS_COLUMNS " FROM sts_policies WHERE domain = ?1";
+constexpr const char* kLoadAllSts = "SELECT " SUBRELAY_STS_COLUMNS " FROM sts_policies ORDER BY domain";
+constexpr const char* kPruneSts = "DELETE FROM sts_policies WHERE expires_at <= ?1";
 constexpr const char* kBounceOne =
     "UPDATE recipients SET state = 'failed', last_error = 'bounced by operator', last_code = 0, "
     "last_status = '5.0.0', next_attempt = 0, lease_until = 0, updated_at = ?2, dsn_pending = "
@@ -534,6 +545,11 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.noteDrop, kNoteDrop},
       {&s.operatorEvents, kOperatorEvents},
       {&s.deleteOperatorEvents, kDeleteOperatorEvents},
+      {&s.saveSts, kSaveSts},
+      {&s.touchSts, kTouchSts},
+      {&s.loadSts, kLoadSts},
+      {&s.loadAllSts, kLoadAllSts},
+      {&s.pruneSts, kPruneSts},
       {&s.markFinished, kMarkFinished},
       {&s.markCaptured, kMarkCaptured},
       {&s.pruneCaptured, kPruneCaptured},
@@ -1334,6 +1350,103 @@ util::Result<std::vector<OperatorEvent>> SqliteStore::takeOperatorEvents(size_t 
   }
   if (!txn.commit()) return dbError("cannot commit operator events");
   return out;
+}
+
+// --- MTA-STS policy cache ------------------------------------------------------------
+
+namespace {
+
+// mx patterns are one per line in their column (a pattern never holds a line break).
+std::string joinLines(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& x : v) out += (out.empty() ? "" : "\n") + x;
+  return out;
+}
+
+std::vector<std::string> splitLines(const std::string& s) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (pos < s.size()) {
+    size_t nl = s.find('\n', pos);
+    if (nl == std::string::npos) nl = s.size();
+    if (nl > pos) out.push_back(s.substr(pos, nl - pos));
+    pos = nl + 1;
+  }
+  return out;
+}
+
+StsPolicyRow stsRow(sqlite3_stmt* st) {
+  StsPolicyRow r;
+  r.domain = columnText(st, 0);
+  r.policyId = columnText(st, 1);
+  r.mode = columnText(st, 2);
+  r.maxAge = sqlite3_column_int64(st, 3);
+  r.mx = splitLines(columnText(st, 4));
+  r.text = columnText(st, 5);
+  r.fetchedAt = sqlite3_column_int64(st, 6);
+  r.expiresAt = sqlite3_column_int64(st, 7);
+  r.checkedAt = sqlite3_column_int64(st, 8);
+  return r;
+}
+
+}  // namespace
+
+util::Result<void> SqliteStore::saveStsPolicy(const StsPolicyRow& row) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  const std::string mx = joinLines(row.mx);
+  Use u(stmts_->saveSts);
+  sqlite3_stmt* st = u.get();
+  bindText(st, 1, row.domain);
+  bindText(st, 2, row.policyId);
+  bindText(st, 3, row.mode);
+  sqlite3_bind_int64(st, 4, row.maxAge);
+  bindText(st, 5, mx);
+  bindText(st, 6, row.text);
+  sqlite3_bind_int64(st, 7, row.fetchedAt);
+  sqlite3_bind_int64(st, 8, row.expiresAt);
+  sqlite3_bind_int64(st, 9, row.checkedAt);
+  if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot save the MTA-STS policy of " + row.domain);
+  return {};
+}
+
+util::Result<void> SqliteStore::touchStsPolicy(const std::string& domain, int64_t checkedAt) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  Use u(stmts_->touchSts);
+  bindText(u.get(), 1, domain);
+  sqlite3_bind_int64(u.get(), 2, checkedAt);
+  if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot update the MTA-STS policy of " + domain);
+  return {};
+}
+
+util::Result<std::optional<StsPolicyRow>> SqliteStore::loadStsPolicy(const std::string& domain) {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->loadSts);
+  bindText(u.get(), 1, domain);
+  const int rc = sqlite3_step(u.get());
+  if (rc == SQLITE_ROW) return std::optional<StsPolicyRow>(stsRow(u.get()));
+  if (rc != SQLITE_DONE) return dbError("cannot load the MTA-STS policy of " + domain);
+  return std::optional<StsPolicyRow>();
+}
+
+util::Result<std::vector<StsPolicyRow>> SqliteStore::loadStsPolicies() {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->loadAllSts);
+  std::vector<StsPolicyRow> out;
+  int rc;
+  while ((rc = sqlite3_step(u.get())) == SQLITE_ROW) out.push_back(stsRow(u.get()));
+  if (rc != SQLITE_DONE) return dbError("cannot load MTA-STS policies");
+  return out;
+}
+
+util::Result<int64_t> SqliteStore::pruneStsPolicies(int64_t expiredBefore) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  Use u(stmts_->pruneSts);
+  sqlite3_bind_int64(u.get(), 1, expiredBefore);
+  if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot prune MTA-STS policies");
+  return static_cast<int64_t>(sqlite3_changes(db_));
 }
 
 std::string newQueueId() {

@@ -129,8 +129,19 @@ class SqliteStore final : public Store, public DeliveryQueue {
   // Operator actions recorded for serve to log (drop), oldest first, deleted as taken.
   util::Result<std::vector<OperatorEvent>> takeOperatorEvents(size_t max);
 
+  // --- MTA-STS policy cache (issue 12) ---
+  // Inserts or replaces the domain's row (one policy per domain).
+  util::Result<void> saveStsPolicy(const StsPolicyRow& row);
+  // Sets checked_at of the domain's row; 0 rows changed is not an error.
+  util::Result<void> touchStsPolicy(const std::string& domain, int64_t checkedAt);
+  util::Result<std::optional<StsPolicyRow>> loadStsPolicy(const std::string& domain);
+  // Every row, by domain (start-up preload, operators).
+  util::Result<std::vector<StsPolicyRow>> loadStsPolicies();
+  // Deletes rows that expired at or before `expiredBefore`; returns how many.
+  util::Result<int64_t> pruneStsPolicies(int64_t expiredBefore);
+
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 5;
+  static constexpr int kSchemaVersion = 6;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);

@@ -202,6 +202,21 @@ struct OperatorEvent {
   uint64_t recipients = 0;
 };
 
+// --- MTA-STS (RFC 8461) policy cache -------------------------------------------------
+
+// One cached policy (delivery/mta_sts.h CachedPolicy, in the queue's terms).
+struct StsPolicyRow {
+  std::string domain;  // the Policy Domain, lower-case A-labels
+  std::string policyId;
+  std::string mode;    // "enforce", "testing", "none"
+  int64_t maxAge = 0;
+  std::vector<std::string> mx;  // patterns, in the policy's order
+  std::string text;    // the policy as served
+  int64_t fetchedAt = 0;  // unix seconds
+  int64_t expiresAt = 0;
+  int64_t checkedAt = 0;
+};
+
 struct AccountActivity {
   std::string account;
   uint64_t messages = 0;

@@ -1,8 +1,13 @@
-"""Real peers for integration tests. For now: Unbound, a private unbound instance on loopback.
+"""Real peers for integration tests: Unbound, a private unbound instance on loopback, and
+HttpsPolicyServer, an HTTPS server for MTA-STS policies (RFC 8461 3.3).
 
     from peers import Unbound, testbed_zones
     dns = Unbound(testbed_zones())      # starts it, waits until it answers
     dns.port, dns.address ("127.0.0.1:5353" form), dns.close()
+
+    web = HttpsPolicyServer(cert_path, key_path)   # 127.0.0.1, a free port
+    web.enforce("example.test", ["mx1.example.test"])   # or testing/none/missing/redirect/...
+    web.port, web.hits("example.test"), web.close()
 
 Standard library only (run by /usr/bin/python3). unbound listens on 127.0.0.1 only, on
 port 5353 when that is free for both UDP and TCP, else on a free port the kernel picks.
@@ -12,10 +17,13 @@ zones follow docs/testbed.md; local-zone/local-data syntax is unbound.conf(5)'s.
 """
 
 import atexit
+import collections
+import http.server
 import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -246,6 +254,196 @@ class Unbound:
                 _live.remove(self)
         if self.own_dir and not os.environ.get("SUBRELAY_KEEP_TMP"):
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# MTA-STS policy host
+# --------------------------------------------------------------------------------------------
+
+def sts_policy(mode, mx=(), max_age=604800, line_end="\r\n"):
+    """The text of an MTA-STS policy (RFC 8461 3.2)."""
+    lines = ["version: STSv1", f"mode: {mode}"] + [f"mx: {m}" for m in mx] + [f"max_age: {max_age}"]
+    return line_end.join(lines) + line_end
+
+
+class HttpsPolicyServer:
+    """An HTTPS server on ip:port (127.0.0.1 and a free port by default) that serves
+    /.well-known/mta-sts.txt for the policy hosts "mta-sts.<domain>" it was told about,
+    chosen by the Host header, with a certificate chosen by SNI (the default `cert`/`key`,
+    or a per-domain one: a certificate the client must not trust). Each domain gets one of:
+
+      enforce(d, mx) / testing(d, mx) / none(d)    a policy, 200, text/plain
+      serve(d, body, status, content_type, headers) anything else
+      missing(d)                                   404 (no policy published)
+      redirect(d, to_domain)                       301 to to_domain's policy URL
+      oversized(d, size)                           200 text/plain, a body of `size` bytes
+      html(d, mx)                                  a valid policy as text/html
+      bad_certificate(d, cert, key)                a policy behind another certificate
+
+    hits(d) counts the requests for d's policy host (any path); requests() lists
+    (host, path) in order; connections counts accepted connections. Threads only: a request is served in its own thread; close()
+    stops it. Only loopback addresses are accepted."""
+
+    def __init__(self, cert, key, ip=LOOPBACK, port=0, start=True):
+        if not ip.startswith("127."):
+            raise ValueError("HttpsPolicyServer listens on loopback only")
+        self.ip = ip
+        self.port = port
+        self.cert, self.key = cert, key
+        self._routes = {}      # host -> (status, content_type, body bytes, extra headers)
+        self._sni = {}         # host -> SSLContext
+        self._lock = threading.Lock()
+        self._hits = collections.Counter()
+        self._log = []
+        self._server = None
+        self._thread = None
+        self.connections = 0          # TCP connections accepted
+        self.handshake_failures = 0   # seen by the server (TLS 1.3 clients reject a
+                                      # certificate after the server's side is done)
+        if start:
+            self.start()
+
+    @staticmethod
+    def _context(cert, key):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert, key)
+        return ctx
+
+    # -- what to serve ------------------------------------------------------------------
+
+    def serve(self, domain, body, status=200, content_type="text/plain", headers=()):
+        if isinstance(body, str):
+            body = body.encode()
+        with self._lock:
+            self._routes["mta-sts." + domain] = (status, content_type, body, list(headers))
+
+    def enforce(self, domain, mx, max_age=604800):
+        self.serve(domain, sts_policy("enforce", mx, max_age))
+
+    def testing(self, domain, mx, max_age=604800):
+        self.serve(domain, sts_policy("testing", mx, max_age))
+
+    def none(self, domain, max_age=604800):
+        self.serve(domain, sts_policy("none", (), max_age))
+
+    def missing(self, domain):
+        self.serve(domain, "no policy here\n", status=404)
+
+    def redirect(self, domain, to_domain):
+        self.serve(domain, "moved\n", status=301,
+                   headers=[("Location", f"https://mta-sts.{to_domain}/.well-known/mta-sts.txt")])
+
+    def oversized(self, domain, size=100 * 1024, mx=("mx.example.test",)):
+        body = sts_policy("enforce", mx)
+        body += "x_padding: " + "a" * max(0, size - len(body) - 14) + "\r\n"
+        self.serve(domain, body)
+
+    def html(self, domain, mx):
+        self.serve(domain, sts_policy("enforce", mx), content_type="text/html")
+
+    def bad_certificate(self, domain, cert, key, mx=("mx.example.test",)):
+        self.enforce(domain, mx)
+        with self._lock:
+            self._sni["mta-sts." + domain] = self._context(cert, key)
+
+    # -- counters -----------------------------------------------------------------------
+
+    def hits(self, domain):
+        with self._lock:
+            return self._hits["mta-sts." + domain]
+
+    def requests(self):
+        with self._lock:
+            return list(self._log)
+
+    # -- life -------------------------------------------------------------------------------
+
+    def start(self):
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = 10
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                host = (self.headers.get("Host") or "").split(":")[0].lower()
+                with owner._lock:
+                    owner._hits[host] += 1
+                    owner._log.append((host, self.path))
+                    route = owner._routes.get(host)
+                if route is None or self.path != "/.well-known/mta-sts.txt":
+                    route = (404, "text/plain", b"not found\n", [])
+                status, ctype, body, headers = route
+                self.send_response(status)
+                if ctype:
+                    self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the client stopped reading (a body over its cap)
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+            def get_request(self):
+                sock, addr = self.socket.accept()
+                with owner._lock:
+                    owner.connections += 1
+                sock.settimeout(10)
+                try:
+                    tls = owner._default_ctx.wrap_socket(sock, server_side=True)
+                except (ssl.SSLError, OSError):
+                    with owner._lock:
+                        owner.handshake_failures += 1
+                    sock.close()
+                    raise
+                return tls, addr
+
+            def handle_error(self, request, client_address):
+                pass
+
+        ctx = self._context(self.cert, self.key)
+
+        def sni(sslsock, server_name, _ctx):
+            with owner._lock:
+                other = owner._sni.get((server_name or "").lower())
+            if other is not None:
+                sslsock.context = other
+
+        ctx.sni_callback = sni
+        self._default_ctx = ctx
+        self._server = Server((self.ip, self.port), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        daemon=True)
+        self._thread.start()
+        with _live_lock:
+            _live.append(self)
+
+    def close(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        with _live_lock:
+            if self in _live:
+                _live.remove(self)
 
     def __enter__(self):
         return self

@@ -1841,3 +1841,123 @@ TEST_CASE("queueStats, acceptedSince and operator events") {
   CHECK_FALSE(store->drop("ffffffffffffffff").ok());
   CHECK(store->takeOperatorEvents(10)->empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// MTA-STS (issue 12): the policy cache, one row per Policy Domain (schema version 6).
+
+namespace {
+StsPolicyRow stsRow(const std::string& domain, const std::string& id, int64_t fetchedAt) {
+  StsPolicyRow r;
+  r.domain = domain;
+  r.policyId = id;
+  r.mode = "enforce";
+  r.maxAge = 604800;
+  r.mx = {"mail.example.com", "*.example.net"};
+  r.text = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmx: *.example.net\r\nmax_age: 604800\r\n";
+  r.fetchedAt = fetchedAt;
+  r.expiresAt = fetchedAt + r.maxAge;
+  r.checkedAt = fetchedAt;
+  return r;
+}
+}  // namespace
+
+TEST_CASE("MTA-STS policy cache: save, replace, touch, load, prune; kept across reopen; read-only may only read") {
+  TempDir dir;
+  const std::string path = dir.file("queue.db");
+  {
+    auto store = mustOpen(path);
+    auto none = store->loadStsPolicy("example.com");
+    REQUIRE(none.ok());
+    CHECK_FALSE(none->has_value());
+    REQUIRE(store->saveStsPolicy(stsRow("example.com", "a1", 1'800'000'000)).ok());
+    REQUIRE(store->saveStsPolicy(stsRow("other.example", "x", 1'700'000'000)).ok());
+    auto got = store->loadStsPolicy("example.com");
+    REQUIRE(got.ok());
+    REQUIRE(got->has_value());
+    const StsPolicyRow& r = **got;
+    CHECK(r.policyId == "a1");
+    CHECK(r.mode == "enforce");
+    CHECK(r.maxAge == 604800);
+    CHECK(r.mx == std::vector<std::string>{"mail.example.com", "*.example.net"});
+    CHECK(r.text == stsRow("x", "y", 0).text);
+    CHECK(r.fetchedAt == 1'800'000'000);
+    CHECK(r.expiresAt == 1'800'604'800);
+    CHECK(r.checkedAt == 1'800'000'000);
+
+    // A new policy replaces the row; touch moves checked_at only.
+    auto next = stsRow("example.com", "b2", 1'800'100'000);
+    next.mode = "testing";
+    next.mx = {"mx.example.com"};
+    REQUIRE(store->saveStsPolicy(next).ok());
+    REQUIRE(store->touchStsPolicy("example.com", 1'800'200'000).ok());
+    REQUIRE(store->touchStsPolicy("unknown.example", 1).ok());
+    got = store->loadStsPolicy("example.com");
+    REQUIRE(got->has_value());
+    CHECK((*got)->policyId == "b2");
+    CHECK((*got)->mode == "testing");
+    CHECK((*got)->mx == std::vector<std::string>{"mx.example.com"});
+    CHECK((*got)->fetchedAt == 1'800'100'000);
+    CHECK((*got)->checkedAt == 1'800'200'000);
+    auto all = store->loadStsPolicies();
+    REQUIRE(all.ok());
+    REQUIRE(all->size() == 2);
+    CHECK(all->at(0).domain == "example.com");
+    CHECK(all->at(1).domain == "other.example");
+  }
+  {
+    // Kept across a reopen; a read-only connection reads but does not write.
+    OpenOptions ro;
+    ro.readOnly = true;
+    auto reader = mustOpen(path, ro);
+    CHECK(reader->loadStsPolicies()->size() == 2);
+    CHECK_FALSE(reader->saveStsPolicy(stsRow("z.example", "z", 1)).ok());
+    CHECK_FALSE(reader->touchStsPolicy("example.com", 1).ok());
+    CHECK_FALSE(reader->pruneStsPolicies(1).ok());
+  }
+  auto store = mustOpen(path);
+  // other.example expired at 1'700'604'800.
+  CHECK(store->pruneStsPolicies(1'700'604'799).value() == 0);
+  CHECK(store->pruneStsPolicies(1'700'604'800).value() == 1);
+  CHECK_FALSE(store->loadStsPolicy("other.example")->has_value());
+  CHECK(store->loadStsPolicy("example.com")->has_value());
+}
+
+TEST_CASE("a version 5 database migrates to version 6: queue kept, empty policy cache") {
+  TempDir dir;
+  const std::string path = dir.file("v5.db");
+  {
+    auto steps = schema::migrations();
+    std::vector<schema::Migration> v5;
+    for (const auto& m : steps)
+      if (m.version <= 5) v5.push_back(m);
+    REQUIRE(v5.size() == 5);
+    RawDb raw(path);
+    REQUIRE(raw.exec("PRAGMA auto_vacuum = INCREMENTAL"));
+    REQUIRE(schema::migrate(raw.get(), v5, 5).ok());
+    REQUIRE(raw.text("PRAGMA user_version") == "5");
+    REQUIRE(raw.text("SELECT count(*) FROM sqlite_master WHERE name = 'sts_policies'") == "0");
+    REQUIRE(raw.exec("INSERT INTO messages (id, account, mail_from, size, received_at, content) VALUES "
+                     "('0000000000000501', 'webshop', 'orders@shop.example.com', 4, 1700000000, x'41424344')"));
+    REQUIRE(raw.exec("INSERT INTO recipients (message_id, idx, address, state, updated_at) VALUES "
+                     "('0000000000000501', 0, 'u@example.org', 'queued', 1700000000)"));
+    REQUIRE(raw.exec("INSERT INTO operator_events (at, message_id, account, event) VALUES "
+                     "(1700000001, '0000000000000400', 'ci', 'dropped')"));
+  }
+  {
+    // A reader refuses the older file rather than migrating it.
+    OpenOptions ro;
+    ro.readOnly = true;
+    CHECK_FALSE(SqliteStore::open(path, ro).ok());
+  }
+  auto store = mustOpen(path);
+  CHECK(store->schemaVersion() == 6);
+  CHECK(store->count().value() == 1);
+  CHECK(store->content("0000000000000501").value() == "ABCD");
+  CHECK(store->takeOperatorEvents(10)->size() == 1);
+  CHECK(store->loadStsPolicies()->empty());
+  REQUIRE(store->saveStsPolicy(stsRow("example.com", "a1", 1'800'000'000)).ok());
+  store.reset();
+  RawDb raw(path);
+  CHECK(raw.text("PRAGMA user_version") == "6");
+  CHECK(raw.text("SELECT policy_id FROM sts_policies WHERE domain = 'example.com'") == "a1");
+}
