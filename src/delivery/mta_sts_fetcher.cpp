@@ -169,6 +169,16 @@ void StsFetcher::policyFor(const std::string& rawDomain, Callback cb) {
   }
 }
 
+void StsFetcher::recheck(const std::string& rawDomain, Callback cb) {
+  const std::string domain = normalise(rawDomain);
+  stateFor(domain);
+  auto& d = running_[domain];
+  const bool start = !d;
+  if (start) d = std::make_unique<Discovery>();
+  d->waiters.push_back(std::move(cb));
+  if (start) discover(domain);
+}
+
 void StsFetcher::discover(const std::string& domain) {
   ++stats_.txtLookups;
   std::weak_ptr<bool> alive = alive_;

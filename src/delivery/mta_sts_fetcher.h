@@ -129,6 +129,11 @@ class StsFetcher {
   // domain: the Policy Domain (the recipient domain, or a smart host's: 3.4), A-labels;
   // any case, with or without a trailing dot.
   void policyFor(const std::string& domain, Callback cb);
+  // 5: "a compliant MTA MUST NOT permanently fail to deliver messages before checking, via
+  // DNS, for the presence of an updated policy" (5.1 step 3): always looks the TXT record
+  // up (joining a discovery already running), fetches when its id is new (holdoffs still
+  // apply), then answers. For the scheduler before it bounces because of an enforce policy.
+  void recheck(const std::string& domain, Callback cb);
 
   // What is known about a domain now, without any lookup (for `queue show`, tests).
   const DomainState* state(const std::string& domain) const;

@@ -250,6 +250,35 @@ TEST_CASE("StsFetcher: no record, bad policies and failures give no policy") {
   CHECK(broken->detail.find("servfail") != std::string::npos);
 }
 
+TEST_CASE("StsFetcher: recheck looks the TXT record up whatever the cache says (5.1 step 3)") {
+  Bed bed;
+  StsFetcher f(bed.loop.get(), bed.dns, bed.http, bed.clock, Settings{}, &bed.store);
+  REQUIRE(bed.ask(f, "example.com")->source == "fetched");
+  CHECK(bed.ask(f, "example.com")->source == "cache");
+  CHECK(bed.dns.count(QType::TXT) == 1);
+  // Same id: a lookup, no fetch.
+  std::optional<PolicyAnswer> a;
+  f.recheck("example.com", [&](const PolicyAnswer& x) { a = x; });
+  CHECK_FALSE(a.has_value());
+  bed.loop.run();
+  REQUIRE(a.has_value());
+  CHECK(a->source == "unchanged");
+  CHECK(a->policy->id == "a1");
+  CHECK(bed.dns.count(QType::TXT) == 2);
+  CHECK(bed.http.requests.size() == 1);
+  // A new id: fetched before the answer.
+  bed.dns.set("_mta-sts.example.com", QType::TXT, Status::Ok, {"v=STSv1; id=b2"});
+  bed.http.serve("version: STSv1\nmode: none\nmax_age: 86400\n");
+  a.reset();
+  f.recheck("example.com", [&](const PolicyAnswer& x) { a = x; });
+  bed.loop.run();
+  REQUIRE(a.has_value());
+  CHECK(a->source == "fetched");
+  CHECK(a->policy->id == "b2");
+  CHECK(a->policy->policy.mode == Mode::None);
+  CHECK(bed.http.requests.size() == 2);
+}
+
 TEST_CASE("StsFetcher: destroyed before answering: no callback") {
   Bed bed;
   bool called = false;
