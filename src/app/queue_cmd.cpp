@@ -127,6 +127,10 @@ util::JsonObject messageJson(const queue::MessageInfo& m, int64_t now) {
   o.raw("next_attempt", isoOrNull(next));
   o.str("last_error", lastError);
   o.boolean("is_dsn", m.isDsn).boolean("smtputf8", m.smtputf8).boolean("eight_bit", m.eightBit);
+  // RFC 8689: "requiretls" (MAIL FROM ... REQUIRETLS), "optional" (TLS-Required: No), or "".
+  o.str("tls_required", m.tlsRequirement == queue::TlsRequirement::Required   ? "requiretls"
+                        : m.tlsRequirement == queue::TlsRequirement::Optional ? "optional"
+                                                                              : "");
   o.raw("finished_at", isoOrNull(m.finishedAt)).boolean("content_removed", m.contentPruned);
   return o;
 }
@@ -209,6 +213,10 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
               static_cast<long long>(mi.size), mi.eightBit ? ", 8bit" : "", mi.smtputf8 ? ", SMTPUTF8" : "",
               mi.captured ? "yes (never delivered)" : "no");
   if (mi.isDsn) std::printf("dsn:       yes (a delivery status notification we generated)\n");
+  if (mi.tlsRequirement == queue::TlsRequirement::Required)
+    std::printf("requiretls: yes (MAIL FROM ... REQUIRETLS: verified TLS on every hop, RFC 8689)\n");
+  if (mi.tlsRequirement == queue::TlsRequirement::Optional)
+    std::printf("tls-required: no (the TLS-Required: No header, RFC 8689 3)\n");
   if (mi.finishedAt > 0 && !mi.captured)
     std::printf("finished:  %s (%s ago)\n", util::isoUtc(mi.finishedAt).c_str(), humanAge(now - mi.finishedAt).c_str());
   if (mi.contentPruned)

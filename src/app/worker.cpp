@@ -570,6 +570,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     submission::CleanupRequest& cr = w->request.cleanup;
     cr.mailFrom = st.envelope.mailFrom;
     cr.recipients = st.envelope.recipients;
+    cr.requireTls = st.envelope.requireTls;
     // The Settings generation is held by the job, so the predicate stays valid there.
     cr.owns = [stp = settings_.get(), account = st.account](std::string_view address) {
       return stp->senderAllowed(account, address);
@@ -645,6 +646,9 @@ class SmtpConnection final : public net::ConnectionHandler {
       if (verdict.refused()) return;
       msg.content = std::move(verdict.content);
       msg.smtputf8 = verdict.smtputf8;
+      msg.tlsRequirement = verdict.tlsRequired   ? queue::TlsRequirement::Required
+                           : verdict.tlsOptional ? queue::TlsRequirement::Optional
+                                                 : queue::TlsRequirement::Default;
     }
 
     bool signs() const { return !verdict.refused() && verdict.keys != nullptr; }

@@ -38,6 +38,11 @@ struct Route {
   // In the order to try. Hosts whose lookups found no address stay in the list with
   // lookupError set (for logs and DSNs); callers try only the addresses.
   std::vector<MxHost> hosts;
+  // The MX host names are authenticated: DNSSEC (the resolver's AD bit on the MX answer)
+  // or a matching MTA-STS policy. RFC 8689 4.2.1 step 2: a REQUIRETLS message goes only
+  // to validated MX hosts. Nothing sets it yet: DNSSEC and MTA-STS are not wired into
+  // routing, so REQUIRETLS mail can leave only through a configured relay.
+  bool validated = false;
 };
 
 // Sorts by preference; hosts with equal preference are shuffled with rng (RFC 5321 5.1:

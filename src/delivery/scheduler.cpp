@@ -75,6 +75,12 @@ namespace {
 
 int64_t unixNow(const util::Clock& c) { return util::unixSeconds(c.wallNow()); }
 
+// RFC 8689 4.2.1 applies to messages with a return path; a bounce of a REQUIRETLS message
+// carries the option where it can but is never held back by it (section 5).
+bool requiresTls(const queue::DueMessage& m) {
+  return m.tlsRequirement == queue::TlsRequirement::Required && !m.mailFrom.empty();
+}
+
 constexpr auto kWakeInterval = std::chrono::milliseconds(50);
 
 }  // namespace
@@ -184,8 +190,12 @@ void Scheduler::pull() {
         j.domain = key;
         j.relay = relay;
         // A relay's own tls/verify decide per host (connectNext); the job's value only
-        // has to match its destination's.
+        // has to match its destination's. RFC 8689: REQUIRETLS needs a verified
+        // certificate (4.2.1 step 4); "TLS-Required: No" asks for TLS when offered and
+        // nothing more, whatever the domain's policy (4.2.2).
         j.tls = relay ? TlsPolicy::Verify : tlsFor(domain);
+        if (!relay && requiresTls(meta->due)) j.tls = TlsPolicy::Verify;
+        if (!relay && meta->due.tlsRequirement == queue::TlsRequirement::Optional) j.tls = TlsPolicy::Opportunistic;
       }
       j.rcpts.push_back(r);
     }
@@ -271,6 +281,20 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
     return;
   }
   for (auto& j : jobs) {
+    if (requiresTls(j.meta->due)) {
+      std::string why;
+      if (!j.relay && !route.validated)
+        why = "REQUIRETLS: the MX hosts of " + j.domain +
+              " are not validated by DNSSEC or MTA-STS, so the message may not go to them (RFC 8689 4.2.1)";
+      if (j.relay)
+        for (const auto& h : j.relay->hosts)
+          if (!h.verify) why = "REQUIRETLS: " + h.origin + " has verify false; the message needs a verified certificate";
+      if (!why.empty()) {
+        failJob(j, smtp::Outcome::PermFail, 0, "5.7.10", why, "");
+        --queuedJobs_;
+        continue;
+      }
+    }
     const std::string key = j.relay ? relayDestinationKey(*j.relay, generation_) : destinationKey(route, j.tls);
     auto& d = destinations_[key];
     if (!d) {
@@ -432,6 +456,7 @@ void Scheduler::takeJob(Session& s) {
   om.content = m.content;
   om.eightBit = m.due.eightBit;
   om.smtputf8 = m.due.smtputf8;
+  om.requireTls = m.due.tlsRequirement == queue::TlsRequirement::Required;
   s.state = Session::State::Busy;
   s.txnStarted = clock_.now();
   transport_.send(s.id, std::move(om));
@@ -713,6 +738,9 @@ std::optional<queue::NewMessage> makeDsn(const queue::MessageInfo& m, const std:
   dsn.recipients = {m.mailFrom};
   dsn.content = buildDsn(in);
   dsn.isDsn = true;
+  // RFC 8689 5: the bounce of a REQUIRETLS message asks for REQUIRETLS too (it quotes the
+  // original's header section, which is what RET=HDRS would return anyway).
+  if (m.tlsRequirement == queue::TlsRequirement::Required) dsn.tlsRequirement = queue::TlsRequirement::Required;
   dsn.eightBit = util::hasNonAscii(dsn.content);
   dsn.smtputf8 = util::hasNonAscii(m.mailFrom);
   dsn.receivedAt = now;

@@ -178,6 +178,13 @@ CREATE TABLE sts_policies (
 CREATE INDEX sts_policies_expiry ON sts_policies(expires_at);
 )sql";
 
+// Version 7: REQUIRETLS (issue 12, RFC 8689). messages.tls_required: 0 nothing asked,
+// 1 MAIL FROM ... REQUIRETLS (every hop verified TLS with REQUIRETLS, else a bounce),
+// 2 the header "TLS-Required: No" (deliver even when TLS or the domain's policy fails).
+constexpr const char* kV7 = R"sql(
+ALTER TABLE messages ADD COLUMN tls_required INTEGER NOT NULL DEFAULT 0;
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
@@ -185,6 +192,7 @@ constexpr Migration kMigrations[] = {
     {4, kV4},
     {5, kV5},
     {6, kV6},
+    {7, kV7},
 };
 
 }  // namespace

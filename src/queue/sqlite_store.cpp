@@ -122,7 +122,8 @@ namespace {
   "SELECT m.id, m.account, m.mail_from, m.size, m.received_at, m.captured, m.smtputf8, " \
   "m.client_address, m.helo, m.tls_version, m.tls_cipher, "                              \
   "r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_error, r.updated_at, "  \
-  "m.is_dsn, m.eight_bit, r.lease_until, r.dsn_pending, r.last_code, r.last_status, r.pending_request, f.finished_at, f.content_pruned "
+  "m.is_dsn, m.eight_bit, r.lease_until, r.dsn_pending, r.last_code, r.last_status, r.pending_request, f.finished_at, f.content_pruned, " \
+  "m.tls_required "
 #define SUBRELAY_FROM_ALL \
   "FROM messages m LEFT JOIN finished f ON f.message_id = m.id LEFT JOIN recipients r ON r.message_id = m.id "
 #define SUBRELAY_FROM_RCPT \
@@ -292,8 +293,8 @@ constexpr const char* kSetPruned = "UPDATE finished SET content_pruned = 1 WHERE
 
 constexpr const char* kInsertMessage =
     "INSERT INTO messages (id, account, mail_from, size, received_at, captured, smtputf8, "
-    "eight_bit, client_address, helo, tls_version, tls_cipher, content, is_dsn) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+    "eight_bit, client_address, helo, tls_version, tls_cipher, content, is_dsn, tls_required) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
 constexpr const char* kInsertRecipient =
     "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt, last_error, updated_at) "
     "VALUES (?1, ?2, ?3, ?4, 0, ?5, '', ?6)";
@@ -316,6 +317,8 @@ void readRow(sqlite3_stmt* s, MessageInfo& info, bool fresh) {
     info.eightBit = sqlite3_column_int(s, 19) != 0;
     info.finishedAt = sqlite3_column_int64(s, 25);  // NULL (no finished row) reads as 0
     info.contentPruned = sqlite3_column_int(s, 26) != 0;
+    const int tr = sqlite3_column_int(s, 27);
+    info.tlsRequirement = tr == 1 ? TlsRequirement::Required : tr == 2 ? TlsRequirement::Optional : TlsRequirement::Default;
   }
   if (sqlite3_column_type(s, 11) == SQLITE_NULL) return;  // LEFT JOIN: no recipients
   RecipientInfo r;
@@ -585,6 +588,7 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
     bindText(st, 11, m.tlsVersion);
     bindText(st, 12, m.tlsCipher);
     sqlite3_bind_int(st, 14, m.isDsn ? 1 : 0);
+    sqlite3_bind_int(st, 15, static_cast<int>(m.tlsRequirement));
     // The message body can be tens of MB: bound in place, not copied (SQLITE_STATIC).
     int rc = sqlite3_bind_blob64(st, 13, m.content.data(), m.content.size(), SQLITE_STATIC);
     if (rc == SQLITE_OK) rc = sqlite3_step(st);
@@ -812,6 +816,7 @@ util::Result<std::vector<DueMessage>> SqliteStore::leaseDue(int64_t now, size_t 
     d.smtputf8 = m.smtputf8;
     d.eightBit = m.eightBit;
     d.isDsn = m.isDsn;
+    d.tlsRequirement = m.tlsRequirement;
     for (auto& r : m.recipients) {
       Use u(s.lease);
       bindText(u.get(), 1, d.id);

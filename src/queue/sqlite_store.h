@@ -141,7 +141,7 @@ class SqliteStore final : public Store, public DeliveryQueue {
   util::Result<int64_t> pruneStsPolicies(int64_t expiredBefore);
 
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 6;
+  static constexpr int kSchemaVersion = 7;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);

@@ -57,6 +57,11 @@ struct EnhancedStatus {
 // so an in-flight recipient is never attempted twice.
 enum class OperatorRequest { None = 0, Retry = 1, Bounce = 2 };
 
+// RFC 8689: what the sender asked of the TLS on every onward hop. Required: MAIL FROM
+// REQUIRETLS (verified TLS to a server that offers REQUIRETLS, else a bounce). Optional:
+// the header "TLS-Required: No" (deliver even where TLS or a domain's TLS policy fails).
+enum class TlsRequirement { Default = 0, Required = 1, Optional = 2 };
+
 struct NewMessage {
   std::string id;                       // from newQueueId()
   std::string account;
@@ -67,6 +72,7 @@ struct NewMessage {
   bool smtputf8 = false;
   bool eightBit = false;
   bool isDsn = false;                   // a bounce we generated: never bounced itself
+  TlsRequirement tlsRequirement = TlsRequirement::Default;
   std::string clientAddress;
   std::string heloName;
   std::string tlsVersion;               // "" when no TLS
@@ -116,6 +122,7 @@ struct MessageInfo {
   std::string tlsCipher;
   bool isDsn = false;
   bool eightBit = false;
+  TlsRequirement tlsRequirement = TlsRequirement::Default;
   // Retention: when the last recipient became final (delivered, or failed with its DSN
   // queued; received_at for a captured message), 0 while any is waiting. contentPruned:
   // the message bytes were removed (retention.finished_bodies); content() says so.
@@ -142,6 +149,7 @@ struct DueMessage {
   bool smtputf8 = false;
   bool eightBit = false;
   bool isDsn = false;
+  TlsRequirement tlsRequirement = TlsRequirement::Default;
   std::vector<DueRecipient> recipients;  // only the leased ones
 };
 

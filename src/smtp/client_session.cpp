@@ -191,7 +191,8 @@ struct ClientSession::Impl {
   // Capabilities from the last EHLO (forgotten after STARTTLS, RFC 3207 section 4.2).
   bool ready = false;
   bool capStartTls = false, capPipelining = false, capSize = false, cap8bit = false, capUtf8 = false,
-       capEnhanced = false, capChunking = false, capAuth = false, authPlain = false, authLogin = false;
+       capEnhanced = false, capChunking = false, capAuth = false, authPlain = false, authLogin = false,
+       capRequireTls = false;
   uint64_t sizeLimit = 0;
   // AUTH towards a smarthost: LOGIN answers two 334 challenges (user, then password).
   bool authenticated = false;
@@ -216,7 +217,7 @@ struct ClientSession::Impl {
 
   void resetCaps() {
     capStartTls = capPipelining = capSize = cap8bit = capUtf8 = capEnhanced = capChunking = false;
-    capAuth = authPlain = authLogin = false;
+    capAuth = authPlain = authLogin = capRequireTls = false;
     sizeLimit = 0;
   }
 
@@ -467,6 +468,8 @@ struct ClientSession::Impl {
           if (iequals(m, "PLAIN")) authPlain = true;
           if (iequals(m, "LOGIN")) authLogin = true;
         }
+      } else if (iequals(kw, "REQUIRETLS")) {
+        capRequireTls = true;  // RFC 8689 2
       } else if (iequals(kw, "CHUNKING")) {
         capChunking = true;  // RFC 3030: recognised, not used (DATA is enough for us)
       } else if (iequals(kw, "SIZE")) {
@@ -679,6 +682,18 @@ struct ClientSession::Impl {
       refuseAll("5.1.7", "sender address cannot be sent in SMTP (control characters, <, > or too long)");
       return;
     }
+    // RFC 8689 4.2.1 steps 4 and 5: TLS (the transport verified the certificate), then
+    // REQUIRETLS in the EHLO inside it; otherwise the message must not be sent here. A
+    // bounce goes anyway (section 5).
+    const bool bounce = x.msg.mailFrom.empty();
+    if (x.msg.requireTls && !bounce && !tlsActive) {
+      refuseAll("5.7.10", "REQUIRETLS: the message needs TLS and this connection is not encrypted");
+      return;
+    }
+    if (x.msg.requireTls && !bounce && !capRequireTls) {
+      refuseAll("5.7.30", "REQUIRETLS: the server does not offer REQUIRETLS (RFC 8689)");
+      return;
+    }
     bool needUtf8 = x.msg.smtputf8 || hasNonAscii(x.msg.mailFrom);
     for (size_t i = 0; i < x.results.size(); ++i) {
       const std::string& r = x.msg.recipients[i];
@@ -721,6 +736,7 @@ struct ClientSession::Impl {
     // MTAs do with MIME conversion off; refusing would bounce mail to old servers).
     if (x.msg.eightBit && cap8bit) mail += " BODY=8BITMIME";
     if (needUtf8) mail += " SMTPUTF8";  // RFC 6531 section 3.4
+    if (x.msg.requireTls && tlsActive && capRequireTls) mail += " REQUIRETLS";  // RFC 8689 4.2.1
 
     pipelinedTxn = capPipelining;
     if (pipelinedTxn) {
@@ -1004,6 +1020,7 @@ bool ClientSession::offersPipelining() const { return impl_->capPipelining; }
 bool ClientSession::offersStartTls() const { return impl_->capStartTls; }
 bool ClientSession::tlsActive() const { return impl_->tlsActive; }
 bool ClientSession::authenticated() const { return impl_->authenticated; }
+bool ClientSession::offersRequireTls() const { return impl_->capRequireTls; }
 std::optional<uint64_t> ClientSession::serverSizeLimit() const {
   if (impl_->capSize && impl_->sizeLimit > 0) return impl_->sizeLimit;
   return std::nullopt;

@@ -54,6 +54,10 @@ struct OutboundMessage {
   bool eightBit = false;                // BODY=8BITMIME when the server offers it
   bool smtputf8 = false;                // SMTPUTF8 needed: refused (5.6.7) when not offered
   std::string envId;                    // unused for now (no DSN extension)
+  // RFC 8689 4.2.1: MAIL FROM ... REQUIRETLS. Sent only inside TLS to a server that offers
+  // REQUIRETLS; otherwise the message is refused (5.7.10 / 5.7.30). A bounce (null
+  // sender) carries it when offered and is sent anyway when not (RFC 8689 5).
+  bool requireTls = false;
 };
 
 // A server reply as received (multi-line joined with "\n" in text).
@@ -138,6 +142,7 @@ class ClientSession {
   bool offersStartTls() const;
   bool tlsActive() const;
   bool authenticated() const;  // AUTH succeeded (ClientConfig::auth)
+  bool offersRequireTls() const;  // REQUIRETLS (RFC 8689)
   std::optional<uint64_t> serverSizeLimit() const;  // SIZE n, n > 0
   bool idle() const;    // ready for send()
   bool closed() const;

@@ -55,6 +55,22 @@ CleanupResult cleanup(std::string_view content, const CleanupRequest& req) {
   for (const auto& rcpt : req.recipients) utf8 = utf8 || util::hasNonAscii(rcpt);
   r.smtputf8 = utf8;
 
+  // RFC 8689 3: at most one TLS-Required field, whose value is "No". 4.1: REQUIRETLS on
+  // MAIL FROM wins over the header, which then only travels on.
+  const size_t tlsFields = message::countFields(headers, "TLS-Required");
+  if (tlsFields > 1)
+    return refuse(550, "5.6.0", "Message has more than one TLS-Required header field (RFC 8689 3)");
+  if (req.requireTls) {
+    r.tlsRequired = true;
+  } else if (tlsFields == 1) {
+    std::string value;  // unfolded, without the FWS around it (RFC 8689 3: [FWS] "No")
+    for (char c : message::findField(headers, "TLS-Required")->value)
+      if (c != ' ' && c != '\t' && c != '\r' && c != '\n') value += c;
+    if (!util::iequals(value, "No"))
+      return refuse(550, "5.6.0", "The TLS-Required header field takes only the value \"No\" (RFC 8689 3)");
+    r.tlsOptional = true;
+  }
+
   // RFC 6376 3.5: d= is the From domain (the first mailbox; all are the account's).
   const std::string& first = addrs.front();
   // (No '@': toAscii("") is "", the same as no signing domain.)

@@ -31,6 +31,7 @@ struct CleanupRequest {
   // May the account use this header address? (policy: senders, IDNA-aware)
   std::function<bool(std::string_view address)> owns;
   message::TraceInfo trace;                   // for the Received field and Message-ID
+  bool requireTls = false;                    // MAIL FROM ... REQUIRETLS (RFC 8689)
 };
 
 struct CleanupResult {
@@ -43,6 +44,10 @@ struct CleanupResult {
   std::string content;        // the message to store (and sign)
   std::string signingDomain;  // lower-case A-label of the first From mailbox's domain
   bool smtputf8 = false;      // needs SMTPUTF8 at the next hop
+  // RFC 8689 4.1: REQUIRETLS on MAIL FROM tags the message; without it, the header
+  // "TLS-Required: No" tags it as TLS-optional (the header stays in the message).
+  bool tlsRequired = false;
+  bool tlsOptional = false;
 };
 
 CleanupResult cleanup(std::string_view content, const CleanupRequest& request);

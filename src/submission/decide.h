@@ -46,6 +46,8 @@ struct Verdict {
   // To store (refusal unset):
   std::string content;        // the cleaned-up message (what is signed and stored)
   bool smtputf8 = false;      // needs SMTPUTF8 at the next hop
+  bool tlsRequired = false;   // RFC 8689 (CleanupResult)
+  bool tlsOptional = false;
   std::string signingDomain;  // set with `keys`
   const std::vector<dkim::SignerKey>* keys = nullptr;  // sign with these; null: unsigned
 

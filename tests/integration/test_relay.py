@@ -202,6 +202,52 @@ class Relay(harness.ServerTestCase):
         self.assertFalse([m for m in self.relay2.messages() if tok1.encode() in m["raw"]])
         self.assertIn(TENANT2_USER, [u.split("@")[0] for _, u in self.relay2.sasl_logins()])
 
+    def test_requiretls_through_a_relay_that_offers_it(self):
+        """RFC 8689: REQUIRETLS is accepted inside TLS, stored, and passed to an upstream that
+        offers it (a second subrelay, which advertises REQUIRETLS inside TLS); an upstream
+        without it (Postfix) gets nothing and the sender gets a bounce with 5.7.30."""
+        up_account = Account("upstream", "upstream-Passw0rd", ["@shop.test"], mode="capture")
+        upstream = self.start_server(accounts=[up_account], listeners=("starttls",), name="upstream")
+        srv = self.server([{"host": "127.0.0.1", "port": upstream.port("starttls"), "username": "upstream",
+                            "password_file": self.password_file("up", up_account.password)}])
+        tok = token("rtls")
+        conn = harness.smtp_ssl(srv.port("implicit"))
+        self.assertIn("requiretls", conn.esmtp_features)
+        conn.login(TENANT1.username, TENANT1.password)
+        qid = harness.submit(conn, SENDER, ["r@example.com"], harness.make_message(SENDER, ["r@example.com"], tok),
+                             mail_options=["REQUIRETLS"])
+        opt_tok = token("optional")
+        opt_msg = harness.make_message(SENDER, ["o@example.com"], opt_tok).replace(
+            b"Subject:", b"TLS-Required: No\r\nSubject:", 1)
+        qid_opt = harness.submit(conn, SENDER, ["o@example.com"], opt_msg)
+        conn.quit()
+        self.assertEqual(srv.queue_show_json(qid)["tls_required"], "requiretls")
+        self.assertEqual(srv.queue_show_json(qid_opt)["tls_required"], "optional")
+        wait_states(srv, qid, "delivered")
+        wait_states(srv, qid_opt, "delivered")
+        tags = {}
+        for m in harness.wait_for(lambda: len(upstream.queue_list()) >= 2 and upstream.queue_list(),
+                                  "both messages at the upstream"):
+            raw = upstream.queue_raw(m["id"])
+            info = upstream.queue_show_json(m["id"])
+            if tok.encode() in raw:
+                tags["required"] = info["tls_required"]
+            if opt_tok.encode() in raw:
+                tags["optional"] = info["tls_required"]
+        self.assertEqual(tags, {"required": "requiretls", "optional": "optional"})
+
+        # The Postfix upstream does not offer REQUIRETLS: the message is not sent there.
+        srv2 = self.server([self.upstream(self.p_starttls, name="rtls")])
+        conn = harness.smtp_ssl(srv2.port("implicit"))
+        conn.login(TENANT1.username, TENANT1.password)
+        tok2 = token("rtls-no")
+        q2 = harness.submit(conn, SENDER, ["n@example.com"], harness.make_message(SENDER, ["n@example.com"], tok2),
+                            mail_options=["REQUIRETLS"])
+        conn.quit()
+        info = wait_states(srv2, q2, "failed")
+        self.assertEqual(info["recipients"][0]["last_status"], "5.7.30")
+        self.assertFalse([m for m in self.relay.messages() if tok2.encode() in m["raw"]])
+
     def test_check_config_reports_relay_mistakes_with_paths(self):
         srv = harness.Server(accounts=[TENANT1], extra_config={"delivery": {"relay": [
             {"host": RELAY_IP, "port": self.p_starttls, "username": "u", "verify": False,

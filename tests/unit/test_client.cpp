@@ -1190,3 +1190,53 @@ TEST_CASE("AUTH with implicit TLS follows the first EHLO; never in clear") {
     CHECK(h.take() == "QUIT\r\n");
   }
 }
+
+TEST_CASE("REQUIRETLS (RFC 8689 4.2.1): sent only inside TLS to a server offering it") {
+  SUBCASE("offered inside TLS: MAIL carries it") {
+    Harness h(testConfig(ClientTls::Required));
+    handshake(h, "STARTTLS");
+    h.take();
+    h.srv("220 go\n");
+    h.tlsUp();
+    h.take();
+    h.srv("250-mx\n250-REQUIRETLS\n250 PIPELINING\n");
+    CHECK(h.s.offersRequireTls());
+    auto m = message({"a@x.org"});
+    m.requireTls = true;
+    h.send(std::move(m));
+    CHECK(h.take() == "MAIL FROM:<alice@example.com> REQUIRETLS\r\nRCPT TO:<a@x.org>\r\nDATA\r\n");
+  }
+  SUBCASE("not offered: refused with 5.7.30, nothing sent") {
+    Harness h(testConfig(ClientTls::Required));
+    handshake(h, "STARTTLS,REQUIRETLS");  // before TLS it means nothing (RFC 3207 4.2)
+    h.take();
+    h.srv("220 go\n");
+    h.tlsUp();
+    h.take();
+    h.srv("250-mx\n250 PIPELINING\n");
+    auto m = message({"a@x.org"});
+    m.requireTls = true;
+    h.send(std::move(m));
+    REQUIRE(h.dones.size() == 1);
+    CHECK(h.dones[0].results[0].outcome == Outcome::PermFail);
+    CHECK(h.dones[0].results[0].reply.enhanced == "5.7.30");
+    CHECK(h.take().empty());
+  }
+  SUBCASE("no TLS: 5.7.10") {
+    Harness h;
+    handshake(h, "REQUIRETLS");
+    auto m = message({"a@x.org"});
+    m.requireTls = true;
+    h.send(std::move(m));
+    REQUIRE(h.dones.size() == 1);
+    CHECK(h.dones[0].results[0].reply.enhanced == "5.7.10");
+  }
+  SUBCASE("a bounce of a REQUIRETLS message goes anyway, without the option") {
+    Harness h;
+    handshake(h, "PIPELINING");
+    auto m = message({"a@x.org"}, "Subject: bounce\r\n\r\nx\r\n", "");
+    m.requireTls = true;
+    h.send(std::move(m));
+    CHECK(h.take() == "MAIL FROM:<>\r\nRCPT TO:<a@x.org>\r\nDATA\r\n");
+  }
+}

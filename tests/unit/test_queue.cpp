@@ -1922,7 +1922,7 @@ TEST_CASE("MTA-STS policy cache: save, replace, touch, load, prune; kept across 
   CHECK(store->loadStsPolicy("example.com")->has_value());
 }
 
-TEST_CASE("a version 5 database migrates to version 6: queue kept, empty policy cache") {
+TEST_CASE("a version 5 database migrates to the current version: queue kept, empty policy cache, no TLS tags") {
   TempDir dir;
   const std::string path = dir.file("v5.db");
   {
@@ -1950,14 +1950,37 @@ TEST_CASE("a version 5 database migrates to version 6: queue kept, empty policy 
     CHECK_FALSE(SqliteStore::open(path, ro).ok());
   }
   auto store = mustOpen(path);
-  CHECK(store->schemaVersion() == 6);
+  CHECK(store->schemaVersion() == SqliteStore::kSchemaVersion);
   CHECK(store->count().value() == 1);
   CHECK(store->content("0000000000000501").value() == "ABCD");
+  CHECK(store->show("0000000000000501")->tlsRequirement == TlsRequirement::Default);  // v7's column
   CHECK(store->takeOperatorEvents(10)->size() == 1);
   CHECK(store->loadStsPolicies()->empty());
   REQUIRE(store->saveStsPolicy(stsRow("example.com", "a1", 1'800'000'000)).ok());
   store.reset();
   RawDb raw(path);
-  CHECK(raw.text("PRAGMA user_version") == "6");
+  CHECK(raw.text("PRAGMA user_version") == std::to_string(SqliteStore::kSchemaVersion));
   CHECK(raw.text("SELECT policy_id FROM sts_policies WHERE domain = 'example.com'") == "a1");
+}
+
+TEST_CASE("REQUIRETLS and TLS-Required: No are stored with the message and leased with it (schema 7)") {
+  TempDir dir;
+  auto store = mustOpen(dir.file("q.db"));
+  const TlsRequirement kinds[] = {TlsRequirement::Default, TlsRequirement::Required, TlsRequirement::Optional};
+  for (int i = 0; i < 3; ++i) {
+    NewMessage m;
+    m.id = "000000000000070" + std::to_string(i);
+    m.account = "a";
+    m.mailFrom = "s@example.com";
+    m.recipients = {"r@example.org"};
+    m.content = "Subject: x\r\n\r\nx\r\n";
+    m.receivedAt = 1'700'000'000;
+    m.tlsRequirement = kinds[i];
+    REQUIRE(store->insertBatch({m})[0].ok());
+    CHECK(store->show(m.id)->tlsRequirement == kinds[i]);
+  }
+  auto due = store->leaseDue(1'700'000'100, 10);
+  REQUIRE(due.ok());
+  REQUIRE(due.value().size() == 3);
+  for (const auto& d : due.value()) CHECK(d.tlsRequirement == kinds[d.id.back() - '0']);
 }

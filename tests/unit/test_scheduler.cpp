@@ -32,6 +32,7 @@ struct FakeMsg {
   std::string id;
   std::string mailFrom = "app@shop.example";
   std::string account = "acct";
+  queue::TlsRequirement tlsRequirement = queue::TlsRequirement::Default;
   int64_t receivedAt = 0;
   bool isDsn = false;
   std::string content = "Subject: hi\r\n\r\nbody\r\n";
@@ -85,6 +86,7 @@ class FakeQueue final : public queue::DeliveryQueue {
       if (d.recipients.empty()) continue;
       d.id = m.id;
       d.account = m.account;
+      d.tlsRequirement = m.tlsRequirement;
       d.mailFrom = m.mailFrom;
       d.size = int64_t(m.content.size());
       d.receivedAt = m.receivedAt;
@@ -166,6 +168,7 @@ class FakeQueue final : public queue::DeliveryQueue {
     queue::MessageInfo info;
     info.id = m.id;
     info.account = m.account;
+    info.tlsRequirement = m.tlsRequirement;
     info.mailFrom = m.mailFrom;
     info.receivedAt = m.receivedAt;
     info.isDsn = m.isDsn;
@@ -960,4 +963,82 @@ TEST_CASE("scheduler: parallel sessions failing before ready start no replacemen
   b.clock.advance(std::chrono::minutes(6));
   s.tick();
   CHECK(b.t.connects.size() == 6);
+}
+
+// ---- REQUIRETLS (RFC 8689) -----------------------------------------------------------------
+
+TEST_CASE("scheduler: a REQUIRETLS message never goes to MX hosts nobody validated; it bounces with 5.7.10") {
+  Bed b;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", exampleMx());  // validated stays false: no DNSSEC, no MTA-STS
+  s.flush();
+  CHECK(b.t.connects.empty());
+  CHECK(b.q.rcpt("m1", 0).state == RecipientState::Failed);
+  CHECK(b.q.rcpt("m1", 0).lastStatus.str() == "5.7.10");
+  CHECK(b.q.rcpt("m1", 0).dsnPending);
+  SUBCASE("its bounce asks for REQUIRETLS too") {
+    s.tick();
+    REQUIRE(b.q.dsns.size() == 1);
+    CHECK(b.q.dsns[0].tlsRequirement == queue::TlsRequirement::Required);
+  }
+}
+
+TEST_CASE("scheduler: a validated route takes REQUIRETLS mail over verified TLS only") {
+  Bed b;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
+  Scheduler& s = b.start();
+  s.tick();
+  Route r = exampleMx();
+  r.validated = true;
+  s.onRoute("example.org", r);
+  REQUIRE(b.t.connects.size() == 1);
+  CHECK(b.t.connects[0].tls == TlsPolicy::Verify);
+  b.readyAll();
+  REQUIRE(b.t.sending.size() == 1);
+  CHECK(b.t.sending.begin()->second.requireTls);
+}
+
+TEST_CASE("scheduler: REQUIRETLS through a relay; refused when the relay is not verified") {
+  SUBCASE("verified relay") {
+    Bed b;
+    b.settings.relay = relays("delivery.relay", {relayHost("127.0.0.1", 2525, "delivery.relay[0]")});
+    b.q.add("m1", {"a@example.org"}, b.now());
+    b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
+    Scheduler& s = b.start();
+    s.tick();
+    REQUIRE(b.t.connects.size() == 1);
+    b.readyAll();
+    REQUIRE(b.t.sending.size() == 1);
+    CHECK(b.t.sending.begin()->second.requireTls);
+  }
+  SUBCASE("verify false") {
+    Bed b;
+    b.settings.relay = relays("delivery.relay", {relayHost("127.0.0.1", 2525, "delivery.relay[0]", false, "", false)});
+    b.q.add("m1", {"a@example.org"}, b.now());
+    b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
+    Scheduler& s = b.start();
+    s.tick();
+    s.flush();
+    CHECK(b.t.connects.empty());
+    CHECK(b.q.rcpt("m1", 0).lastStatus.str() == "5.7.10");
+    CHECK(b.q.rcpt("m1", 0).lastError.find("delivery.relay[0] has verify false") != std::string::npos);
+  }
+}
+
+TEST_CASE("scheduler: TLS-Required: No is opportunistic whatever the domain's policy") {
+  Bed b;
+  b.settings.tlsOverrides["example.org"] = TlsPolicy::Verify;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Optional;
+  b.q.add("m2", {"b@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", exampleMx());
+  std::set<TlsPolicy> policies;
+  for (const auto& c : b.t.connects) policies.insert(c.tls);
+  CHECK(policies == std::set<TlsPolicy>{TlsPolicy::Opportunistic, TlsPolicy::Verify});
 }

@@ -294,3 +294,24 @@ TEST_CASE("ContentScan: header limits refuse with 552 5.3.4; no hashing without 
   CHECK(within.headerBytes() == 14);
   CHECK_FALSE(within.finish());
 }
+
+TEST_CASE("cleanup: REQUIRETLS and the TLS-Required header (RFC 8689 3, 4.1)") {
+  const std::string plain = "From: orders@shop.test\r\n\r\nb\r\n";
+  const std::string optional = "From: orders@shop.test\r\nTLS-Required: No\r\n\r\nb\r\n";
+  auto none = cleanup(plain, request());
+  CHECK_FALSE(none.tlsRequired);
+  CHECK_FALSE(none.tlsOptional);
+  auto opt = cleanup(optional, request());
+  CHECK(opt.tlsOptional);
+  CHECK(opt.content.find("TLS-Required: No\r\n") != std::string::npos);  // it travels on
+  CHECK(cleanup("From: orders@shop.test\r\ntls-required:\r\n  no \r\n\r\nb\r\n", request()).tlsOptional);
+  CleanupRequest req = request();
+  req.requireTls = true;
+  auto both = cleanup(optional, req);  // REQUIRETLS wins; the header is ignored
+  CHECK(both.tlsRequired);
+  CHECK_FALSE(both.tlsOptional);
+  checkRefused("From: orders@shop.test\r\nTLS-Required: No\r\nTLS-Required: No\r\n\r\nb\r\n", "5.6.0",
+               "Message has more than one TLS-Required header field (RFC 8689 3)");
+  checkRefused("From: orders@shop.test\r\nTLS-Required: Yes\r\n\r\nb\r\n", "5.6.0",
+               "The TLS-Required header field takes only the value \"No\" (RFC 8689 3)");
+}
