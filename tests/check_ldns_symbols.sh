@@ -23,6 +23,7 @@ allowed=(
   ldns_pkt_query_new
   ldns_pkt_set_id
   ldns_pkt_set_edns_udp_size
+  ldns_pkt_set_edns_do
   ldns_pkt2wire
   ldns_pkt_free
   # parsing a response

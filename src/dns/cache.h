@@ -5,7 +5,9 @@
 // cached for the SOA-derived negative TTL, capped short (kMaxNegativeTtl). SERVFAIL, REFUSED,
 // timeouts and errors are not cached by default (RFC 2308 7 allows at most 5 minutes; the
 // resolver's own retries are cheap compared with a wrong "temporary" result held too long).
-// Bounded: when full, expired entries go first, then the one closest to expiry.
+// Bounded: when full, expired entries go first, then the one closest to expiry. An entry is
+// the whole Answer, so a hit is exactly as `authenticated` (DNSSEC AD) as the lookup that
+// stored it: validation is never upgraded or lost by the cache.
 //
 // Not here: the I/O and which answers to insert (uv_resolver.h).
 #pragma once

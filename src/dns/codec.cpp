@@ -84,7 +84,7 @@ uint32_t clampTtl(uint32_t ttl) { return ttl > 0x7fffffffU ? 0 : ttl; }
 bool knownType(uint16_t t) {
   return t == static_cast<uint16_t>(QType::A) || t == static_cast<uint16_t>(QType::AAAA) ||
          t == static_cast<uint16_t>(QType::MX) || t == static_cast<uint16_t>(QType::CNAME) ||
-         t == static_cast<uint16_t>(QType::TXT);
+         t == static_cast<uint16_t>(QType::TXT) || t == static_cast<uint16_t>(QType::TLSA);
 }
 
 // Decodes one answer record of a type we use. nullopt: malformed rdata.
@@ -130,6 +130,24 @@ std::optional<Record> decodeRecord(const ldns_rr* rr, std::string owner) {
         if (len + 1 != ldns_rdf_size(rdf)) return std::nullopt;
         rec.text.append(reinterpret_cast<const char*>(d + 1), len);
       }
+      return rec;
+    }
+    case QType::TLSA: {
+      // RFC 6698 2.1: usage, selector and matching type (one octet each), then the
+      // association data up to the end of the rdata. Read from the rdata as a whole,
+      // whatever fields ldns split it into; a record without association data is malformed
+      // (2.2: the data field is required in the presentation format too).
+      std::string rdata;
+      for (size_t i = 0; i < n; ++i) {
+        const ldns_rdf* rdf = ldns_rr_rdf(rr, i);
+        if (rdf == nullptr) return std::nullopt;
+        rdata.append(reinterpret_cast<const char*>(ldns_rdf_data(rdf)), ldns_rdf_size(rdf));
+      }
+      if (rdata.size() < 4) return std::nullopt;
+      rec.tlsa.usage = static_cast<uint8_t>(rdata[0]);
+      rec.tlsa.selector = static_cast<uint8_t>(rdata[1]);
+      rec.tlsa.matchingType = static_cast<uint8_t>(rdata[2]);
+      rec.tlsa.data.assign(rdata.begin() + 3, rdata.end());
       return rec;
     }
   }
@@ -183,6 +201,8 @@ const char* typeName(QType t) {
       return "TXT";
     case QType::AAAA:
       return "AAAA";
+    case QType::TLSA:
+      return "TLSA";
   }
   return "?";
 }
@@ -190,7 +210,7 @@ const char* typeName(QType t) {
 std::optional<QType> parseTypeName(std::string_view s) {
   std::string up;
   for (char c : s) up += (c >= 'a' && c <= 'z') ? static_cast<char>(c - 'a' + 'A') : c;
-  for (QType t : {QType::A, QType::CNAME, QType::MX, QType::TXT, QType::AAAA})
+  for (QType t : {QType::A, QType::CNAME, QType::MX, QType::TXT, QType::AAAA, QType::TLSA})
     if (up == typeName(t)) return t;
   return std::nullopt;
 }
@@ -221,18 +241,20 @@ std::optional<std::string> normalizeName(std::string_view name) {
   return out;
 }
 
-util::Result<std::string> buildQuery(std::string_view name, QType type, uint16_t id) {
+util::Result<std::string> buildQuery(std::string_view name, QType type, uint16_t id, QueryOptions opts) {
   auto norm = normalizeName(name);
   if (!norm) return util::makeError("invalid domain name \"" + std::string(name) + "\"");
   // normalizeName leaves no character that ldns' presentation-format parser treats
   // specially, so the text form is safe to hand over.
   ldns_rdf* owner = ldns_dname_new_frm_str((*norm + ".").c_str());
   if (owner == nullptr) return util::makeError("cannot encode \"" + *norm + "\"");
-  // ldns_pkt_query_new takes ownership of owner.
-  PktPtr pkt(ldns_pkt_query_new(owner, static_cast<ldns_rr_type>(type), LDNS_RR_CLASS_IN, LDNS_RD));
+  // ldns_pkt_query_new takes ownership of owner. RFC 6840 5.7: AD=1 in the query asks a
+  // validating resolver to tell us, through AD in the response, whether it validated.
+  PktPtr pkt(ldns_pkt_query_new(owner, static_cast<ldns_rr_type>(type), LDNS_RR_CLASS_IN, LDNS_RD | LDNS_AD));
   if (!pkt) return util::makeError("cannot build query");
   ldns_pkt_set_id(pkt.get(), id);
   ldns_pkt_set_edns_udp_size(pkt.get(), kEdnsUdpSize);  // RFC 6891 6.1.1: adds the OPT RR
+  if (opts.dnssecOk) ldns_pkt_set_edns_do(pkt.get(), true);  // RFC 3225 3
   uint8_t* wire = nullptr;
   size_t size = 0;
   if (ldns_pkt2wire(&wire, pkt.get(), &size) != LDNS_STATUS_OK || wire == nullptr) {
@@ -264,6 +286,7 @@ ParseResult parseResponse(std::string_view wire, uint16_t expectedId, std::strin
   r.id = id;
   r.truncated = (w[2] & 0x02) != 0;
   r.authoritative = (w[2] & 0x04) != 0;
+  r.authenticated = (w[3] & 0x20) != 0;  // RFC 4035 3.2.3 / RFC 6840 5.7: AD
   r.rcode = w[3] & 0x0f;
 
   auto norm = normalizeName(qname);
@@ -380,6 +403,7 @@ Interpretation interpretResponse(const Response& r, std::string_view qname, QTyp
         a.status = Status::Ok;
         a.canonicalName = rec.target;
         a.ttl = rec.ttl;
+        a.authenticated = r.authenticated;
         return out;
       }
     }
@@ -417,13 +441,18 @@ Interpretation interpretResponse(const Response& r, std::string_view qname, QTyp
           a.mx.push_back(MxRecord{rec.preference, rec.target});
         } else if (qtype == QType::TXT) {
           a.texts.push_back(rec.text);
+        } else if (qtype == QType::TLSA) {
+          a.tlsa.push_back(rec.tlsa);
         } else {
           a.addresses.push_back(rec.address);
         }
       }
-      if (!a.mx.empty() || !a.addresses.empty() || !a.texts.empty()) {
+      if (!a.mx.empty() || !a.addresses.empty() || !a.texts.empty() || !a.tlsa.empty()) {
         a.status = Status::Ok;
         a.ttl = ttl;
+        // RFC 4035 3.2.3: AD covers every RRset of the answer section, so the CNAMEs of the
+        // chain as well as the records at its end.
+        a.authenticated = r.authenticated;
         return out;
       }
       // A chain that stops at a CNAME with neither records nor an SOA: the server gave
@@ -432,6 +461,7 @@ Interpretation interpretResponse(const Response& r, std::string_view qname, QTyp
         out.followCname = current;
         a.status = Status::NoData;
         a.ttl = ttl;
+        a.authenticated = r.authenticated;  // of this part of the chain; the caller ANDs the rest
         a.detail = "CNAME to " + current;
         return out;
       }
@@ -441,6 +471,10 @@ Interpretation interpretResponse(const Response& r, std::string_view qname, QTyp
   // RFC 2308 2.1 / 2.2; RFC 6604 3: the RCODE describes the last name of the chain.
   const uint32_t neg = r.negativeTtl.value_or(0);
   a.ttl = std::min(ttl, neg);
+  // RFC 4035 3.2.3: for a negative answer AD also covers the denial (NSEC/NSEC3) in the
+  // authority section: an authenticated NoData TLSA is what RFC 7672 2.2 calls "no TLSA
+  // records" of a signed zone.
+  a.authenticated = r.authenticated;
   if (r.rcode == kRcodeNxDomain) {
     a.status = Status::NxDomain;
     a.detail = statusDetail("NXDOMAIN", a.canonicalName, server);

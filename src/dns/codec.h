@@ -7,7 +7,9 @@
 // section 9.1 (a response is accepted only when its ID, question name, type and class
 // match what was asked; anything else is ignored, not treated as an error), RFC 2181 10.1
 // (CNAME chains in one answer section), RFC 2308 (NXDOMAIN vs NODATA, negative TTL from
-// the SOA in the authority section) and RFC 6604 (the RCODE refers to the end of a chain).
+// the SOA in the authority section) and RFC 6604 (the RCODE refers to the end of a chain),
+// RFC 6698 2.1 (TLSA rdata) and the DNSSEC header bits of a stub resolver: AD=1 in every
+// query (RFC 6840 5.7), DO on request (RFC 3225), AD read from the response (RFC 4035 3.2.3).
 //
 // Not here: sockets, timers, retries, the cache (uv_resolver.h, cache.h).
 #pragma once
@@ -31,9 +33,21 @@ inline constexpr int kMaxCnameHops = 8;
 // (host names per RFC 1123 2.1, plus '_' for _domainkey and friends).
 std::optional<std::string> normalizeName(std::string_view name);
 
-// RFC 1035 4.1: a standard query for (name, type, IN) with RD=1, ID `id` and an EDNS0 OPT
-// record. Fails only for a name normalizeName rejects.
-util::Result<std::string> buildQuery(std::string_view name, QType type, uint16_t id);
+// How a query asks for DNSSEC information. We never check signatures ourselves: ldns is
+// for packets only (docs/tls-backends.md), and RFC 7672 2.1.1 lets an SMTP client rely on
+// the AD bit of a validating resolver it trusts (a local one). So every query carries AD=1,
+// the RFC 6840 5.7 signal "I understand the AD bit, tell me", which makes a validating
+// resolver report AD without sending RRSIGs and NSEC records we would only throw away
+// (smaller answers, fewer TC=1 retries over TCP). dnssecOk additionally sets DO in the OPT
+// record (RFC 3225 3), which is what Postfix asks for (RES_USE_DNSSEC): for resolvers
+// that only report AD to DO queries, at the price of the signatures in every answer.
+struct QueryOptions {
+  bool dnssecOk = false;
+};
+
+// RFC 1035 4.1: a standard query for (name, type, IN) with RD=1, AD=1, ID `id` and an EDNS0
+// OPT record (DO per `opts`). Fails only for a name normalizeName rejects.
+util::Result<std::string> buildQuery(std::string_view name, QType type, uint16_t id, QueryOptions opts = {});
 
 // One resource record of a response, decoded. Names are lower-case without the trailing dot;
 // bytes outside printable ASCII (and '.' or '\' inside a label) appear as \DDD (RFC 1035 5.1).
@@ -45,6 +59,7 @@ struct Record {
   std::string target;       // MX exchange ("" for the root), CNAME target
   std::string address;      // A / AAAA, textual
   std::string text;         // TXT: the character-strings concatenated
+  TlsaRecord tlsa;          // TLSA
 };
 
 struct Response {
@@ -52,7 +67,8 @@ struct Response {
   uint8_t rcode = 0;       // RFC 1035 4.1.1 (the 4 low bits; EDNS extended bits ignored)
   bool truncated = false;  // TC: ask again over TCP (RFC 7766 section 5)
   bool authoritative = false;
-  std::vector<Record> answers;          // MX, A, AAAA, CNAME, TXT of class IN only
+  bool authenticated = false;  // AD (RFC 4035 3.2.3): the resolver validated every RRset in it
+  std::vector<Record> answers;          // MX, A, AAAA, CNAME, TXT, TLSA of class IN only
   std::optional<uint32_t> negativeTtl;  // RFC 2308 5: min(SOA TTL, SOA MINIMUM) if an SOA is present
 };
 
@@ -83,6 +99,7 @@ struct Interpretation {
 // Follows the CNAME chain from qname inside the answer section (at most kMaxCnameHops,
 // loops are an Error), then collects the records of qtype at the end of the chain. For
 // QType::CNAME the chain is not followed: canonicalName is the target of qname's CNAME.
+// answer.authenticated is the response's AD bit for Ok / NoData / NxDomain, else false.
 // `server` only goes into detail strings.
 Interpretation interpretResponse(const Response& r, std::string_view qname, QType qtype, std::string_view server = {});
 

@@ -46,6 +46,7 @@ struct UvResolver::Lookup {
   std::string qname;  // the name being asked now (differs after following a CNAME)
   int hops = 0;
   uint32_t chainTtl = std::numeric_limits<uint32_t>::max();
+  bool chainAuthenticated = true;  // every response so far had AD (RFC 4035 3.2.3)
   std::set<std::string> seen;
   std::vector<Callback> callbacks;
 
@@ -164,7 +165,7 @@ void UvResolver::startAttempt(Lookup& l) {
   const Target& t = targets_[l.target];
 
   l.id = randomId();
-  auto wire = buildQuery(l.qname, l.type, l.id);
+  auto wire = buildQuery(l.qname, l.type, l.id, queryOptions_);
   if (!wire) {  // cannot happen for a normalized name; fail the lookup from the loop
     l.tries = total;
     l.failStatus = Status::Error;
@@ -208,7 +209,7 @@ void UvResolver::startTcp(Lookup& l) {
   const Target& t = targets_[l.target];
   // The same question with a new ID (RFC 7766 5: retry the truncated query over TCP).
   l.id = randomId();
-  auto wire = buildQuery(l.qname, l.type, l.id);
+  auto wire = buildQuery(l.qname, l.type, l.id, queryOptions_);
   if (!wire) {
     attemptFailed(l, Status::Error, wire.error().message, kRankAnswer);
     return;
@@ -323,6 +324,8 @@ bool UvResolver::handlePacket(Lookup& l, std::string_view packet, bool overTcp) 
       break;
   }
   l.chainTtl = std::min(l.chainTtl, a.ttl);
+  // A chain followed over several queries is authenticated only if every response was.
+  l.chainAuthenticated = l.chainAuthenticated && a.authenticated;
   if (!in.followCname.empty()) {
     if (++l.hops > kMaxCnameHops || !l.seen.insert(in.followCname).second) {
       Answer err;
@@ -343,6 +346,7 @@ bool UvResolver::handlePacket(Lookup& l, std::string_view packet, bool overTcp) 
   }
   a.name = l.name;
   a.ttl = std::min(l.chainTtl, a.ttl);
+  a.authenticated = l.chainAuthenticated;
   finish(l, std::move(a));
   return false;
 }

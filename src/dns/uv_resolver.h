@@ -11,7 +11,10 @@
 //    rounds over the server list;
 //  - an answer that ends in a CNAME without the target's records: the target is asked for
 //    (RFC 1034 3.6.2), at most kMaxCnameHops times, loops are an error;
-//  - identical lookups in flight share one query; answers go to a Cache (cache.h).
+//  - identical lookups in flight share one query; answers go to a Cache (cache.h);
+//  - DNSSEC: every query has AD=1 (codec.h QueryOptions), DO=1 after setDnssecOk(true); an
+//    answer is `authenticated` only when every response it was built from had AD=1 (a
+//    CNAME followed over two queries needs AD on both).
 // Callbacks run on the loop, never inside query() (cache hits are queued to a 0 ms timer).
 // Destroying the resolver closes everything at once: no callback runs afterwards. The loop
 // must be run once more to free the closed handles, as with every libuv handle (net/uv_handle.h).
@@ -31,6 +34,7 @@
 #include <vector>
 
 #include "dns/cache.h"
+#include "dns/codec.h"
 #include "dns/resolv_conf.h"
 #include "dns/resolver.h"
 #include "net/uv_timer.h"
@@ -57,6 +61,9 @@ class UvResolver final : public Resolver {
   UvResolver& operator=(const UvResolver&) = delete;
 
   void query(const std::string& name, QType type, Callback cb) override;
+
+  // Also set DO (RFC 3225) in queries from now on, for resolvers that report AD only then.
+  void setDnssecOk(bool on) { queryOptions_.dnssecOk = on; }
 
   size_t inFlight() const { return lookups_.size(); }
   const Stats& stats() const { return stats_; }
@@ -91,6 +98,7 @@ class UvResolver final : public Resolver {
   std::vector<Target> targets_;
   std::chrono::milliseconds timeout_;
   int attempts_;
+  QueryOptions queryOptions_;
   Cache cache_;
   Stats stats_;
   uint64_t nextSerial_ = 1;

@@ -214,8 +214,10 @@ void Connection::connect(const std::string& ip, uint16_t port) {
   }
 }
 
-void Connection::startTlsClient(std::shared_ptr<tls::TlsContext> ctx, const std::string& serverName) {
+void Connection::startTlsClient(std::shared_ptr<tls::TlsContext> ctx, const std::string& serverName,
+                                std::optional<tls::DaneParams> dane) {
   tls_ = std::make_unique<tls::TlsEngine>(std::move(ctx), serverName);
+  if (dane) tls_->useDane(std::move(*dane));
   tlsEstablished_ = false;
   tls_->start();
   flushTls();

@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -59,8 +60,11 @@ class Connection {
   // Server-side TLS from now on (STARTTLS, or at once for implicit TLS).
   void startTls(std::shared_ptr<tls::TlsContext> ctx);
   // Client-side TLS (outbound STARTTLS); serverName is sent as SNI and, when the
-  // context verifies, checked against the certificate.
-  void startTlsClient(std::shared_ptr<tls::TlsContext> ctx, const std::string& serverName);
+  // context verifies, checked against the certificate. With `dane`, the server is
+  // authenticated by its TLSA records instead (TlsEngine::useDane, RFC 7672); a mismatch
+  // fails the handshake and tls()->peerVerifyError() says why.
+  void startTlsClient(std::shared_ptr<tls::TlsContext> ctx, const std::string& serverName,
+                      std::optional<tls::DaneParams> dane = std::nullopt);
   const tls::TlsEngine* tls() const { return tls_.get(); }
 
   void write(std::string_view plaintext);

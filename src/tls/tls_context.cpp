@@ -17,6 +17,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "tls/tls_engine.h"
 #include "util/cptr.h"
 
 namespace subrelay::tls {
@@ -212,6 +213,9 @@ util::Result<std::shared_ptr<TlsContext>> TlsContext::client(const ClientOptions
     // Opportunistic TLS (RFC 7435): encrypt without authenticating.
     SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_NONE, nullptr);
   }
+  // DANE (RFC 7672) for the engines that ask for it (TlsEngine::useDane), the library's
+  // own chain check for all others.
+  SSL_CTX_set_cert_verify_callback(ctx.get(), TlsEngine::verifyCallback, nullptr);
   return std::shared_ptr<TlsContext>(new TlsContext(ctx.release(), false));
 }
 

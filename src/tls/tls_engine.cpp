@@ -12,6 +12,7 @@
 #include <cctype>
 
 #include <arpa/inet.h>
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
@@ -19,7 +20,9 @@
 #include <openssl/x509v3.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
+#include <vector>
 
 namespace subrelay::tls {
 namespace {
@@ -36,6 +39,21 @@ constexpr size_t kMaxWrite = 1 << 30;
 bool isIpLiteral(const std::string& s) {
   unsigned char buf[16];
   return inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1;
+}
+
+// The SSL ex_data slot holding the TlsEngine of a DANE connection (for verifyCallback).
+int engineIndex() {
+  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return index;
+}
+
+std::string derOf(X509* x) {
+  unsigned char* buf = nullptr;
+  const int n = i2d_X509(x, &buf);
+  std::string out;
+  if (n > 0 && buf != nullptr) out.assign(reinterpret_cast<const char*>(buf), static_cast<size_t>(n));
+  OPENSSL_free(buf);
+  return out;
 }
 
 }  // namespace
@@ -83,6 +101,54 @@ TlsEngine::TlsEngine(std::shared_ptr<TlsContext> ctx, std::string serverName) : 
 
 TlsEngine::~TlsEngine() { SSL_free(ssl_); }
 
+void TlsEngine::useDane(DaneParams params) {
+  if (state_ != EngineState::Handshaking || started_ || ctx_->isServer()) return;
+  if (engineIndex() < 0 || !SSL_set_ex_data(ssl_, engineIndex(), this)) {
+    fail("cannot enable DANE: " + lastTlsError());
+    return;
+  }
+  // RFC 7672 8.1: "the SMTP client MUST send the TLS SNI extension containing the TLSA base
+  // domain".
+  if (!params.referenceNames.empty() && !params.referenceNames[0].empty() &&
+      !SSL_set_tlsext_host_name(ssl_, params.referenceNames[0].c_str())) {
+    fail("cannot set SNI " + params.referenceNames[0] + ": " + lastTlsError());
+    return;
+  }
+  // The check runs in verifyCallback; SSL_VERIFY_PEER makes its "no" end the handshake.
+  SSL_set_verify(ssl_, SSL_VERIFY_PEER, nullptr);
+  dane_ = std::move(params);
+}
+
+int TlsEngine::verifyCallback(X509_STORE_CTX* store, void* /*arg*/) {
+  SSL* ssl = static_cast<SSL*>(X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
+  auto* self = ssl != nullptr && engineIndex() >= 0 ? static_cast<TlsEngine*>(SSL_get_ex_data(ssl, engineIndex()))
+                                                    : nullptr;
+  if (self == nullptr || !self->dane_) return X509_verify_cert(store);  // what the library does without us
+  return self->checkDane(store);
+}
+
+int TlsEngine::checkDane(X509_STORE_CTX* store) {
+  // The chain as the server sent it, leaf first (the library hands the leaf separately and
+  // also, in both libraries, as the first of the untrusted certificates).
+  std::vector<std::string> chain;
+  X509* leaf = X509_STORE_CTX_get0_cert(store);
+  if (leaf != nullptr) chain.push_back(derOf(leaf));
+  if (STACK_OF(X509)* rest = X509_STORE_CTX_get0_untrusted(store)) {
+    const int n = static_cast<int>(sk_X509_num(rest));  // size_t in BoringSSL, int in OpenSSL
+    for (int i = 0; i < n; ++i) {
+      X509* c = sk_X509_value(rest, i);
+      if (c != nullptr && (leaf == nullptr || X509_cmp(c, leaf) != 0)) chain.push_back(derOf(c));
+    }
+  }
+  daneResult_ = verifyDane(*dane_, chain, std::chrono::system_clock::now());
+  if (daneResult_->status == DaneStatus::Mismatch) {
+    X509_STORE_CTX_set_error(store, X509_V_ERR_CERT_UNTRUSTED);  // alert bad_certificate
+    return 0;
+  }
+  X509_STORE_CTX_set_error(store, X509_V_OK);
+  return 1;
+}
+
 namespace {
 // RFC 8446 6 / RFC 5246 7.2 alert descriptions, named as OpenSSL prints them.
 std::string alertName(int desc) {
@@ -112,7 +178,13 @@ void TlsEngine::failFrom(int ret, const char* during) {
   int err = SSL_get_error(ssl_, ret);
   std::string why = during;
   why += ": ";
-  if (verifying_) {
+  if (dane_ && daneResult_ && daneResult_->status == DaneStatus::Mismatch) {
+    why += "DANE verification failed: " + daneResult_->reason;
+    ERR_clear_error();
+    fail(std::move(why));
+    return;
+  }
+  if (verifying_ && !dane_) {
     long v = SSL_get_verify_result(ssl_);
     if (v != X509_V_OK) {
       why += "certificate verification failed: ";
@@ -173,6 +245,9 @@ bool TlsEngine::isCertificateRejection(std::string_view error) {
 void TlsEngine::start() {
   if (state_ != EngineState::Handshaking || started_) return;
   started_ = true;
+  // A resumed session skips the certificate check, so a DANE connection always makes a full
+  // handshake, whatever session the caller offered.
+  if (dane_) SSL_set_session(ssl_, nullptr);
   pump();
 }
 
@@ -201,6 +276,13 @@ void TlsEngine::pump() {
     if (r != 1) {
       int err = SSL_get_error(ssl_, r);
       if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) failFrom(r, "TLS handshake");
+      return;
+    }
+    if (dane_ && !daneResult_) {
+      // Resumed after all (start() drops any session offered): the library skipped the
+      // certificate check, so DANE never ran (RFC 7672 3.2: no delivery without
+      // authentication). Nothing was written yet.
+      fail("TLS handshake: DANE: a resumed session is not accepted (the certificate was not checked)");
       return;
     }
     state_ = EngineState::Open;
@@ -316,6 +398,10 @@ std::string TlsEngine::cipher() const {
 }
 
 std::string TlsEngine::peerVerifyError() const {
+  if (dane_) {
+    if (daneResult_ && daneResult_->status == DaneStatus::Mismatch) return "DANE: " + daneResult_->reason;
+    return {};
+  }
   if (!ssl_ || !verifying_) return {};
   long v = SSL_get_verify_result(ssl_);
   return v == X509_V_OK ? std::string() : X509_verify_cert_error_string(v);

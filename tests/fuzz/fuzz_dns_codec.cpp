@@ -7,7 +7,9 @@
 //    Mismatch; Ok means ID, QR and (for records) the question matched;
 //  - every decoded name is lower-case printable ASCII without empty labels;
 //  - the answer's name is the question, Ok answers carry records of the asked type only,
-//    and a CNAME to follow comes with status NoData and no records.
+//    and a CNAME to follow comes with status NoData and no records;
+//  - TLSA records (RFC 6698) always have association data, and only an Ok / NoData /
+//    NxDomain answer can be authenticated (the AD bit, RFC 4035 3.2.3).
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -40,6 +42,7 @@ constexpr Question kQuestions[] = {
     {"example.test", QType::MX},  {"example.test", QType::A},     {"a.example.test", QType::AAAA},
     {"example.test", QType::TXT}, {"example.test", QType::CNAME}, {"x", QType::A},
     {"mx.test", QType::MX},       {"www.cname.test", QType::A},
+    {"_25._tcp.mx.test", QType::TLSA},
 };
 
 }  // namespace
@@ -58,6 +61,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (const auto& rec : r.response.answers) {
       checkName(rec.owner);
       checkName(rec.target);
+      if (rec.type == static_cast<uint16_t>(QType::TLSA)) check(!rec.tlsa.data.empty());
     }
     for (const char* server : {"", "127.0.0.1:53"}) {
       Interpretation in = interpretResponse(r.response, q.name, q.type, server);
@@ -65,20 +69,23 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       check(a.name == q.name);
       check(a.type == q.type);
       checkName(a.canonicalName);
+      if (a.authenticated) check(a.status == Status::Ok || a.status == Status::NoData || a.status == Status::NxDomain);
       if (!in.followCname.empty()) {
         check(a.status == Status::NoData);
-        check(a.mx.empty() && a.addresses.empty() && a.texts.empty());
+        check(a.mx.empty() && a.addresses.empty() && a.texts.empty() && a.tlsa.empty());
         check(in.followCname == a.canonicalName);
       }
       if (a.status == Status::Ok) {
         check(!r.response.truncated);
-        if (q.type == QType::MX) check(!a.mx.empty() && a.addresses.empty() && a.texts.empty());
-        if (q.type == QType::A || q.type == QType::AAAA) check(!a.addresses.empty() && a.mx.empty());
-        if (q.type == QType::TXT) check(!a.texts.empty() && a.mx.empty());
+        if (q.type == QType::MX) check(!a.mx.empty() && a.addresses.empty() && a.texts.empty() && a.tlsa.empty());
+        if (q.type == QType::A || q.type == QType::AAAA) check(!a.addresses.empty() && a.mx.empty() && a.tlsa.empty());
+        if (q.type == QType::TXT) check(!a.texts.empty() && a.mx.empty() && a.tlsa.empty());
+        if (q.type == QType::TLSA) check(!a.tlsa.empty() && a.mx.empty() && a.addresses.empty());
+        for (const auto& t : a.tlsa) check(!t.data.empty());
         for (const auto& addr : a.addresses) check(!addr.empty());
         for (const auto& m : a.mx) checkName(m.exchange);
       } else {
-        check(a.mx.empty() && a.addresses.empty() && a.texts.empty());
+        check(a.mx.empty() && a.addresses.empty() && a.texts.empty() && a.tlsa.empty());
       }
     }
   }

@@ -1,5 +1,6 @@
-"""Real peers for integration tests: Unbound, a private unbound instance on loopback, and
-HttpsPolicyServer, an HTTPS server for MTA-STS policies (RFC 8461 3.3).
+"""Real peers for integration tests: Unbound, a private unbound instance on loopback;
+DnssecTestbed, signed zones it serves and validates; HttpsPolicyServer, an HTTPS server for
+MTA-STS policies (RFC 8461 3.3).
 
     from peers import Unbound, testbed_zones
     dns = Unbound(testbed_zones())      # starts it, waits until it answers
@@ -8,6 +9,9 @@ HttpsPolicyServer, an HTTPS server for MTA-STS policies (RFC 8461 3.3).
     web = HttpsPolicyServer(cert_path, key_path)   # 127.0.0.1, a free port
     web.enforce("example.test", ["mx1.example.test"])   # or testing/none/missing/redirect/...
     web.port, web.hits("example.test"), web.close()
+
+    bed = DnssecTestbed()               # keys and zones made with ldns-keygen / ldns-signzone
+    dns = Unbound(bed.zones(), validate=True)
 
 Standard library only (run by /usr/bin/python3). unbound listens on 127.0.0.1 only, on
 port 5353 when that is free for both UDP and TCP, else on a free port the kernel picks.
@@ -33,6 +37,8 @@ import time
 LOOPBACK = "127.0.0.1"
 DEFAULT_DNS_PORT = 5353
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
+LDNS_KEYGEN = shutil.which("ldns-keygen") or "/usr/bin/ldns-keygen"
+LDNS_SIGNZONE = shutil.which("ldns-signzone") or "/usr/bin/ldns-signzone"
 
 _live = []
 _live_lock = threading.Lock()
@@ -133,7 +139,11 @@ class Unbound:
     and extra top-level clauses (forward-zone...). `zones` is a list of lines, or the
     (lines, extra) pair testbed_zones() returns."""
 
-    def __init__(self, zones=None, port=DEFAULT_DNS_PORT, workdir=None, start=True, timeout=10):
+    def __init__(self, zones=None, port=DEFAULT_DNS_PORT, workdir=None, start=True, timeout=10,
+                 validate=False):
+        # validate: run unbound's DNSSEC validator before the iterator, so answers from
+        # signed auth-zones carry AD=1 (or SERVFAIL when bogus): see DnssecTestbed.
+        self.modules = "validator iterator" if validate else "iterator"
         if zones is None:
             zones = testbed_zones()
         if isinstance(zones, tuple):
@@ -169,7 +179,7 @@ class Unbound:
             f'    logfile: "{self.log}"',
             "    use-syslog: no",
             "    verbosity: 1",
-            '    module-config: "iterator"',
+            f'    module-config: "{self.modules}"',
             "    do-not-query-localhost: no",
             "    access-control: 127.0.0.0/8 allow",
             "    num-threads: 1",
@@ -450,3 +460,122 @@ class HttpsPolicyServer:
 
     def __exit__(self, *exc):
         self.close()
+class DnssecTestbed:
+    """Zones for DNSSEC and DANE tests, for one validating unbound:
+
+        bed = DnssecTestbed()                       # or DnssecTestbed(tlsa=["3 1 1 <hex>"])
+        dns = Unbound(bed.zones(), validate=True)
+        ...
+        dns.close(); bed.close()
+
+      signed.test    signed with a fresh ECDSA P-256 key (ldns-keygen, ldns-signzone, NSEC);
+                     the key's DS is unbound's trust anchor, so answers come with AD=1, and so
+                     do denials (NXDOMAIN / NODATA proven by NSEC).
+      unsigned.test  not signed, declared domain-insecure: the same records without AD.
+      bogus.test     signed and anchored like signed.test, but the RRSIG over its TLSA RRset
+                     is corrupted after signing: SERVFAIL (with CD=1 the data still comes back).
+
+    Each zone has MX 10 mx.<zone>, mx.<zone> A 127.0.0.3x and _25._tcp.mx.<zone> TLSA with
+    the records given (RFC 7672 2.2.3 names). signed.test also has _25._tcp.mx2 CNAME to
+    _25._tcp.mx (a secure chain), _25._tcp.mx3 CNAME into unsigned.test (a chain that ends
+    insecure) and nodane.signed.test, a host without TLSA records.
+
+    One unbound plays both parts: each zone is an `auth-zone` with `for-upstream: yes` and
+    `for-downstream: no`, which makes unbound use the zone file as if it had fetched the data
+    from the zone's servers, so the validator module checks it like any other answer (a
+    local-zone would be served before validation and never get AD). `local-zone: "test."
+    nodefault` lifts unbound's built-in RFC 6761 answer (NXDOMAIN) for test. names. There
+    are no root hints: names outside these zones fail (SERVFAIL) unless Unbound is also
+    given local zones."""
+
+    ZONES = ("signed.test", "unsigned.test", "bogus.test")
+    DEFAULT_TLSA = ("3 1 1 8cb0fc6c527506a053f4f14c8464bebbd6dede2738d11468dd953d7d6a3021f1",)
+
+    def __init__(self, tlsa=DEFAULT_TLSA, workdir=None):
+        self.tlsa = list(tlsa)
+        self.own_dir = workdir is None
+        self.dir = workdir or tempfile.mkdtemp(prefix="subrelay-dnssec-")
+        self.zonefiles = {}
+        self.trust_anchors = []  # DS records as one-line strings
+        for i, zone in enumerate(self.ZONES):
+            path = os.path.join(self.dir, zone + ".zone")
+            with open(path, "w") as f:
+                f.write(self._zone_text(zone, 31 + 10 * i))
+            if zone == "unsigned.test":
+                self.zonefiles[zone] = path
+                continue
+            self.zonefiles[zone] = self._sign(zone, path)
+            if zone == "bogus.test":
+                self._corrupt_signature(self.zonefiles[zone], "TLSA")
+
+    def _zone_text(self, zone, host):
+        lines = [
+            f"$ORIGIN {zone}.",
+            "$TTL 300",
+            f"@ IN SOA ns.{zone}. admin.{zone}. 1 3600 600 86400 30",
+            f"@ IN NS ns.{zone}.",
+            "ns IN A 127.0.0.1",
+            f"@ IN MX 10 mx.{zone}.",
+            f"mx IN A 127.0.0.{host}",
+        ]
+        lines += [f"_25._tcp.mx IN TLSA {t}" for t in self.tlsa]
+        if zone == "signed.test":
+            lines += [
+                f"mx2 IN A 127.0.0.{host + 1}",
+                "_25._tcp.mx2 IN CNAME _25._tcp.mx.signed.test.",
+                f"mx3 IN A 127.0.0.{host + 2}",
+                "_25._tcp.mx3 IN CNAME _25._tcp.mx.unsigned.test.",
+                f"nodane IN A 127.0.0.{host + 3}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def _run(self, argv):
+        proc = subprocess.run(argv, cwd=self.dir, capture_output=True, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+        return proc.stdout.decode()
+
+    def _sign(self, zone, path):
+        # One key with the SEP flag (-k) signs everything: enough for a validator, which only
+        # needs the DNSKEY RRset to be signed by a key matching the trust anchor's DS.
+        base = self._run([LDNS_KEYGEN, "-a", "ECDSAP256SHA256", "-k", zone]).strip()
+        with open(os.path.join(self.dir, base + ".ds")) as f:
+            self.trust_anchors.append(" ".join(f.read().split()))
+        self._run([LDNS_SIGNZONE, "-o", zone, path, base])
+        return path + ".signed"
+
+    @staticmethod
+    def _corrupt_signature(path, covered):
+        """Flips the first base64 character of the signature of every RRSIG over `covered`."""
+        out = []
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[3] == "RRSIG" and fields[4] == covered:
+                    sig = fields[-1]
+                    fields[-1] = ("B" if sig[0] != "B" else "C") + sig[1:]
+                    line = "\t".join(fields) + "\n"
+                out.append(line)
+        with open(path, "w") as f:
+            f.writelines(out)
+
+    def zones(self, extra_local=()):
+        """(server-clause lines, top-level clauses) for Unbound(..., validate=True)."""
+        lines = ['local-zone: "test." nodefault', 'domain-insecure: "unsigned.test."']
+        lines += [f'trust-anchor: "{ds}"' for ds in self.trust_anchors]
+        lines += list(extra_local)
+        clauses = []
+        for zone, path in self.zonefiles.items():
+            clauses += [
+                "auth-zone:",
+                f'    name: "{zone}."',
+                f'    zonefile: "{path}"',
+                "    for-downstream: no",
+                "    for-upstream: yes",
+                "    fallback-enabled: no",
+            ]
+        return lines, clauses
+
+    def close(self):
+        if self.own_dir and not os.environ.get("SUBRELAY_KEEP_TMP"):
+            shutil.rmtree(self.dir, ignore_errors=True)

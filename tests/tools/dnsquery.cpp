@@ -1,8 +1,10 @@
 // subrelay-dnsquery: one lookup through dns::UvResolver, printed as one JSON line, so the
 // integration tests (tests/integration/test_dns.py) drive the real resolver against unbound.
 //
-//   subrelay-dnsquery [--server host:port]... [--timeout-ms N] [--attempts N] NAME TYPE
+//   subrelay-dnsquery [--server host:port]... [--timeout-ms N] [--attempts N] [--dnssec-ok] NAME TYPE
 //
+// TLSA records print as "usage selector matching-type hex" (RFC 6698 2.2), and
+// "authenticated" is the resolver's AD bit over the whole answer (test_dnssec.py).
 // Without --server the servers come from /etc/resolv.conf (resolv_conf.h). Exit 0 when a
 // lookup was made (whatever its status), 2 on bad usage.
 #include <uv.h>
@@ -26,7 +28,8 @@ namespace {
 int usage(const char* msg) {
   std::fprintf(stderr,
                "subrelay-dnsquery: %s\n"
-               "usage: subrelay-dnsquery [--server host:port]... [--timeout-ms N] [--attempts N] NAME TYPE\n",
+               "usage: subrelay-dnsquery [--server host:port]... [--timeout-ms N] [--attempts N] [--dnssec-ok] NAME "
+               "TYPE\n",
                msg);
   return 2;
 }
@@ -50,6 +53,18 @@ std::string answerJson(const dns::Answer& a, const dns::UvResolver::Stats& st) {
     for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + jsonString(v[i]);
     return out + "]";
   };
+  std::string tlsa = "[";
+  for (size_t i = 0; i < a.tlsa.size(); ++i) {
+    const auto& t = a.tlsa[i];
+    std::string text = std::to_string(t.usage) + " " + std::to_string(t.selector) + " " + std::to_string(t.matchingType) + " ";
+    static const char kHex[] = "0123456789abcdef";
+    for (uint8_t b : t.data) {
+      text += kHex[b >> 4];
+      text += kHex[b & 15];
+    }
+    tlsa += (i ? "," : "") + jsonString(text);
+  }
+  tlsa += "]";
   util::JsonObject o;
   o.str("status", dns::statusName(a.status))
       .str("name", a.name)
@@ -59,6 +74,8 @@ std::string answerJson(const dns::Answer& a, const dns::UvResolver::Stats& st) {
       .raw("mx", mx)
       .raw("addresses", list(a.addresses))
       .raw("texts", list(a.texts))
+      .raw("tlsa", tlsa)
+      .raw("authenticated", a.authenticated ? "true" : "false")
       .str("detail", a.detail);
   util::JsonObject stats;  // how the answer was obtained (the TC -> TCP test reads it)
   stats.num("udp_queries", static_cast<int64_t>(st.udpQueries))
@@ -75,9 +92,12 @@ int main(int argc, char** argv) {
   long timeoutMs = 2000;
   long attempts = 2;
   std::vector<std::string> positional;
+  bool dnssecOk = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if ((arg == "--server" || arg == "--timeout-ms" || arg == "--attempts") && i + 1 < argc) {
+    if (arg == "--dnssec-ok") {
+      dnssecOk = true;
+    } else if ((arg == "--server" || arg == "--timeout-ms" || arg == "--attempts") && i + 1 < argc) {
       const std::string v = argv[++i];
       if (arg == "--server") {
         servers.push_back(v);
@@ -97,7 +117,7 @@ int main(int argc, char** argv) {
   }
   if (positional.size() != 2) return usage("expected NAME TYPE");
   auto type = dns::parseTypeName(positional[1]);
-  if (!type) return usage("TYPE must be A, AAAA, MX, CNAME or TXT");
+  if (!type) return usage("TYPE must be A, AAAA, MX, CNAME, TXT or TLSA");
   auto chosen = dns::chooseServers(servers);
   if (!chosen) return usage(chosen.error().message.c_str());
 
@@ -108,6 +128,7 @@ int main(int argc, char** argv) {
   {
     dns::UvResolver resolver(&loop, std::move(*chosen), clock, std::chrono::milliseconds(timeoutMs),
                              static_cast<int>(attempts));
+    resolver.setDnssecOk(dnssecOk);
     resolver.query(positional[0], *type, [&](const dns::Answer& a) { line = answerJson(a, resolver.stats()); });
     uv_run(&loop, UV_RUN_DEFAULT);
   }

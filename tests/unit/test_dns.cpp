@@ -41,6 +41,7 @@ struct Pkt {
   uint8_t rcode = 0;
   bool qr = true;
   bool tc = false;
+  bool ad = false;  // RFC 4035 3.2.3: the resolver validated the answer
   std::vector<std::string> answers;  // zone-file lines
   std::vector<std::string> authority;
   bool question = true;
@@ -68,6 +69,7 @@ std::string build(const Pkt& d) {
   ldns_pkt_set_rd(p, true);
   ldns_pkt_set_ra(p, true);
   ldns_pkt_set_tc(p, d.tc);
+  ldns_pkt_set_ad(p, d.ad);
   ldns_pkt_set_rcode(p, d.rcode);
   if (d.question) {
     ldns_rr* q = ldns_rr_new();
@@ -482,6 +484,174 @@ TEST_CASE("names with odd bytes are escaped, never matched to an LDH question") 
   CHECK(r.status == ParseStatus::Mismatch);  // the question was "ex\046mple.test"
 }
 
+// =========================================================================================
+// TLSA (RFC 6698) and the DNSSEC header bits (RFC 4035 3.2.3, RFC 6840 5.7, RFC 3225)
+// =========================================================================================
+
+namespace {
+const char* kTlsaOwner = "_25._tcp.mx.example.test";
+const std::string kSha256Hex = "8cb0fc6c527506a053f4f14c8464bebbd6dede2738d11468dd953d7d6a3021f1";
+
+std::vector<uint8_t> unhex(const std::string& h) {
+  std::vector<uint8_t> out;
+  for (size_t i = 0; i + 1 < h.size(); i += 2) out.push_back(static_cast<uint8_t>(std::stoi(h.substr(i, 2), nullptr, 16)));
+  return out;
+}
+}  // namespace
+
+TEST_CASE("buildQuery: AD=1 in every query, DO only when asked") {
+  for (bool dnssecOk : {false, true}) {
+    CAPTURE(dnssecOk);
+    QueryOptions opts;
+    opts.dnssecOk = dnssecOk;
+    auto w = buildQuery(kTlsaOwner, QType::TLSA, 0x4242, opts);
+    REQUIRE(w.ok());
+    const std::string& s = *w;
+    CHECK((static_cast<uint8_t>(s[3]) & 0x20) == 0x20);  // AD (RFC 6840 5.7)
+    CHECK((static_cast<uint8_t>(s[3]) & 0x10) == 0);     // CD clear: the resolver validates
+    ldns_pkt* p = nullptr;
+    REQUIRE(ldns_wire2pkt(&p, reinterpret_cast<const uint8_t*>(s.data()), s.size()) == LDNS_STATUS_OK);
+    CHECK(ldns_pkt_ad(p));
+    CHECK(ldns_pkt_rd(p));
+    CHECK(ldns_pkt_edns(p));
+    CHECK(ldns_pkt_edns_do(p) == dnssecOk);
+    ldns_rr* q = ldns_rr_list_rr(ldns_pkt_question(p), 0);
+    CHECK(ldns_rr_get_type(q) == LDNS_RR_TYPE_TLSA);
+    ldns_pkt_free(p);
+  }
+  // The default (no options) is the same as dnssecOk = false.
+  auto plain = buildQuery("mx.example.test", QType::MX, 7);
+  REQUIRE(plain.ok());
+  CHECK((static_cast<uint8_t>((*plain)[3]) & 0x20) == 0x20);
+}
+
+TEST_CASE("TLSA records are decoded field by field, the AD bit is read") {
+  Pkt d;
+  d.qname = std::string(kTlsaOwner) + ".";
+  d.qtype = 52;
+  d.answers = {std::string(kTlsaOwner) + ". 300 IN TLSA 3 1 1 " + kSha256Hex,
+               std::string(kTlsaOwner) + ". 200 IN TLSA 2 0 2 " + std::string(128, 'a'),
+               // Unknown usage / selector / matching type are kept: usability is DANE's call.
+               std::string(kTlsaOwner) + ". 300 IN TLSA 255 7 9 00"};
+  for (bool ad : {false, true}) {
+    CAPTURE(ad);
+    d.ad = ad;
+    auto r = parse(build(d), 0x1234, kTlsaOwner, QType::TLSA);
+    REQUIRE(r.status == ParseStatus::Ok);
+    CHECK(r.response.authenticated == ad);
+    REQUIRE(r.response.answers.size() == 3);
+    auto in = interpretResponse(r.response, kTlsaOwner, QType::TLSA);
+    REQUIRE(in.answer.status == Status::Ok);
+    CHECK(in.answer.authenticated == ad);
+    CHECK(in.answer.ttl == 200);
+    CHECK(in.answer.addresses.empty());
+    REQUIRE(in.answer.tlsa.size() == 3);
+    const TlsaRecord& ee = in.answer.tlsa[0];
+    CHECK(ee.usage == 3);
+    CHECK(ee.selector == 1);
+    CHECK(ee.matchingType == 1);
+    CHECK(ee.data == unhex(kSha256Hex));
+    CHECK(in.answer.tlsa[1].usage == 2);
+    CHECK(in.answer.tlsa[1].selector == 0);
+    CHECK(in.answer.tlsa[1].matchingType == 2);
+    CHECK(in.answer.tlsa[1].data == std::vector<uint8_t>(64, 0xaa));
+    CHECK(in.answer.tlsa[2] == TlsaRecord{255, 7, 9, {0}});
+  }
+  CHECK(parseTypeName("tlsa") == QType::TLSA);
+  CHECK(std::string(typeName(QType::TLSA)) == "TLSA");
+}
+
+TEST_CASE("hand-built TLSA: good rdata decodes, malformed rdata is rejected") {
+  // The question, then one TLSA answer whose rdata is `rdata` (RDLENGTH = its size).
+  auto packet = [](const std::string& rdata, unsigned flags = 0x81a0) {
+    Bytes b = header(0x1234, static_cast<uint16_t>(flags), 1, 1);
+    b.name(kTlsaOwner).u16(52).u16(1);
+    b.u16(0xc00c).u16(52).u16(1).u32(300).u16(static_cast<unsigned>(rdata.size())).raw(rdata);
+    return b.b;
+  };
+  const std::string good = std::string("\x03\x01\x01", 3) + std::string(32, '\x5a');
+  auto r = parseResponse(packet(good), 0x1234, kTlsaOwner, QType::TLSA);
+  REQUIRE(r.status == ParseStatus::Ok);
+  CHECK(r.response.authenticated);  // 0x81a0: QR RD RA AD
+  REQUIRE(r.response.answers.size() == 1);
+  CHECK(r.response.answers[0].tlsa == TlsaRecord{3, 1, 1, std::vector<uint8_t>(32, 0x5a)});
+
+  // No AD in the header: not authenticated.
+  r = parseResponse(packet(good, 0x8180), 0x1234, kTlsaOwner, QType::TLSA);
+  REQUIRE(r.status == ParseStatus::Ok);
+  CHECK_FALSE(r.response.authenticated);
+
+  // Too short to hold the three octets and some data: malformed, never a record.
+  for (size_t n : {size_t(0), size_t(1), size_t(2), size_t(3)}) {
+    CAPTURE(n);
+    auto bad = parseResponse(packet(good.substr(0, n)), 0x1234, kTlsaOwner, QType::TLSA);
+    CHECK(bad.status == ParseStatus::Malformed);
+  }
+  // RDLENGTH running past the end of the packet.
+  std::string overrun = packet(good);
+  overrun[overrun.size() - good.size() - 1] = static_cast<char>(200);
+  CHECK(parseResponse(overrun, 0x1234, kTlsaOwner, QType::TLSA).status == ParseStatus::Malformed);
+  // Every prefix and random flips: no crash, and an Ok parse has at most the one record.
+  std::mt19937 rng(7);
+  const std::string whole = packet(good);
+  for (size_t n = 0; n < whole.size(); ++n) {
+    auto p = parseResponse(whole.substr(0, n), 0x1234, kTlsaOwner, QType::TLSA);
+    if (p.status == ParseStatus::Ok) CHECK(p.response.answers.empty());
+  }
+  for (int i = 0; i < 2000; ++i) {
+    std::string w = whole;
+    for (int k = 0; k < 1 + i % 4; ++k) w[12 + rng() % (w.size() - 12)] = static_cast<char>(rng());
+    auto p = parseResponse(w, 0x1234, kTlsaOwner, QType::TLSA);
+    if (p.status == ParseStatus::Ok) (void)interpretResponse(p.response, kTlsaOwner, QType::TLSA);
+  }
+}
+
+TEST_CASE("AD: chains, negative answers and failures") {
+  Pkt d;
+  d.qname = std::string(kTlsaOwner) + ".";
+  d.qtype = 52;
+  d.ad = true;
+  // RFC 7672 2.2.3: TLSA lookups follow CNAMEs; AD covers the whole answer section.
+  d.answers = {std::string(kTlsaOwner) + ". 300 IN CNAME _25._tcp.mx.other.test.",
+               "_25._tcp.mx.other.test. 300 IN TLSA 3 1 1 " + kSha256Hex};
+  auto in = interpretResponse(parse(build(d), 0x1234, kTlsaOwner, QType::TLSA).response, kTlsaOwner, QType::TLSA);
+  CHECK(in.answer.status == Status::Ok);
+  CHECK(in.answer.canonicalName == "_25._tcp.mx.other.test");
+  CHECK(in.answer.authenticated);
+  REQUIRE(in.answer.tlsa.size() == 1);
+
+  // The chain stops at a CNAME: the partial answer carries this response's AD.
+  d.answers = {std::string(kTlsaOwner) + ". 300 IN CNAME _25._tcp.mx.other.test."};
+  in = interpretResponse(parse(build(d), 0x1234, kTlsaOwner, QType::TLSA).response, kTlsaOwner, QType::TLSA);
+  CHECK(in.followCname == "_25._tcp.mx.other.test");
+  CHECK(in.answer.authenticated);
+
+  // Authenticated denial: NODATA and NXDOMAIN with AD (RFC 7672 2.2: "no TLSA records").
+  d.answers.clear();
+  d.authority = {kSoa};
+  in = interpretResponse(parse(build(d), 0x1234, kTlsaOwner, QType::TLSA).response, kTlsaOwner, QType::TLSA);
+  CHECK(in.answer.status == Status::NoData);
+  CHECK(in.answer.authenticated);
+  d.rcode = 3;
+  in = interpretResponse(parse(build(d), 0x1234, kTlsaOwner, QType::TLSA).response, kTlsaOwner, QType::TLSA);
+  CHECK(in.answer.status == Status::NxDomain);
+  CHECK(in.answer.authenticated);
+  d.ad = false;
+  in = interpretResponse(parse(build(d), 0x1234, kTlsaOwner, QType::TLSA).response, kTlsaOwner, QType::TLSA);
+  CHECK_FALSE(in.answer.authenticated);
+
+  // A failure is never authenticated, whatever the header says.
+  d.ad = true;
+  d.authority.clear();
+  for (uint8_t rcode : {uint8_t(2), uint8_t(5), uint8_t(4)}) {
+    CAPTURE(int(rcode));
+    d.rcode = rcode;
+    in = interpretResponse(parse(build(d), 0x1234, kTlsaOwner, QType::TLSA).response, kTlsaOwner, QType::TLSA);
+    CHECK(in.answer.status != Status::Ok);
+    CHECK_FALSE(in.answer.authenticated);
+  }
+}
+
 TEST_CASE("type names and status names") {
   CHECK(parseTypeName("mx") == QType::MX);
   CHECK(parseTypeName("AAAA") == QType::AAAA);
@@ -554,6 +724,35 @@ TEST_CASE("cache caps TTLs, caches negatives briefly, failures not at all") {
   CHECK(f.lookup("fail.test", QType::A));
   clock.advance(5s);
   CHECK_FALSE(f.lookup("fail.test", QType::A));
+}
+
+TEST_CASE("cache keeps the authenticated flag and the TLSA records with the answer") {
+  util::FakeClock clock;
+  Cache c(clock);
+  Answer signed_ = answerOf("_25._tcp.mx.signed.test", QType::TLSA, Status::Ok, 300);
+  signed_.addresses.clear();
+  signed_.tlsa = {TlsaRecord{3, 1, 1, std::vector<uint8_t>(32, 1)}};
+  signed_.authenticated = true;
+  c.insert(signed_);
+  Answer plain = answerOf("_25._tcp.mx.plain.test", QType::TLSA, Status::Ok, 300);
+  plain.tlsa = signed_.tlsa;
+  c.insert(plain);
+  Answer denial = answerOf("_25._tcp.mx.nodane.test", QType::TLSA, Status::NoData, 30);
+  denial.authenticated = true;
+  c.insert(denial);
+  clock.advance(10s);
+  auto hit = c.lookup("_25._tcp.mx.signed.test", QType::TLSA);
+  REQUIRE(hit);
+  CHECK(hit->authenticated);
+  CHECK(hit->tlsa == signed_.tlsa);
+  hit = c.lookup("_25._tcp.mx.plain.test", QType::TLSA);
+  REQUIRE(hit);
+  CHECK_FALSE(hit->authenticated);
+  hit = c.lookup("_25._tcp.mx.nodane.test", QType::TLSA);
+  REQUIRE(hit);
+  CHECK(hit->status == Status::NoData);
+  CHECK(hit->authenticated);
+  CHECK_FALSE(c.lookup("_25._tcp.mx.signed.test", QType::A));
 }
 
 TEST_CASE("cache is bounded: the entry closest to expiry goes first") {
@@ -643,6 +842,8 @@ struct Query {
   uint16_t ednsSize = 0;
   uint16_t sourcePort = 0;
   bool tcp = false;
+  bool ad = false;  // AD in the query (RFC 6840 5.7)
+  bool dnssecOk = false;  // DO in the OPT record (RFC 3225)
 };
 
 // Responses to one query: each string is sent as one datagram (or TCP message).
@@ -654,6 +855,8 @@ Query decodeQuery(const char* data, size_t n) {
   if (ldns_wire2pkt(&p, reinterpret_cast<const uint8_t*>(data), n) != LDNS_STATUS_OK) return q;
   q.id = ldns_pkt_id(p);
   q.ednsSize = ldns_pkt_edns_udp_size(p);
+  q.ad = ldns_pkt_ad(p);
+  q.dnssecOk = ldns_pkt_edns_do(p);
   if (ldns_rr* rr = ldns_rr_list_rr(ldns_pkt_question(p), 0)) {
     char* s = ldns_rdf2str(ldns_rr_owner(rr));
     q.qname = s;
@@ -665,9 +868,11 @@ Query decodeQuery(const char* data, size_t n) {
 }
 
 // An answer to q with the given records (zone-file lines).
-std::string reply(const Query& q, std::vector<std::string> answers, uint8_t rcode = 0, bool tc = false) {
+std::string reply(const Query& q, std::vector<std::string> answers, uint8_t rcode = 0, bool tc = false,
+                  bool ad = false) {
   Pkt d;
   d.id = q.id;
+  d.ad = ad;
   d.qname = q.qname;
   d.qtype = q.qtype;
   d.rcode = rcode;
@@ -962,6 +1167,65 @@ TEST_CASE("UvResolver: CNAME-only answers are followed across queries; loops sto
   REQUIRE(loop);
   CHECK(loop->status == Status::Error);
   CHECK(loop->detail.find("loop") != std::string::npos);
+}
+
+TEST_CASE("UvResolver: AD=1 in queries, DO on request; a chain is authenticated only if all of it is") {
+  Loop l;
+  util::FakeClock clock;
+  std::vector<Query> seen;
+  FakeServer srv(&l.loop, [&](const Query& q) {
+    seen.push_back(q);
+    const std::string tlsa = " 300 IN TLSA 3 1 1 " + std::string(64, 'b');
+    // signed: one answer with AD. half: CNAME with AD, target without. whole: both with AD.
+    if (q.qname == "_25._tcp.signed.test.") return std::vector<std::string>{reply(q, {q.qname + tlsa}, 0, false, true)};
+    if (q.qname == "_25._tcp.half.test.")
+      return std::vector<std::string>{reply(q, {q.qname + " 300 IN CNAME _25._tcp.plain.test."}, 0, false, true)};
+    if (q.qname == "_25._tcp.whole.test.")
+      return std::vector<std::string>{reply(q, {q.qname + " 300 IN CNAME _25._tcp.signed2.test."}, 0, false, true)};
+    if (q.qname == "_25._tcp.signed2.test.") return std::vector<std::string>{reply(q, {q.qname + tlsa}, 0, false, true)};
+    if (q.qname == "_25._tcp.plain.test.") return std::vector<std::string>{reply(q, {q.qname + tlsa})};
+    return std::vector<std::string>{reply(q, {}, 3)};
+  });
+  UvResolver r(&l.loop, {srv.address()}, clock, 1000ms);
+  std::optional<Answer> sig, half, whole, plain;
+  r.query("_25._tcp.signed.test", QType::TLSA, [&](const Answer& a) { sig = a; });
+  r.query("_25._tcp.half.test", QType::TLSA, [&](const Answer& a) { half = a; });
+  r.query("_25._tcp.whole.test", QType::TLSA, [&](const Answer& a) { whole = a; });
+  l.runUntil([&] { return sig && half && whole; });
+  REQUIRE(sig);
+  REQUIRE(half);
+  REQUIRE(whole);
+  CHECK(sig->status == Status::Ok);
+  CHECK(sig->authenticated);
+  REQUIRE(sig->tlsa.size() == 1);
+  CHECK(sig->tlsa[0].data == std::vector<uint8_t>(32, 0xbb));
+  CHECK(half->status == Status::Ok);
+  CHECK(half->canonicalName == "_25._tcp.plain.test");
+  CHECK_FALSE(half->authenticated);
+  CHECK(whole->status == Status::Ok);
+  CHECK(whole->authenticated);
+  REQUIRE_FALSE(seen.empty());
+  for (const auto& q : seen) {
+    CHECK(q.ad);
+    CHECK_FALSE(q.dnssecOk);
+  }
+  // From the cache: the same flag.
+  std::optional<Answer> again;
+  r.query("_25._tcp.signed.test", QType::TLSA, [&](const Answer& a) { again = a; });
+  l.runUntil([&] { return again.has_value(); });
+  REQUIRE(again);
+  CHECK(again->authenticated);
+  CHECK(r.stats().cacheHits == 1);
+
+  seen.clear();
+  r.setDnssecOk(true);
+  r.query("_25._tcp.plain.test", QType::TLSA, [&](const Answer& a) { plain = a; });
+  l.runUntil([&] { return plain.has_value(); });
+  REQUIRE(plain);
+  CHECK_FALSE(plain->authenticated);
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0].ad);
+  CHECK(seen[0].dnssecOk);
 }
 
 TEST_CASE("UvResolver: destroying it cancels everything, no callback afterwards") {
