@@ -96,6 +96,7 @@ std::string historyJson(const queue::MessageInfo& m) {
         .str("mx", a.mx)
         .str("tls_version", a.tlsVersion)
         .str("tls_cipher", a.tlsCipher)
+        .str("tls_policy", a.tlsPolicy)
         .num("code", a.code)
         .str("reply", a.reply)
         .str("result", a.result)
@@ -239,10 +240,11 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
     std::string address;
     for (const auto& r : mi.recipients)
       if (r.index == a.index) address = r.address;
-    std::printf("  %s  <%s>  %s  mx=%s  tls=%s  code=%d  status=%s  %s\n", util::isoUtc(a.at).c_str(), address.c_str(),
-                a.result.c_str(), a.mx.empty() ? "-" : a.mx.c_str(),
-                a.tlsVersion.empty() ? "none" : (a.tlsVersion + "/" + a.tlsCipher).c_str(), a.code,
-                a.status.valid() ? a.status.str().c_str() : "-", a.reply.c_str());
+    std::printf("  %s  <%s>  %s  mx=%s  tls=%s  policy=\"%s\"  code=%d  status=%s  %s\n", util::isoUtc(a.at).c_str(),
+                address.c_str(), a.result.c_str(), a.mx.empty() ? "-" : a.mx.c_str(),
+                a.tlsVersion.empty() ? "none" : (a.tlsVersion + "/" + a.tlsCipher).c_str(),
+                a.tlsPolicy.empty() ? "-" : a.tlsPolicy.c_str(), a.code, a.status.valid() ? a.status.str().c_str() : "-",
+                a.reply.c_str());
   }
   return 0;
 }

@@ -26,6 +26,7 @@ struct Scheduler::Job {
   TlsPolicy tls = TlsPolicy::Opportunistic;
   std::vector<queue::DueRecipient> rcpts;
   std::shared_ptr<const RelaySet> relay;  // set: through these upstreams, not the MX
+  std::string tlsWhy;  // MX delivery: the TLS policy and where it came from, for the record
 };
 
 struct Scheduler::DomainState {
@@ -90,6 +91,22 @@ std::string ConnectRequest::label() const {
   std::string a = ip.find(':') != std::string::npos ? "[" + ip + "]" : ip;
   return host + " [" + a + "]:" + std::to_string(port);
 }
+
+std::string ConnectRequest::relayPolicy() const {
+  if (relay.empty()) return "";
+  return std::string("relay ") + (tls == TlsPolicy::Verify ? "verify" : "required") + (implicitTls ? " implicit" : "") +
+         " (" + relay + ")";
+}
+
+namespace {
+
+const char* policyName(TlsPolicy p) {
+  return p == TlsPolicy::Verify ? "verify" : p == TlsPolicy::Required ? "required" : "opportunistic";
+}
+
+std::string attemptPolicy(const Scheduler::Job& job, const ConnectRequest* via);
+
+}  // namespace
 
 std::string relayDestinationKey(const RelaySet& relay, uint64_t generation) {
   std::string key = "relay|" + relay.id + "#" + std::to_string(generation);
@@ -194,8 +211,16 @@ void Scheduler::pull() {
         // certificate (4.2.1 step 4); "TLS-Required: No" asks for TLS when offered and
         // nothing more, whatever the domain's policy (4.2.2).
         j.tls = relay ? TlsPolicy::Verify : tlsFor(domain);
-        if (!relay && requiresTls(meta->due)) j.tls = TlsPolicy::Verify;
-        if (!relay && meta->due.tlsRequirement == queue::TlsRequirement::Optional) j.tls = TlsPolicy::Opportunistic;
+        j.tlsWhy = std::string(policyName(j.tls)) +
+                   (settings_.tlsOverrides.count(domain) ? " (tls_policy_overrides)" : " (delivery.tls)");
+        if (!relay && requiresTls(meta->due)) {
+          j.tls = TlsPolicy::Verify;
+          j.tlsWhy = "verify (REQUIRETLS)";
+        }
+        if (!relay && meta->due.tlsRequirement == queue::TlsRequirement::Optional) {
+          j.tls = TlsPolicy::Opportunistic;
+          j.tlsWhy = "opportunistic (TLS-Required: No)";
+        }
       }
       j.rcpts.push_back(r);
     }
@@ -272,7 +297,7 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
                                   util::sanitizeForLog(route.detail) + "\"");
     const std::string enhanced = route.enhanced.empty() ? (perm ? "5.1.2" : "4.4.3") : route.enhanced;
     for (const auto& j : jobs) {
-      failJob(j, perm ? smtp::Outcome::PermFail : smtp::Outcome::TempFail, 0, enhanced, route.detail, "");
+      failJob(j, perm ? smtp::Outcome::PermFail : smtp::Outcome::TempFail, 0, enhanced, route.detail, nullptr);
       --queuedJobs_;
     }
     ds.destination.clear();
@@ -290,7 +315,7 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
         for (const auto& h : j.relay->hosts)
           if (!h.verify) why = "REQUIRETLS: " + h.origin + " has verify false; the message needs a verified certificate";
       if (!why.empty()) {
-        failJob(j, smtp::Outcome::PermFail, 0, "5.7.10", why, "");
+        failJob(j, smtp::Outcome::PermFail, 0, "5.7.10", why, nullptr);
         --queuedJobs_;
         continue;
       }
@@ -442,7 +467,8 @@ void Scheduler::takeJob(Session& s) {
     auto c = queue_.content(m.due.id);
     if (!c.ok()) {
       util::logError("delivery", "cannot read message id=" + m.due.id + ": " + c.error().message);
-      failJob(*s.job, smtp::Outcome::TempFail, 0, "4.3.0", "local error reading the queue: " + c.error().message, "");
+      failJob(*s.job, smtp::Outcome::TempFail, 0, "4.3.0", "local error reading the queue: " + c.error().message,
+              nullptr);
       s.job.reset();
       s.state = Session::State::Quitting;
       transport_.quit(s.id);
@@ -469,7 +495,7 @@ void Scheduler::onTransactionDone(SessionId id, const std::vector<smtp::Recipien
   if (!s.job) return;
   Job job = std::move(*s.job);
   s.job.reset();
-  record(job, results, s.current.label(), s.tlsVersion, s.tlsCipher, s.current.relay);
+  record(job, results, s.tlsVersion, s.tlsCipher, &s.current);
   if (job.meta.use_count() == 1) job.meta->content.reset();
   if (!canContinue) {
     s.state = Session::State::Quitting;  // onSessionEnded follows
@@ -487,7 +513,7 @@ void Scheduler::onSessionEnded(SessionId id, std::optional<SessionFailure> failu
   if (s.job) {
     const SessionFailure& f = s.lastFailure;
     failJob(*s.job, smtp::Outcome::TempFail, f.code, f.enhanced.empty() ? "4.4.2" : f.enhanced,
-            f.text.empty() ? "connection lost" : f.text, s.current.label(), s.current.relay);
+            f.text.empty() ? "connection lost" : f.text, &s.current);
     s.job.reset();
   }
   if (s.relay && !s.everReady && failure && !s.current.relay.empty()) {
@@ -537,7 +563,7 @@ void Scheduler::endSession(SessionId id) {
       util::logInfo("delivery", "unreachable destination=" + d.key + " error=\"" + util::sanitizeForLog(why) + "\"");
       while (!d.jobs.empty()) {
         failJob(d.jobs.front(), smtp::Outcome::TempFail, f.code, f.enhanced.empty() ? "4.4.1" : f.enhanced, why,
-                s->current.label(), s->current.relay);
+                &s->current);
         d.jobs.pop_front();
         --queuedJobs_;
       }
@@ -583,9 +609,12 @@ void Scheduler::checkDeadlines() {
 
 // ---- results --------------------------------------------------------------------------
 
-void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& mx,
-                       const std::string& tlsVersion, const std::string& tlsCipher, const std::string& relay) {
+void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>& results,
+                       const std::string& tlsVersion, const std::string& tlsCipher, const ConnectRequest* via) {
   const int64_t now = unixNow(clock_);
+  const std::string mx = via ? via->label() : "";
+  const std::string relay = via ? via->relay : "";
+  const std::string policy = attemptPolicy(job, via);
   const auto& m = job.meta->due;
   for (const auto& rr : results) {
     const queue::DueRecipient* rcpt = nullptr;
@@ -599,6 +628,7 @@ void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>&
     rec.attempt.mx = mx;
     rec.attempt.tlsVersion = tlsVersion;
     rec.attempt.tlsCipher = tlsCipher;
+    rec.attempt.tlsPolicy = policy;
     rec.attempt.code = rr.reply.code;
     // A server's reply: its code, its class deciding (statusFromReply). No reply (DNS,
     // network, a local decision): the local reason's own code.
@@ -668,7 +698,7 @@ void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>&
 }
 
 void Scheduler::failJob(const Job& job, smtp::Outcome outcome, int code, const std::string& enhanced,
-                        const std::string& text, const std::string& mx, const std::string& relay) {
+                        const std::string& text, const ConnectRequest* via) {
   std::vector<smtp::RecipientResult> rs;
   for (const auto& r : job.rcpts) {
     smtp::RecipientResult rr;
@@ -680,7 +710,7 @@ void Scheduler::failJob(const Job& job, smtp::Outcome outcome, int code, const s
     rr.stage = "connect";
     rs.push_back(std::move(rr));
   }
-  record(job, rs, mx, "", "", relay);
+  record(job, rs, "", "", via);
 }
 
 void Scheduler::flush() {
@@ -693,6 +723,15 @@ void Scheduler::flush() {
   }
   pending_.clear();
 }
+
+namespace {
+
+std::string attemptPolicy(const Scheduler::Job& job, const ConnectRequest* via) {
+  if (via == nullptr || via->label().empty()) return "";
+  return via->relay.empty() ? job.tlsWhy : via->relayPolicy();
+}
+
+}  // namespace
 
 // ---- DSNs -----------------------------------------------------------------------------
 

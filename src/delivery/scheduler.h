@@ -111,6 +111,9 @@ struct ConnectRequest {
   std::shared_ptr<const smtp::ClientAuth> auth;  // relays with credentials (only with Verify)
   std::string relay;                             // the relay's origin; "" for MX delivery
   std::string label() const;  // "mx.example.com [192.0.2.1]:25"
+  // For relays, the TLS policy this connection runs under and why: "relay verify
+  // (delivery.relay[0])"; "" for MX delivery (the job says why, see Scheduler).
+  std::string relayPolicy() const;
 };
 
 // Why a session ended without (or after) being usable: the last server reply, or a local
@@ -202,10 +205,12 @@ class Scheduler {
   void takeJob(Session& s);
   void feedIdle(Destination& d);  // queued jobs to the destination's idle connections
   void endSession(SessionId id);
-  void record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& mx,
-              const std::string& tlsVersion, const std::string& tlsCipher, const std::string& relay = {});
+  // via: the connection the attempt used (its label is the mx; its relay and TLS policy
+  // are recorded), null when none was made.
+  void record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& tlsVersion,
+              const std::string& tlsCipher, const ConnectRequest* via);
   void failJob(const Job& job, smtp::Outcome outcome, int code, const std::string& enhanced, const std::string& text,
-               const std::string& mx, const std::string& relay = {});
+               const ConnectRequest* via);
   void processDsns();
   void checkDeadlines();
   TlsPolicy tlsFor(const std::string& domain) const;

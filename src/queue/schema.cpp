@@ -178,11 +178,14 @@ CREATE TABLE sts_policies (
 CREATE INDEX sts_policies_expiry ON sts_policies(expires_at);
 )sql";
 
-// Version 7: REQUIRETLS (issue 12, RFC 8689). messages.tls_required: 0 nothing asked,
+// Version 7: outbound TLS (issue 12). messages.tls_required (RFC 8689): 0 nothing asked,
 // 1 MAIL FROM ... REQUIRETLS (every hop verified TLS with REQUIRETLS, else a bounce),
 // 2 the header "TLS-Required: No" (deliver even when TLS or the domain's policy fails).
+// attempts.tls_policy: which TLS policy an attempt ran under and why ("verify
+// (tls_policy_overrides)", "relay verify (delivery.relay[0])"), for `queue show`.
 constexpr const char* kV7 = R"sql(
 ALTER TABLE messages ADD COLUMN tls_required INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE attempts ADD COLUMN tls_policy TEXT NOT NULL DEFAULT '';
 )sql";
 
 constexpr Migration kMigrations[] = {

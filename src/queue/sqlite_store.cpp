@@ -132,7 +132,7 @@ namespace {
 constexpr const char* kListAll = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_ALL "ORDER BY m.received_at, m.id, r.idx";
 constexpr const char* kShowOne = SUBRELAY_MESSAGE_COLUMNS SUBRELAY_FROM_ALL "WHERE m.id = ?1 ORDER BY r.idx";
 constexpr const char* kShowAttempts =
-    "SELECT idx, at, mx, tls_version, tls_cipher, code, reply, result, status FROM attempts "
+    "SELECT idx, at, mx, tls_version, tls_cipher, code, reply, result, status, tls_policy FROM attempts "
     "WHERE message_id = ?1 ORDER BY at, rowid";
 
 // The states a scheduler may still act on. Captured recipients never get one of them, so
@@ -158,8 +158,8 @@ constexpr const char* kRecordRecipient =
     "WHEN ?3 = 'delivered' THEN 0 ELSE dsn_pending END "
     "WHERE message_id = ?1 AND idx = ?2 AND (state IN ('queued', 'deferred') OR ?3 = 'delivered')";
 constexpr const char* kInsertAttempt =
-    "INSERT INTO attempts (message_id, idx, at, mx, tls_version, tls_cipher, code, reply, result, status) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+    "INSERT INTO attempts (message_id, idx, at, mx, tls_version, tls_cipher, code, reply, result, status, tls_policy) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 // What an operator asked for while the recipient was in flight (OperatorRequest).
 constexpr const char* kRecipientRequest =
     "SELECT pending_request FROM recipients WHERE message_id = ?1 AND idx = ?2";
@@ -740,6 +740,7 @@ util::Result<MessageInfo> SqliteStore::showLocked(const std::string& id) {
     a.reply = columnText(st, 6);
     a.result = columnText(st, 7);
     a.status = EnhancedStatus::parse(columnText(st, 8)).value_or(EnhancedStatus{});
+    a.tlsPolicy = columnText(st, 9);
     info.attempts.push_back(std::move(a));
   }
   if (rc != SQLITE_DONE) return dbError("cannot read the attempts of " + id);
@@ -890,6 +891,7 @@ util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>&
     const std::string status = a.status.str();
     bindText(st, 9, result);
     bindText(st, 10, status);
+    bindText(st, 11, a.tlsPolicy);
     if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record attempt for " + rec.messageId);
   }
   // Records come grouped by message in practice; a repeat only costs an index probe.

@@ -106,6 +106,10 @@ struct AttemptInfo {
   std::string reply;        // reply text or local reason
   EnhancedStatus status;    // RFC 3463 code of the reply or of the local reason
   std::string result;       // "delivered" "deferred" "failed" "expired"
+  // The TLS policy the attempt ran under and where it came from: "opportunistic",
+  // "verify (tls_policy_overrides)", "relay verify (delivery.relay[0])", ...; "" when no
+  // connection was tried.
+  std::string tlsPolicy;
 };
 
 struct MessageInfo {

@@ -1042,3 +1042,22 @@ TEST_CASE("scheduler: TLS-Required: No is opportunistic whatever the domain's po
   for (const auto& c : b.t.connects) policies.insert(c.tls);
   CHECK(policies == std::set<TlsPolicy>{TlsPolicy::Opportunistic, TlsPolicy::Verify});
 }
+
+TEST_CASE("scheduler: each attempt records the TLS policy it ran under and why") {
+  Bed b;
+  b.settings.tlsOverrides["example.org"] = TlsPolicy::Required;
+  b.settings.accountRelays["tenant"] = relays("account:tenant", {relayHost("10.0.0.2", 465, "accounts[1].relay[0]", true)});
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.add("m2", {"b@example.org"}, b.now());
+  b.q.msgs[1].tlsRequirement = queue::TlsRequirement::Optional;
+  b.q.add("m3", {"c@other.example"}, b.now());
+  b.q.msgs[2].account = "tenant";
+  Scheduler& s = b.startRouted();
+  b.deliverAll(5);
+  s.flush();
+  std::map<std::string, std::string> policy;
+  for (const auto& r : b.q.recorded) policy[r.messageId] = r.attempt.tlsPolicy;
+  CHECK(policy["m1"] == "required (tls_policy_overrides)");
+  CHECK(policy["m2"] == "opportunistic (TLS-Required: No)");
+  CHECK(policy["m3"] == "relay verify implicit (accounts[1].relay[0])");
+}
