@@ -1060,27 +1060,38 @@ class ConfigReader {
     }
   }
 
-  void readTlsOverrides(const Json& o, const std::string& p, std::vector<DomainTlsOverride>& out) {
+  // An object keyed by recipient domain (tls_policy_overrides, relay_overrides): each key
+  // must be a host name, listed once whatever its case. fn(domain lower-cased, its path,
+  // its value) for each good key.
+  template <typename Fn>
+  void forEachDomainKey(const Json& o, const std::string& p, Fn fn) {
     if (!v_.object(o, p)) return;
     std::map<std::string, std::string> seen;  // lower-cased domain -> key as written
     for (auto it = o.begin(); it != o.end(); ++it) {
       const std::string& key = it.key();
       const std::string kp = child(p, key);
-      DomainTlsOverride ov;
       std::string why = domainProblem(key);
       if (!why.empty()) {
         v_.fail(kp, "expected a domain name as the key, got " + quote(key) + " (" + why + ")");
         continue;
       }
-      ov.domain = util::toLower(key);
-      auto [prev, inserted] = seen.emplace(ov.domain, key);
+      std::string domain = util::toLower(key);
+      auto [prev, inserted] = seen.emplace(domain, key);
       if (!inserted) {
         v_.fail(kp, "domain " + quote(key) + " is also listed as " + quote(prev->second) +
                         " (domain names are case-insensitive)");
         continue;
       }
-      if (readDeliveryTls(it.value(), kp, ov.tls)) out.push_back(std::move(ov));
+      fn(std::move(domain), kp, it.value());
     }
+  }
+
+  void readTlsOverrides(const Json& o, const std::string& p, std::vector<DomainTlsOverride>& out) {
+    forEachDomainKey(o, p, [&](std::string domain, const std::string& kp, const Json& v) {
+      DomainTlsOverride ov;
+      ov.domain = std::move(domain);
+      if (readDeliveryTls(v, kp, ov.tls)) out.push_back(std::move(ov));
+    });
   }
 
   // ---- smarthosts ----------------------------------------------------------------------
@@ -1174,37 +1185,21 @@ class ConfigReader {
   }
 
   void readRelayOverrides(const Json& o, const std::string& p, std::vector<RelayOverride>& out) {
-    if (!v_.object(o, p)) return;
-    std::map<std::string, std::string> seen;  // lower-cased domain -> key as written
-    for (auto it = o.begin(); it != o.end(); ++it) {
-      const std::string& key = it.key();
-      const std::string kp = child(p, key);
-      std::string why = domainProblem(key);
-      if (!why.empty()) {
-        v_.fail(kp, "expected a recipient domain as the key, got " + quote(key) + " (" + why + ")");
-        continue;
-      }
+    forEachDomainKey(o, p, [&](std::string domain, const std::string& kp, const Json& v) {
       RelayOverride ov;
-      ov.domain = util::toLower(key);
-      auto [prev, inserted] = seen.emplace(ov.domain, key);
-      if (!inserted) {
-        v_.fail(kp, "domain " + quote(key) + " is also listed as " + quote(prev->second) +
-                        " (domain names are case-insensitive)");
-        continue;
-      }
-      const Json& v = it.value();
+      ov.domain = std::move(domain);
       if (v.is_string()) {
         if (v.get_ref<const std::string&>() != "direct") {
           v_.fail(kp, "expected \"direct\" or a list of upstreams, got " + describe(v));
-          continue;
+          return;
         }
         ov.direct = true;
       } else {
         readRelayList(v, kp, ov.relay);
-        if (ov.relay.empty()) continue;
+        if (ov.relay.empty()) return;
       }
       out.push_back(std::move(ov));
-    }
+    });
   }
 
   // A relay on a loopback or wildcard address at one of our own listener ports would hand

@@ -148,13 +148,11 @@ OutboundMessage message(std::vector<std::string> rcpts, std::string content = "S
   return m;
 }
 
-// Greeting and EHLO with the given capability lines (no STARTTLS unless listed).
-void handshake(Harness& h, std::string_view caps) {
-  h.srv("220 mx.example.org ESMTP\n");
-  CHECK(h.take() == "EHLO relay.example.net\r\n");
+// A 250 EHLO reply naming `server` with the comma-separated capability lines.
+std::string ehloReply(std::string_view server, std::string_view caps) {
   std::string reply = "250";
   reply += caps.empty() ? " " : "-";
-  reply += "mx.example.org hello\n";
+  reply += std::string(server) + "\n";
   std::string c(caps);
   size_t pos = 0;
   while (pos < c.size()) {
@@ -163,7 +161,14 @@ void handshake(Harness& h, std::string_view caps) {
     reply += "250" + std::string(e == c.size() ? " " : "-") + c.substr(pos, e - pos) + "\n";
     pos = e + 1;
   }
-  h.srv(reply);
+  return reply;
+}
+
+// Greeting and EHLO with the given capability lines (no STARTTLS unless listed).
+void handshake(Harness& h, std::string_view caps) {
+  h.srv("220 mx.example.org ESMTP\n");
+  CHECK(h.take() == "EHLO relay.example.net\r\n");
+  h.srv(ehloReply("mx.example.org hello", caps));
 }
 
 bool onlyCrlf(std::string_view s) {
@@ -1062,16 +1067,7 @@ void tlsHandshake(Harness& h, std::string_view caps) {
   h.srv("220 go\n");
   h.tlsUp();
   CHECK(h.take() == "EHLO relay.example.net\r\n");
-  std::string reply = "250-smtp.provider.example\n";
-  std::string c(caps);
-  size_t pos = 0;
-  while (pos < c.size()) {
-    size_t e = c.find(',', pos);
-    if (e == std::string::npos) e = c.size();
-    reply += "250" + std::string(e == c.size() ? " " : "-") + c.substr(pos, e - pos) + "\n";
-    pos = e + 1;
-  }
-  h.srv(reply);
+  h.srv(ehloReply("smtp.provider.example", caps));
 }
 
 }  // namespace

@@ -1140,7 +1140,7 @@ TEST_CASE("issue 12: delivery.relay, accounts[].relay and relay_overrides") {
     expectError(r, "delivery.relay[9].username", "without control characters");
     expectError(r, R"(delivery.relay_overrides["x.example"])", "expected \"direct\" or a list");
     expectError(r, R"(delivery.relay_overrides["y.example"])", "at least one upstream");
-    expectError(r, "delivery.relay_overrides.bad_dom", "expected a recipient domain");
+    expectError(r, "delivery.relay_overrides.bad_dom", "expected a domain name as the key");
   }
   SUBCASE("not a list; empty list") {
     expectError(parse(withTop(R"(, "delivery": {"relay": {"host": "x.example"}})")), "delivery.relay",
