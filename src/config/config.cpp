@@ -922,8 +922,15 @@ class ConfigReader {
     v_.rejectUnknown(o, p,
                      {"resolvers", "port", "tls", "tls_policy_overrides", "retry_schedule", "max_queue_time",
                       "max_connections", "max_connections_per_domain", "delay_notice", "tls_ca_file",
-                      "allow_private_destinations", "timeouts", "relay", "relay_overrides"});
+                      "allow_private_destinations", "timeouts", "relay", "relay_overrides", "dnssec", "mta_sts",
+                      "mta_sts_https_port"});
     Delivery& d = cfg_.delivery;
+    if (const Json* x = Validator::find(o, "dnssec")) v_.boolean(*x, p + ".dnssec", d.dnssec);
+    if (const Json* x = Validator::find(o, "mta_sts")) v_.boolean(*x, p + ".mta_sts", d.mtaSts);
+    if (const Json* x = Validator::find(o, "mta_sts_https_port")) {
+      uint64_t n = 0;
+      if (v_.integer(*x, p + ".mta_sts_https_port", 1, 65535, n)) d.mtaStsHttpsPort = static_cast<uint16_t>(n);
+    }
     if (const Json* x = Validator::find(o, "relay")) readRelayList(*x, p + ".relay", d.relay);
     if (const Json* x = Validator::find(o, "relay_overrides"))
       readRelayOverrides(*x, p + ".relay_overrides", d.relayOverrides);

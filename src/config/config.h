@@ -140,6 +140,14 @@ struct Delivery {
   // Delivery to loopback, private, link-local, CGNAT, multicast and this host's own
   // addresses, and address-literal recipients; off by default (delivery/destination.h).
   bool allowPrivateDestinations = false;
+  // delivery.dnssec: trust the resolver's AD bit (RFC 4035 3.2.3: only a validating
+  // resolver on a trusted path sets it); enables DANE for MX hosts (RFC 7672).
+  bool dnssec = false;
+  // delivery.mta_sts: fetch and enforce the recipient domains' MTA-STS policies (RFC 8461).
+  bool mtaSts = true;
+  // delivery.mta_sts_https_port (extension, for test beds): the port of the policy host
+  // ("mta-sts.<domain>"); RFC 8461 3.3 fixes it to 443, the default.
+  uint16_t mtaStsHttpsPort = 443;
   // delivery.relay: smarthosts tried in order; empty = direct MX delivery.
   std::vector<RelayUpstream> relay;
   // delivery.relay_overrides (extension): per recipient domain, before accounts[].relay.

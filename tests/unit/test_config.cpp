@@ -1194,3 +1194,22 @@ TEST_CASE("issue 12: relay password files") {
     CHECK(allErrors(r).find((dir.path / "pw9").string()) != std::string::npos);
   }
 }
+
+TEST_CASE("delivery.dnssec, delivery.mta_sts and delivery.mta_sts_https_port") {
+  LoadResult d = parse(withTop(""));
+  expectOk(d);
+  CHECK_FALSE(d.config->delivery.dnssec);
+  CHECK(d.config->delivery.mtaSts);
+  CHECK(d.config->delivery.mtaStsHttpsPort == 443);
+
+  LoadResult r = parse(withTop(R"(, "delivery": {"dnssec": true, "mta_sts": false, "mta_sts_https_port": 8443})"));
+  expectOk(r);
+  CHECK(r.config->delivery.dnssec);
+  CHECK_FALSE(r.config->delivery.mtaSts);
+  CHECK(r.config->delivery.mtaStsHttpsPort == 8443);
+
+  expectError(parse(withTop(R"(, "delivery": {"dnssec": "yes"})")), "delivery.dnssec", "expected true or false");
+  expectError(parse(withTop(R"(, "delivery": {"mta_sts": 1})")), "delivery.mta_sts", "expected true or false");
+  expectError(parse(withTop(R"(, "delivery": {"mta_sts_https_port": 0})")), "delivery.mta_sts_https_port", "");
+  expectError(parse(withTop(R"(, "delivery": {"mta_sts_https_port": 65536})")), "delivery.mta_sts_https_port", "");
+}
