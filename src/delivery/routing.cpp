@@ -78,6 +78,8 @@ struct HostLookup {
   std::string aDetail;
   std::vector<std::string> v6;
   std::vector<std::string> v4;
+  bool aaaaSecure = false;  // the answers' dns::Answer::authenticated
+  bool aSecure = false;
 };
 
 // One resolve() call. Owned by the callbacks handed to the resolver; the RouteResolver
@@ -94,6 +96,7 @@ struct Pending {
   // resolveHosts(): configured relays. Every host keeps all its addresses (two relays on
   // one IP with different ports are different upstreams), and no answer is permanent.
   bool relay = false;
+  bool mxSecure = false;  // the MX answer (or its NoData) was authenticated
 };
 
 void deliver(const std::shared_ptr<Pending>& p, Route route) {
@@ -126,6 +129,7 @@ void finish(const std::shared_ptr<Pending>& p) {
   std::string why;             // per-host reasons, for the detail of a failure
   for (auto& h : p->hosts) {
     MxHost& host = h.host;
+    host.addressesSecure = h.aaaaSecure && h.aSecure;
     bool hadAddresses = false;
     for (const auto* list : {&h.v6, &h.v4}) {
       for (const auto& addr : *list) {
@@ -149,6 +153,7 @@ void finish(const std::shared_ptr<Pending>& p) {
     why += host.name + ": " + host.lookupError;
   }
   for (auto& h : p->hosts) route.hosts.push_back(std::move(h.host));
+  route.mxSecure = p->mxSecure;
 
   if (anyUsable) {
     route.status = RouteStatus::Ok;
@@ -180,10 +185,12 @@ void onAddress(const std::shared_ptr<Pending>& p, size_t index, dns::QType type,
   if (type == dns::QType::AAAA) {
     h.aaaa = status;
     h.aaaaDetail = a.detail;
+    h.aaaaSecure = a.authenticated;
     if (status == dns::Status::Ok) h.v6 = a.addresses;
   } else {
     h.a = status;
     h.aDetail = a.detail;
+    h.aSecure = a.authenticated;
     if (status == dns::Status::Ok) h.v4 = a.addresses;
   }
   if (--p->outstanding == 0) finish(p);
@@ -220,6 +227,7 @@ void onMx(const std::shared_ptr<Pending>& p, const dns::Answer& a) {
       h.host.name = p->domain;
       h.host.preference = 0;
       h.host.implicit = true;
+      p->mxSecure = a.authenticated;
       p->hosts.push_back(std::move(h));
       startAddressLookups(p);
       return;
@@ -241,6 +249,7 @@ void onMx(const std::shared_ptr<Pending>& p, const dns::Answer& a) {
     fail(p, RouteStatus::PermFail, "5.1.10", "domain " + p->domain + " does not accept mail (null MX, RFC 7505)");
     return;
   }
+  p->mxSecure = a.authenticated;
   for (auto& r : orderMx(a.mx, p->rng)) {
     HostLookup h;
     h.host.name = r.exchange;

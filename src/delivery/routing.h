@@ -21,6 +21,10 @@ struct MxHost {
   bool implicit = false;  // no MX records: the domain's own A/AAAA (RFC 5321 5.1)
   std::vector<std::string> addresses;  // IPv6 first then IPv4, in the order to try
   std::string lookupError;             // why addresses is empty, when it is
+  // Both the AAAA and the A answer were authenticated (dns::Answer::authenticated: the
+  // records, or their denial). RFC 7672 2.2.2: TLSA records are looked up only for hosts
+  // whose address records are secure.
+  bool addressesSecure = false;
 };
 
 enum class RouteStatus {
@@ -38,6 +42,10 @@ struct Route {
   // In the order to try. Hosts whose lookups found no address stay in the list with
   // lookupError set (for logs and DSNs); callers try only the addresses.
   std::vector<MxHost> hosts;
+  // The MX answer was authenticated (or, for an implicit MX, the authenticated NoData
+  // that made it one): RFC 7672 2.2.1, the MX host names came from a signed zone. Set by
+  // RouteResolver::resolve only; false for relays and address literals.
+  bool mxSecure = false;
   // The MX host names are authenticated: DNSSEC (the resolver's AD bit on the MX answer)
   // or a matching MTA-STS policy. RFC 8689 4.2.1 step 2: a REQUIRETLS message goes only
   // to validated MX hosts. Nothing sets it yet: DNSSEC and MTA-STS are not wired into

@@ -58,6 +58,9 @@ class FakeResolver : public dns::Resolver {
     set(name, type, std::move(a));
   }
 
+  // The answer already in the table (set* first) carries the AD bit.
+  void authenticate(const std::string& name, QType type) { table_.at({name, type}).authenticated = true; }
+
   void query(const std::string& name, QType type, dns::Callback cb) override {
     queries.emplace_back(name, type);
     pending_.push_back({name, type, std::move(cb)});
@@ -249,6 +252,58 @@ TEST_CASE("RouteResolver: MX hosts in order, IPv6 before IPv4, every host looked
   CHECK(r.hosts[1].addresses == Strings{"2001:db8::3", "192.0.2.3"});
   CHECK(dns.queriesFor(QType::AAAA) == 2);
   CHECK(dns.queriesFor(QType::A) == 2);
+}
+
+TEST_CASE("RouteResolver: mxSecure and addressesSecure follow the AD bit of each answer") {
+  FakeResolver dns;
+  dns.setMx("signed.example", {{10, "mx1.signed.example"}, {20, "mx2.other.example"}});
+  dns.authenticate("signed.example", QType::MX);
+  dns.setAddrs("mx1.signed.example", QType::A, {"192.0.2.1"});
+  dns.authenticate("mx1.signed.example", QType::A);
+  dns.set("mx1.signed.example", QType::AAAA, dns::Answer{.status = Status::NoData, .authenticated = true});
+  // mx2: its A answer is signed but its AAAA is not: not secure (RFC 7672 2.2.2).
+  dns.setAddrs("mx2.other.example", QType::A, {"192.0.2.2"});
+  dns.authenticate("mx2.other.example", QType::A);
+  dns.setAddrs("mx2.other.example", QType::AAAA, {"2001:db8::2"});
+  RouteResolver rr(dns, 1);
+  Outcome o;
+  rr.resolve("signed.example", o.callback());
+  dns.pumpAll();
+  REQUIRE(o.calls == 1);
+  REQUIRE(o.route.status == RouteStatus::Ok);
+  CHECK(o.route.mxSecure);
+  REQUIRE(o.route.hosts.size() == 2);
+  CHECK(o.route.hosts[0].addressesSecure);
+  CHECK_FALSE(o.route.hosts[1].addressesSecure);
+
+  // An authenticated NoData for MX: the implicit MX is as secure as that denial.
+  FakeResolver dns2;
+  dns2.set("implicit.example", QType::MX, dns::Answer{.status = Status::NoData, .authenticated = true});
+  dns2.setAddrs("implicit.example", QType::A, {"192.0.2.3"});
+  dns2.authenticate("implicit.example", QType::A);
+  dns2.set("implicit.example", QType::AAAA, dns::Answer{.status = Status::NoData, .authenticated = true});
+  RouteResolver rr2(dns2, 1);
+  Outcome o2;
+  rr2.resolve("implicit.example", o2.callback());
+  dns2.pumpAll();
+  REQUIRE(o2.calls == 1);
+  CHECK(o2.route.mxSecure);
+  REQUIRE(o2.route.hosts.size() == 1);
+  CHECK(o2.route.hosts[0].implicit);
+  CHECK(o2.route.hosts[0].addressesSecure);
+
+  // Nothing authenticated (the usual case): neither flag.
+  FakeResolver dns3;
+  dns3.setMx("plain.example", {{10, "mx.plain.example"}});
+  dns3.setAddrs("mx.plain.example", QType::A, {"192.0.2.4"});
+  RouteResolver rr3(dns3, 1);
+  Outcome o3;
+  rr3.resolve("plain.example", o3.callback());
+  dns3.pumpAll();
+  REQUIRE(o3.calls == 1);
+  CHECK_FALSE(o3.route.mxSecure);
+  REQUIRE(o3.route.hosts.size() == 1);
+  CHECK_FALSE(o3.route.hosts[0].addressesSecure);  // AAAA was NXDOMAIN (not in the table), unsigned
 }
 
 TEST_CASE("RouteResolver: null MX -> 5.1.10, no address lookups") {
