@@ -9,8 +9,10 @@
 #include <random>
 
 #include "delivery/attempt.h"
+#include "delivery/mta_sts_fetcher.h"
 #include "delivery/routing.h"
 #include "delivery/scheduler.h"
+#include "delivery/tls_policy.h"
 #include "dns/resolv_conf.h"
 #include "dns/uv_resolver.h"
 #include "net/connection.h"
@@ -33,6 +35,11 @@ namespace {
 
 constexpr auto kTickInterval = std::chrono::milliseconds(1000);
 constexpr auto kFlushInterval = std::chrono::milliseconds(20);
+// The TLS policy lookups of one domain (TLSA records, the MTA-STS policy) get this long in
+// all; an MTA-STS answer still missing then counts as "no policy" (RFC 8461 3.3: "senders
+// ... SHOULD proceed with delivery as though the Policy Domain had not implemented
+// MTA-STS"), so a dead policy host delays delivery by this much at most.
+constexpr auto kTlsPolicyBudget = std::chrono::seconds(10);
 
 delivery::TlsPolicy tlsPolicy(config::DeliveryTls t) {
   switch (t) {
@@ -48,6 +55,8 @@ struct Settings {
   smtp::ClientTimeouts timeouts;
   std::chrono::seconds connectTimeout{30};
   queue::RetentionPolicy retention;  // retention.*
+  bool dnssec = false;  // delivery.dnssec: TLSA lookups for DANE
+  bool mtaSts = true;   // delivery.mta_sts
 };
 
 std::shared_ptr<const delivery::RelaySet> relaySet(const std::vector<config::RelayUpstream>& list, std::string id) {
@@ -97,6 +106,9 @@ Settings settingsFrom(const config::Config& cfg) {
   s.retention.finishedBodies = cfg.retention.finishedBodies.count();
   s.retention.history = cfg.retention.history.count();
   s.retention.captured = cfg.retention.captured.count();
+  s.dnssec = cfg.delivery.dnssec;
+  s.mtaSts = cfg.delivery.mtaSts;
+  d.recipientTlsPolicy = s.dnssec || s.mtaSts;
   return s;
 }
 
@@ -112,6 +124,10 @@ struct DeliveryService::Impl final : delivery::Transport {
   std::shared_ptr<tls::TlsContext> verifyCtx;  // chain + host name (verify)
   std::vector<dns::ServerAddress> servers;
   util::SystemClock clock;
+  // MTA-STS: made at create() from the configuration then (tls_ca_file, the port); a
+  // SIGHUP that turns delivery.mta_sts on takes effect at the next start.
+  delivery::mtasts::HttpsGetterSettings stsGetterSettings;
+  bool stsAvailable = false;
 
   // --- cross-thread (under mu); the loop thread is reached only through lt.post() ---
   std::mutex mu;
@@ -132,6 +148,17 @@ struct DeliveryService::Impl final : delivery::Transport {
   std::unique_ptr<delivery::Scheduler> scheduler;
   std::unique_ptr<queue::Pruner> pruner;
   std::map<delivery::SessionId, std::unique_ptr<OutboundConnection>> connections;
+  std::unique_ptr<delivery::mtasts::SqlitePolicyStore> stsStore;
+  std::unique_ptr<delivery::mtasts::HttpsPolicyGetter> stsGetter;
+  std::unique_ptr<delivery::mtasts::StsFetcher> sts;
+  // lookupTlsPolicy() in flight, by domain: the answers so far and the budget's timer.
+  struct PolicyLookup {
+    delivery::TlsPolicyInputs inputs;
+    size_t outstanding = 0;
+    bool done = false;
+    std::unique_ptr<net::Timer> budget;
+  };
+  std::map<std::string, std::shared_ptr<PolicyLookup>> policyLookups;
   bool stopping = false;
 
   void onPosted();
@@ -145,6 +172,8 @@ struct DeliveryService::Impl final : delivery::Transport {
   // --- delivery::Transport ---
   void resolve(const std::string& domain) override;
   void resolveRelay(const std::string& key, const std::vector<std::string>& hosts) override;
+  void lookupTlsPolicy(const std::string& domain, const delivery::Route& route) override;
+  void finishPolicyLookup(const std::string& domain, const std::shared_ptr<PolicyLookup>& p);
   void connect(const delivery::ConnectRequest& request) override;
   void send(delivery::SessionId id, smtp::OutboundMessage message) override;
   void quit(delivery::SessionId id) override;
@@ -227,6 +256,7 @@ class OutboundConnection final : public net::ConnectionHandler {
   }
   void onTlsFailed(std::string_view why) override {
     std::string detail(why);
+    // RFC 7672 2.2: a DANE mismatch fails the handshake; the next MX or a later retry.
     if (conn_->tls() && !conn_->tls()->peerVerifyError().empty())
       detail = "certificate: " + conn_->tls()->peerVerifyError();
     if (req_.implicitTls && !implicitUp_) {
@@ -312,7 +342,7 @@ class OutboundConnection final : public net::ConnectionHandler {
           if (!conn_->closing()) conn_->write(sb->bytes);
         } else if (std::holds_alternative<smtp::StartTls>(a)) {
           if (!conn_->closing())
-            conn_->startTlsClient(tlsContext(), req_.host);
+            conn_->startTlsClient(tlsContext(), req_.host, req_.dane);
         } else if (std::holds_alternative<smtp::CloseConnection>(a)) {
           if (!conn_->closing()) conn_->closeAfterWrite();
         } else if (std::holds_alternative<smtp::SessionReady>(a)) {
@@ -357,6 +387,70 @@ void DeliveryService::Impl::resolveRelay(const std::string& key, const std::vect
     scheduler->onRoute(key, std::move(route));
     afterEvent();
   });
+}
+
+// RFC 7672 2.2.1-2.2.2: TLSA records at "_25._tcp.<host>" for the MX hosts whose MX and
+// address records were secure (only delivery.dnssec trusts the AD bit); RFC 8461 5.1: the
+// domain's MTA-STS policy (delivery.mta_sts). Every lookup runs at once; the scheduler hears
+// once, when all have answered or the budget ran out.
+void DeliveryService::Impl::lookupTlsPolicy(const std::string& domain, const delivery::Route& route) {
+  auto p = std::make_shared<PolicyLookup>();
+  policyLookups[domain] = p;
+  std::vector<std::string> tlsaHosts;
+  if (settings.dnssec && route.mxSecure)
+    for (const auto& h : route.hosts)
+      if (h.addressesSecure && !h.addresses.empty()) tlsaHosts.push_back(h.name);
+  const bool withSts = settings.mtaSts && sts != nullptr;
+  p->outstanding = tlsaHosts.size() + (withSts ? 1 : 0);
+  // Placeholders: a lookup that does not answer within the budget is a lookup error for
+  // DANE (the host is not used) and no policy for MTA-STS.
+  for (const auto& h : tlsaHosts) {
+    delivery::TlsaLookup t;
+    t.host = h;
+    t.status = dns::Status::Timeout;
+    p->inputs.tlsa.push_back(std::move(t));
+  }
+  p->budget = std::make_unique<net::Timer>(lt.loop());
+  p->budget->start(std::chrono::duration_cast<std::chrono::milliseconds>(kTlsPolicyBudget), [this, domain, p] {
+    util::logInfo("delivery", "tls-policy domain=" + domain + " result=budget-exceeded pending=" +
+                                  std::to_string(p->outstanding));
+    finishPolicyLookup(domain, p);
+  });
+  // Even with nothing to look up, the answer comes from the loop, never inside this call.
+  if (p->outstanding == 0) {
+    p->budget->start(std::chrono::milliseconds(0), [this, domain, p] { finishPolicyLookup(domain, p); });
+    return;
+  }
+  for (size_t i = 0; i < tlsaHosts.size(); ++i) {
+    resolver->query("_25._tcp." + tlsaHosts[i], dns::QType::TLSA, [this, domain, p, i](const dns::Answer& a) {
+      if (p->done) return;
+      delivery::TlsaLookup& t = p->inputs.tlsa[i];
+      t.status = a.status;
+      t.authenticated = a.authenticated;
+      t.records = a.tlsa;
+      if (--p->outstanding == 0) finishPolicyLookup(domain, p);
+    });
+  }
+  if (withSts) {
+    sts->policyFor(domain, [this, domain, p](const delivery::mtasts::PolicyAnswer& a) {
+      if (p->done) return;
+      if (!a.detail.empty())
+        util::logInfo("delivery", "mta-sts domain=" + domain + " source=" + a.source + " detail=\"" +
+                                      util::sanitizeForLog(a.detail) + "\"");
+      p->inputs.sts = a.policy;
+      if (--p->outstanding == 0) finishPolicyLookup(domain, p);
+    });
+  }
+}
+
+void DeliveryService::Impl::finishPolicyLookup(const std::string& domain, const std::shared_ptr<PolicyLookup>& p) {
+  if (p->done) return;
+  p->done = true;
+  if (auto it = policyLookups.find(domain); it != policyLookups.end() && it->second == p) policyLookups.erase(it);
+  p->budget.reset();  // safe inside its own callback (net::Timer runs a copy)
+  if (!scheduler) return;
+  scheduler->onTlsPolicy(domain, p->inputs);
+  afterEvent();
 }
 
 void DeliveryService::Impl::connect(const delivery::ConnectRequest& request) {
@@ -461,6 +555,14 @@ void DeliveryService::Impl::maybeEndLoop() {
   scheduler->finish();
   scheduler.reset();
   queue.reset();  // waits for the results handed to the writer
+  for (auto& [domain, p] : policyLookups) {
+    p->done = true;
+    p->budget.reset();
+  }
+  policyLookups.clear();
+  sts.reset();  // before the resolver and the getter it uses
+  stsGetter.reset();
+  stsStore.reset();
   resolver.reset();  // closes its handles
   routes.reset();
   tick.reset();
@@ -504,6 +606,9 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
   if (!vc.ok()) return util::makeError("TLS client context (verify): " + vc.error().message);
   impl->verifyCtx = vc.value();
   impl->settings = settingsFrom(cfg);
+  impl->stsGetterSettings.caFile = cfg.delivery.tlsCaFile;
+  impl->stsGetterSettings.port = cfg.delivery.mtaStsHttpsPort;
+  impl->stsAvailable = cfg.delivery.mtaSts;
   return std::unique_ptr<DeliveryService>(new DeliveryService(std::move(impl)));
 }
 
@@ -523,6 +628,12 @@ void DeliveryService::start(std::chrono::milliseconds heartbeatEvery) {
   std::random_device rd;
   const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
   d.routes = std::make_unique<delivery::RouteResolver>(*d.resolver, seed);
+  if (d.stsAvailable) {
+    d.stsStore = std::make_unique<delivery::mtasts::SqlitePolicyStore>(*d.store);
+    d.stsGetter = std::make_unique<delivery::mtasts::HttpsPolicyGetter>(loop, d.stsGetterSettings);
+    d.sts = std::make_unique<delivery::mtasts::StsFetcher>(loop, *d.resolver, *d.stsGetter, d.clock,
+                                                           delivery::mtasts::Settings{}, d.stsStore.get());
+  }
   d.queue = std::make_unique<queue::WriteBehindQueue>(*d.store, *d.writeStore);
   d.scheduler = std::make_unique<delivery::Scheduler>(*d.queue, d, d.clock, d.settings.scheduler, seed ^ 0x9e3779b9u);
   d.tick->start(

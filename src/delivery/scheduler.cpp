@@ -33,7 +33,12 @@ struct Scheduler::DomainState {
   std::deque<Job> waiting;  // for the route
   bool resolving = false;
   std::string destination;  // key, when the route is fresh
+  // The key for jobs that ignore the domain's TLS policy ("TLS-Required: No"); the same as
+  // destination when no policy was looked up.
+  std::string plainDestination;
   SteadyTime resolvedAt{};
+  // The route while Transport::lookupTlsPolicy runs (resolving stays true meanwhile).
+  std::optional<Route> policyRoute;
 };
 
 struct Scheduler::Destination {
@@ -41,6 +46,7 @@ struct Scheduler::Destination {
   Route route;  // the latest route of any of its domains
   TlsPolicy tls = TlsPolicy::Opportunistic;
   std::shared_ptr<const RelaySet> relay;  // route.hosts[i] is relay->hosts[i]
+  std::optional<TlsDecision> decision;    // the domain's TLS policy, hosts as in route
   std::deque<Job> jobs;
   uint32_t sessions = 0;
   uint32_t working = 0;  // sessions that reached Ready at least once and are still open
@@ -57,6 +63,7 @@ struct Scheduler::Session {
   std::string destination;
   Route route;  // as when the session started
   TlsPolicy tls = TlsPolicy::Opportunistic;
+  std::optional<TlsDecision> decision;
   uint16_t port = 25;
   std::shared_ptr<const RelaySet> relay;
   size_t host = 0, addr = 0;  // the next address to try
@@ -125,6 +132,16 @@ std::string destinationKey(const Route& route, TlsPolicy tls) {
   names.erase(std::unique(names.begin(), names.end()), names.end());
   std::string key = tls == TlsPolicy::Verify ? "verify" : tls == TlsPolicy::Required ? "required" : "may";
   for (const auto& n : names) key += "|" + n;
+  return key;
+}
+
+std::string destinationKey(const Route& route, TlsPolicy tls, const TlsDecision& decision) {
+  std::vector<std::string> parts;
+  for (const auto& h : decision.hosts)
+    parts.push_back(util::toLower(h.host) + "=" + hostTlsName(h.tls) + (h.label.empty() ? "" : "/" + h.label));
+  std::sort(parts.begin(), parts.end());
+  std::string key = destinationKey(route, tls) + "|policy";
+  for (const auto& p : parts) key += "|" + p;
   return key;
 }
 
@@ -243,8 +260,9 @@ void Scheduler::routeJob(Job job) {
   }
   auto& ds = domains_[job.domain];
   if (!ds) ds = std::make_unique<DomainState>();
-  if (!ds->destination.empty() && clock_.now() - ds->resolvedAt < settings_.routeTtl) {
-    auto it = destinations_.find(ds->destination);
+  const std::string& cached = followsDomainPolicy(job) ? ds->destination : ds->plainDestination;
+  if (!cached.empty() && clock_.now() - ds->resolvedAt < settings_.routeTtl) {
+    auto it = destinations_.find(cached);
     if (it != destinations_.end() && it->second->tls == job.tls) {
       it->second->jobs.push_back(std::move(job));
       feedIdle(*it->second);
@@ -301,11 +319,76 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
       --queuedJobs_;
     }
     ds.destination.clear();
+    ds.plainDestination.clear();
     if (ds.waiting.empty()) domains_.erase(dit);
     dispatch();
     return;
   }
+  // The domain's own TLS policy (DANE, MTA-STS), unless the operator set one for it or
+  // every job ignores it. The jobs wait (resolving stays set) for onTlsPolicy.
+  const bool anyFollows =
+      std::any_of(jobs.begin(), jobs.end(), [&](const Job& j) { return followsDomainPolicy(j); });
+  if (anyFollows && !relay && settings_.recipientTlsPolicy && !settings_.tlsOverrides.count(domain) &&
+      !isAddressLiteralDomain(domain)) {
+    ds.resolving = true;
+    ds.waiting = std::move(jobs);
+    ds.policyRoute = route;
+    transport_.lookupTlsPolicy(domain, route);
+    return;
+  }
+  ds.waiting = std::move(jobs);
+  placeJobs(domain, route, std::nullopt);
+}
+
+bool Scheduler::followsDomainPolicy(const Job& job) const {
+  // RFC 8689 4.2.2: with "TLS-Required: No" the sender asks that recipient-side policy
+  // mechanisms such as MTA-STS and DANE be ignored.
+  return !job.relay && job.meta->due.tlsRequirement != queue::TlsRequirement::Optional;
+}
+
+void Scheduler::onTlsPolicy(const std::string& domain, const TlsPolicyInputs& inputs) {
+  auto dit = domains_.find(domain);
+  if (dit == domains_.end() || !dit->second->policyRoute) return;
+  DomainState& ds = *dit->second;
+  Route route = std::move(*ds.policyRoute);
+  ds.policyRoute.reset();
+  ds.resolving = false;
+  TlsDecision decision = decideTls(domain, route, inputs);
+  // RFC 8689 4.2.1 step 2, conservatively for the whole route: validated when every host
+  // that may be used is (a secure MX RRset, or an MTA-STS policy listing it).
+  bool validated = decision.anyUsable();
+  for (const auto& h : decision.hosts)
+    if (h.tls != HostTls::Unusable && !h.validated) validated = false;
+  route.validated = validated;
+  placeJobs(domain, route, decision);
+}
+
+void Scheduler::placeJobs(const std::string& domain, const Route& route, const std::optional<TlsDecision>& decision) {
+  auto dit = domains_.find(domain);
+  if (dit == domains_.end()) return;
+  DomainState& ds = *dit->second;
+  std::deque<Job> jobs = std::move(ds.waiting);
+  ds.waiting.clear();
+  ds.destination.clear();
+  ds.plainDestination.clear();
+  // A policy that changes nothing (no TLSA, no MTA-STS) keeps the usual destination, shared
+  // with domains that have none.
+  bool trivial = true;
+  if (decision)
+    for (const auto& h : decision->hosts)
+      if (h.tls != HostTls::Default || !h.label.empty()) trivial = false;
   for (auto& j : jobs) {
+    const bool follows = decision && followsDomainPolicy(j);
+    if (follows && !decision->anyUsable()) {
+      // RFC 8461 5: "SHOULD treat such failures as transient"; RFC 7672 2.2: "delayed
+      // delivery". Never a bounce: the policy may change by the next attempt.
+      util::logInfo("delivery", "tls-policy domain=" + domain + " result=deferred detail=\"" +
+                                    util::sanitizeForLog(decision->unusableWhy()) + "\"");
+      failJob(j, smtp::Outcome::TempFail, 0, "4.7.5",
+              "no MX host of " + domain + " is usable under its TLS policy: " + decision->unusableWhy(), nullptr);
+      --queuedJobs_;
+      continue;
+    }
     if (requiresTls(j.meta->due)) {
       std::string why;
       if (!j.relay && !route.validated)
@@ -320,7 +403,10 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
         continue;
       }
     }
-    const std::string key = j.relay ? relayDestinationKey(*j.relay, generation_) : destinationKey(route, j.tls);
+    const bool withPolicy = follows && !trivial;
+    const std::string key = j.relay      ? relayDestinationKey(*j.relay, generation_)
+                            : withPolicy ? destinationKey(route, j.tls, *decision)
+                                         : destinationKey(route, j.tls);
     auto& d = destinations_[key];
     if (!d) {
       d = std::make_unique<Destination>();
@@ -329,7 +415,16 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
       d->relay = j.relay;
     }
     d->route = route;
-    ds.destination = key;
+    if (withPolicy)
+      d->decision = decision;
+    else
+      d->decision.reset();
+    if (!decision || trivial) {
+      ds.destination = key;
+      ds.plainDestination = key;
+    } else {
+      (follows ? ds.destination : ds.plainDestination) = key;
+    }
     d->jobs.push_back(std::move(j));
     feedIdle(*d);
   }
@@ -374,6 +469,7 @@ void Scheduler::openSession(Destination& d) {
   s->destination = d.key;
   s->route = d.route;
   s->tls = d.tls;
+  s->decision = d.decision;
   s->port = settings_.port;
   s->relay = d.relay;
   ++d.sessions;
@@ -393,12 +489,34 @@ void Scheduler::connectNext(Session& s) {
       return;
     }
     const auto& h = s.route.hosts[s.host];
-    if (s.addr < h.addresses.size()) break;
+    // A host the domain's TLS policy rules out (MTA-STS enforce, a failed TLSA lookup).
+    const bool unusable = s.decision && s.host < s.decision->hosts.size() &&
+                          s.decision->hosts[s.host].tls == HostTls::Unusable;
+    if (!unusable && s.addr < h.addresses.size()) break;
     ++s.host;
     s.addr = 0;
   }
   const auto& h = s.route.hosts[s.host];
   s.current = ConnectRequest{s.id, h.name, h.addresses[s.addr++], s.port, s.tls};
+  if (s.decision && s.host < s.decision->hosts.size()) {
+    const HostTlsDecision& hd = s.decision->hosts[s.host];
+    s.current.policy = hd.label;
+    if (hd.tls == HostTls::StsVerify) {
+      // RFC 8461 4.2: a certificate valid for the MX host name, from a trusted CA.
+      s.current.tls = TlsPolicy::Verify;
+    } else if (hd.tls == HostTls::Dane && hd.dane) {
+      // RFC 7672 2.2: TLS is mandatory; the records authenticate the server. A job that
+      // needs a verified certificate (tls verify, REQUIRETLS) keeps PKIX verification when
+      // no record is usable, as DANE would then authenticate nothing.
+      const bool usable =
+          std::any_of(hd.dane->tlsa.begin(), hd.dane->tlsa.end(),
+                      [](const tls::TlsaRecord& r) { return usableForSmtp({r.usage, r.selector, r.matchingType, r.data}); });
+      if (usable || s.tls != TlsPolicy::Verify) {
+        s.current.tls = TlsPolicy::Required;
+        s.current.dane = hd.dane;
+      }
+    }
+  }
   if (s.relay && s.host < s.relay->hosts.size()) {
     const RelayHost& r = s.relay->hosts[s.host];
     s.current.host = r.host;
@@ -571,7 +689,10 @@ void Scheduler::endSession(SessionId id) {
     if (d.sessions == 0 && d.jobs.empty()) {
       // Domains pointing here re-resolve next time (their route may have changed).
       for (auto& [name, ds] : domains_)
-        if (ds->destination == d.key) ds->destination.clear();
+        if (ds->destination == d.key || ds->plainDestination == d.key) {
+          ds->destination.clear();
+          ds->plainDestination.clear();
+        }
       destinations_.erase(dit);
     }
   }
@@ -728,7 +849,8 @@ namespace {
 
 std::string attemptPolicy(const Scheduler::Job& job, const ConnectRequest* via) {
   if (via == nullptr || via->label().empty()) return "";
-  return via->relay.empty() ? job.tlsWhy : via->relayPolicy();
+  if (!via->relay.empty()) return via->relayPolicy();
+  return via->policy.empty() ? job.tlsWhy : via->policy;
 }
 
 }  // namespace

@@ -35,6 +35,7 @@
 #include "delivery/destination.h"
 #include "delivery/retry.h"
 #include "delivery/routing.h"
+#include "delivery/tls_policy.h"
 #include "queue/delivery_queue.h"
 #include "smtp/client_session.h"
 #include "util/clock.h"
@@ -67,6 +68,11 @@ struct SchedulerSettings {
   uint16_t port = 25;
   TlsPolicy tls = TlsPolicy::Opportunistic;
   std::map<std::string, TlsPolicy> tlsOverrides;  // by lower-case recipient domain
+  // delivery.dnssec || delivery.mta_sts: after an MX route resolves, ask the Transport for
+  // the domain's own TLS policy (DANE, MTA-STS: tls_policy.h) and apply it per MX host.
+  // Not for domains in tlsOverrides (the operator's word wins), relays, address literals,
+  // nor jobs of messages with "TLS-Required: No" (RFC 8689 4.2.2).
+  bool recipientTlsPolicy = false;
   RetryPolicy retry;
   uint32_t maxConnections = 200;      // delivery.max_connections
   uint32_t maxPerDestination = 10;    // delivery.max_connections_per_domain, per MX host set
@@ -110,6 +116,12 @@ struct ConnectRequest {
   bool implicitTls = false;                      // relays on 465
   std::shared_ptr<const smtp::ClientAuth> auth;  // relays with credentials (only with Verify)
   std::string relay;                             // the relay's origin; "" for MX delivery
+  // DANE (RFC 7672): the handshake authenticates the server with these records (tls is
+  // then Required: TLS is mandatory, a mismatch fails the connection).
+  std::optional<tls::DaneParams> dane;
+  // The recipient domain's TLS policy for this host ("dane", "mta-sts enforce id=X", ...),
+  // recorded as the attempt's tls_policy; "" when none applies.
+  std::string policy;
   std::string label() const;  // "mx.example.com [192.0.2.1]:25"
   // For relays, the TLS policy this connection runs under and why: "relay verify
   // (delivery.relay[0])"; "" for MX delivery (the job says why, see Scheduler).
@@ -131,6 +143,9 @@ class Transport {
   virtual void resolve(const std::string& domain) = 0;                 // -> onRoute
   // A relay list's host names (RouteResolver::resolveHosts) -> onRoute(key, route).
   virtual void resolveRelay(const std::string& key, const std::vector<std::string>& hosts) = 0;
+  // The domain's TLSA records and MTA-STS policy for an Ok MX route (SchedulerSettings::
+  // recipientTlsPolicy) -> onTlsPolicy(domain, inputs), always, even when nothing is found.
+  virtual void lookupTlsPolicy(const std::string& domain, const Route& route) = 0;
   virtual void connect(const ConnectRequest& request) = 0;             // -> onReady | onSessionEnded
   virtual void send(SessionId id, smtp::OutboundMessage message) = 0;  // -> onTransactionDone
   virtual void quit(SessionId id) = 0;                                 // -> onSessionEnded
@@ -170,6 +185,8 @@ class Scheduler {
 
   // domain: as passed to resolve(), or the key passed to resolveRelay().
   void onRoute(const std::string& domain, Route route);
+  // The answer to Transport::lookupTlsPolicy; ignored when no lookup is pending for domain.
+  void onTlsPolicy(const std::string& domain, const TlsPolicyInputs& inputs);
   void onReady(SessionId id, const std::string& tlsVersion, const std::string& tlsCipher);
   // canContinue: the connection is still usable for another transaction (false when the
   // session failed with it: lost connection, timeout, abort).
@@ -199,6 +216,10 @@ class Scheduler {
  private:
   void pull();
   void routeJob(Job job);
+  // onRoute's second half: the jobs to their destinations (decision: the domain's TLS
+  // policy, when one was looked up).
+  void placeJobs(const std::string& domain, const Route& route, const std::optional<TlsDecision>& decision);
+  bool followsDomainPolicy(const Job& job) const;
   void dispatch();
   void openSession(Destination& d);
   void connectNext(Session& s);
@@ -245,6 +266,9 @@ std::string relayDestinationKey(const RelaySet& relay, uint64_t generation);
 // addresses (an address literal: its address). Domains with the same key share
 // connections and the per-destination limit.
 std::string destinationKey(const Route& route, TlsPolicy tls);
+// With the domain's TLS policy: each host's decision is part of the key, so domains
+// sharing MX hosts share connections only when their policies agree.
+std::string destinationKey(const Route& route, TlsPolicy tls, const TlsDecision& decision);
 
 // RFC 3464 DSN for `message` (its recipients: the ones to report), or nullopt when none
 // may be sent (null sender, or the message is itself a DSN). Pure: the caller supplies

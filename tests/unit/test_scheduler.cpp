@@ -211,7 +211,11 @@ class FakeTransport final : public Transport {
   size_t maxOpen = 0;
   int flushes = 0;
 
+  std::vector<std::pair<std::string, Route>> tlsLookups;  // lookupTlsPolicy(domain, route)
   void resolve(const std::string& domain) override { resolves.push_back(domain); }
+  void lookupTlsPolicy(const std::string& domain, const Route& route) override {
+    tlsLookups.emplace_back(domain, route);
+  }
   void resolveRelay(const std::string& key, const std::vector<std::string>& hosts) override {
     relayResolves.emplace_back(key, hosts);
   }
@@ -1060,4 +1064,217 @@ TEST_CASE("scheduler: each attempt records the TLS policy it ran under and why")
   CHECK(policy["m1"] == "required (tls_policy_overrides)");
   CHECK(policy["m2"] == "opportunistic (TLS-Required: No)");
   CHECK(policy["m3"] == "relay verify implicit (accounts[1].relay[0])");
+}
+
+namespace {
+
+// Two MX hosts of example.org from a signed zone (mxSecure, addresses secure).
+Route signedMx() {
+  Route r = routeTo({{"mx1.example.org", {"192.0.2.11"}}, {"mx2.example.org", {"192.0.2.12"}}});
+  r.mxSecure = true;
+  for (auto& h : r.hosts) h.addressesSecure = true;
+  return r;
+}
+
+mtasts::CachedPolicy stsPolicy(mtasts::Mode mode, std::vector<std::string> mx) {
+  mtasts::CachedPolicy p;
+  p.domain = "example.org";
+  p.id = "abc";
+  p.policy.mode = mode;
+  p.policy.maxAge = 86400;
+  p.policy.mx = std::move(mx);
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("scheduler: the domain's TLS policy is looked up after the route, only when it applies") {
+  SUBCASE("off: no lookup") {
+    Bed b;
+    b.q.add("m1", {"a@example.org"}, b.now());
+    b.startRouted();
+    CHECK(b.t.tlsLookups.empty());
+    CHECK(b.t.connects.size() == 1);
+  }
+  SUBCASE("on: the jobs wait for the answer") {
+    Bed b;
+    b.settings.recipientTlsPolicy = true;
+    b.q.add("m1", {"a@example.org"}, b.now());
+    Scheduler& s = b.startRouted();
+    REQUIRE(b.t.tlsLookups.size() == 1);
+    CHECK(b.t.tlsLookups[0].first == "example.org");
+    CHECK(b.t.connects.empty());
+    s.onTlsPolicy("example.org", {});  // nothing found: as without the lookup
+    REQUIRE(b.t.connects.size() == 1);
+    CHECK(b.t.connects[0].tls == TlsPolicy::Opportunistic);
+    CHECK_FALSE(b.t.connects[0].dane);
+    CHECK(b.t.connects[0].policy.empty());
+    s.onTlsPolicy("example.org", {});  // late or repeated answers are ignored
+    CHECK(b.t.connects.size() == 1);
+  }
+  SUBCASE("tls_policy_overrides and TLS-Required: No: no lookup") {
+    Bed b;
+    b.settings.recipientTlsPolicy = true;
+    b.settings.tlsOverrides["example.org"] = TlsPolicy::Required;
+    b.q.add("m1", {"a@example.org"}, b.now());
+    b.q.add("m2", {"b@other.example"}, b.now());
+    b.q.msgs[1].tlsRequirement = queue::TlsRequirement::Optional;
+    Scheduler& s = b.start();
+    s.tick();
+    s.onRoute("example.org", exampleMx());
+    s.onRoute("other.example", routeTo({{"mx.other.example", {"192.0.2.20"}}}));
+    CHECK(b.t.tlsLookups.empty());
+    CHECK(b.t.connects.size() == 2);
+  }
+}
+
+TEST_CASE("scheduler: DANE hosts get the TLSA records and TLS required; a host without TLSA goes as usual") {
+  Bed b;
+  b.settings.recipientTlsPolicy = true;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", signedMx());
+  REQUIRE(b.t.tlsLookups.size() == 1);
+  TlsPolicyInputs in;
+  in.tlsa.push_back({"mx1.example.org", dns::Status::Ok, true, {{3, 1, 1, std::vector<uint8_t>(32, 7)}}});
+  in.tlsa.push_back({"mx2.example.org", dns::Status::NxDomain, true, {}});
+  s.onTlsPolicy("example.org", in);
+  REQUIRE(b.t.connects.size() == 1);
+  const ConnectRequest& c = b.t.connects[0];
+  CHECK(c.host == "mx1.example.org");
+  CHECK(c.tls == TlsPolicy::Required);
+  REQUIRE(c.dane);
+  CHECK(c.dane->tlsa.size() == 1);
+  CHECK(c.dane->referenceNames == std::vector<std::string>{"mx1.example.org", "example.org"});
+  CHECK(c.policy == "dane");
+  // mx1 fails before the greeting: mx2 (no TLSA) is tried with the usual policy.
+  b.t.open.erase(c.id);
+  s.onSessionEnded(c.id, SessionFailure{0, "", "connection refused"});
+  REQUIRE(b.t.connects.size() == 2);
+  CHECK(b.t.connects[1].host == "mx2.example.org");
+  CHECK_FALSE(b.t.connects[1].dane);
+  CHECK(b.t.connects[1].tls == TlsPolicy::Opportunistic);
+  b.deliverAll(3);
+  s.flush();
+  REQUIRE(b.q.recorded.size() == 1);
+  CHECK(b.q.recorded[0].attempt.tlsPolicy == "opportunistic (delivery.tls)");
+  CHECK(b.q.rcpt("m1", 0).state == RecipientState::Delivered);
+}
+
+TEST_CASE("scheduler: MTA-STS enforce skips hosts the policy does not list and verifies the others") {
+  Bed b;
+  b.settings.recipientTlsPolicy = true;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", routeTo({{"mx.attacker.example", {"192.0.2.30"}}, {"mx1.example.org", {"192.0.2.11"}}}));
+  TlsPolicyInputs in;
+  in.sts = stsPolicy(mtasts::Mode::Enforce, {"*.example.org"});
+  s.onTlsPolicy("example.org", in);
+  REQUIRE(b.t.connects.size() == 1);
+  CHECK(b.t.connects[0].host == "mx1.example.org");
+  CHECK(b.t.connects[0].tls == TlsPolicy::Verify);
+  CHECK(b.t.connects[0].policy == "mta-sts enforce id=abc");
+  b.deliverAll(3);
+  s.flush();
+  REQUIRE(b.q.recorded.size() == 1);
+  CHECK(b.q.recorded[0].attempt.tlsPolicy == "mta-sts enforce id=abc");
+}
+
+TEST_CASE("scheduler: no host usable under the domain's TLS policy defers (4.7.5), never bounces") {
+  Bed b;
+  b.settings.recipientTlsPolicy = true;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", exampleMx());
+  TlsPolicyInputs in;
+  in.sts = stsPolicy(mtasts::Mode::Enforce, {"mx.elsewhere.example"});
+  s.onTlsPolicy("example.org", in);
+  s.flush();
+  CHECK(b.t.connects.empty());
+  CHECK(b.q.rcpt("m1", 0).state == RecipientState::Deferred);
+  CHECK(b.q.rcpt("m1", 0).lastStatus.str() == "4.7.5");
+  CHECK(b.q.rcpt("m1", 0).lastError.find("MTA-STS") != std::string::npos);
+  CHECK_FALSE(b.q.rcpt("m1", 0).dsnPending);
+}
+
+TEST_CASE("scheduler: TLS-Required: No ignores DANE and MTA-STS; both kinds never share a connection") {
+  Bed b;
+  b.settings.recipientTlsPolicy = true;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.add("m2", {"b@example.org"}, b.now());
+  b.q.msgs[1].tlsRequirement = queue::TlsRequirement::Optional;
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", exampleMx());
+  TlsPolicyInputs in;
+  in.sts = stsPolicy(mtasts::Mode::Enforce, {"mx.elsewhere.example"});  // m1 cannot go
+  s.onTlsPolicy("example.org", in);
+  REQUIRE(b.t.connects.size() == 1);
+  CHECK(b.t.connects[0].tls == TlsPolicy::Opportunistic);
+  CHECK(b.t.connects[0].policy.empty());
+  b.deliverAll(3);
+  s.flush();
+  CHECK(b.q.rcpt("m1", 0).state == RecipientState::Deferred);
+  CHECK(b.q.rcpt("m2", 0).state == RecipientState::Delivered);
+}
+
+TEST_CASE("scheduler: REQUIRETLS goes to MX hosts from a signed zone, or listed by MTA-STS") {
+  SUBCASE("DNSSEC") {
+    Bed b;
+    b.settings.recipientTlsPolicy = true;
+    b.q.add("m1", {"a@example.org"}, b.now());
+    b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
+    Scheduler& s = b.start();
+    s.tick();
+    s.onRoute("example.org", signedMx());
+    s.onTlsPolicy("example.org", {});
+    REQUIRE(b.t.connects.size() == 1);
+    CHECK(b.t.connects[0].tls == TlsPolicy::Verify);
+  }
+  SUBCASE("MTA-STS testing lists only one of two hosts: not validated") {
+    Bed b;
+    b.settings.recipientTlsPolicy = true;
+    b.q.add("m1", {"a@example.org"}, b.now());
+    b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
+    Scheduler& s = b.start();
+    s.tick();
+    s.onRoute("example.org", routeTo({{"mx.other.example", {"192.0.2.30"}}, {"mx1.example.org", {"192.0.2.11"}}}));
+    TlsPolicyInputs in;
+    in.sts = stsPolicy(mtasts::Mode::Testing, {"*.example.org"});
+    s.onTlsPolicy("example.org", in);
+    s.flush();
+    CHECK(b.t.connects.empty());
+    CHECK(b.q.rcpt("m1", 0).lastStatus.str() == "5.7.10");
+  }
+  SUBCASE("MTA-STS enforce: the listed host") {
+    Bed b;
+    b.settings.recipientTlsPolicy = true;
+    b.q.add("m1", {"a@example.org"}, b.now());
+    b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
+    Scheduler& s = b.start();
+    s.tick();
+    s.onRoute("example.org", routeTo({{"mx.other.example", {"192.0.2.30"}}, {"mx1.example.org", {"192.0.2.11"}}}));
+    TlsPolicyInputs in;
+    in.sts = stsPolicy(mtasts::Mode::Enforce, {"*.example.org"});
+    s.onTlsPolicy("example.org", in);
+    REQUIRE(b.t.connects.size() == 1);
+    CHECK(b.t.connects[0].host == "mx1.example.org");
+    CHECK(b.t.connects[0].tls == TlsPolicy::Verify);
+  }
+}
+
+TEST_CASE("destinationKey with a TLS policy: differs from the plain key and between policies") {
+  Route r = exampleMx();
+  TlsPolicyInputs none;
+  TlsPolicyInputs sts;
+  sts.sts = stsPolicy(mtasts::Mode::Enforce, {"mx.example.org"});
+  const std::string plain = destinationKey(r, TlsPolicy::Opportunistic);
+  const std::string withSts = destinationKey(r, TlsPolicy::Opportunistic, decideTls("example.org", r, sts));
+  CHECK(withSts != plain);
+  CHECK(withSts.find("mx.example.org=mta-sts/mta-sts enforce id=abc") != std::string::npos);
+  sts.sts->id = "def";
+  CHECK(destinationKey(r, TlsPolicy::Opportunistic, decideTls("example.org", r, sts)) != withSts);
 }
