@@ -48,8 +48,8 @@ struct Route {
   bool mxSecure = false;
   // The MX host names are authenticated: DNSSEC (the resolver's AD bit on the MX answer)
   // or a matching MTA-STS policy. RFC 8689 4.2.1 step 2: a REQUIRETLS message goes only
-  // to validated MX hosts. Nothing sets it yet: DNSSEC and MTA-STS are not wired into
-  // routing, so REQUIRETLS mail can leave only through a configured relay.
+  // to validated MX hosts. Set by the Scheduler from the domain's TLS policy
+  // (Scheduler::onTlsPolicy, tls_policy.h), never by RouteResolver.
   bool validated = false;
 };
 
