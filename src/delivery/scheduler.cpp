@@ -328,16 +328,17 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
   // every job ignores it. The jobs wait (resolving stays set) for onTlsPolicy.
   const bool anyFollows =
       std::any_of(jobs.begin(), jobs.end(), [&](const Job& j) { return followsDomainPolicy(j); });
-  if (anyFollows && !relay && settings_.recipientTlsPolicy && !settings_.tlsOverrides.count(domain) &&
-      !isAddressLiteralDomain(domain)) {
+  const bool policyApplies = !relay && settings_.recipientTlsPolicy && !settings_.tlsOverrides.count(domain) &&
+                             !isAddressLiteralDomain(domain);
+  ds.waiting = std::move(jobs);
+  if (policyApplies && anyFollows) {
     ds.resolving = true;
-    ds.waiting = std::move(jobs);
     ds.policyRoute = route;
     transport_.lookupTlsPolicy(domain, route);
     return;
   }
-  ds.waiting = std::move(jobs);
-  placeJobs(domain, route, std::nullopt);
+  // Only "TLS-Required: No" jobs: their destination must not serve the domain's other jobs.
+  placeJobs(domain, route, std::nullopt, /*plainOnly=*/policyApplies);
 }
 
 bool Scheduler::followsDomainPolicy(const Job& job) const {
@@ -363,13 +364,14 @@ void Scheduler::onTlsPolicy(const std::string& domain, const TlsPolicyInputs& in
   placeJobs(domain, route, decision);
 }
 
-void Scheduler::placeJobs(const std::string& domain, const Route& route, const std::optional<TlsDecision>& decision) {
+void Scheduler::placeJobs(const std::string& domain, const Route& route, const std::optional<TlsDecision>& decision,
+                          bool plainOnly) {
   auto dit = domains_.find(domain);
   if (dit == domains_.end()) return;
   DomainState& ds = *dit->second;
   std::deque<Job> jobs = std::move(ds.waiting);
   ds.waiting.clear();
-  ds.destination.clear();
+  if (!plainOnly) ds.destination.clear();
   ds.plainDestination.clear();
   // A policy that changes nothing (no TLSA, no MTA-STS) keeps the usual destination, shared
   // with domains that have none.
@@ -419,7 +421,9 @@ void Scheduler::placeJobs(const std::string& domain, const Route& route, const s
       d->decision = decision;
     else
       d->decision.reset();
-    if (!decision || trivial) {
+    if (plainOnly) {
+      ds.plainDestination = key;
+    } else if (!decision || trivial) {
       ds.destination = key;
       ds.plainDestination = key;
     } else {

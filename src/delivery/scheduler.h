@@ -217,8 +217,10 @@ class Scheduler {
   void pull();
   void routeJob(Job job);
   // onRoute's second half: the jobs to their destinations (decision: the domain's TLS
-  // policy, when one was looked up).
-  void placeJobs(const std::string& domain, const Route& route, const std::optional<TlsDecision>& decision);
+  // policy, when one was looked up). plainOnly: the domain has a policy to look up but
+  // these jobs ignore it ("TLS-Required: No"): the route serves only such jobs later.
+  void placeJobs(const std::string& domain, const Route& route, const std::optional<TlsDecision>& decision,
+                 bool plainOnly = false);
   bool followsDomainPolicy(const Job& job) const;
   void dispatch();
   void openSession(Destination& d);

@@ -11,6 +11,7 @@ policy -> delivered, "mta-sts testing"."""
 
 import hashlib
 import json
+import socket
 import subprocess
 import time
 import unittest
@@ -30,6 +31,8 @@ STS = {
     "wrongmx.test": ("enforce", ["mx.elsewhere.test"], "127.0.0.52"),
     "testing.test": ("testing", ["mx.elsewhere.test"], "127.0.0.53"),
 }
+# A domain whose policy host accepts TCP connections and never answers.
+DEAD_STS = ("deadsts.test", "127.0.0.54", "127.0.0.60")
 
 
 def spki_sha256(cert_path):
@@ -51,6 +54,15 @@ def sts_zones(web_ip):
             f'local-data: "mta-sts.{domain}. 300 IN A {web_ip}"',
             f"local-data: '_mta-sts.{domain}. 300 IN TXT \"v=STSv1; id={domain.split('.')[0]};\"'",
         ]
+    domain, mx_ip, web = DEAD_STS
+    lines += [
+        f'local-zone: "{domain}." static',
+        f'local-data: "{domain}. 300 IN SOA ns.{domain}. admin.{domain}. 1 3600 600 86400 30"',
+        f'local-data: "{domain}. 300 IN MX 10 mx.{domain}."',
+        f'local-data: "mx.{domain}. 300 IN A {mx_ip}"',
+        f'local-data: "mta-sts.{domain}. 300 IN A {web}"',
+        f"local-data: '_mta-sts.{domain}. 300 IN TXT \"v=STSv1; id=dead;\"'",
+    ]
     # The sender's domain, for DSNs: no MX host at all is fine (none is expected).
     lines += ['local-zone: "sender.test." static',
               'local-data: "sender.test. 300 IN SOA ns.sender.test. admin.sender.test. 1 3600 600 86400 30"']
@@ -73,7 +85,7 @@ class TlsPolicyDelivery(ServerTestCase):
     @classmethod
     def setUpClass(cls):
         cls.port = mta_peers.free_port("127.0.0.31", "127.0.0.32", "127.0.0.41", "127.0.0.51", "127.0.0.52",
-                                       "127.0.0.53")
+                                       "127.0.0.53", DEAD_STS[1])
         # mx.signed.test (127.0.0.31): the key its TLSA record names. mx2.signed.test
         # (127.0.0.32): another key, though its certificate is from the trusted CA.
         cls.daneCert = make_cert(["mx.signed.test"])
@@ -85,6 +97,11 @@ class TlsPolicyDelivery(ServerTestCase):
         cls.dns = peers.Unbound((lines, clauses), validate=True)
         for domain, (mode, mx, _) in STS.items():
             getattr(cls.web, mode)(domain, mx)
+        # The dead policy host: the kernel completes the TCP handshake (backlog), nobody reads.
+        cls.black_hole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        cls.black_hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        cls.black_hole.bind((DEAD_STS[2], cls.web.port))
+        cls.black_hole.listen(16)
         cls.sinks = {
             "signed": AioSink(f"127.0.0.31:{cls.port}", cert=cls.daneCert),
             "signed2": AioSink(f"127.0.0.32:{cls.port}", cert=cls.otherCert),
@@ -92,6 +109,7 @@ class TlsPolicyDelivery(ServerTestCase):
         }
         for domain, (_, _, ip) in STS.items():
             cls.sinks[domain] = AioSink(f"{ip}:{cls.port}", cert=make_cert([f"mx.{domain}"]))
+        cls.sinks[DEAD_STS[0]] = AioSink(f"{DEAD_STS[1]}:{cls.port}", cert=make_cert([f"mx.{DEAD_STS[0]}"]))
         for s in cls.sinks.values():
             s.start()
         cls.srv = cls.start_class_server(accounts=[ACCOUNT], extra_config={
@@ -107,6 +125,7 @@ class TlsPolicyDelivery(ServerTestCase):
         for s in cls.sinks.values():
             s.stop()
         cls.web.close()
+        cls.black_hole.close()
         cls.dns.close()
         cls.bed.close()
 
@@ -161,6 +180,16 @@ class TlsPolicyDelivery(ServerTestCase):
     def test_mta_sts_testing_delivers(self):
         att = self.delivered("frank@testing.test")
         self.assertEqual(att["tls_policy"], "mta-sts testing id=testing")
+
+    def test_dead_policy_host_delays_delivery_by_the_budget_at_most(self):
+        # RFC 8461 3.3: a failed fetch without a cached policy is "no policy"; the policy
+        # host is given 10 s in all (delivery_service.cpp), not the fetch's full minute.
+        started = time.monotonic()
+        att = self.delivered("grace@deadsts.test")
+        elapsed = time.monotonic() - started
+        self.assertEqual(att["tls_policy"], "opportunistic (delivery.tls)")
+        self.assertGreaterEqual(elapsed, 9)
+        self.assertLess(elapsed, scale(30))
 
 
 if __name__ == "__main__":

@@ -1278,3 +1278,28 @@ TEST_CASE("destinationKey with a TLS policy: differs from the plain key and betw
   sts.sts->id = "def";
   CHECK(destinationKey(r, TlsPolicy::Opportunistic, decideTls("example.org", r, sts)) != withSts);
 }
+
+TEST_CASE("scheduler: a route found for TLS-Required: No jobs alone never carries the domain's other jobs") {
+  Bed b;
+  b.settings.recipientTlsPolicy = true;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Optional;
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", exampleMx());
+  CHECK(b.t.tlsLookups.empty());  // nobody to apply it to
+  REQUIRE(b.t.connects.size() == 1);  // still connecting: its destination lives on
+  // A job that follows the policy arrives while that route is fresh: it is looked up.
+  b.q.add("m2", {"b@example.org"}, b.now());
+  b.clock.advance(std::chrono::seconds(1));
+  s.tick();
+  REQUIRE(b.t.resolves.size() == 2);
+  s.onRoute("example.org", exampleMx());
+  REQUIRE(b.t.tlsLookups.size() == 1);
+  TlsPolicyInputs in;
+  in.sts = stsPolicy(mtasts::Mode::Enforce, {"mx.example.org"});
+  s.onTlsPolicy("example.org", in);
+  REQUIRE(b.t.connects.size() == 2);
+  CHECK(b.t.connects[1].tls == TlsPolicy::Verify);
+  CHECK(b.t.connects[1].policy == "mta-sts enforce id=abc");
+}
