@@ -377,6 +377,13 @@ class OutboundConnection final : public net::ConnectionHandler {
 // ---------------------------------------------------------------------------------------
 void DeliveryService::Impl::resolve(const std::string& domain) {
   routes->resolve(domain, [this, domain](delivery::Route route) {
+    // The AD bit means something only from a validating resolver on a trusted path, which
+    // delivery.dnssec asserts (RFC 7672 2.1.1); without it nothing counts as secure, for
+    // DANE and for REQUIRETLS (RFC 8689 4.2.1) alike.
+    if (!settings.dnssec) {
+      route.mxSecure = false;
+      for (auto& h : route.hosts) h.addressesSecure = false;
+    }
     scheduler->onRoute(domain, std::move(route));
     afterEvent();
   });

@@ -191,6 +191,26 @@ class TlsPolicyDelivery(ServerTestCase):
         self.assertGreaterEqual(elapsed, 9)
         self.assertLess(elapsed, scale(30))
 
+    def test_requiretls_goes_to_mx_hosts_from_a_signed_zone_only(self):
+        # RFC 8689 4.2.1 step 2. The sinks do not offer REQUIRETLS, so the message that may
+        # go to mx.signed.test fails there with 5.7.30 (after connecting, over DANE); the
+        # one for unsigned.test never leaves (5.7.10, no connection).
+        results = {}
+        for rcpt in ("rt@signed.test", "rt@unsigned.test"):
+            conn = harness.smtp_ssl(self.srv.port("implicit"))
+            conn.login(ACCOUNT.username, ACCOUNT.password)
+            qid = harness.submit(conn, SENDER, [rcpt], harness.make_message(SENDER, [rcpt], f"rt {token()}"),
+                                 mail_options=["REQUIRETLS"])
+            conn.quit()
+            results[rcpt] = wait_states(self.srv, qid, lambda s, i, r=rcpt: s == {r: "failed"})
+        signed = results["rt@signed.test"]
+        self.assertEqual(signed["recipients"][0]["last_status"], "5.7.30")
+        self.assertIn("mx.signed.test [127.0.0.31]", signed["history"][-1]["mx"])
+        self.assertEqual(signed["history"][-1]["tls_policy"], "dane")
+        unsigned = results["rt@unsigned.test"]
+        self.assertEqual(unsigned["recipients"][0]["last_status"], "5.7.10")
+        self.assertEqual(unsigned["history"][-1]["mx"], "")
+
 
 if __name__ == "__main__":
     unittest.main()
