@@ -512,9 +512,7 @@ void Scheduler::connectNext(Session& s) {
       // RFC 7672 2.2: TLS is mandatory; the records authenticate the server. A job that
       // needs a verified certificate (tls verify, REQUIRETLS) keeps PKIX verification when
       // no record is usable, as DANE would then authenticate nothing.
-      const bool usable = std::any_of(hd.dane->tlsa.begin(), hd.dane->tlsa.end(), [](const tls::TlsaRecord& r) {
-        return usableForSmtp({r.usage, r.selector, r.matchingType, r.data});
-      });
+      const bool usable = std::any_of(hd.dane->tlsa.begin(), hd.dane->tlsa.end(), tls::isUsable);
       if (usable || s.tls != TlsPolicy::Verify) {
         s.current.tls = TlsPolicy::Required;
         s.current.dane = hd.dane;

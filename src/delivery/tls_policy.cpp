@@ -1,6 +1,8 @@
 // RFC 7672 2.2 and RFC 8461 4-5 combined per MX host; see tls_policy.h.
 #include "delivery/tls_policy.h"
 
+#include <algorithm>
+
 namespace subrelay::delivery {
 
 const char* hostTlsName(HostTls t) {
@@ -29,10 +31,6 @@ std::string TlsDecision::unusableWhy() const {
   return out;
 }
 
-bool usableForSmtp(const dns::TlsaRecord& r) {
-  return (r.usage == tls::kUsageDaneTa || r.usage == tls::kUsageDaneEe) && r.selector <= 1 && r.matchingType <= 2;
-}
-
 namespace {
 
 const TlsaLookup* findTlsa(const TlsPolicyInputs& in, const std::string& host) {
@@ -47,6 +45,14 @@ bool isLookupError(dns::Status s) {
 }
 
 }  // namespace
+
+std::vector<std::string> tlsaHosts(const Route& route) {
+  std::vector<std::string> out;
+  if (!route.mxSecure) return out;
+  for (const auto& h : route.hosts)
+    if (h.addressesSecure && !h.addresses.empty()) out.push_back(h.name);
+  return out;
+}
 
 TlsDecision decideTls(const std::string& domain, const Route& route, const TlsPolicyInputs& in) {
   std::vector<std::string> names;
@@ -80,14 +86,15 @@ TlsDecision decideTls(const std::string& domain, const Route& route, const TlsPo
         d.hosts.push_back(std::move(h));
         continue;
       }
+      tls::DaneParams p;
       if (t->status == dns::Status::Ok && t->authenticated && !t->records.empty()) {
-        for (const auto& r : t->records)
-          if (usableForSmtp(r)) daneUsable = true;
+        for (const auto& r : t->records) p.tlsa.push_back({r.usage, r.selector, r.matchingType, r.data});
+        // The handshake's own judgement (RFC 7672 3.1.3, digest lengths), so the label
+        // and the verification agree on what is usable.
+        daneUsable = std::any_of(p.tlsa.begin(), p.tlsa.end(), tls::isUsable);
         daneUnusableOnly = !daneUsable;
       }
       if (daneUsable || daneUnusableOnly) {
-        tls::DaneParams p;
-        for (const auto& r : t->records) p.tlsa.push_back({r.usage, r.selector, r.matchingType, r.data});
         // RFC 7672 3.2.2: the reference identifiers are the TLSA base domain (the MX host)
         // and, the MX RRset being secure, the next-hop domain.
         p.referenceNames.push_back(mx.name);

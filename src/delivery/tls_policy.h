@@ -64,10 +64,9 @@ struct TlsDecision {
   std::string unusableWhy() const;
 };
 
-// True for a record RFC 7672 3.1 lets SMTP use: DANE-TA(2) or DANE-EE(3), selector Cert(0)
-// or SPKI(1), matching type Full(0), SHA2-256(1) or SHA2-512(2). The handshake
-// (tls::DaneParams) judges the rest (digest lengths, agility).
-bool usableForSmtp(const dns::TlsaRecord& r);
+// RFC 7672 2.2.1-2.2.2: the MX hosts whose TLSA records to look up ("_25._tcp.<host>"):
+// those with addresses, when the MX RRset and the host's address records are secure.
+std::vector<std::string> tlsaHosts(const Route& route);
 
 TlsDecision decideTls(const std::string& domain, const Route& route, const TlsPolicyInputs& in);
 
