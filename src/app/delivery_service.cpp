@@ -109,6 +109,7 @@ Settings settingsFrom(const config::Config& cfg) {
   s.dnssec = cfg.delivery.dnssec;
   s.mtaSts = cfg.delivery.mtaSts;
   d.recipientTlsPolicy = s.dnssec || s.mtaSts;
+  d.trustDnssec = s.dnssec;
   return s;
 }
 
@@ -377,13 +378,6 @@ class OutboundConnection final : public net::ConnectionHandler {
 // ---------------------------------------------------------------------------------------
 void DeliveryService::Impl::resolve(const std::string& domain) {
   routes->resolve(domain, [this, domain](delivery::Route route) {
-    // The AD bit means something only from a validating resolver on a trusted path, which
-    // delivery.dnssec asserts (RFC 7672 2.1.1); without it nothing counts as secure, for
-    // DANE and for REQUIRETLS (RFC 8689 4.2.1) alike.
-    if (!settings.dnssec) {
-      route.mxSecure = false;
-      for (auto& h : route.hosts) h.addressesSecure = false;
-    }
     scheduler->onRoute(domain, std::move(route));
     afterEvent();
   });
@@ -403,10 +397,7 @@ void DeliveryService::Impl::resolveRelay(const std::string& key, const std::vect
 void DeliveryService::Impl::lookupTlsPolicy(const std::string& domain, const delivery::Route& route) {
   auto p = std::make_shared<PolicyLookup>();
   policyLookups[domain] = p;
-  std::vector<std::string> tlsaHosts;
-  if (settings.dnssec && route.mxSecure)
-    for (const auto& h : route.hosts)
-      if (h.addressesSecure && !h.addresses.empty()) tlsaHosts.push_back(h.name);
+  const std::vector<std::string> tlsaHosts = delivery::tlsaHosts(route);
   const bool withSts = settings.mtaSts && sts != nullptr;
   p->outstanding = tlsaHosts.size() + (withSts ? 1 : 0);
   // Placeholders: a lookup that does not answer within the budget is a lookup error for

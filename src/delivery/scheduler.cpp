@@ -295,6 +295,10 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
   std::deque<Job> jobs = std::move(ds.waiting);
   ds.waiting.clear();
   std::shared_ptr<const RelaySet> relay = jobs.empty() ? nullptr : jobs.front().relay;
+  if (!settings_.trustDnssec) {
+    resolved.mxSecure = false;
+    for (auto& h : resolved.hosts) h.addressesSecure = false;
+  }
   Route route;
   if (relay) {
     // A configured relay is trusted: company relays sit on 10.x or loopback, so the

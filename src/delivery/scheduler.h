@@ -73,6 +73,10 @@ struct SchedulerSettings {
   // Not for domains in tlsOverrides (the operator's word wins), relays, address literals,
   // nor jobs of messages with "TLS-Required: No" (RFC 8689 4.2.2).
   bool recipientTlsPolicy = false;
+  // delivery.dnssec: the AD bit means something only from a validating resolver on a
+  // trusted path (RFC 7672 2.1.1). Off, no route counts as secure (onRoute clears
+  // Route::mxSecure and MxHost::addressesSecure), for DANE and REQUIRETLS alike.
+  bool trustDnssec = false;
   RetryPolicy retry;
   uint32_t maxConnections = 200;      // delivery.max_connections
   uint32_t maxPerDestination = 10;    // delivery.max_connections_per_domain, per MX host set

@@ -1099,6 +1099,7 @@ TEST_CASE("scheduler: the domain's TLS policy is looked up after the route, only
   SUBCASE("on: the jobs wait for the answer") {
     Bed b;
     b.settings.recipientTlsPolicy = true;
+    b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
     b.q.add("m1", {"a@example.org"}, b.now());
     Scheduler& s = b.startRouted();
     REQUIRE(b.t.tlsLookups.size() == 1);
@@ -1115,6 +1116,7 @@ TEST_CASE("scheduler: the domain's TLS policy is looked up after the route, only
   SUBCASE("tls_policy_overrides and TLS-Required: No: no lookup") {
     Bed b;
     b.settings.recipientTlsPolicy = true;
+    b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
     b.settings.tlsOverrides["example.org"] = TlsPolicy::Required;
     b.q.add("m1", {"a@example.org"}, b.now());
     b.q.add("m2", {"b@other.example"}, b.now());
@@ -1131,6 +1133,7 @@ TEST_CASE("scheduler: the domain's TLS policy is looked up after the route, only
 TEST_CASE("scheduler: DANE hosts get the TLSA records and TLS required; a host without TLSA goes as usual") {
   Bed b;
   b.settings.recipientTlsPolicy = true;
+  b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
   b.q.add("m1", {"a@example.org"}, b.now());
   Scheduler& s = b.start();
   s.tick();
@@ -1165,6 +1168,7 @@ TEST_CASE("scheduler: DANE hosts get the TLSA records and TLS required; a host w
 TEST_CASE("scheduler: MTA-STS enforce skips hosts the policy does not list and verifies the others") {
   Bed b;
   b.settings.recipientTlsPolicy = true;
+  b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
   b.q.add("m1", {"a@example.org"}, b.now());
   Scheduler& s = b.start();
   s.tick();
@@ -1185,6 +1189,7 @@ TEST_CASE("scheduler: MTA-STS enforce skips hosts the policy does not list and v
 TEST_CASE("scheduler: no host usable under the domain's TLS policy defers (4.7.5), never bounces") {
   Bed b;
   b.settings.recipientTlsPolicy = true;
+  b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
   b.q.add("m1", {"a@example.org"}, b.now());
   Scheduler& s = b.start();
   s.tick();
@@ -1203,6 +1208,7 @@ TEST_CASE("scheduler: no host usable under the domain's TLS policy defers (4.7.5
 TEST_CASE("scheduler: TLS-Required: No ignores DANE and MTA-STS; both kinds never share a connection") {
   Bed b;
   b.settings.recipientTlsPolicy = true;
+  b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
   b.q.add("m1", {"a@example.org"}, b.now());
   b.q.add("m2", {"b@example.org"}, b.now());
   b.q.msgs[1].tlsRequirement = queue::TlsRequirement::Optional;
@@ -1225,6 +1231,7 @@ TEST_CASE("scheduler: REQUIRETLS goes to MX hosts from a signed zone, or listed 
   SUBCASE("DNSSEC") {
     Bed b;
     b.settings.recipientTlsPolicy = true;
+    b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
     b.q.add("m1", {"a@example.org"}, b.now());
     b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
     Scheduler& s = b.start();
@@ -1237,6 +1244,7 @@ TEST_CASE("scheduler: REQUIRETLS goes to MX hosts from a signed zone, or listed 
   SUBCASE("MTA-STS testing lists only one of two hosts: not validated") {
     Bed b;
     b.settings.recipientTlsPolicy = true;
+    b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
     b.q.add("m1", {"a@example.org"}, b.now());
     b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
     Scheduler& s = b.start();
@@ -1252,6 +1260,7 @@ TEST_CASE("scheduler: REQUIRETLS goes to MX hosts from a signed zone, or listed 
   SUBCASE("MTA-STS enforce: the listed host") {
     Bed b;
     b.settings.recipientTlsPolicy = true;
+    b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
     b.q.add("m1", {"a@example.org"}, b.now());
     b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
     Scheduler& s = b.start();
@@ -1282,6 +1291,7 @@ TEST_CASE("destinationKey with a TLS policy: differs from the plain key and betw
 TEST_CASE("scheduler: a route found for TLS-Required: No jobs alone never carries the domain's other jobs") {
   Bed b;
   b.settings.recipientTlsPolicy = true;
+  b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
   b.q.add("m1", {"a@example.org"}, b.now());
   b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Optional;
   Scheduler& s = b.start();
@@ -1302,4 +1312,18 @@ TEST_CASE("scheduler: a route found for TLS-Required: No jobs alone never carrie
   REQUIRE(b.t.connects.size() == 2);
   CHECK(b.t.connects[1].tls == TlsPolicy::Verify);
   CHECK(b.t.connects[1].policy == "mta-sts enforce id=abc");
+}
+
+TEST_CASE("scheduler: without delivery.dnssec no route counts as signed (the AD bit is not trusted)") {
+  Bed b;
+  b.settings.recipientTlsPolicy = true;  // delivery.mta_sts on, delivery.dnssec off
+  b.q.add("m1", {"a@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", signedMx());
+  REQUIRE(b.t.tlsLookups.size() == 1);
+  CHECK_FALSE(b.t.tlsLookups[0].second.mxSecure);
+  for (const auto& h : b.t.tlsLookups[0].second.hosts) CHECK_FALSE(h.addressesSecure);
+  CHECK(tlsaHosts(b.t.tlsLookups[0].second).empty());  // so no TLSA lookup either
+  CHECK(tlsaHosts(signedMx()) == std::vector<std::string>{"mx1.example.org", "mx2.example.org"});
 }
