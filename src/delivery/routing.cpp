@@ -336,6 +336,24 @@ void RouteResolver::resolve(const std::string& domain, RouteCallback cb) {
   resolver_.query(p->domain, dns::QType::MX, [p](const dns::Answer& a) { onMx(p, a); });
 }
 
+namespace {
+
+// A relay host that needs no DNS: an IP address (itself), or "localhost" (RFC 6761 6.3: the
+// loopback addresses, never asked of DNS). v6 and v4 in the order to try; nullopt for a name.
+struct KnownAddresses {
+  std::vector<std::string> v6, v4;
+};
+std::optional<KnownAddresses> knownAddresses(const std::string& name) {
+  in6_addr v6{};
+  in_addr v4{};
+  if (inet_pton(AF_INET6, name.c_str(), &v6) == 1) return KnownAddresses{{name}, {}};
+  if (inet_pton(AF_INET, name.c_str(), &v4) == 1) return KnownAddresses{{}, {name}};
+  if (util::iequals(name, "localhost")) return KnownAddresses{{"::1"}, {"127.0.0.1"}};
+  return std::nullopt;
+}
+
+}  // namespace
+
 void RouteResolver::resolveHosts(const std::vector<std::string>& names, RouteCallback cb) {
   auto p = std::make_shared<Pending>();
   p->alive = alive_;
@@ -345,19 +363,10 @@ void RouteResolver::resolveHosts(const std::vector<std::string>& names, RouteCal
   for (const auto& name : names) {
     HostLookup h;
     h.host.name = name;
-    in6_addr v6{};
-    in_addr v4{};
-    if (inet_pton(AF_INET6, name.c_str(), &v6) == 1) {
+    if (auto known = knownAddresses(name)) {
       h.preset = true;
-      h.v6 = {name};
-    } else if (inet_pton(AF_INET, name.c_str(), &v4) == 1) {
-      h.preset = true;
-      h.v4 = {name};
-    } else if (util::iequals(name, "localhost")) {
-      // RFC 6761 6.3: localhost is the loopback address without asking DNS.
-      h.preset = true;
-      h.v6 = {"::1"};
-      h.v4 = {"127.0.0.1"};
+      h.v6 = std::move(known->v6);
+      h.v4 = std::move(known->v4);
     } else {
       h.host.name = normaliseName(name);
     }
@@ -372,16 +381,12 @@ void RouteResolver::resolveHosts(const std::vector<std::string>& names, RouteCal
 std::optional<Route> relayRouteWithoutDns(const std::vector<std::string>& names) {
   Route r;
   for (const auto& name : names) {
+    auto known = knownAddresses(name);
+    if (!known) return std::nullopt;
     MxHost h;
     h.name = name;
-    in6_addr v6{};
-    in_addr v4{};
-    if (inet_pton(AF_INET6, name.c_str(), &v6) == 1 || inet_pton(AF_INET, name.c_str(), &v4) == 1)
-      h.addresses = {name};
-    else if (util::iequals(name, "localhost"))
-      h.addresses = {"::1", "127.0.0.1"};
-    else
-      return std::nullopt;
+    h.addresses = std::move(known->v6);
+    h.addresses.insert(h.addresses.end(), known->v4.begin(), known->v4.end());
     r.hosts.push_back(std::move(h));
   }
   if (r.hosts.empty()) return std::nullopt;

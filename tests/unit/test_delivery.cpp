@@ -1255,3 +1255,30 @@ TEST_CASE("connection failure texts") {
   quiet.reply.text.clear();
   CHECK(sessionFailure(quiet, peer).text == "ehlo (" + peer + ")");
 }
+
+TEST_CASE("relay hosts: addresses and localhost need no DNS; names get AAAA and A, in list order, no de-duplication") {
+  CHECK_FALSE(relayRouteWithoutDns({"10.0.0.1", "smtp.provider.example"}).has_value());
+  auto direct = relayRouteWithoutDns({"localhost", "10.0.0.1", "::1"});
+  REQUIRE(direct.has_value());
+  REQUIRE(direct->hosts.size() == 3);
+  CHECK(direct->hosts[0].addresses == std::vector<std::string>{"::1", "127.0.0.1"});
+  CHECK(direct->hosts[1].addresses == std::vector<std::string>{"10.0.0.1"});
+  CHECK(direct->hosts[2].addresses == std::vector<std::string>{"::1"});
+
+  FakeResolver dns;
+  dns.setAddrs("smtp.provider.example", QType::A, {"10.0.0.1"});
+  dns.setStatus("smtp.provider.example", QType::AAAA, Status::NoData);
+  RouteResolver rr(dns, 1);
+  Outcome o;
+  rr.resolveHosts({"SMTP.Provider.Example", "10.0.0.1", "localhost"}, o.callback());
+  CHECK(o.calls == 0);
+  CHECK(dns.pendingCount() == 2);  // only the name is asked
+  dns.pumpAll();
+  REQUIRE(o.calls == 1);
+  REQUIRE(o.route.status == RouteStatus::Ok);
+  REQUIRE(o.route.hosts.size() == 3);
+  CHECK(o.route.hosts[0].name == "smtp.provider.example");
+  CHECK(o.route.hosts[0].addresses == std::vector<std::string>{"10.0.0.1"});
+  CHECK(o.route.hosts[1].addresses == std::vector<std::string>{"10.0.0.1"});  // kept: another upstream
+  CHECK(o.route.hosts[2].addresses == std::vector<std::string>{"::1", "127.0.0.1"});
+}
