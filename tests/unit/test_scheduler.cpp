@@ -1086,6 +1086,18 @@ mtasts::CachedPolicy stsPolicy(mtasts::Mode mode, std::vector<std::string> mx) {
   return p;
 }
 
+// One REQUIRETLS message to example.org with the domain's TLS policy on and delivery.dnssec
+// trusted; leased, waiting for its route.
+Scheduler& startRequireTls(Bed& b) {
+  b.settings.recipientTlsPolicy = true;
+  b.settings.trustDnssec = true;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
+  Scheduler& s = b.start();
+  s.tick();
+  return s;
+}
+
 }  // namespace
 
 TEST_CASE("scheduler: the domain's TLS policy is looked up after the route, only when it applies") {
@@ -1230,12 +1242,7 @@ TEST_CASE("scheduler: TLS-Required: No ignores DANE and MTA-STS; both kinds neve
 TEST_CASE("scheduler: REQUIRETLS goes to MX hosts from a signed zone, or listed by MTA-STS") {
   SUBCASE("DNSSEC") {
     Bed b;
-    b.settings.recipientTlsPolicy = true;
-    b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
-    b.q.add("m1", {"a@example.org"}, b.now());
-    b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
-    Scheduler& s = b.start();
-    s.tick();
+    Scheduler& s = startRequireTls(b);
     s.onRoute("example.org", signedMx());
     s.onTlsPolicy("example.org", {});
     REQUIRE(b.t.connects.size() == 1);
@@ -1243,12 +1250,7 @@ TEST_CASE("scheduler: REQUIRETLS goes to MX hosts from a signed zone, or listed 
   }
   SUBCASE("MTA-STS testing lists only one of two hosts: not validated") {
     Bed b;
-    b.settings.recipientTlsPolicy = true;
-    b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
-    b.q.add("m1", {"a@example.org"}, b.now());
-    b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
-    Scheduler& s = b.start();
-    s.tick();
+    Scheduler& s = startRequireTls(b);
     s.onRoute("example.org", routeTo({{"mx.other.example", {"192.0.2.30"}}, {"mx1.example.org", {"192.0.2.11"}}}));
     TlsPolicyInputs in;
     in.sts = stsPolicy(mtasts::Mode::Testing, {"*.example.org"});
@@ -1259,12 +1261,7 @@ TEST_CASE("scheduler: REQUIRETLS goes to MX hosts from a signed zone, or listed 
   }
   SUBCASE("MTA-STS enforce: the listed host") {
     Bed b;
-    b.settings.recipientTlsPolicy = true;
-    b.settings.trustDnssec = true;  // delivery.dnssec: the signed routes count
-    b.q.add("m1", {"a@example.org"}, b.now());
-    b.q.msgs[0].tlsRequirement = queue::TlsRequirement::Required;
-    Scheduler& s = b.start();
-    s.tick();
+    Scheduler& s = startRequireTls(b);
     s.onRoute("example.org", routeTo({{"mx.other.example", {"192.0.2.30"}}, {"mx1.example.org", {"192.0.2.11"}}}));
     TlsPolicyInputs in;
     in.sts = stsPolicy(mtasts::Mode::Enforce, {"*.example.org"});
