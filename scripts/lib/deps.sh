@@ -4,7 +4,7 @@ BUILD_PACKAGES=(
   build-essential meson ninja-build pkg-config cmake
   libuv1-dev android-libboringssl-dev libssl-dev libldns-dev
   nlohmann-json3-dev libsqlite3-dev doctest-dev libidn2-dev openssl libmicrohttpd-dev
-  libcurl4-gnutls-dev
+  libcurl4-gnutls-dev zlib1g-dev
 )
 # Real peers and clients for the integration tests (docs/testbed.md), clang's
 # sanitizer runtimes, Go (test_interop builds a net/smtp client), iproute2 (test_hostile sets up

@@ -13,6 +13,8 @@
 #include "delivery/routing.h"
 #include "delivery/scheduler.h"
 #include "delivery/tls_policy.h"
+#include "delivery/tls_rpt_reporter.h"
+#include "app/dkim_cmd.h"
 #include "dns/resolv_conf.h"
 #include "dns/uv_resolver.h"
 #include "net/connection.h"
@@ -57,6 +59,9 @@ struct Settings {
   queue::RetentionPolicy retention;  // retention.*
   bool dnssec = false;  // delivery.dnssec: TLSA lookups for DANE
   bool mtaSts = true;   // delivery.mta_sts
+  // delivery.tls_rpt: counts (scheduler.tlsRpt) and daily reports.
+  std::optional<delivery::tlsrpt::ReporterSettings> tlsRpt;
+  int64_t tlsRptMaxDelay = 0;
 };
 
 std::shared_ptr<const delivery::RelaySet> relaySet(const std::vector<config::RelayUpstream>& list, std::string id) {
@@ -110,6 +115,19 @@ Settings settingsFrom(const config::Config& cfg) {
   s.mtaSts = cfg.delivery.mtaSts;
   d.recipientTlsPolicy = s.dnssec || s.mtaSts;
   d.trustDnssec = s.dnssec;
+  if (const auto& t = cfg.delivery.tlsRpt; t.enabled && d.recipientTlsPolicy) {
+    delivery::tlsrpt::ReporterSettings r;
+    r.meta.from = t.from;
+    r.meta.contact = t.contact.empty() ? t.from : t.contact;
+    r.meta.organization = t.organization.empty() ? cfg.hostname : t.organization;
+    r.meta.hostname = cfg.hostname;
+    std::vector<std::string> errors;  // check-config and start-up have reported them
+    r.keys = std::make_shared<const dkim::KeyRing>(loadDkimKeys(cfg, errors).ring);
+    r.signer = std::make_shared<dkim::LocalSigner>();
+    s.tlsRpt = std::move(r);
+    s.tlsRptMaxDelay = t.maxDelay.count();
+    d.tlsRpt = true;
+  }
   return s;
 }
 
@@ -152,6 +170,10 @@ struct DeliveryService::Impl final : delivery::Transport {
   std::unique_ptr<delivery::mtasts::SqlitePolicyStore> stsStore;
   std::unique_ptr<delivery::mtasts::HttpsPolicyGetter> stsGetter;
   std::unique_ptr<delivery::mtasts::StsFetcher> sts;
+  // delivery.tls_rpt: made at start when configured then (or at the first SIGHUP that
+  // turns it on).
+  std::unique_ptr<delivery::tlsrpt::DailyReports> tlsRpt;
+  void tlsRptTick();
   // lookupTlsPolicy() in flight, by domain: the answers so far and the budget's timer.
   struct PolicyLookup {
     delivery::TlsPolicyInputs inputs;
@@ -519,6 +541,7 @@ void DeliveryService::Impl::onPosted() {
   if (fresh) {
     settings = std::move(*fresh);
     scheduler->reconfigure(settings.scheduler);
+    if (tlsRpt && settings.tlsRpt) tlsRpt->reconfigure(*settings.tlsRpt, settings.tlsRptMaxDelay);
   }
   if (doStop) {
     stopping = true;
@@ -537,6 +560,16 @@ void DeliveryService::Impl::prune() {
   pruneTimer->start(pruner->run(settings.retention), [this] { prune(); });
 }
 
+void DeliveryService::Impl::tlsRptTick() {
+  const int64_t now = util::unixSeconds(clock.wallNow());
+  if (settings.tlsRpt && !tlsRpt) {
+    std::random_device rd;
+    tlsRpt = std::make_unique<delivery::tlsrpt::DailyReports>(*store, *resolver, *settings.tlsRpt,
+                                                              settings.tlsRptMaxDelay, rd(), now);
+  }
+  if (tlsRpt) tlsRpt->tick(now, scheduler->takeTlsRpt());
+}
+
 void DeliveryService::Impl::finishStop() {
   tick->stop();
   pruneTimer->stop();
@@ -551,6 +584,10 @@ void DeliveryService::Impl::finishStop() {
 void DeliveryService::Impl::maybeEndLoop() {
   if (!scheduler || !scheduler->drained() || !connections.empty()) return;
   scheduler->finish();
+  if (tlsRpt) {
+    tlsRpt->flush(scheduler->takeTlsRpt());
+    tlsRpt.reset();  // before the resolver it uses
+  }
   scheduler.reset();
   queue.reset();  // waits for the results handed to the writer
   for (auto& [domain, p] : policyLookups) {
@@ -638,6 +675,7 @@ void DeliveryService::start(std::chrono::milliseconds heartbeatEvery) {
       std::chrono::milliseconds(0),
       [&d] {
         d.scheduler->tick();
+        d.tlsRptTick();
         d.afterEvent();
       },
       kTickInterval);

@@ -923,8 +923,9 @@ class ConfigReader {
                      {"resolvers", "port", "tls", "tls_policy_overrides", "retry_schedule", "max_queue_time",
                       "max_connections", "max_connections_per_domain", "delay_notice", "tls_ca_file",
                       "allow_private_destinations", "timeouts", "relay", "relay_overrides", "dnssec", "mta_sts",
-                      "mta_sts_https_port"});
+                      "mta_sts_https_port", "tls_rpt"});
     Delivery& d = cfg_.delivery;
+    if (const Json* x = Validator::find(o, "tls_rpt")) readTlsRpt(*x, p + ".tls_rpt", d.tlsRpt);
     if (const Json* x = Validator::find(o, "dnssec")) v_.boolean(*x, p + ".dnssec", d.dnssec);
     if (const Json* x = Validator::find(o, "mta_sts")) v_.boolean(*x, p + ".mta_sts", d.mtaSts);
     if (const Json* x = Validator::find(o, "mta_sts_https_port")) {
@@ -957,6 +958,42 @@ class ConfigReader {
       else
         d.tlsCaFile = x->get<std::string>();
     }
+  }
+
+  // RFC 8460 3: reports "MUST contain a valid DKIM signature by the reporting domain", so
+  // the From domain needs a key here.
+  void readTlsRpt(const Json& o, const std::string& p, TlsRpt& t) {
+    if (!v_.object(o, p)) return;
+    v_.rejectUnknown(o, p, {"enabled", "from", "organization", "contact", "max_delay"});
+    t.enabled = true;
+    if (const Json* x = Validator::find(o, "enabled")) v_.boolean(*x, p + ".enabled", t.enabled);
+    auto address = [&](const Json& v, const std::string& path, std::string& out) {
+      std::string a;
+      if (!v_.string(v, path, a)) return false;
+      const auto at = a.rfind('@');
+      const bool ok = at != std::string::npos && at > 0 && at + 1 < a.size() &&
+                      std::none_of(a.begin(), a.end(), [](unsigned char c) { return c <= ' ' || c == '<' || c == '>'; });
+      if (!ok) {
+        v_.fail(path, "expected an email address such as \"tlsrpt@relay.example.net\", got " + describe(v));
+        return false;
+      }
+      out = a;
+      return true;
+    };
+    if (const Json* x = v_.require(o, p, "from")) {
+      if (address(*x, p + ".from", t.from) && t.enabled) {
+        const std::string domain = util::toLower(t.from.substr(t.from.rfind('@') + 1));
+        const bool keyed = std::any_of(cfg_.dkim.begin(), cfg_.dkim.end(),
+                                       [&](const DkimKey& k) { return util::toLower(k.domain) == domain; });
+        if (!keyed)
+          v_.fail(p + ".from", "no dkim key for " + quote(domain) +
+                                   ": TLS reports must be DKIM-signed by the reporting domain (RFC 8460 3); add a "
+                                   "dkim entry for it or use an address of a signed domain");
+      }
+    }
+    if (const Json* x = Validator::find(o, "contact")) address(*x, p + ".contact", t.contact);
+    if (const Json* x = Validator::find(o, "organization")) v_.string(*x, p + ".organization", t.organization);
+    if (const Json* x = Validator::find(o, "max_delay")) v_.duration(*x, p + ".max_delay", t.maxDelay);
   }
 
   void readDeliveryTimeouts(const Json& o, const std::string& p, Delivery::Timeouts& t) {

@@ -123,6 +123,17 @@ struct DomainTlsOverride {
   DeliveryTls tls = DeliveryTls::Opportunistic;
 };
 
+// delivery.tls_rpt (extension): SMTP TLS Reporting (RFC 8460). Absent = no counting and no
+// reports.
+struct TlsRpt {
+  bool enabled = false;
+  std::string from;          // From: and envelope sender of the reports; its domain needs a dkim key
+  std::string organization;  // organization-name; "" = hostname
+  std::string contact;       // contact-info; "" = from
+  // Reports of a day go out after 00:00 UTC plus a random delay of up to this (RFC 8460 4.1).
+  std::chrono::seconds maxDelay{4 * 3600};
+};
+
 struct Delivery {
   std::vector<std::string> resolvers;  // "host:port"; empty = /etc/resolv.conf
   uint16_t port = 25;
@@ -148,6 +159,7 @@ struct Delivery {
   // delivery.mta_sts_https_port (extension, for test beds): the port of the policy host
   // ("mta-sts.<domain>"); RFC 8461 3.3 fixes it to 443, the default.
   uint16_t mtaStsHttpsPort = 443;
+  TlsRpt tlsRpt;
   // delivery.relay: smarthosts tried in order; empty = direct MX delivery.
   std::vector<RelayUpstream> relay;
   // delivery.relay_overrides (extension): per recipient domain, before accounts[].relay.

@@ -55,6 +55,9 @@ struct Scheduler::Destination {
   // that becomes ready. Without it, parallel sessions failing one after another (a relay
   // refusing our login) would each start a replacement, for ever.
   bool unreachable = false;
+  // TLS-RPT: the Policy Domains whose mail this destination carries (a TLS failure of one
+  // of its sessions is reported to each). Bounded by kMaxRptDomains.
+  std::set<std::string> rptDomains;
 };
 
 struct Scheduler::Session {
@@ -77,11 +80,21 @@ struct Scheduler::Session {
   SteadyTime idleSince{};
   bool aborted = false;
   SessionFailure lastFailure;
+  std::set<std::string> rptCounted;  // TLS-RPT: domains whose success this session counted
 };
 
 namespace {
 
 int64_t unixNow(const util::Clock& c) { return util::unixSeconds(c.wallNow()); }
+
+constexpr size_t kMaxRptDomains = 64;
+
+// RFC 8460 4.4: the policy a session to host `host` ran under (a domain whose policy was
+// looked up and found nothing: "no-policy-found").
+tlsrpt::Policy reportPolicy(const std::optional<TlsDecision>& decision, size_t host) {
+  if (decision && host < decision->hosts.size()) return decision->hosts[host].report;
+  return tlsrpt::Policy{"no-policy-found", {}, {}};
+}
 
 // RFC 8689 4.2.1 applies to messages with a return path; a bounce of a REQUIRETLS message
 // carries the option where it can but is never held back by it (section 5).
@@ -383,6 +396,14 @@ void Scheduler::placeJobs(const std::string& domain, const Route& route, const s
   if (decision)
     for (const auto& h : decision->hosts)
       if (h.tls != HostTls::Default || !h.label.empty()) trivial = false;
+  const bool anyFollows =
+      decision && std::any_of(jobs.begin(), jobs.end(), [&](const Job& j) { return followsDomainPolicy(j); });
+  if (settings_.tlsRpt && anyFollows) {
+    // RFC 8460 4.3.2: hosts the policy rules out (a failed TLSA lookup, an MX host the
+    // MTA-STS policy does not list), once per routing of the domain.
+    for (const auto& h : decision->hosts)
+      if (h.reportFailure) tlsRpt_.failure(unixNow(clock_), domain, h.report, *h.reportFailure, h.host, "");
+  }
   for (auto& j : jobs) {
     const bool follows = decision && followsDomainPolicy(j);
     if (follows && !decision->anyUsable()) {
@@ -421,6 +442,7 @@ void Scheduler::placeJobs(const std::string& domain, const Route& route, const s
       d->relay = j.relay;
     }
     d->route = route;
+    if (settings_.tlsRpt && follows && d->rptDomains.size() < kMaxRptDomains) d->rptDomains.insert(domain);
     if (withPolicy)
       d->decision = decision;
     else
@@ -619,6 +641,15 @@ void Scheduler::onTransactionDone(SessionId id, const std::vector<smtp::Recipien
   if (!s.job) return;
   Job job = std::move(*s.job);
   s.job.reset();
+  if (settings_.tlsRpt && !s.tlsVersion.empty() && !job.relay && s.rptCounted.size() < kMaxRptDomains) {
+    // RFC 8460 4.2.1: a session that negotiated TLS under the domain's policy, counted once
+    // per session and Policy Domain (the destination knows which domains had a policy
+    // looked up).
+    auto d = destinations_.find(s.destination);
+    if (d != destinations_.end() && d->second->rptDomains.count(job.domain) && followsDomainPolicy(job) &&
+        s.rptCounted.insert(job.domain).second)
+      tlsRpt_.success(unixNow(clock_), job.domain, reportPolicy(s.decision, s.host));
+  }
   record(job, results, s.tlsVersion, s.tlsCipher, &s.current);
   if (job.meta.use_count() == 1) job.meta->content.reset();
   if (!canContinue) {
@@ -633,6 +664,16 @@ void Scheduler::onSessionEnded(SessionId id, std::optional<SessionFailure> failu
   if (it == sessions_.end()) return;
   Session& s = *it->second;
   if (failure) s.lastFailure = *failure;
+  if (settings_.tlsRpt && failure && !s.everReady && !s.relay) {
+    // RFC 8460 4.3.1: TLS could not be negotiated with this host (no STARTTLS, a
+    // certificate or TLSA mismatch); reported to every Policy Domain the destination serves.
+    if (auto f = tlsrpt::classify(failure->stage, failure->enhanced, failure->text)) {
+      auto d = destinations_.find(s.destination);
+      if (d != destinations_.end())
+        for (const auto& domain : d->second->rptDomains)
+          tlsRpt_.failure(unixNow(clock_), domain, reportPolicy(s.decision, s.host), *f, s.current.host, s.current.ip);
+    }
+  }
   // A job without a result (the transport lost it): it must not vanish; defer it.
   if (s.job) {
     const SessionFailure& f = s.lastFailure;

@@ -77,6 +77,10 @@ struct SchedulerSettings {
   // trusted path (RFC 7672 2.1.1). Off, no route counts as secure (onRoute clears
   // Route::mxSecure and MxHost::addressesSecure), for DANE and REQUIRETLS alike.
   bool trustDnssec = false;
+  // TLS reporting (RFC 8460, delivery.tls_rpt): count the sessions that ran under a looked-up
+  // domain policy (recipientTlsPolicy), per Policy Domain: successes, TLS failures, and
+  // hosts the policy ruled out. The wiring takes the counts (takeTlsRpt) and stores them.
+  bool tlsRpt = false;
   RetryPolicy retry;
   uint32_t maxConnections = 200;      // delivery.max_connections
   uint32_t maxPerDestination = 10;    // delivery.max_connections_per_domain, per MX host set
@@ -212,6 +216,11 @@ class Scheduler {
 
   SchedulerStats stats() const;
 
+  // The TLS-RPT counts since the last call (SchedulerSettings::tlsRpt), and how many
+  // sessions the collector's bound left uncounted so far.
+  std::vector<queue::TlsRptRow> takeTlsRpt() { return tlsRpt_.take(); }
+  uint64_t tlsRptDropped() const { return tlsRpt_.dropped(); }
+
   struct Job;
   struct Destination;
   struct Session;
@@ -262,6 +271,7 @@ class Scheduler {
   uint64_t generation_ = 0;
   std::chrono::steady_clock::time_point lastPull_{};
   std::vector<queue::AttemptRecord> pending_;
+  tlsrpt::Collector tlsRpt_;
 };
 
 // The key of a relay destination: the set's id, the configuration generation and each

@@ -44,6 +44,32 @@ bool isLookupError(dns::Status s) {
          s == dns::Status::Error;
 }
 
+// RFC 8460 4.5: a TLSA record as "usage selector matching HEX".
+std::string tlsaString(const tls::TlsaRecord& r) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out = std::to_string(r.usage) + " " + std::to_string(r.selector) + " " + std::to_string(r.matchingType) + " ";
+  for (uint8_t b : r.data) {
+    out += kHex[b >> 4];
+    out += kHex[b & 15];
+  }
+  return out;
+}
+
+// RFC 8460 4.5: the MTA-STS policy as its lines ("version: STSv1", "mode: enforce", ...).
+std::vector<std::string> policyLines(const std::string& text) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    std::string line = text.substr(start, end - start);
+    while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.pop_back();
+    if (!line.empty() && out.size() < 100) out.push_back(line.substr(0, 300));
+    start = end + 1;
+  }
+  return out;
+}
+
 }  // namespace
 
 std::vector<std::string> tlsaHosts(const Route& route) {
@@ -62,12 +88,20 @@ TlsDecision decideTls(const std::string& domain, const Route& route, const TlsPo
   const std::string stsLabel =
       stsActive ? std::string("mta-sts ") + mtasts::modeName(*sts.mode) + " id=" + sts.policyId : std::string();
 
+  tlsrpt::Policy stsReport;
+  if (stsActive && in.sts) {
+    stsReport.type = "sts";
+    stsReport.strings = policyLines(in.sts->text);
+    stsReport.mxHost = in.sts->policy.mx;
+  }
+
   TlsDecision d;
   for (size_t i = 0; i < route.hosts.size(); ++i) {
     const MxHost& mx = route.hosts[i];
     const mtasts::MxVerdict& v = sts.hosts[i];
     HostTlsDecision h;
     h.host = mx.name;
+    h.report.type = "no-policy-found";
     // RFC 8689 4.2.1 step 2: "MX records ... MUST be validated either via a DNSSEC
     // signature ... or the MX hostname MUST be validated by an MTA-STS policy as described
     // in Section 4.1 of [RFC8461]."
@@ -83,6 +117,8 @@ TlsDecision decideTls(const std::string& domain, const Route& route, const TlsPo
       if (isLookupError(t->status)) {
         h.tls = HostTls::Unusable;
         h.why = "TLSA lookup for _25._tcp." + mx.name + " failed (RFC 7672 2.2.1: the host is unreachable)";
+        h.report = tlsrpt::Policy{"tlsa", {}, {mx.name}};
+        h.reportFailure = tlsrpt::Failure{"dnssec-invalid", "TLSA lookup failed: " + std::string(dns::statusName(t->status))};
         d.hosts.push_back(std::move(h));
         continue;
       }
@@ -109,12 +145,14 @@ TlsDecision decideTls(const std::string& domain, const Route& route, const TlsPo
       h.tls = HostTls::Dane;
       h.label = "dane";
     } else if (stsActive && *sts.mode == mtasts::Mode::Enforce) {
+      h.report = stsReport;
       if (!v.usable) {
         // RFC 8461 5: "Sending MTAs MUST NOT deliver the message to hosts that fail MX
         // matching".
         h.tls = HostTls::Unusable;
         h.dane.reset();
         h.why = "not listed in the MTA-STS policy of " + domain + " (mode enforce, id " + sts.policyId + ")";
+        h.reportFailure = tlsrpt::Failure{"validation-failure", "MX host not listed in the MTA-STS policy"};
       } else {
         h.tls = HostTls::StsVerify;
         h.dane.reset();
@@ -124,10 +162,15 @@ TlsDecision decideTls(const std::string& domain, const Route& route, const TlsPo
       h.tls = HostTls::Dane;  // the handshake finds no usable record: TLS, unauthenticated
       h.label = "dane";
     } else if (stsActive) {
+      h.report = stsReport;
       // 5: testing: "messages may be delivered as though there were no MTA-STS validation
       // failure"; the attempt is labelled so reports can tell.
       h.tls = HostTls::Default;
       h.label = stsLabel;
+    }
+    if (h.tls == HostTls::Dane && h.dane) {
+      h.report = tlsrpt::Policy{"tlsa", {}, {mx.name}};
+      for (const auto& r : h.dane->tlsa) h.report.strings.push_back(tlsaString(r));
     }
     d.hosts.push_back(std::move(h));
   }

@@ -14,6 +14,7 @@
 
 #include "delivery/mta_sts.h"
 #include "delivery/routing.h"
+#include "delivery/tls_rpt.h"
 #include "dns/resolver.h"
 #include "tls/dane.h"
 
@@ -55,6 +56,12 @@ struct HostTlsDecision {
   // RFC 8689 4.2.1 step 2: the host name is authenticated, by a secure MX RRset or by
   // matching an MTA-STS policy (RFC 8461 4.1).
   bool validated = false;
+  // RFC 8460: the policy a session to this host runs under, as TLS reports name it ("tlsa"
+  // with the host's records, "sts" with the policy's lines and patterns, "no-policy-found"),
+  // and for Unusable hosts the failure to report ("dnssec-invalid" for a failed TLSA
+  // lookup, "validation-failure" for an MX host the MTA-STS policy does not list).
+  tlsrpt::Policy report;
+  std::optional<tlsrpt::Failure> reportFailure;
 };
 
 struct TlsDecision {

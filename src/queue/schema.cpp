@@ -188,6 +188,35 @@ ALTER TABLE messages ADD COLUMN tls_required INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE attempts ADD COLUMN tls_policy TEXT NOT NULL DEFAULT '';
 )sql";
 
+// Version 8: TLS reporting (issue 12, RFC 8460). tlsrpt_counts: sessions per UTC day,
+// Policy Domain, applied policy and outcome (result '' = success), added to by serve once a
+// minute. tlsrpt_reports: one row per (day, domain) whose report was made (or found no
+// rua), written in the transaction that queues the report, so a restart never sends a
+// day's report twice.
+constexpr const char* kV8 = R"sql(
+CREATE TABLE tlsrpt_counts (
+  day          INTEGER NOT NULL,
+  domain       TEXT    NOT NULL,
+  policy_type  TEXT    NOT NULL,
+  policy       TEXT    NOT NULL DEFAULT '',
+  mx_host      TEXT    NOT NULL DEFAULT '',
+  result       TEXT    NOT NULL DEFAULT '',
+  receiving_mx TEXT    NOT NULL DEFAULT '',
+  receiving_ip TEXT    NOT NULL DEFAULT '',
+  reason       TEXT    NOT NULL DEFAULT '',
+  sessions     INTEGER NOT NULL,
+  PRIMARY KEY (day, domain, policy_type, policy, mx_host, result, receiving_mx, receiving_ip, reason)
+) WITHOUT ROWID;
+CREATE TABLE tlsrpt_reports (
+  day        INTEGER NOT NULL,
+  domain     TEXT    NOT NULL,
+  at         INTEGER NOT NULL,
+  outcome    TEXT    NOT NULL,
+  message_id TEXT    NOT NULL DEFAULT '',
+  PRIMARY KEY (day, domain)
+) WITHOUT ROWID;
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
@@ -196,6 +225,7 @@ constexpr Migration kMigrations[] = {
     {5, kV5},
     {6, kV6},
     {7, kV7},
+    {8, kV8},
 };
 
 }  // namespace

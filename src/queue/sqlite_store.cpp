@@ -110,6 +110,8 @@ struct SqliteStore::Statements {
   Stmt queueStats, acceptedSince, noteDrop, operatorEvents, deleteOperatorEvents;
   // MTA-STS policy cache
   Stmt saveSts, touchSts, loadSts, loadAllSts, pruneSts;
+  // TLS reporting
+  Stmt addTlsRpt, tlsRptPending, tlsRptRows, tlsRptDone, pruneTlsRptCounts, pruneTlsRptReports;
   // retention
   Stmt markFinished, markCaptured, pruneCaptured, pruneHistory, unprunedRows, emptyContent, setPruned;
 };
@@ -224,6 +226,24 @@ constexpr const char* kTouchSts = "UPDATE sts_policies SET checked_at = ?2 WHERE
 constexpr const char* kLoadSts = "SELECT " SUBRELAY_STS_COLUMNS " FROM sts_policies WHERE domain = ?1";
 constexpr const char* kLoadAllSts = "SELECT " SUBRELAY_STS_COLUMNS " FROM sts_policies ORDER BY domain";
 constexpr const char* kPruneSts = "DELETE FROM sts_policies WHERE expires_at <= ?1";
+
+#define SUBRELAY_TLSRPT_COLUMNS \
+  "day, domain, policy_type, policy, mx_host, result, receiving_mx, receiving_ip, reason, sessions"
+constexpr const char* kAddTlsRpt = "INSERT INTO tlsrpt_counts (" SUBRELAY_TLSRPT_COLUMNS
+                                   ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                                   " ON CONFLICT DO UPDATE SET sessions = sessions + excluded.sessions";
+constexpr const char* kTlsRptPending =
+    "SELECT DISTINCT c.day, c.domain FROM tlsrpt_counts c WHERE c.day < ?1 AND NOT EXISTS"
+    " (SELECT 1 FROM tlsrpt_reports r WHERE r.day = c.day AND r.domain = c.domain)"
+    " ORDER BY c.day, c.domain LIMIT ?2";
+constexpr const char* kTlsRptRows = "SELECT " SUBRELAY_TLSRPT_COLUMNS
+                                    " FROM tlsrpt_counts WHERE day = ?1 AND (?2 = '' OR domain = ?2)"
+                                    " ORDER BY domain, policy_type, policy, mx_host, result, receiving_mx";
+constexpr const char* kTlsRptDone =
+    "INSERT INTO tlsrpt_reports (day, domain, at, outcome, message_id) VALUES (?1, ?2, ?3, ?4, ?5)"
+    " ON CONFLICT DO NOTHING";
+constexpr const char* kPruneTlsRptCounts = "DELETE FROM tlsrpt_counts WHERE day < ?1";
+constexpr const char* kPruneTlsRptReports = "DELETE FROM tlsrpt_reports WHERE day < ?1";
 constexpr const char* kBounceOne =
     "UPDATE recipients SET state = 'failed', last_error = 'bounced by operator', last_code = 0, "
     "last_status = '5.0.0', next_attempt = 0, lease_until = 0, updated_at = ?2, dsn_pending = "
@@ -553,6 +573,12 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.loadSts, kLoadSts},
       {&s.loadAllSts, kLoadAllSts},
       {&s.pruneSts, kPruneSts},
+      {&s.addTlsRpt, kAddTlsRpt},
+      {&s.tlsRptPending, kTlsRptPending},
+      {&s.tlsRptRows, kTlsRptRows},
+      {&s.tlsRptDone, kTlsRptDone},
+      {&s.pruneTlsRptCounts, kPruneTlsRptCounts},
+      {&s.pruneTlsRptReports, kPruneTlsRptReports},
       {&s.markFinished, kMarkFinished},
       {&s.markCaptured, kMarkCaptured},
       {&s.pruneCaptured, kPruneCaptured},
@@ -1454,6 +1480,116 @@ util::Result<int64_t> SqliteStore::pruneStsPolicies(int64_t expiredBefore) {
   sqlite3_bind_int64(u.get(), 1, expiredBefore);
   if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot prune MTA-STS policies");
   return static_cast<int64_t>(sqlite3_changes(db_));
+}
+
+// --- TLS reporting ------------------------------------------------------------------
+
+util::Result<void> SqliteStore::addTlsRpt(const std::vector<TlsRptRow>& rows) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  if (rows.empty()) return {};
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin TLS-RPT transaction");
+  for (const auto& r : rows) {
+    Use u(s.addTlsRpt);
+    sqlite3_stmt* st = u.get();
+    sqlite3_bind_int64(st, 1, r.day);
+    bindText(st, 2, r.domain);
+    bindText(st, 3, r.policyType);
+    // Bound without copying (bindText): the joined texts must outlive the step.
+    const std::string policy = joinLines(r.policy);
+    const std::string mxHost = joinLines(r.mxHost);
+    bindText(st, 4, policy);
+    bindText(st, 5, mxHost);
+    bindText(st, 6, r.result);
+    bindText(st, 7, r.receivingMx);
+    bindText(st, 8, r.receivingIp);
+    bindText(st, 9, r.reason);
+    sqlite3_bind_int64(st, 10, r.sessions);
+    if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot add TLS-RPT counts");
+  }
+  if (!txn.commit()) return dbError("cannot commit TLS-RPT counts");
+  return {};
+}
+
+util::Result<std::vector<std::pair<int64_t, std::string>>> SqliteStore::tlsRptPending(int64_t beforeDay, size_t max) {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->tlsRptPending);
+  sqlite3_bind_int64(u.get(), 1, beforeDay);
+  sqlite3_bind_int64(u.get(), 2, static_cast<int64_t>(max));
+  std::vector<std::pair<int64_t, std::string>> out;
+  int rc;
+  while ((rc = sqlite3_step(u.get())) == SQLITE_ROW)
+    out.emplace_back(sqlite3_column_int64(u.get(), 0), columnText(u.get(), 1));
+  if (rc != SQLITE_DONE) return dbError("cannot list pending TLS reports");
+  return out;
+}
+
+util::Result<std::vector<TlsRptRow>> SqliteStore::tlsRptRows(int64_t day, const std::string& domain) {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->tlsRptRows);
+  sqlite3_bind_int64(u.get(), 1, day);
+  bindText(u.get(), 2, domain);
+  std::vector<TlsRptRow> out;
+  int rc;
+  while ((rc = sqlite3_step(u.get())) == SQLITE_ROW) {
+    sqlite3_stmt* st = u.get();
+    TlsRptRow r;
+    r.day = sqlite3_column_int64(st, 0);
+    r.domain = columnText(st, 1);
+    r.policyType = columnText(st, 2);
+    r.policy = splitLines(columnText(st, 3));
+    r.mxHost = splitLines(columnText(st, 4));
+    r.result = columnText(st, 5);
+    r.receivingMx = columnText(st, 6);
+    r.receivingIp = columnText(st, 7);
+    r.reason = columnText(st, 8);
+    r.sessions = sqlite3_column_int64(st, 9);
+    out.push_back(std::move(r));
+  }
+  if (rc != SQLITE_DONE) return dbError("cannot read TLS-RPT counts");
+  return out;
+}
+
+util::Result<bool> SqliteStore::completeTlsRpt(int64_t day, const std::string& domain, const std::string& outcome,
+                                               int64_t now, const std::optional<NewMessage>& report) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin TLS-RPT transaction");
+  {
+    Use u(s.tlsRptDone);
+    sqlite3_stmt* st = u.get();
+    sqlite3_bind_int64(st, 1, day);
+    bindText(st, 2, domain);
+    sqlite3_bind_int64(st, 3, now);
+    bindText(st, 4, outcome);
+    const std::string messageId = report ? report->id : std::string();
+    bindText(st, 5, messageId);
+    if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record the TLS report of " + domain);
+  }
+  if (sqlite3_changes(db_) == 0) return false;  // made before (another process, a retry)
+  if (report) {
+    std::string failure = insertMessageLocked(*report);
+    if (!failure.empty()) return util::makeError(std::move(failure));
+  }
+  if (!txn.commit()) return dbError("cannot commit the TLS report of " + domain);
+  return true;
+}
+
+util::Result<int64_t> SqliteStore::pruneTlsRpt(int64_t beforeDay) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  int64_t n = 0;
+  for (const Stmt* st : {&stmts_->pruneTlsRptCounts, &stmts_->pruneTlsRptReports}) {
+    Use u(*st);
+    sqlite3_bind_int64(u.get(), 1, beforeDay);
+    if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot prune TLS-RPT counts");
+    n += sqlite3_changes(db_);
+  }
+  return n;
 }
 
 std::string newQueueId() {

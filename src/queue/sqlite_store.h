@@ -140,8 +140,24 @@ class SqliteStore final : public Store, public DeliveryQueue {
   // Deletes rows that expired at or before `expiredBefore`; returns how many.
   util::Result<int64_t> pruneStsPolicies(int64_t expiredBefore);
 
+  // --- TLS reporting (RFC 8460, issue 12) ---
+  // Adds the rows' sessions to the stored counts (upsert); one transaction.
+  util::Result<void> addTlsRpt(const std::vector<TlsRptRow>& rows);
+  // (day, domain) pairs with counts for a day before `beforeDay` and no report made yet,
+  // oldest first, at most max.
+  util::Result<std::vector<std::pair<int64_t, std::string>>> tlsRptPending(int64_t beforeDay, size_t max);
+  // The counts of one day; domain "" = every domain.
+  util::Result<std::vector<TlsRptRow>> tlsRptRows(int64_t day, const std::string& domain);
+  // Records that the (day, domain) report was made ("sent", "no-rua", ...) and queues
+  // `report` (when given) in the same transaction. False (nothing queued) when the pair
+  // was already recorded.
+  util::Result<bool> completeTlsRpt(int64_t day, const std::string& domain, const std::string& outcome, int64_t now,
+                                    const std::optional<NewMessage>& report);
+  // Deletes counts and report records of days before `beforeDay`; returns the rows deleted.
+  util::Result<int64_t> pruneTlsRpt(int64_t beforeDay);
+
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 7;
+  static constexpr int kSchemaVersion = 8;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);

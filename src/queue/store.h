@@ -229,6 +229,24 @@ struct StsPolicyRow {
   int64_t checkedAt = 0;
 };
 
+// --- TLS-RPT (RFC 8460) session counts ---------------------------------------------
+
+// Sessions counted for one UTC day, Policy Domain, applied policy and outcome. Successes
+// have an empty result; a failure's result is an RFC 8460 4.3 result type, with the MX
+// host, its address and a reason code. Counts for the same key add up.
+struct TlsRptRow {
+  int64_t day = 0;             // unix seconds of 00:00 UTC
+  std::string domain;          // the Policy Domain, lower-case A-labels
+  std::string policyType;      // "sts", "tlsa", "no-policy-found"
+  std::vector<std::string> policy;  // policy-string lines (RFC 8460 4.5)
+  std::vector<std::string> mxHost;  // mx-host patterns (sts), or the MX host (tlsa)
+  std::string result;          // "" = successful sessions, else the result-type
+  std::string receivingMx;
+  std::string receivingIp;
+  std::string reason;          // failure-reason-code
+  int64_t sessions = 0;
+};
+
 struct AccountActivity {
   std::string account;
   uint64_t messages = 0;

@@ -1324,3 +1324,96 @@ TEST_CASE("scheduler: without delivery.dnssec no route counts as signed (the AD 
   CHECK(tlsaHosts(b.t.tlsLookups[0].second).empty());  // so no TLSA lookup either
   CHECK(tlsaHosts(signedMx()) == std::vector<std::string>{"mx1.example.org", "mx2.example.org"});
 }
+
+TEST_CASE("scheduler: TLS-RPT counts per Policy Domain: success once per session, TLS failures, ruled-out hosts") {
+  SUBCASE("MTA-STS enforce: one success per session and domain, however many transactions") {
+    Bed b;
+    b.settings.recipientTlsPolicy = true;
+    b.settings.tlsRpt = true;
+    b.q.add("m1", {"a@example.org"}, b.now());
+    b.q.add("m2", {"b@example.org"}, b.now());
+    b.settings.maxPerDestination = 1;
+    Scheduler& s = b.start();
+    s.tick();
+    s.onRoute("example.org", routeTo({{"mx.other.example", {"192.0.2.30"}}, {"mx1.example.org", {"192.0.2.11"}}}));
+    TlsPolicyInputs in;
+    in.sts = stsPolicy(mtasts::Mode::Enforce, {"*.example.org"});
+    in.sts->text = "version: STSv1\nmode: enforce\nmx: *.example.org\nmax_age: 86400\n";
+    s.onTlsPolicy("example.org", in);
+    REQUIRE(b.t.connects.size() == 1);
+    b.readyAll();
+    b.answerAll(smtp::Outcome::Delivered);  // m1, then m2 on the same connection
+    b.answerAll(smtp::Outcome::Delivered);
+    auto rows = s.takeTlsRpt();
+    // The host the policy does not list, once for the routing, and one successful session.
+    int64_t ok = 0;
+    const queue::TlsRptRow* ruledOut = nullptr;
+    for (const auto& r : rows) {
+      CHECK(r.domain == "example.org");
+      CHECK(r.policyType == "sts");
+      CHECK(r.mxHost == std::vector<std::string>{"*.example.org"});
+      if (r.result.empty()) ok += r.sessions;
+      else ruledOut = &r;
+    }
+    CHECK(ok == 1);
+    REQUIRE(ruledOut);
+    CHECK(ruledOut->result == "validation-failure");
+    CHECK(ruledOut->receivingMx == "mx.other.example");
+    CHECK(s.takeTlsRpt().empty());
+  }
+  SUBCASE("a TLS failure before the session was ready is reported; a refused connection is not") {
+    Bed b;
+    b.settings.recipientTlsPolicy = true;
+    b.settings.tlsRpt = true;
+    b.q.add("m1", {"a@example.org"}, b.now());
+    Scheduler& s = b.start();
+    s.tick();
+    s.onRoute("example.org", routeTo({{"mx1.example.org", {"192.0.2.11", "192.0.2.12", "192.0.2.13"}}}));
+    s.onTlsPolicy("example.org", {});  // nothing found: "no-policy-found"
+    REQUIRE(b.t.connects.size() == 1);
+    s.onSessionEnded(b.t.connects[0].id, SessionFailure{0, "4.4.1", "connect to 192.0.2.11:25: refused", "connect"});
+    REQUIRE(b.t.connects.size() == 2);
+    s.onSessionEnded(b.t.connects[1].id,
+                     SessionFailure{0, "4.7.5",
+                                    "TLS handshake failed: handshake: certificate verification failed: certificate has expired",
+                                    "starttls"});
+    REQUIRE(b.t.connects.size() == 3);
+    s.onReady(b.t.connects[2].id, "TLSv1.3", "TLS_AES_128_GCM_SHA256");
+    b.answerAll(smtp::Outcome::Delivered);
+    auto rows = s.takeTlsRpt();
+    REQUIRE(rows.size() == 2);
+    for (const auto& r : rows) {
+      CHECK(r.policyType == "no-policy-found");
+      if (!r.result.empty()) {
+        CHECK(r.result == "certificate-expired");
+        CHECK(r.receivingIp == "192.0.2.12");
+        CHECK(r.receivingMx == "mx1.example.org");
+      }
+    }
+  }
+  SUBCASE("off, or a plaintext session: nothing counted") {
+    Bed b;
+    b.settings.recipientTlsPolicy = true;
+    b.q.add("m1", {"a@example.org"}, b.now());
+    Scheduler& s = b.start();
+    s.tick();
+    s.onRoute("example.org", exampleMx());
+    s.onTlsPolicy("example.org", {});
+    b.readyAll();
+    b.answerAll(smtp::Outcome::Delivered);
+    CHECK(s.takeTlsRpt().empty());
+
+    Bed c;
+    c.settings.recipientTlsPolicy = true;
+    c.settings.tlsRpt = true;
+    c.q.add("m1", {"a@example.org"}, c.now());
+    Scheduler& s2 = c.start();
+    s2.tick();
+    s2.onRoute("example.org", exampleMx());
+    s2.onTlsPolicy("example.org", {});
+    REQUIRE(c.t.connects.size() == 1);
+    s2.onReady(c.t.connects[0].id, "", "");  // no TLS
+    c.answerAll(smtp::Outcome::Delivered);
+    CHECK(s2.takeTlsRpt().empty());
+  }
+}
