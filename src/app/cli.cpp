@@ -17,6 +17,7 @@
 #include "app/dkim_cmd.h"
 #include "app/accounts_cmd.h"
 #include "app/status_cmd.h"
+#include "app/tls_rpt_cmd.h"
 #include "app/queue_cmd.h"
 #include "app/server.h"
 #include "config/config.h"
@@ -52,6 +53,8 @@ constexpr const char* kMainHelp =
     "  accounts [--json]        per-account counters and rate-limit use\n"
     "  status [--json]          whether serve runs, uptime, sessions, last minute's traffic,\n"
     "                           top senders and the queue by state\n"
+    "  tls-rpt list|send [--day DAY] [--json]\n"
+    "                           TLS-RPT session counts by domain; make the reports now\n"
     "\n"
     "options for every command:\n"
     "  -c, --config PATH        configuration file (default /etc/subrelay/config.json)\n"
@@ -122,6 +125,23 @@ constexpr const char* kAccountsHelp =
     "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
     "  --data-dir   use this data directory (the config is then not read)\n";
 
+constexpr const char* kTlsRptHelp =
+    "usage: subrelay tls-rpt list [--day DAY] [--json] [-c PATH]\n"
+    "       subrelay tls-rpt send [--day DAY] [-c PATH]\n"
+    "\n"
+    "SMTP TLS Reporting (RFC 8460, delivery.tls_rpt). serve counts the TLS sessions of each\n"
+    "recipient domain whose MTA-STS/DANE policy it looked up (stored once a minute), and\n"
+    "after 00:00 UTC plus a random delay (delivery.tls_rpt.max_delay) mails each domain with\n"
+    "a \"_smtp._tls\" TXT record a gzipped JSON report of the day, DKIM-signed, through the\n"
+    "queue.\n"
+    "  list         the counts of a day (default today): per domain and policy type,\n"
+    "               successful and failed sessions, each failure's result type, MX and reason\n"
+    "  send         make the reports of every day up to DAY (default yesterday) that have\n"
+    "               none yet, now; serve delivers them. A day is reported once: sending\n"
+    "               today's counts now means none of today's later sessions are reported\n"
+    "  --day DAY    today, yesterday or YYYY-MM-DD (UTC)\n"
+    "  --json       list: one JSON object per line\n";
+
 constexpr const char* kStatusHelp =
     "usage: subrelay status [--json] [-c PATH | --dev | --data-dir DIR]\n"
     "\n"
@@ -185,6 +205,7 @@ struct Args {
   std::string bits;
   std::string out;
   bool force = false;
+  std::string day;  // tls-rpt
   std::vector<std::string> positional;
   std::string error;
 };
@@ -213,6 +234,7 @@ Args parseArgs(const std::vector<std::string>& argv) {
     else if (s == "--all") a.all = true;
     else if (s == "--data-dir") a.dataDir = value("--data-dir");
     else if (s == "--domain") a.domain = value("--domain");
+    else if (s == "--day") a.day = value("--day");
     else if (s == "--selector") a.selector = value("--selector");
     else if (s == "--algorithm") a.algorithm = value("--algorithm");
     else if (s == "--bits") a.bits = value("--bits");
@@ -395,7 +417,8 @@ int cliMain(int argc, char** argv) {
   static const Cmd kCmds[] = {{"serve", kServeHelp}, {"check-config", kCheckHelp},
                               {"hash-password", kHashHelp}, {"queue", kQueueHelp},
                               {"dkim-keygen", kKeygenHelp}, {"dns-records", kDnsHelp},
-                              {"accounts", kAccountsHelp}, {"status", kStatusHelp}};
+                              {"accounts", kAccountsHelp}, {"status", kStatusHelp},
+                              {"tls-rpt", kTlsRptHelp}};
   const Cmd* found = nullptr;
   for (const auto& c : kCmds)
     if (cmd == c.name) found = &c;
@@ -453,6 +476,17 @@ int cliMain(int argc, char** argv) {
     o.json = a.json;
     if (!dataDirOf(a, o.dataDir)) return 1;
     return statusCommand(o);
+  }
+  if (cmd == "tls-rpt") {
+    if (a.positional.size() != 1 || (a.positional[0] != "list" && a.positional[0] != "send"))
+      return usageError("tls-rpt needs one subcommand: list or send", "tls-rpt ");
+    if (a.json && a.positional[0] == "send") return usageError("--json is for tls-rpt list", "tls-rpt ");
+    TlsRptCmdOptions o;
+    o.configPath = a.config;
+    o.sub = a.positional[0];
+    o.day = a.day;
+    o.json = a.json;
+    return cmdTlsRpt(o);
   }
   return cmdQueue(a);
 }

@@ -110,6 +110,28 @@ int64_t dayStart(int64_t t) {
   return t >= 0 ? t - t % kDay : t - ((t % kDay) + kDay) % kDay;
 }
 
+std::optional<int64_t> parseDay(std::string_view text, int64_t now) {
+  if (text == "today") return dayStart(now);
+  if (text == "yesterday") return dayStart(now) - 86400;
+  if (text.size() != 10 || text[4] != '-' || text[7] != '-') return std::nullopt;
+  for (size_t i : {0, 1, 2, 3, 5, 6, 8, 9})
+    if (!std::isdigit(static_cast<unsigned char>(text[i]))) return std::nullopt;
+  const int y = std::stoi(std::string(text.substr(0, 4)));
+  const int m = std::stoi(std::string(text.substr(5, 2)));
+  const int d = std::stoi(std::string(text.substr(8, 2)));
+  static constexpr int kDays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+  const bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+  if (y < 1970 || m < 1 || m > 12 || d < 1 || d > kDays[m - 1] + (m == 2 && leap ? 1 : 0)) return std::nullopt;
+  // Days from the civil date (proleptic Gregorian), H. Hinnant's algorithm.
+  const int yy = y - (m <= 2 ? 1 : 0);
+  const int era = yy / 400;
+  const int yoe = yy - era * 400;
+  const int doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+  const int doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+  const int64_t days = static_cast<int64_t>(era) * 146097 + doe - 719468;
+  return days * 86400;
+}
+
 int64_t reportTime(int64_t day, int64_t maxDelay, uint64_t rnd) {
   if (maxDelay <= 0) return day;
   // splitmix64: the seed's low bits alone would repeat the same offset every day.

@@ -38,6 +38,10 @@ std::optional<Failure> classify(std::string_view stage, std::string_view enhance
 // Unix seconds of 00:00 UTC of the day holding t.
 int64_t dayStart(int64_t t);
 
+// A day as the CLI takes it: "today", "yesterday" or "YYYY-MM-DD" (UTC) -> 00:00 UTC of it
+// in unix seconds; nullopt when it is none of these.
+std::optional<int64_t> parseDay(std::string_view text, int64_t now);
+
 // RFC 8460 4.1: when the reports of the days before `day` go out: `day` (00:00 UTC) plus a
 // delay in [0, maxDelay) picked by `rnd` ("a random delay of up to four hours", so that
 // reporters do not all send at midnight).

@@ -28,6 +28,8 @@ void Loop::run() { uv_run(&loop_, UV_RUN_DEFAULT); }
 
 bool Loop::runNoWait() { return uv_run(&loop_, UV_RUN_NOWAIT) != 0; }
 
+bool Loop::runOnce() { return uv_run(&loop_, UV_RUN_ONCE) != 0; }
+
 // ---- LoopThread ----
 
 LoopThread::LoopThread() : async_(newHandle<uv_async_t>()) {

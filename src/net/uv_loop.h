@@ -27,6 +27,9 @@ class Loop {
   void run();
   // One pass without waiting; true when there is more to do.
   bool runNoWait();
+  // One pass, waiting for at least one event (a timer bounds the wait); true when there is
+  // more to do.
+  bool runOnce();
 
  private:
   uv_loop_t loop_{};

@@ -491,8 +491,10 @@ class DnssecTestbed:
     ZONES = ("signed.test", "unsigned.test", "bogus.test")
     DEFAULT_TLSA = ("3 1 1 8cb0fc6c527506a053f4f14c8464bebbd6dede2738d11468dd953d7d6a3021f1",)
 
-    def __init__(self, tlsa=DEFAULT_TLSA, workdir=None):
+    def __init__(self, tlsa=DEFAULT_TLSA, workdir=None, extra=None):
         self.tlsa = list(tlsa)
+        # More records per zone, zone-file lines relative to the zone ("_smtp._tls IN TXT ...").
+        self.extra = dict(extra or {})
         self.own_dir = workdir is None
         self.dir = workdir or tempfile.mkdtemp(prefix="subrelay-dnssec-")
         self.zonefiles = {}
@@ -527,6 +529,7 @@ class DnssecTestbed:
                 "_25._tcp.mx3 IN CNAME _25._tcp.mx.unsigned.test.",
                 f"nodane IN A 127.0.0.{host + 3}",
             ]
+        lines += list(self.extra.get(zone, ()))
         return "\n".join(lines) + "\n"
 
     def _run(self, argv):

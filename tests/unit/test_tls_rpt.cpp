@@ -117,6 +117,19 @@ TEST_CASE("tls-rpt: days, and the report time after midnight (RFC 8460 4.1)") {
   CHECK(differs);
 }
 
+TEST_CASE("tls-rpt: days on the command line") {
+  CHECK(parseDay("2025-12-02", 0) == kDay);
+  CHECK(parseDay("1970-01-01", 0) == 0);
+  CHECK(parseDay("2024-02-29", 0) == 1709164800);
+  CHECK(parseDay("today", kDay + 5000) == kDay);
+  CHECK(parseDay("yesterday", kDay + 5000) == kDay - 86400);
+  CHECK_FALSE(parseDay("2023-02-29", 0));
+  CHECK_FALSE(parseDay("2025-13-01", 0));
+  CHECK_FALSE(parseDay("2025-1-01", 0));
+  CHECK_FALSE(parseDay("", 0));
+  CHECK_FALSE(parseDay("tomorrow", 0));
+}
+
 TEST_CASE("tls-rpt: the collector adds up per day, domain, policy and failure; bounded") {
   Collector c(4);
   c.success(kDay + 10, "example.com", stsPolicy());
