@@ -567,6 +567,11 @@ void DeliveryService::Impl::tlsRptTick() {
     tlsRpt = std::make_unique<delivery::tlsrpt::DailyReports>(*store, *resolver, *settings.tlsRpt,
                                                               settings.tlsRptMaxDelay, rd(), now);
   }
+  if (tlsRpt && !settings.tlsRpt) {
+    // SIGHUP turned delivery.tls_rpt off: keep what was counted, make no more reports.
+    tlsRpt->flush(scheduler->takeTlsRpt());
+    tlsRpt.reset();
+  }
   if (tlsRpt) tlsRpt->tick(now, scheduler->takeTlsRpt());
 }
 

@@ -1213,3 +1213,38 @@ TEST_CASE("delivery.dnssec, delivery.mta_sts and delivery.mta_sts_https_port") {
   expectError(parse(withTop(R"(, "delivery": {"mta_sts_https_port": 0})")), "delivery.mta_sts_https_port", "");
   expectError(parse(withTop(R"(, "delivery": {"mta_sts_https_port": 65536})")), "delivery.mta_sts_https_port", "");
 }
+
+TEST_CASE("delivery.tls_rpt: off when absent; from needs a dkim key of its domain") {
+  LoadResult d = parse(withTop(""));
+  expectOk(d);
+  CHECK_FALSE(d.config->delivery.tlsRpt.enabled);
+
+  const std::string dkim = R"(, "dkim": [{"domain": "Relay.Example.net", "selector": "s1", "private_key": "/k1"}])";
+  LoadResult r = parse(withTop(dkim + R"(, "delivery": {"tls_rpt": {"from": "tlsrpt@relay.example.net"}})"));
+  expectOk(r);
+  const auto& t = r.config->delivery.tlsRpt;
+  CHECK(t.enabled);
+  CHECK(t.from == "tlsrpt@relay.example.net");
+  CHECK(t.contact.empty());
+  CHECK(t.organization.empty());
+  CHECK(t.maxDelay == std::chrono::hours(4));
+
+  r = parse(withTop(dkim + R"(, "delivery": {"tls_rpt": {"from": "tlsrpt@relay.example.net", "contact": "noc@example.net",
+      "organization": "Example Net", "max_delay": "30m", "enabled": false}})"));
+  expectOk(r);
+  CHECK_FALSE(r.config->delivery.tlsRpt.enabled);
+  CHECK(r.config->delivery.tlsRpt.contact == "noc@example.net");
+  CHECK(r.config->delivery.tlsRpt.organization == "Example Net");
+  CHECK(r.config->delivery.tlsRpt.maxDelay == std::chrono::minutes(30));
+
+  expectError(parse(withTop(R"(, "delivery": {"tls_rpt": {"from": "tlsrpt@relay.example.net"}})")),
+              "delivery.tls_rpt.from", "no dkim key for \"relay.example.net\"");
+  expectError(parse(withTop(dkim + R"(, "delivery": {"tls_rpt": {}})")), "delivery.tls_rpt.from", "required key is missing");
+  expectError(parse(withTop(dkim + R"(, "delivery": {"tls_rpt": {"from": "not-an-address"}})")), "delivery.tls_rpt.from",
+              "expected an email address");
+  expectError(parse(withTop(dkim + R"(, "delivery": {"tls_rpt": {"from": "a@relay.example.net", "contact": "x"}})")),
+              "delivery.tls_rpt.contact", "expected an email address");
+  expectError(parse(withTop(dkim + R"(, "delivery": {"tls_rpt": {"from": "a@relay.example.net", "rua": "x"}})")),
+              "delivery.tls_rpt.rua", "unknown key");
+  expectError(parse(withTop(dkim + R"(, "delivery": {"tls_rpt": true})")), "delivery.tls_rpt", "");
+}
