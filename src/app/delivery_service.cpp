@@ -542,6 +542,7 @@ void DeliveryService::Impl::onPosted() {
     settings = std::move(*fresh);
     scheduler->reconfigure(settings.scheduler);
     if (tlsRpt && settings.tlsRpt) tlsRpt->reconfigure(*settings.tlsRpt, settings.tlsRptMaxDelay);
+    if (sts) sts->setDestinationPolicy(settings.scheduler.destinations);
   }
   if (doStop) {
     stopping = true;
@@ -673,6 +674,7 @@ void DeliveryService::start(std::chrono::milliseconds heartbeatEvery) {
     d.stsGetter = std::make_unique<delivery::mtasts::HttpsPolicyGetter>(loop, d.stsGetterSettings);
     d.sts = std::make_unique<delivery::mtasts::StsFetcher>(loop, *d.resolver, *d.stsGetter, d.clock,
                                                            delivery::mtasts::Settings{}, d.stsStore.get());
+    d.sts->setDestinationPolicy(d.settings.scheduler.destinations);
   }
   d.queue = std::make_unique<queue::WriteBehindQueue>(*d.store, *d.writeStore);
   d.scheduler = std::make_unique<delivery::Scheduler>(*d.queue, d, d.clock, d.settings.scheduler, seed ^ 0x9e3779b9u);

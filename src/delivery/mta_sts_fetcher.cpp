@@ -254,6 +254,25 @@ void StsFetcher::fetch(const std::string& domain, const std::string& id, std::ve
     }
     finish(domain, current(s, now()) ? "cache" : "none", d.error);
   };
+  std::string refused;
+  if (!destinations_.allowPrivate) {
+    std::vector<std::string> allowed;
+    for (auto& a : addresses) {
+      const AddressKind k = classifyAddress(a, destinations_.ownAddresses);
+      if (k == AddressKind::Public) {
+        allowed.push_back(std::move(a));
+      } else if (refused.empty()) {
+        refused = a + " is " + std::string(describe(k));
+      }
+    }
+    addresses = std::move(allowed);
+  }
+  if (addresses.empty() && !refused.empty()) {
+    FetchOutcome f;
+    f.error = "no usable address for " + policyHost(domain) + ": " + refused +
+              " (delivery.allow_private_destinations is false)";
+    return handle(std::move(f));
+  }
   if (addresses.empty()) {
     auto it = running_.find(domain);
     FetchOutcome f;

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "delivery/destination.h"
 #include "delivery/mta_sts.h"
 #include "dns/resolver.h"
 #include "net/http_client.h"
@@ -126,6 +127,12 @@ class StsFetcher {
   StsFetcher(const StsFetcher&) = delete;
   StsFetcher& operator=(const StsFetcher&) = delete;
 
+  // Which addresses of "mta-sts.<domain>" may be fetched from: the policy host is named by
+  // the recipient domain's DNS, so a tenant could point it at loopback or an internal
+  // service (SSRF). The same rule as for MX hosts (delivery.allow_private_destinations);
+  // by default only public addresses.
+  void setDestinationPolicy(DestinationPolicy policy) { destinations_ = std::move(policy); }
+
   // domain: the Policy Domain (the recipient domain, or a smart host's: 3.4), A-labels;
   // any case, with or without a trailing dot.
   void policyFor(const std::string& domain, Callback cb);
@@ -154,6 +161,7 @@ class StsFetcher {
   PolicyGetter& getter_;
   const util::Clock& clock_;
   Settings settings_;
+  DestinationPolicy destinations_;
   PolicyStore* store_;
   net::Timer later_;
   std::vector<std::pair<Callback, PolicyAnswer>> pending_;

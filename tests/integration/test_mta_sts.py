@@ -71,9 +71,11 @@ def tearDownModule():
     DNS.close()
 
 
-def fetch(*domains, repeat=1, db=None, ca=None, timeout_ms=10000):
+def fetch(*domains, repeat=1, db=None, ca=None, timeout_ms=10000, allow_private=True):
     argv = [TOOL, "--server", DNS.address, "--port", str(WEB.port), "--ca", ca or harness.pki().ca,
             "--timeout-ms", str(timeout_ms), "--repeat", str(repeat)]
+    if allow_private:  # the policy server listens on 127.0.0.x
+        argv.append("--allow-private")
     if db:
         argv += ["--db", db]
     argv += list(domains)
@@ -177,6 +179,16 @@ class MtaStsTest(unittest.TestCase):
         self.assertNoPolicy(a, "no TXT record")
         self.assertEqual(a["stats"]["https_requests"], 0)
         self.assertEqual(WEB.hits("nosts.test"), 0)
+
+    def test_policy_host_on_loopback_is_refused_by_default(self):
+        # The policy host's address comes from the recipient domain's DNS: without
+        # delivery.allow_private_destinations a loopback or internal address is never
+        # fetched from (no SSRF through MTA-STS), as MX hosts are never connected to.
+        before = WEB.connections
+        a, = fetch("enforce.test", allow_private=False)
+        self.assertNoPolicy(a, "is loopback (delivery.allow_private_destinations is false)")
+        self.assertEqual(a["stats"]["https_requests"], 0, a)
+        self.assertEqual(WEB.connections, before)
 
     def test_two_sts_records_are_invalid(self):
         a, = fetch("twotxt.test")

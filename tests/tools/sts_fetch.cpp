@@ -4,7 +4,7 @@
 // against unbound and a local HTTPS policy server.
 //
 //   subrelay-sts-fetch --server host:port [--ca FILE] [--port N] [--timeout-ms N]
-//                      [--db PATH] [--repeat N] DOMAIN...
+//                      [--db PATH] [--repeat N] [--allow-private] DOMAIN...
 //
 // --port: the policy hosts' HTTPS port (443 otherwise). --db: a queue database whose
 // sts_policies table is the cache (created and migrated as serve would); without it the
@@ -37,7 +37,7 @@ int usage(const char* msg) {
   std::fprintf(stderr,
                "subrelay-sts-fetch: %s\n"
                "usage: subrelay-sts-fetch --server host:port [--ca FILE] [--port N] [--timeout-ms N] "
-               "[--db PATH] [--repeat N] DOMAIN...\n",
+               "[--db PATH] [--repeat N] [--allow-private] DOMAIN...\n",
                msg);
   return 2;
 }
@@ -83,6 +83,7 @@ int main(int argc, char** argv) {
   HttpsGetterSettings http;
   std::string db;
   long repeat = 1;
+  bool allowPrivate = false;
   std::vector<std::string> domains;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -109,6 +110,8 @@ int main(int argc, char** argv) {
           repeat = n;
         }
       }
+    } else if (arg == "--allow-private") {
+      allowPrivate = true;  // the policy hosts of the test bed are on 127.0.0.0/8
     } else if (arg == "-h" || arg == "--help") {
       return usage("help");
     } else if (!arg.empty() && arg[0] == '-') {
@@ -118,6 +121,8 @@ int main(int argc, char** argv) {
     }
   }
   if (domains.empty()) return usage("expected at least one DOMAIN");
+  delivery::DestinationPolicy destinations;
+  destinations.allowPrivate = allowPrivate;
   auto chosen = dns::chooseServers(servers);
   if (!chosen) return usage(chosen.error().message.c_str());
 
@@ -142,6 +147,7 @@ int main(int argc, char** argv) {
     dns::UvResolver resolver(&loop, std::move(*chosen), clock);
     HttpsPolicyGetter getter(&loop, http);
     StsFetcher fetcher(&loop, resolver, getter, clock, Settings{}, policyStore.get());
+    fetcher.setDestinationPolicy(destinations);
     // One question after the other: domain 0 repeat times, then domain 1, ...
     std::function<void()> next = [&] {
       if (answered == wanted) return;

@@ -317,3 +317,41 @@ TEST_CASE("toRow / fromRow") {
   r.mode = "bogus";
   CHECK_FALSE(fromRow(r).has_value());
 }
+
+TEST_CASE("StsFetcher: the policy host's private addresses are never fetched from, unless allowed") {
+  SUBCASE("only private and loopback: no request, no policy") {
+    Bed bed;
+    bed.dns.set("mta-sts.example.com", QType::A, Status::Ok, {"10.1.2.3"});
+    bed.dns.set("mta-sts.example.com", QType::AAAA, Status::Ok, {"::1"});
+    StsFetcher f(bed.loop.get(), bed.dns, bed.http, bed.clock, Settings{}, &bed.store);
+    auto a = bed.ask(f, "example.com");
+    REQUIRE(a.has_value());
+    CHECK_FALSE(a->policy.has_value());
+    CHECK(a->detail.find("(delivery.allow_private_destinations is false)") != std::string::npos);
+    CHECK(bed.http.requests.empty());
+  }
+  SUBCASE("mixed: only the public address is asked") {
+    Bed bed;
+    bed.dns.set("mta-sts.example.com", QType::A, Status::Ok, {"192.168.1.1", "192.0.2.10"});
+    bed.dns.set("mta-sts.example.com", QType::AAAA, Status::Ok, {"fe80::1"});
+    StsFetcher f(bed.loop.get(), bed.dns, bed.http, bed.clock, Settings{}, &bed.store);
+    auto a = bed.ask(f, "example.com");
+    REQUIRE(a.has_value());
+    CHECK(a->policy.has_value());
+    REQUIRE(bed.http.requests.size() == 1);
+    CHECK(bed.http.requests[0].second == std::vector<std::string>{"192.0.2.10"});
+  }
+  SUBCASE("delivery.allow_private_destinations: every address") {
+    Bed bed;
+    bed.dns.set("mta-sts.example.com", QType::A, Status::Ok, {"127.0.0.5"});
+    StsFetcher f(bed.loop.get(), bed.dns, bed.http, bed.clock, Settings{}, &bed.store);
+    delivery::DestinationPolicy allow;
+    allow.allowPrivate = true;
+    f.setDestinationPolicy(allow);
+    auto a = bed.ask(f, "example.com");
+    REQUIRE(a.has_value());
+    CHECK(a->policy.has_value());
+    REQUIRE(bed.http.requests.size() == 1);
+    CHECK(bed.http.requests[0].second == std::vector<std::string>{"2001:db8::10", "127.0.0.5"});
+  }
+}
