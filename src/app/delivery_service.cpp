@@ -197,6 +197,7 @@ struct DeliveryService::Impl final : delivery::Transport {
   void resolveRelay(const std::string& key, const std::vector<std::string>& hosts) override;
   void lookupTlsPolicy(const std::string& domain, const delivery::Route& route) override;
   void finishPolicyLookup(const std::string& domain, const std::shared_ptr<PolicyLookup>& p);
+  void recheckStsPolicy(const std::string& domain) override;
   void connect(const delivery::ConnectRequest& request) override;
   void send(delivery::SessionId id, smtp::OutboundMessage message) override;
   void quit(delivery::SessionId id) override;
@@ -471,6 +472,14 @@ void DeliveryService::Impl::finishPolicyLookup(const std::string& domain, const 
   if (!scheduler) return;
   scheduler->onTlsPolicy(domain, p->inputs);
   afterEvent();
+}
+
+void DeliveryService::Impl::recheckStsPolicy(const std::string& domain) {
+  if (!sts || !settings.mtaSts) return;
+  sts->recheck(domain, [domain](const delivery::mtasts::PolicyAnswer& a) {
+    util::logInfo("delivery", "mta-sts recheck domain=" + domain + " source=" + a.source +
+                                  (a.policy ? " id=" + a.policy->id : std::string(" policy=none")));
+  });
 }
 
 void DeliveryService::Impl::connect(const delivery::ConnectRequest& request) {

@@ -404,9 +404,17 @@ void Scheduler::placeJobs(const std::string& domain, const Route& route, const s
     for (const auto& h : decision->hosts)
       if (h.reportFailure) tlsRpt_.failure(unixNow(clock_), domain, h.report, *h.reportFailure, h.host, "");
   }
+  bool rechecked = false;
   for (auto& j : jobs) {
     const bool follows = decision && followsDomainPolicy(j);
     if (follows && !decision->anyUsable()) {
+      const bool stsRuledOut = std::any_of(decision->hosts.begin(), decision->hosts.end(), [](const HostTlsDecision& h) {
+        return h.tls == HostTls::Unusable && h.report.type == "sts";
+      });
+      if (stsRuledOut && !rechecked) {
+        rechecked = true;
+        transport_.recheckStsPolicy(domain);
+      }
       // RFC 8461 5: "SHOULD treat such failures as transient"; RFC 7672 2.2: "delayed
       // delivery". Never a bounce: the policy may change by the next attempt.
       util::logInfo("delivery", "tls-policy domain=" + domain + " result=deferred detail=\"" +

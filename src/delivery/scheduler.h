@@ -154,6 +154,11 @@ class Transport {
   // The domain's TLSA records and MTA-STS policy for an Ok MX route (SchedulerSettings::
   // recipientTlsPolicy) -> onTlsPolicy(domain, inputs), always, even when nothing is found.
   virtual void lookupTlsPolicy(const std::string& domain, const Route& route) = 0;
+  // RFC 8461 5.1 step 3: an MTA-STS enforce policy left no MX host of `domain` usable and its
+  // mail was deferred: look for an updated policy now (answer not needed: the next attempt
+  // uses whatever the policy cache then holds), so a changed policy is found before the
+  // message expires and bounces.
+  virtual void recheckStsPolicy(const std::string& domain) = 0;
   virtual void connect(const ConnectRequest& request) = 0;             // -> onReady | onSessionEnded
   virtual void send(SessionId id, smtp::OutboundMessage message) = 0;  // -> onTransactionDone
   virtual void quit(SessionId id) = 0;                                 // -> onSessionEnded

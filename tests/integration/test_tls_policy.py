@@ -176,6 +176,8 @@ class TlsPolicyDelivery(ServerTestCase):
         self.assertEqual(att["mx"], "")
         self.assertIn("4.7.5", info["recipients"][0]["last_error"] + att["reply"])
         self.assertEqual(self.sinks["wrongmx.test"].messages(), [])
+        # RFC 8461 5.1 step 3: the deferral makes serve look for an updated policy at once.
+        self.srv.wait_log(r"mta-sts recheck domain=wrongmx\.test source=\w+ id=wrongmx")
 
     def test_mta_sts_testing_delivers(self):
         att = self.delivered("frank@testing.test")

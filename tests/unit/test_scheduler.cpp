@@ -213,6 +213,8 @@ class FakeTransport final : public Transport {
 
   std::vector<std::pair<std::string, Route>> tlsLookups;  // lookupTlsPolicy(domain, route)
   void resolve(const std::string& domain) override { resolves.push_back(domain); }
+  std::vector<std::string> stsRechecks;
+  void recheckStsPolicy(const std::string& domain) override { stsRechecks.push_back(domain); }
   void lookupTlsPolicy(const std::string& domain, const Route& route) override {
     tlsLookups.emplace_back(domain, route);
   }
@@ -1416,4 +1418,38 @@ TEST_CASE("scheduler: TLS-RPT counts per Policy Domain: success once per session
     c.answerAll(smtp::Outcome::Delivered);
     CHECK(s2.takeTlsRpt().empty());
   }
+}
+
+TEST_CASE("scheduler: an MTA-STS enforce policy that rules out every MX host asks for a recheck (RFC 8461 5.1)") {
+  Bed b;
+  b.settings.recipientTlsPolicy = true;
+  b.q.add("m1", {"a@example.org"}, b.now());
+  b.q.add("m2", {"b@example.org"}, b.now());
+  Scheduler& s = b.start();
+  s.tick();
+  s.onRoute("example.org", exampleMx());
+  TlsPolicyInputs in;
+  in.sts = stsPolicy(mtasts::Mode::Enforce, {"mx.elsewhere.example"});
+  s.onTlsPolicy("example.org", in);
+  s.flush();
+  CHECK(b.t.connects.empty());
+  CHECK(b.q.rcpt("m1", 0).lastStatus.str() == "4.7.5");
+  CHECK(b.t.stsRechecks == std::vector<std::string>{"example.org"});  // once for both jobs
+
+  // A TLSA lookup failure is not an MTA-STS matter: no recheck.
+  Bed c;
+  c.settings.recipientTlsPolicy = true;
+  c.settings.trustDnssec = true;
+  c.q.add("m1", {"a@example.org"}, c.now());
+  Scheduler& s2 = c.start();
+  s2.tick();
+  Route r = exampleMx();
+  r.mxSecure = true;
+  r.hosts[0].addressesSecure = true;
+  s2.onRoute("example.org", r);
+  TlsPolicyInputs bad;
+  bad.tlsa.push_back({"mx.example.org", dns::Status::ServFail, false, {}});
+  s2.onTlsPolicy("example.org", bad);
+  CHECK(c.t.connects.empty());
+  CHECK(c.t.stsRechecks.empty());
 }
