@@ -17,6 +17,7 @@
 #include "app/dkim_cmd.h"
 #include "dns/resolv_conf.h"
 #include "dns/uv_resolver.h"
+#include "metrics/server_metrics.h"
 #include "net/connection.h"
 #include "net/listener.h"
 #include "net/uv_handle.h"
@@ -455,6 +456,7 @@ void DeliveryService::Impl::lookupTlsPolicy(const std::string& domain, const del
   if (withSts) {
     sts->policyFor(domain, [this, domain, p](const delivery::mtasts::PolicyAnswer& a) {
       if (p->done) return;
+      metrics::server().mtaStsAnswers.with(a.source).inc();
       if (!a.detail.empty())
         util::logInfo("delivery", "mta-sts domain=" + domain + " source=" + a.source + " detail=\"" +
                                       util::sanitizeForLog(a.detail) + "\"");

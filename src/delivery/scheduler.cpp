@@ -372,6 +372,19 @@ void Scheduler::onTlsPolicy(const std::string& domain, const TlsPolicyInputs& in
   ds.policyRoute.reset();
   ds.resolving = false;
   TlsDecision decision = decideTls(domain, route, inputs);
+  {
+    // One count per lookup: what applied to the domain (DANE wins over MTA-STS per host).
+    const char* kind = "none";
+    for (const auto& h : decision.hosts) {
+      if (h.tls == HostTls::Dane) {
+        kind = "dane";
+        break;
+      }
+      if (h.report.type == "sts")
+        kind = inputs.sts && inputs.sts->policy.mode == mtasts::Mode::Enforce ? "mta-sts-enforce" : "mta-sts-testing";
+    }
+    metrics::server().tlsPolicyDecisions.with(kind, decision.anyUsable() ? "yes" : "no").inc();
+  }
   // RFC 8689 4.2.1 step 2, conservatively for the whole route: validated when every host
   // that may be used is (a secure MX RRset, or an MTA-STS policy listing it).
   bool validated = decision.anyUsable();

@@ -7,6 +7,7 @@
 #include <cctype>
 #include <set>
 
+#include "metrics/server_metrics.h"
 #include "util/base64.h"
 #include "util/json_writer.h"
 #include "util/strings.h"
@@ -165,6 +166,7 @@ void Collector::success(int64_t now, const std::string& domain, const Policy& po
   r.mxHost = policy.mxHost;
   r.sessions = 1;
   add(std::move(r));
+  metrics::server().tlsRptSessions.with("success").inc();
 }
 
 void Collector::failure(int64_t now, const std::string& domain, const Policy& policy, const Failure& f,
@@ -181,6 +183,7 @@ void Collector::failure(int64_t now, const std::string& domain, const Policy& po
   r.reason = f.reason.substr(0, 200);
   r.sessions = 1;
   add(std::move(r));
+  metrics::server().tlsRptSessions.with("failure").inc();
 }
 
 std::vector<queue::TlsRptRow> Collector::take() {

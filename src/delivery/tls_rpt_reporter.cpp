@@ -3,6 +3,7 @@
 
 #include <utility>
 
+#include "metrics/server_metrics.h"
 #include "queue/sqlite_store.h"
 #include "util/log.h"
 #include "util/strings.h"
@@ -62,6 +63,10 @@ void Reporter::run(int64_t beforeDay, int64_t now, std::function<void(RunSummary
   *stepPtr = [this, r, stepPtr] {
     if (r->cancelled) return;
     if (r->next >= r->work.size()) {
+      auto& m = metrics::server().tlsRptReports;
+      if (r->summary.queued) m.with("queued").inc(r->summary.queued);
+      if (r->summary.noRua) m.with("no-rua").inc(r->summary.noRua);
+      if (r->summary.failed) m.with("retry").inc(r->summary.failed);
       // Locals only from here: clearing *stepPtr destroys this closure and its captures.
       current_.reset();
       auto cb = std::move(r->done);

@@ -56,7 +56,16 @@ ServerMetrics::ServerMetrics(Registry& r)
       deliveryConnections(r.gauge("subrelay_delivery_connections_open", "Outbound SMTP connections open now")),
       dsns(r.counter("subrelay_dsns_total", "DSNs queued to senders, by type", {"type"})),
       dnsQueries(r.counter("subrelay_dns_queries_total", "DNS queries sent, by type", {"type"})),
-      dnsFailures(r.counter("subrelay_dns_failures_total", "DNS queries that failed, by reason", {"reason"})) {
+      dnsFailures(r.counter("subrelay_dns_failures_total", "DNS queries that failed, by reason", {"reason"})),
+      tlsPolicyDecisions(r.counter("subrelay_tls_policy_decisions_total",
+                                   "Recipient domains' TLS policies looked up after routing, by what applied",
+                                   {"policy", "usable"})),
+      mtaStsAnswers(r.counter("subrelay_mta_sts_answers_total",
+                              "MTA-STS policy answers to delivery, by where they came from", {"source"})),
+      tlsRptSessions(r.counter("subrelay_tls_rpt_sessions_total", "Sessions counted for TLS reports, by result",
+                               {"result"})),
+      tlsRptReports(r.counter("subrelay_tls_rpt_reports_total", "TLS report runs per domain and day, by outcome",
+                              {"outcome"})) {
   startTime.get();
   connectionsOpen.get();
   queueOldestAge.get();

@@ -45,6 +45,11 @@ struct ServerMetrics {
   Family<Counter>& dsns;                  // {type=failure|delay}
   Family<Counter>& dnsQueries;            // {type}
   Family<Counter>& dnsFailures;           // {reason}
+  // Recipient domains' TLS policies (issue 12)
+  Family<Counter>& tlsPolicyDecisions;    // {policy=dane|mta-sts-enforce|mta-sts-testing|none, usable=yes|no}
+  Family<Counter>& mtaStsAnswers;         // {source=cache|fetched|none|...}
+  Family<Counter>& tlsRptSessions;        // {result=success|failure}
+  Family<Counter>& tlsRptReports;         // {outcome=queued|no-rua|retry}
 };
 
 // The process's metrics (created on first use).

@@ -19,6 +19,7 @@ import os
 import re
 import time
 import unittest
+import urllib.request
 
 import dkim
 
@@ -105,7 +106,9 @@ class TlsRptTest(ServerTestCase):
             cls.sinks[domain] = AioSink(f"{ip}:{cls.port}", cert=make_cert(names))
         for s in cls.sinks.values():
             s.start()
+        cls.metrics_port = harness.free_port()
         cls.srv = cls.start_class_server(accounts=[ACCOUNT], hostname="relay.sender.test", extra_config={
+            "metrics": {"address": f"127.0.0.1:{cls.metrics_port}"},
             "dkim": [{"domain": "sender.test", "selector": "rpt", "algorithm": "ed25519-sha256",
                       "private_key": key}],
             "delivery": {"resolvers": [cls.dns.address], "port": cls.port, "retry_schedule": ["1h"],
@@ -151,6 +154,22 @@ class TlsRptTest(ServerTestCase):
                   "fay@badcert.test": "deferred", "carol@unsigned.test": "delivered"}
         for rcpt, state in expect.items():
             self.wait_state(self.submit(rcpt), rcpt, state)
+        # What each policy cost, in /metrics (counters are in the serve process).
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+
+        def value(series):
+            for line in metrics.splitlines():
+                if line.startswith(series + " "):
+                    return float(line.split()[-1])
+            return 0.0
+        self.assertGreaterEqual(value('subrelay_tls_policy_decisions_total{policy="dane",usable="yes"}'), 2, metrics)
+        self.assertGreaterEqual(value('subrelay_tls_policy_decisions_total{policy="mta-sts-enforce",usable="no"}'), 1)
+        self.assertGreaterEqual(value('subrelay_mta_sts_answers_total{source="fetched"}'), 3)
+        self.assertGreaterEqual(value('subrelay_tls_rpt_sessions_total{result="success"}'), 3)
+        self.assertGreaterEqual(value('subrelay_tls_rpt_sessions_total{result="failure"}'), 3)
+        self.assertGreaterEqual(value('subrelay_dns_queries_total{type="TLSA"}'), 2)
+
         # SIGTERM: serve stores the counts it holds before it exits.
         self.assertEqual(self.srv.stop(), 0)
 
