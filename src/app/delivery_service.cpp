@@ -60,6 +60,7 @@ struct Settings {
   queue::RetentionPolicy retention;  // retention.*
   bool dnssec = false;  // delivery.dnssec: TLSA lookups for DANE
   bool mtaSts = true;   // delivery.mta_sts
+  delivery::mtasts::HttpsGetterSettings stsGetter;  // delivery.tls_ca_file, mta_sts_https_port
   // delivery.tls_rpt: counts (scheduler.tlsRpt) and daily reports.
   std::optional<delivery::tlsrpt::ReporterSettings> tlsRpt;
   int64_t tlsRptMaxDelay = 0;
@@ -114,19 +115,21 @@ Settings settingsFrom(const config::Config& cfg) {
   s.retention.captured = cfg.retention.captured.count();
   s.dnssec = cfg.delivery.dnssec;
   s.mtaSts = cfg.delivery.mtaSts;
+  s.stsGetter.caFile = cfg.delivery.tlsCaFile;
+  s.stsGetter.port = cfg.delivery.mtaStsHttpsPort;
   d.recipientTlsPolicy = s.dnssec || s.mtaSts;
   d.trustDnssec = s.dnssec;
-  if (const auto& t = cfg.delivery.tlsRpt; t.enabled && d.recipientTlsPolicy) {
+  if (const auto& rpt = cfg.delivery.tlsRpt; rpt.enabled && d.recipientTlsPolicy) {
     delivery::tlsrpt::ReporterSettings r;
-    r.meta.from = t.from;
-    r.meta.contact = t.contact.empty() ? t.from : t.contact;
-    r.meta.organization = t.organization.empty() ? cfg.hostname : t.organization;
+    r.meta.from = rpt.from;
+    r.meta.contact = rpt.contact.empty() ? rpt.from : rpt.contact;
+    r.meta.organization = rpt.organization.empty() ? cfg.hostname : rpt.organization;
     r.meta.hostname = cfg.hostname;
     std::vector<std::string> errors;  // check-config and start-up have reported them
     r.keys = std::make_shared<const dkim::KeyRing>(loadDkimKeys(cfg, errors).ring);
     r.signer = std::make_shared<dkim::LocalSigner>();
     s.tlsRpt = std::move(r);
-    s.tlsRptMaxDelay = t.maxDelay.count();
+    s.tlsRptMaxDelay = rpt.maxDelay.count();
     d.tlsRpt = true;
   }
   return s;
@@ -144,10 +147,6 @@ struct DeliveryService::Impl final : delivery::Transport {
   std::shared_ptr<tls::TlsContext> verifyCtx;  // chain + host name (verify)
   std::vector<dns::ServerAddress> servers;
   util::SystemClock clock;
-  // MTA-STS: made at create() from the configuration then (tls_ca_file, the port); a
-  // SIGHUP that turns delivery.mta_sts on takes effect at the next start.
-  delivery::mtasts::HttpsGetterSettings stsGetterSettings;
-  bool stsAvailable = false;
 
   // --- cross-thread (under mu); the loop thread is reached only through lt.post() ---
   std::mutex mu;
@@ -175,6 +174,10 @@ struct DeliveryService::Impl final : delivery::Transport {
   // turns it on).
   std::unique_ptr<delivery::tlsrpt::DailyReports> tlsRpt;
   void tlsRptTick();
+  // MTA-STS fetcher per delivery.mta_sts: made when it is on (at start or by a SIGHUP),
+  // remade when the CA file or the port changes, dropped when it is turned off.
+  void updateSts();
+  delivery::mtasts::HttpsGetterSettings stsMadeWith;
   // lookupTlsPolicy() in flight, by domain: the answers so far and the budget's timer.
   struct PolicyLookup {
     delivery::TlsPolicyInputs inputs;
@@ -553,7 +556,7 @@ void DeliveryService::Impl::onPosted() {
     settings = std::move(*fresh);
     scheduler->reconfigure(settings.scheduler);
     if (tlsRpt && settings.tlsRpt) tlsRpt->reconfigure(*settings.tlsRpt, settings.tlsRptMaxDelay);
-    if (sts) sts->setDestinationPolicy(settings.scheduler.destinations);
+    updateSts();
   }
   if (doStop) {
     stopping = true;
@@ -570,6 +573,25 @@ void DeliveryService::Impl::onPosted() {
 void DeliveryService::Impl::prune() {
   if (stopping) return;
   pruneTimer->start(pruner->run(settings.retention), [this] { prune(); });
+}
+
+void DeliveryService::Impl::updateSts() {
+  const auto& want = settings.stsGetter;
+  const bool same = sts && stsMadeWith.caFile == want.caFile && stsMadeWith.port == want.port;
+  if (!settings.mtaSts || !same) {
+    // Answers not yet given are dropped; their lookups end at the policy budget.
+    sts.reset();
+    stsGetter.reset();
+    stsStore.reset();
+  }
+  if (settings.mtaSts && !sts) {
+    stsStore = std::make_unique<delivery::mtasts::SqlitePolicyStore>(*store);
+    stsGetter = std::make_unique<delivery::mtasts::HttpsPolicyGetter>(lt.loop(), want);
+    sts = std::make_unique<delivery::mtasts::StsFetcher>(lt.loop(), *resolver, *stsGetter, clock,
+                                                         delivery::mtasts::Settings{}, stsStore.get());
+    stsMadeWith = want;
+  }
+  if (sts) sts->setDestinationPolicy(settings.scheduler.destinations);
 }
 
 void DeliveryService::Impl::tlsRptTick() {
@@ -658,9 +680,6 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
   if (!vc.ok()) return util::makeError("TLS client context (verify): " + vc.error().message);
   impl->verifyCtx = vc.value();
   impl->settings = settingsFrom(cfg);
-  impl->stsGetterSettings.caFile = cfg.delivery.tlsCaFile;
-  impl->stsGetterSettings.port = cfg.delivery.mtaStsHttpsPort;
-  impl->stsAvailable = cfg.delivery.mtaSts;
   return std::unique_ptr<DeliveryService>(new DeliveryService(std::move(impl)));
 }
 
@@ -680,13 +699,7 @@ void DeliveryService::start(std::chrono::milliseconds heartbeatEvery) {
   std::random_device rd;
   const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
   d.routes = std::make_unique<delivery::RouteResolver>(*d.resolver, seed);
-  if (d.stsAvailable) {
-    d.stsStore = std::make_unique<delivery::mtasts::SqlitePolicyStore>(*d.store);
-    d.stsGetter = std::make_unique<delivery::mtasts::HttpsPolicyGetter>(loop, d.stsGetterSettings);
-    d.sts = std::make_unique<delivery::mtasts::StsFetcher>(loop, *d.resolver, *d.stsGetter, d.clock,
-                                                           delivery::mtasts::Settings{}, d.stsStore.get());
-    d.sts->setDestinationPolicy(d.settings.scheduler.destinations);
-  }
+  d.updateSts();
   d.queue = std::make_unique<queue::WriteBehindQueue>(*d.store, *d.writeStore);
   d.scheduler = std::make_unique<delivery::Scheduler>(*d.queue, d, d.clock, d.settings.scheduler, seed ^ 0x9e3779b9u);
   d.tick->start(

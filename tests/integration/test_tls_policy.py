@@ -130,7 +130,10 @@ class TlsPolicyDelivery(ServerTestCase):
         cls.bed.close()
 
     def submit(self, rcpt):
-        conn = harness.smtp_ssl(self.srv.port("implicit"))
+        return self.submit_to(self.srv, rcpt)
+
+    def submit_to(self, srv, rcpt):
+        conn = harness.smtp_ssl(srv.port("implicit"))
         conn.login(ACCOUNT.username, ACCOUNT.password)
         msg = harness.make_message(SENDER, [rcpt], f"tls policy {token()}", body="Hello.\r\n")
         qid = harness.submit(conn, SENDER, [rcpt], msg)
@@ -178,6 +181,22 @@ class TlsPolicyDelivery(ServerTestCase):
         self.assertEqual(self.sinks["wrongmx.test"].messages(), [])
         # RFC 8461 5.1 step 3: the deferral makes serve look for an updated policy at once.
         self.srv.wait_log(r"mta-sts recheck domain=wrongmx\.test source=\w+ id=wrongmx")
+
+    def test_mta_sts_turned_on_by_sighup(self):
+        # Its own server with delivery.mta_sts false: enforce.test's policy is not looked up;
+        # a SIGHUP that turns it on makes the fetcher, and the policy applies at once.
+        import test_reload
+        delivery = dict(self.srv.extra_config["delivery"], mta_sts=False, dnssec=False)
+        srv = self.start_server(accounts=[ACCOUNT], extra_config=dict(self.srv.extra_config, delivery=delivery))
+        first = self.submit_to(srv, "off@enforce.test")
+        info = wait_states(srv, first, lambda s, i: s == {"off@enforce.test": "delivered"})
+        self.assertEqual(info["history"][-1]["tls_policy"], "opportunistic (delivery.tls)")
+        srv.extra_config = dict(srv.extra_config, delivery=dict(delivery, mta_sts=True))
+        srv.write_config()
+        test_reload.hup(srv, "reload done")
+        second = self.submit_to(srv, "on@enforce.test")
+        info = wait_states(srv, second, lambda s, i: s == {"on@enforce.test": "delivered"})
+        self.assertEqual(info["history"][-1]["tls_policy"], "mta-sts enforce id=enforce")
 
     def test_mta_sts_testing_delivers(self):
         att = self.delivered("frank@testing.test")
