@@ -73,8 +73,10 @@ std::vector<std::string> policyLines(const std::string& text) {
 }  // namespace
 
 std::vector<std::string> tlsaHosts(const Route& route) {
+  // RFC 7672 2.2.1: "the SMTP client MAY elect to use DANE TLS ... even with MX hosts obtained
+  // via an "insecure" MX RRset" (a hosted domain in an unsigned zone whose provider signs its
+  // MX hosts' zone), as Postfix does: what counts is the host's own address records.
   std::vector<std::string> out;
-  if (!route.mxSecure) return out;
   for (const auto& h : route.hosts)
     if (h.addressesSecure && !h.addresses.empty()) out.push_back(h.name);
   return out;

@@ -72,7 +72,9 @@ struct TlsDecision {
 };
 
 // RFC 7672 2.2.1-2.2.2: the MX hosts whose TLSA records to look up ("_25._tcp.<host>"):
-// those with addresses, when the MX RRset and the host's address records are secure.
+// those with addresses whose address records are secure, whether or not the MX RRset is
+// (2.2.1 allows DANE for MX hosts found through an insecure MX RRset; the domain is then not
+// a reference name, and REQUIRETLS still needs a secure MX RRset).
 std::vector<std::string> tlsaHosts(const Route& route);
 
 TlsDecision decideTls(const std::string& domain, const Route& route, const TlsPolicyInputs& in);

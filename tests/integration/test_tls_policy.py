@@ -90,7 +90,9 @@ class TlsPolicyDelivery(ServerTestCase):
         # (127.0.0.32): another key, though its certificate is from the trusted CA.
         cls.daneCert = make_cert(["mx.signed.test"])
         cls.otherCert = make_cert(["mx2.signed.test"])
-        cls.bed = peers.DnssecTestbed(tlsa=["3 1 1 " + spki_sha256(cls.daneCert.cert)])
+        # hosted.unsigned.test: a domain in an unsigned zone whose MX is mx.signed.test.
+        cls.bed = peers.DnssecTestbed(tlsa=["3 1 1 " + spki_sha256(cls.daneCert.cert)],
+                                      extra={"unsigned.test": ["hosted IN MX 10 mx.signed.test."]})
         webCert = make_cert([f"mta-sts.{d}" for d in STS])
         cls.web = peers.HttpsPolicyServer(webCert.cert, webCert.key)
         lines, clauses = cls.bed.zones(extra_local=sts_zones(cls.web.ip))
@@ -155,6 +157,13 @@ class TlsPolicyDelivery(ServerTestCase):
         self.assertEqual(att["tls_policy"], "dane")
         self.assertIn("mx.signed.test [127.0.0.31]", att["mx"])
         self.assertTrue(att["tls_version"].startswith("TLSv1"), att)
+
+    def test_dane_for_an_unsigned_domain_hosted_on_a_signed_mx(self):
+        # RFC 7672 2.2.1: the MX RRset is insecure, the MX host's records are signed: DANE
+        # with the host's TLSA records (as Postfix does).
+        att = self.delivered("hank@hosted.unsigned.test")
+        self.assertEqual(att["tls_policy"], "dane")
+        self.assertIn("mx.signed.test [127.0.0.31]", att["mx"])
 
     def test_dane_mismatch_defers(self):
         info = self.deferred("bob@mx2.signed.test")

@@ -158,3 +158,21 @@ TEST_CASE("tls policy: DANE takes precedence over MTA-STS (RFC 8461 section 2)")
   CHECK(d.hosts[1].tls == HostTls::StsVerify);
   CHECK_FALSE(d.hosts[1].dane);
 }
+
+TEST_CASE("tls policy: an insecure MX RRset pointing at a host with secure addresses still gets DANE (RFC 7672 2.2.1)") {
+  Route r = routeOf({"mx.provider.example"}, false);
+  r.hosts[0].addressesSecure = true;  // the provider's zone is signed, the domain's is not
+  CHECK(tlsaHosts(r) == std::vector<std::string>{"mx.provider.example"});
+  TlsPolicyInputs in;
+  in.tlsa.push_back(secureTlsa("mx.provider.example", {daneEe()}));
+  TlsDecision d = decideTls("hosted.example", r, in);
+  REQUIRE(d.hosts.size() == 1);
+  CHECK(d.hosts[0].tls == HostTls::Dane);
+  REQUIRE(d.hosts[0].dane);
+  // Only the host name is a reference identifier: the next-hop domain came from insecure DNS.
+  CHECK(d.hosts[0].dane->referenceNames == std::vector<std::string>{"mx.provider.example"});
+  CHECK_FALSE(d.hosts[0].validated);  // not enough for REQUIRETLS
+  // Insecure addresses: no lookup at all.
+  r.hosts[0].addressesSecure = false;
+  CHECK(tlsaHosts(r).empty());
+}
