@@ -389,3 +389,49 @@ TEST_CASE("tls-rpt: a failed lookup is retried by the next run; without a key no
   CHECK(store.tlsRptPending(kDay + 86400, 10).value().empty());
   CHECK(store.pruneTlsRpt(kDay + 86400).value() == 2);  // the count and the report record
 }
+
+TEST_CASE("tls-rpt: DailyReports stores counts once a minute and reports the days before today at the slot") {
+  auto st = queue::SqliteStore::open(":memory:");
+  REQUIRE(st.ok());
+  queue::SqliteStore& store = *st.value();
+  ScriptedResolver dns;
+  dns.answers["_smtp._tls.example.com"] = txt({"v=TLSRPTv1; rua=mailto:r@example.com"});
+  auto key = dkim::generateKey(dkim::Algorithm::Ed25519Sha256);
+  REQUIRE(key.ok());
+  auto ring = std::make_shared<dkim::KeyRing>();
+  ring->add(dkim::SignerKey{"relay.example.net", "s1", key.value()});
+  ReporterSettings rs;
+  rs.meta = meta();
+  rs.keys = ring;
+  rs.signer = std::make_shared<dkim::LocalSigner>();
+  const int64_t start = kDay + 3600;  // 01:00 on day 1
+  DailyReports daily(store, dns, rs, 4 * 3600, 7, start);
+  // Today's slot is within [00:00, 04:00).
+  CHECK(daily.nextRunAt() >= kDay);
+  CHECK(daily.nextRunAt() < kDay + 4 * 3600);
+
+  Collector c;
+  c.success(start, "example.com", stsPolicy());
+  daily.tick(start + 1, c.take());
+  CHECK(store.tlsRptRows(kDay, "").value().empty());  // held: not a minute yet
+  daily.tick(start + 61, {});
+  CHECK(store.tlsRptRows(kDay, "").value().size() == 1);
+  c.success(start + 70, "example.com", stsPolicy());
+  daily.flush(c.take());  // shutdown
+  REQUIRE(store.tlsRptRows(kDay, "").value().size() == 1);
+  CHECK(store.tlsRptRows(kDay, "").value()[0].sessions == 2);
+
+  // Nothing is reported for the day still running, whatever the ticks.
+  daily.tick(kDay + 86399, {});
+  CHECK(store.list().value().empty());
+  // The next day's slot: day 1's report goes out; the following slot is a day later.
+  const int64_t slot = daily.nextRunAt();
+  CHECK(slot >= kDay + 86400);
+  CHECK(slot < kDay + 86400 + 4 * 3600);
+  daily.tick(slot, {});
+  REQUIRE(store.list().value().size() == 1);
+  CHECK(store.list().value()[0].recipients[0].address == "r@example.com");
+  CHECK(daily.nextRunAt() >= kDay + 2 * 86400);
+  daily.tick(slot + 60, {});
+  CHECK(store.list().value().size() == 1);
+}
