@@ -120,10 +120,6 @@ std::string ConnectRequest::relayPolicy() const {
 
 namespace {
 
-const char* policyName(TlsPolicy p) {
-  return p == TlsPolicy::Verify ? "verify" : p == TlsPolicy::Required ? "required" : "opportunistic";
-}
-
 std::string attemptPolicy(const Scheduler::Job& job, const ConnectRequest* via);
 
 }  // namespace
@@ -169,17 +165,45 @@ void Scheduler::reconfigure(SchedulerSettings settings) {
   ++generation_;
 }
 
-std::shared_ptr<const RelaySet> Scheduler::relayFor(const std::string& account, const std::string& domain) const {
-  // Postfix's order: transport_maps (a domain's route) before
-  // sender_dependent_relayhost_maps (the tenant's) before relayhost.
-  if (auto it = settings_.domainRelays.find(domain); it != settings_.domainRelays.end()) return it->second;
-  if (auto it = settings_.accountRelays.find(account); it != settings_.accountRelays.end()) return it->second;
-  return settings_.relay;
+const char* policyName(TlsPolicy p) {
+  return p == TlsPolicy::Verify ? "verify" : p == TlsPolicy::Required ? "required" : "opportunistic";
 }
 
-TlsPolicy Scheduler::tlsFor(const std::string& domain) const {
-  auto it = settings_.tlsOverrides.find(domain);
-  return it == settings_.tlsOverrides.end() ? settings_.tls : it->second;
+std::shared_ptr<const RelaySet> relayFor(const SchedulerSettings& s, const std::string& account,
+                                         const std::string& domain) {
+  // Postfix's order: transport_maps (a domain's route) before
+  // sender_dependent_relayhost_maps (the tenant's) before relayhost.
+  if (auto it = s.domainRelays.find(domain); it != s.domainRelays.end()) return it->second;
+  if (auto it = s.accountRelays.find(account); it != s.accountRelays.end()) return it->second;
+  return s.relay;
+}
+
+TlsPolicy tlsFor(const SchedulerSettings& s, const std::string& domain) {
+  auto it = s.tlsOverrides.find(domain);
+  return it == s.tlsOverrides.end() ? s.tls : it->second;
+}
+
+bool domainPolicyApplies(const SchedulerSettings& s, const std::string& domain, bool relay) {
+  return !relay && s.recipientTlsPolicy && !s.tlsOverrides.count(domain) && !isAddressLiteralDomain(domain);
+}
+
+Route routeAsUsed(const SchedulerSettings& s, Route resolved, bool relay) {
+  if (!s.trustDnssec) {
+    resolved.mxSecure = false;
+    for (auto& h : resolved.hosts) h.addressesSecure = false;
+  }
+  if (relay) {
+    // A configured relay is trusted: company relays sit on 10.x or loopback, so the
+    // destination policy is not applied. Its trouble is never the recipients' fault.
+    if (resolved.status == RouteStatus::PermFail) {
+      resolved.status = RouteStatus::TempFail;
+      resolved.enhanced = "4.4.3";
+    }
+    return resolved;
+  }
+  // delivery.allow_private_destinations: internal, loopback and our own addresses are no
+  // destination for a tenant's mail (address literals included).
+  return applyDestinationPolicy(std::move(resolved), s.destinations);
 }
 
 // ---- leasing ------------------------------------------------------------------------
@@ -308,24 +332,7 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
   std::deque<Job> jobs = std::move(ds.waiting);
   ds.waiting.clear();
   std::shared_ptr<const RelaySet> relay = jobs.empty() ? nullptr : jobs.front().relay;
-  if (!settings_.trustDnssec) {
-    resolved.mxSecure = false;
-    for (auto& h : resolved.hosts) h.addressesSecure = false;
-  }
-  Route route;
-  if (relay) {
-    // A configured relay is trusted: company relays sit on 10.x or loopback, so the
-    // destination policy is not applied. Its trouble is never the recipients' fault.
-    route = std::move(resolved);
-    if (route.status == RouteStatus::PermFail) {
-      route.status = RouteStatus::TempFail;
-      route.enhanced = "4.4.3";
-    }
-  } else {
-    // delivery.allow_private_destinations: internal, loopback and our own addresses are no
-    // destination for a tenant's mail (address literals included).
-    route = applyDestinationPolicy(std::move(resolved), settings_.destinations);
-  }
+  Route route = routeAsUsed(settings_, std::move(resolved), relay != nullptr);
   if (route.status != RouteStatus::Ok) {
     const bool perm = route.status == RouteStatus::PermFail;
     util::logInfo("delivery", "route domain=" + domain + " result=" + (perm ? "failed" : "deferred") + " detail=\"" +
@@ -345,8 +352,7 @@ void Scheduler::onRoute(const std::string& domain, Route resolved) {
   // every job ignores it. The jobs wait (resolving stays set) for onTlsPolicy.
   const bool anyFollows =
       std::any_of(jobs.begin(), jobs.end(), [&](const Job& j) { return followsDomainPolicy(j); });
-  const bool policyApplies = !relay && settings_.recipientTlsPolicy && !settings_.tlsOverrides.count(domain) &&
-                             !isAddressLiteralDomain(domain);
+  const bool policyApplies = domainPolicyApplies(settings_, domain, relay != nullptr);
   ds.waiting = std::move(jobs);
   if (policyApplies && anyFollows) {
     ds.resolving = true;

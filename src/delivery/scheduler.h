@@ -113,6 +113,23 @@ struct SchedulerSettings {
   std::map<std::string, std::shared_ptr<const RelaySet>> domainRelays;
 };
 
+// The scheduler's rules for one recipient domain, as free functions so that
+// `subrelay tls-policy` (tls_explain.h) applies exactly the same ones.
+const char* policyName(TlsPolicy p);  // "opportunistic", "required", "verify"
+// The smarthost list for a recipient, nullptr for direct MX delivery. Postfix's order:
+// domainRelays (transport_maps) before accountRelays (sender_dependent_relayhost_maps)
+// before relay (relayhost).
+std::shared_ptr<const RelaySet> relayFor(const SchedulerSettings& s, const std::string& account,
+                                         const std::string& domain);
+// delivery.tls, or the domain's tls_policy_overrides entry.
+TlsPolicy tlsFor(const SchedulerSettings& s, const std::string& domain);
+// Whether the domain's own TLS policy (DANE, MTA-STS) is looked up for an MX route:
+// recipientTlsPolicy, no relay, no operator override, not an address literal.
+bool domainPolicyApplies(const SchedulerSettings& s, const std::string& domain, bool relay);
+// A resolved route as the scheduler uses it: without trustDnssec no AD bit counts; a
+// relay's route is never a permanent failure; an MX route passes the destination policy.
+Route routeAsUsed(const SchedulerSettings& s, Route resolved, bool relay);
+
 using SessionId = uint64_t;
 
 struct ConnectRequest {
@@ -254,8 +271,10 @@ class Scheduler {
                const ConnectRequest* via);
   void processDsns();
   void checkDeadlines();
-  TlsPolicy tlsFor(const std::string& domain) const;
-  std::shared_ptr<const RelaySet> relayFor(const std::string& account, const std::string& domain) const;
+  TlsPolicy tlsFor(const std::string& domain) const { return delivery::tlsFor(settings_, domain); }
+  std::shared_ptr<const RelaySet> relayFor(const std::string& account, const std::string& domain) const {
+    return delivery::relayFor(settings_, account, domain);
+  }
 
   queue::DeliveryQueue& queue_;
   Transport& transport_;
