@@ -2,6 +2,7 @@
 // the queue. Every decision is the scheduler's (delivery/scheduler.h); this file carries
 // out its requests and reports what happened.
 #include "app/delivery_service.h"
+#include "app/delivery_settings.h"
 
 #include <map>
 #include <mutex>
@@ -38,102 +39,14 @@ namespace {
 
 constexpr auto kTickInterval = std::chrono::milliseconds(1000);
 constexpr auto kFlushInterval = std::chrono::milliseconds(20);
-// The TLS policy lookups of one domain (TLSA records, the MTA-STS policy) get this long in
-// all; an MTA-STS answer still missing then counts as "no policy" (RFC 8461 3.3: "senders
-// ... SHOULD proceed with delivery as though the Policy Domain had not implemented
-// MTA-STS"), so a dead policy host delays delivery by this much at most.
-constexpr auto kTlsPolicyBudget = std::chrono::seconds(10);
-
-delivery::TlsPolicy tlsPolicy(config::DeliveryTls t) {
-  switch (t) {
-    case config::DeliveryTls::Required: return delivery::TlsPolicy::Required;
-    case config::DeliveryTls::Verify: return delivery::TlsPolicy::Verify;
-    case config::DeliveryTls::Opportunistic: break;
-  }
-  return delivery::TlsPolicy::Opportunistic;
-}
-
-struct Settings {
-  delivery::SchedulerSettings scheduler;
-  smtp::ClientTimeouts timeouts;
-  std::chrono::seconds connectTimeout{30};
-  queue::RetentionPolicy retention;  // retention.*
-  bool dnssec = false;  // delivery.dnssec: TLSA lookups for DANE
-  bool mtaSts = true;   // delivery.mta_sts
-  delivery::mtasts::HttpsGetterSettings stsGetter;  // delivery.tls_ca_file, mta_sts_https_port
-  // delivery.tls_rpt: counts (scheduler.tlsRpt) and daily reports.
-  std::optional<delivery::tlsrpt::ReporterSettings> tlsRpt;
-  int64_t tlsRptMaxDelay = 0;
-};
-
-std::shared_ptr<const delivery::RelaySet> relaySet(const std::vector<config::RelayUpstream>& list, std::string id) {
-  if (list.empty()) return nullptr;
-  auto set = std::make_shared<delivery::RelaySet>();
-  set->id = std::move(id);
-  for (const auto& r : list) {
-    delivery::RelayHost h;
-    h.host = r.host;
-    h.port = r.port;
-    h.implicitTls = r.tls == config::RelayTls::Implicit;
-    h.verify = r.verify;
-    if (!r.username.empty()) h.auth = std::make_shared<smtp::ClientAuth>(smtp::ClientAuth{r.username, r.password});
-    h.origin = r.jsonPath;
-    set->hosts.push_back(std::move(h));
-  }
-  return set;
-}
-
-Settings settingsFrom(const config::Config& cfg) {
-  Settings s;
-  delivery::SchedulerSettings& d = s.scheduler;
-  d.destinations.allowPrivate = cfg.delivery.allowPrivateDestinations;
-  if (!d.destinations.allowPrivate) d.destinations.ownAddresses = net::hostAddresses();
-  d.hostname = cfg.hostname;
-  d.port = cfg.delivery.port;
-  d.tls = tlsPolicy(cfg.delivery.tls);
-  for (const auto& o : cfg.delivery.tlsOverrides) d.tlsOverrides[util::toLower(o.domain)] = tlsPolicy(o.tls);
-  d.retry.schedule = cfg.delivery.retrySchedule.empty() ? config::defaultRetrySchedule() : cfg.delivery.retrySchedule;
-  d.retry.maxQueueTime = cfg.delivery.maxQueueTime;
-  d.retry.delayNotice = cfg.delivery.delayNotice;
-  d.maxConnections = cfg.delivery.maxConnections;
-  d.maxPerDestination = cfg.delivery.maxConnectionsPerDomain;
-  d.relay = relaySet(cfg.delivery.relay, "delivery.relay");
-  for (const auto& a : cfg.accounts)
-    if (!a.relay.empty()) d.accountRelays[a.username] = relaySet(a.relay, "account:" + a.username);
-  for (const auto& o : cfg.delivery.relayOverrides)
-    d.domainRelays[o.domain] = o.direct ? nullptr : relaySet(o.relay, "domain:" + o.domain);
-  const auto& t = cfg.delivery.timeouts;
-  d.transactionDeadline = t.transaction;
-  s.connectTimeout = t.connect;
-  s.timeouts.greeting = t.greeting;
-  s.timeouts.mail = t.command;
-  s.timeouts.rcpt = t.command;
-  s.timeouts.dataInit = t.dataInit;
-  s.timeouts.dataTerm = t.dataEnd;
-  s.retention.finishedBodies = cfg.retention.finishedBodies.count();
-  s.retention.history = cfg.retention.history.count();
-  s.retention.captured = cfg.retention.captured.count();
-  s.dnssec = cfg.delivery.dnssec;
-  s.mtaSts = cfg.delivery.mtaSts;
-  s.stsGetter.caFile = cfg.delivery.tlsCaFile;
-  s.stsGetter.port = cfg.delivery.mtaStsHttpsPort;
-  d.recipientTlsPolicy = s.dnssec || s.mtaSts;
-  d.trustDnssec = s.dnssec;
-  if (const auto& rpt = cfg.delivery.tlsRpt; rpt.enabled && d.recipientTlsPolicy) {
-    delivery::tlsrpt::ReporterSettings r;
-    r.meta.from = rpt.from;
-    r.meta.contact = rpt.contact.empty() ? rpt.from : rpt.contact;
-    r.meta.organization = rpt.organization.empty() ? cfg.hostname : rpt.organization;
-    r.meta.hostname = cfg.hostname;
-    std::vector<std::string> errors;  // check-config and start-up have reported them
-    r.keys = std::make_shared<const dkim::KeyRing>(loadDkimKeys(cfg, errors).ring);
-    r.signer = std::make_shared<dkim::LocalSigner>();
-    s.tlsRpt = std::move(r);
-    s.tlsRptMaxDelay = rpt.maxDelay.count();
-    d.tlsRpt = true;
-  }
+// serve's settings: the shared conversion plus the TLS-RPT reporter (its DKIM keys).
+DeliverySettings settingsFrom(const config::Config& cfg) {
+  DeliverySettings s = deliverySettingsFrom(cfg);
+  addTlsRptReporter(cfg, s);
   return s;
 }
+
+using Settings = DeliverySettings;
 
 }  // namespace
 
