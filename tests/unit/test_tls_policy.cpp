@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "delivery/tls_explain.h"
 #include "delivery/tls_policy.h"
 
 using namespace subrelay;
@@ -175,4 +176,274 @@ TEST_CASE("tls policy: an insecure MX RRset pointing at a host with secure addre
   // Insecure addresses: no lookup at all.
   r.hosts[0].addressesSecure = false;
   CHECK(tlsaHosts(r).empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// delivery/tls_explain.h: `subrelay tls-policy DOMAIN` on fabricated lookups.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+SchedulerSettings explainSettings(bool dnssec = true, bool mtaSts = true) {
+  SchedulerSettings s;
+  s.recipientTlsPolicy = dnssec || mtaSts;
+  s.trustDnssec = dnssec;
+  s.destinations.allowPrivate = true;
+  return s;
+}
+
+std::shared_ptr<const RelaySet> relaySetOf(const std::string& id, const std::string& host) {
+  auto set = std::make_shared<RelaySet>();
+  set->id = id;
+  RelayHost h;
+  h.host = host;
+  h.port = 587;
+  h.origin = "delivery.relay[0]";
+  set->hosts.push_back(h);
+  return set;
+}
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+// The whole command without I/O: start, route, lookups filled by `fill`, finish.
+template <typename Fill>
+TlsExplanation explainWith(const SchedulerSettings& s, bool mtaSts, const std::string& domain, Route route,
+                           Fill fill, const std::string& account = "") {
+  TlsExplanation e = startExplanation(s, mtaSts, domain, account);
+  REQUIRE(needsRoute(e));
+  applyRoute(e, s, std::move(route));
+  if (wantsPolicyLookups(e)) fill(e);
+  finishExplanation(e);
+  return e;
+}
+
+TlsExplanation explain(const SchedulerSettings& s, bool mtaSts, const std::string& domain, Route route) {
+  return explainWith(s, mtaSts, domain, std::move(route), [](TlsExplanation&) {});
+}
+
+}  // namespace
+
+TEST_CASE("tls-policy explain: delivery.relay applies, nothing is looked up") {
+  SchedulerSettings s = explainSettings();
+  s.relay = relaySetOf("delivery.relay", "smtp.relay.test");
+  TlsExplanation e = startExplanation(s, true, "example.com", "");
+  CHECK_FALSE(needsRoute(e));
+  CHECK_FALSE(e.lookups);
+  finishExplanation(e);
+  CHECK(e.policy == "relay delivery.relay");
+  CHECK(e.relayWhy == "delivery.relay");
+  const std::string text = renderText(e);
+  CHECK(contains(text, "MX, DANE and MTA-STS are not consulted"));
+  CHECK(contains(text, "smtp.relay.test:587 STARTTLS, certificate verified"));
+  CHECK(contains(text, "policy: relay delivery.relay\n"));
+  const std::string json = renderJson(e);
+  CHECK(contains(json, "\"policy\":\"relay delivery.relay\""));
+  CHECK(contains(json, "\"host\":\"smtp.relay.test\""));
+  CHECK(contains(json, "\"route\":null"));
+}
+
+TEST_CASE("tls-policy explain: relay_overrides before the account's relay before delivery.relay") {
+  SchedulerSettings s = explainSettings();
+  s.relay = relaySetOf("delivery.relay", "smtp.relay.test");
+  s.accountRelays["tenant"] = relaySetOf("account:tenant", "smtp.tenant.test");
+  s.domainRelays["partner.test"] = relaySetOf("domain:partner.test", "smtp.partner.test");
+  s.domainRelays["direct.test"] = nullptr;
+
+  TlsExplanation e = startExplanation(s, true, "partner.test", "tenant");
+  CHECK(e.relay->id == "domain:partner.test");
+  CHECK(e.relayWhy == "delivery.relay_overrides");
+  CHECK(e.accountRelays.empty());
+
+  e = startExplanation(s, true, "example.com", "tenant");
+  CHECK(e.relay->id == "account:tenant");
+  CHECK(e.relayWhy == "accounts[].relay of tenant");
+
+  // No account given: delivery.relay, with a note naming the accounts that differ.
+  e = startExplanation(s, true, "example.com", "");
+  CHECK(e.relay->id == "delivery.relay");
+  CHECK(e.accountRelays == std::vector<std::string>{"tenant"});
+  finishExplanation(e);
+  CHECK(contains(renderText(e), "tenant (use --account NAME"));
+
+  // "direct" wins over every relay: MX delivery and the domain's own policy.
+  e = startExplanation(s, true, "direct.test", "tenant");
+  CHECK_FALSE(e.relay);
+  CHECK(e.directOverride);
+  CHECK(e.lookups);
+  CHECK(needsRoute(e));
+  CHECK(contains(renderText(e), "delivery.relay_overrides sends direct.test direct"));
+}
+
+TEST_CASE("tls-policy explain: tls_policy_overrides wins over DANE and MTA-STS") {
+  SchedulerSettings s = explainSettings();
+  s.tlsOverrides["override.test"] = TlsPolicy::Required;
+  TlsExplanation e = explain(s, true, "override.test", routeOf({"mx.override.test"}, true));
+  CHECK_FALSE(e.lookups);
+  CHECK(e.tlsaHosts.empty());
+  CHECK_FALSE(e.decision);
+  CHECK(e.policy == "override required");
+  const std::string text = renderText(e);
+  CHECK(contains(text, "2. override: delivery.tls_policy_overrides: required"));
+  CHECK(contains(text, "4. DANE: not consulted"));
+  CHECK(contains(text, "mx.override.test: required (tls_policy_overrides)"));
+  CHECK(contains(renderJson(e), "\"tls_override\":true"));
+}
+
+TEST_CASE("tls-policy explain: a secure MX with a usable TLSA record -> dane") {
+  SchedulerSettings s = explainSettings();
+  TlsExplanation e = explainWith(s, true, "signed.test", routeOf({"mx.signed.test"}, true), [](TlsExplanation& e) {
+    REQUIRE(e.tlsaHosts == std::vector<std::string>{"mx.signed.test"});
+    REQUIRE(e.inputs.tlsa.size() == 1);
+    CHECK(e.inputs.tlsa[0].status == dns::Status::Timeout);  // placeholder until answered
+    e.inputs.tlsa[0] = secureTlsa("mx.signed.test", {daneEe()});
+    e.sts.txtAnswered = true;
+    e.sts.txtStatus = dns::Status::NxDomain;
+    e.sts.answered = true;
+    e.sts.source = "none";
+  });
+  REQUIRE(e.decision);
+  CHECK(e.decision->hosts[0].tls == HostTls::Dane);
+  CHECK(e.policy == "dane");
+  const std::string text = renderText(e);
+  CHECK(contains(text, "MX RRset DNSSEC-secure (AD)"));
+  CHECK(contains(text, "_25._tcp.mx.signed.test TLSA: ok, secure"));
+  CHECK(contains(text, "3 1 1 abab"));
+  CHECK(contains(text, ": usable"));
+  CHECK(contains(text, "mx.signed.test: dane: TLS required, the certificate must match a TLSA record"));
+  CHECK(contains(text, "policy: dane\n"));
+  const std::string json = renderJson(e);
+  CHECK(contains(json, "\"policy\":\"dane\""));
+  CHECK(contains(json, "\"usable\":true"));
+  CHECK(contains(json, "\"mx_secure\":true"));
+}
+
+TEST_CASE("tls-policy explain: only unusable TLSA records -> dane without authentication") {
+  TlsExplanation e = explainWith(explainSettings(true, false), false, "signed.test", routeOf({"mx.signed.test"}, true),
+                                 [](TlsExplanation& e) {
+                                   e.inputs.tlsa[0] = secureTlsa("mx.signed.test", {{0, 0, 1, {1, 2, 3}}});
+                                 });
+  CHECK(e.policy == "dane");
+  const std::string text = renderText(e);
+  CHECK(contains(text, "unusable: "));
+  CHECK(contains(text, "without authentication"));
+  CHECK(contains(text, "5. MTA-STS: off (delivery.mta_sts is false)"));
+}
+
+TEST_CASE("tls-policy explain: delivery.dnssec false -> the AD bit is not trusted, no DANE") {
+  SchedulerSettings s = explainSettings(false, true);
+  TlsExplanation e = explainWith(s, true, "signed.test", routeOf({"mx.signed.test"}, true), [](TlsExplanation& e) {
+    e.sts.answered = true;
+    e.sts.source = "none";
+  });
+  CHECK(e.dnsRoute->mxSecure);  // as the resolver said
+  CHECK_FALSE(e.route->mxSecure);  // as delivery uses it
+  CHECK(e.tlsaHosts.empty());
+  CHECK(e.policy == "opportunistic");
+  const std::string text = renderText(e);
+  CHECK(contains(text, "delivery.dnssec is false: AD bit not trusted, no DANE"));
+  CHECK(contains(text, "policy: opportunistic\n"));
+}
+
+TEST_CASE("tls-policy explain: an unsigned zone without MTA-STS -> delivery.tls") {
+  SchedulerSettings s = explainSettings();
+  s.tls = TlsPolicy::Required;
+  TlsExplanation e = explainWith(s, true, "unsigned.test", routeOf({"mx.unsigned.test"}, false), [](TlsExplanation& e) {
+    CHECK(e.tlsaHosts.empty());
+    e.sts.txtAnswered = true;
+    e.sts.txtStatus = dns::Status::NxDomain;
+    e.sts.answered = true;
+    e.sts.source = "none";
+  });
+  CHECK(e.policy == "required");
+  const std::string text = renderText(e);
+  CHECK(contains(text, "4. DANE: no: the MX RRset is not DNSSEC-secure"));
+  CHECK(contains(text, "_mta-sts.unsigned.test TXT: nxdomain"));
+  CHECK(contains(text, "no policy (none)"));
+  CHECK(contains(text, "mx.unsigned.test: required: delivery.tls: the domain publishes no DANE or MTA-STS"));
+}
+
+TEST_CASE("tls-policy explain: MTA-STS enforce, testing, and an enforce policy listing no MX") {
+  SchedulerSettings s = explainSettings(false, true);
+  auto withPolicy = [](mtasts::CachedPolicy p) {
+    return [p](TlsExplanation& e) {
+      e.sts.answered = true;
+      e.sts.source = "fetched";
+      e.sts.txtAnswered = true;
+      e.sts.txtStatus = dns::Status::Ok;
+      e.sts.txt = {"v=STSv1; id=20260101;"};
+      e.inputs.sts = p;
+    };
+  };
+  TlsExplanation e = explainWith(s, true, "example.com", routeOf({"mx1.example.com", "mx2.example.com"}, false),
+                                 withPolicy(policy(mtasts::Mode::Enforce, {"mx1.example.com"})));
+  CHECK(e.policy == "mta-sts enforce");
+  std::string text = renderText(e);
+  CHECK(contains(text, "policy (fetched): mode enforce, id 20260101, max_age 86400, mx mx1.example.com"));
+  CHECK(contains(text, "mx1.example.com: matches"));
+  CHECK(contains(text, "mx2.example.com: does not match"));
+  CHECK(contains(text, "mx2.example.com: unusable: not used: not listed in the MTA-STS policy"));
+  std::string json = renderJson(e);
+  CHECK(contains(json, "\"matching_hosts\":[\"mx1.example.com\"]"));
+  CHECK(contains(json, "\"mode\":\"enforce\""));
+
+  e = explainWith(s, true, "example.com", routeOf({"mx1.example.com"}, false),
+                  withPolicy(policy(mtasts::Mode::Testing, {"mx.elsewhere.test"})));
+  CHECK(e.policy == "mta-sts testing");
+  CHECK(contains(renderText(e), "failures are only reported"));
+
+  e = explainWith(s, true, "example.com", routeOf({"mx1.example.com"}, false),
+                  withPolicy(policy(mtasts::Mode::Enforce, {"mx.elsewhere.test"})));
+  CHECK_FALSE(e.decision->anyUsable());
+  CHECK(e.policy == "none usable (delivery deferred, 4.7.5)");
+}
+
+TEST_CASE("tls-policy explain: a TLSA lookup error makes that host unusable, as in delivery") {
+  SchedulerSettings s = explainSettings(true, false);
+  TlsExplanation e = explainWith(s, false, "signed.test", routeOf({"mx1.signed.test", "mx2.signed.test"}, true),
+                                 [](TlsExplanation& e) {
+                                   REQUIRE(e.inputs.tlsa.size() == 2);
+                                   e.inputs.tlsa[0].status = dns::Status::ServFail;
+                                   e.inputs.tlsa[1] = {"mx2.signed.test", dns::Status::NxDomain, true, {}};
+                                 });
+  CHECK(e.decision->hosts[0].tls == HostTls::Unusable);
+  CHECK(e.policy == "opportunistic");
+  const std::string text = renderText(e);
+  CHECK(contains(text, "_25._tcp.mx1.signed.test TLSA: servfail\n"));
+  CHECK(contains(text, "mx1.signed.test: unusable: not used: TLSA lookup for _25._tcp.mx1.signed.test failed"));
+  CHECK(contains(text, "_25._tcp.mx2.signed.test TLSA: nxdomain, secure"));
+}
+
+TEST_CASE("tls-policy explain: a failed route is an error; the destination policy is applied") {
+  SchedulerSettings s = explainSettings();
+  Route failed;
+  failed.status = RouteStatus::TempFail;
+  failed.enhanced = "4.4.3";
+  failed.detail = "MX lookup for example.com: SERVFAIL from 127.0.0.1:53";
+  TlsExplanation e = explain(s, true, "example.com", failed);
+  CHECK(contains(e.error, "SERVFAIL"));
+  CHECK(contains(e.error, "deferred"));
+  CHECK(e.policy.empty());
+  CHECK(contains(renderText(e), "policy: none: no route to example.com"));
+  CHECK(contains(renderJson(e), "\"status\":\"tempfail\""));
+
+  s.destinations.allowPrivate = false;
+  Route loopback = routeOf({"mx.example.com"}, false);
+  loopback.hosts[0].addresses = {"127.0.0.1"};
+  e = explain(s, true, "example.com", loopback);
+  CHECK(e.route->status == RouteStatus::PermFail);
+  CHECK_FALSE(e.error.empty());
+  const std::string text = renderText(e);
+  CHECK(contains(text, "refused by the destination policy (delivery.allow_private_destinations): 127.0.0.1"));
+}
+
+TEST_CASE("tls-policy explain: an address literal has its route without DNS and no domain policy") {
+  SchedulerSettings s = explainSettings();
+  TlsExplanation e = startExplanation(s, true, "[192.0.2.7]", "");
+  CHECK_FALSE(needsRoute(e));
+  CHECK_FALSE(e.lookups);
+  REQUIRE(e.route);
+  finishExplanation(e);
+  CHECK(e.policy == "opportunistic");
+  CHECK(contains(renderText(e), "4. DANE: not consulted: an address literal has no DNS"));
 }
