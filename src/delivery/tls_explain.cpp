@@ -228,7 +228,8 @@ std::string renderText(const TlsExplanation& e) {
     std::string head = "3. MX route: " + std::string(routeStatusName(raw.status));
     if (e.addressLiteral) head += " (address literal, no DNS)";
     else if (raw.status == RouteStatus::Ok || !raw.hosts.empty())
-      head += raw.mxSecure ? ", MX RRset DNSSEC-secure (AD)" : ", MX RRset not DNSSEC-secure";
+      head += raw.mxSecure ? (e.trustDnssec ? ", MX RRset DNSSEC-secure (AD)" : ", MX RRset with AD (not trusted)")
+                           : ", MX RRset not DNSSEC-secure";
     if (raw.status != RouteStatus::Ok && !raw.detail.empty()) head += ": " + raw.detail;
     line(head);
     if (!e.addressLiteral) {
@@ -242,7 +243,7 @@ std::string renderText(const TlsExplanation& e) {
       std::string l = "   " + (h.implicit ? std::string("implicit MX (no MX records): ")
                                             : "MX " + std::to_string(h.preference) + " ") + h.name + ": ";
       if (h.addresses.empty()) l += "no address" + (h.lookupError.empty() ? "" : " (" + h.lookupError + ")");
-      else l += joined(h.addresses) + (h.addressesSecure ? " (secure)" : " (not secure)");
+      else l += joined(h.addresses) + (!h.addressesSecure ? " (not secure)" : e.trustDnssec ? " (secure)" : " (AD, not trusted)");
       line(l);
       const auto refused = refusedAddresses(e, i);
       if (!refused.empty())

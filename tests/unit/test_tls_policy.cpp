@@ -343,6 +343,8 @@ TEST_CASE("tls-policy explain: delivery.dnssec false -> the AD bit is not truste
   const std::string text = renderText(e);
   CHECK(contains(text, "delivery.dnssec is false: AD bit not trusted, no DANE"));
   CHECK(contains(text, "policy: opportunistic\n"));
+  CHECK(contains(text, "MX RRset with AD (not trusted)"));
+  CHECK(contains(text, "192.0.2.1 (AD, not trusted)"));
 }
 
 TEST_CASE("tls-policy explain: an unsigned zone without MTA-STS -> delivery.tls") {
