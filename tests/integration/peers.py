@@ -276,6 +276,23 @@ class Unbound:
 # MTA-STS policy host
 # --------------------------------------------------------------------------------------------
 
+def static_mail_zone(domain, mx_ip, web_ip=None, sts_id=None):
+    """unbound local-data lines for a static (unsigned) zone `domain` with MX 10 mx.<domain>
+    at mx_ip; with web_ip the MTA-STS policy host mta-sts.<domain> there, with sts_id the
+    "_mta-sts" TXT record "v=STSv1; id=<sts_id>;" (RFC 8461 3.1)."""
+    lines = [
+        f'local-zone: "{domain}." static',
+        f'local-data: "{domain}. 300 IN SOA ns.{domain}. admin.{domain}. 1 3600 600 86400 30"',
+        f'local-data: "{domain}. 300 IN MX 10 mx.{domain}."',
+        f'local-data: "mx.{domain}. 300 IN A {mx_ip}"',
+    ]
+    if web_ip:
+        lines.append(f'local-data: "mta-sts.{domain}. 300 IN A {web_ip}"')
+    if sts_id:
+        lines.append(f"local-data: '_mta-sts.{domain}. 300 IN TXT \"v=STSv1; id={sts_id};\"'")
+    return lines
+
+
 def sts_policy(mode, mx=(), max_age=604800, line_end="\r\n"):
     """The text of an MTA-STS policy (RFC 8461 3.2)."""
     lines = ["version: STSv1", f"mode: {mode}"] + [f"mx: {m}" for m in mx] + [f"max_age: {max_age}"]

@@ -46,23 +46,9 @@ def spki_sha256(cert_path):
 def sts_zones(web_ip):
     lines = []
     for domain, (_, _, ip) in STS.items():
-        lines += [
-            f'local-zone: "{domain}." static',
-            f'local-data: "{domain}. 300 IN SOA ns.{domain}. admin.{domain}. 1 3600 600 86400 30"',
-            f'local-data: "{domain}. 300 IN MX 10 mx.{domain}."',
-            f'local-data: "mx.{domain}. 300 IN A {ip}"',
-            f'local-data: "mta-sts.{domain}. 300 IN A {web_ip}"',
-            f"local-data: '_mta-sts.{domain}. 300 IN TXT \"v=STSv1; id={domain.split('.')[0]};\"'",
-        ]
+        lines += peers.static_mail_zone(domain, ip, web_ip, sts_id=domain.split('.')[0])
     domain, mx_ip, web = DEAD_STS
-    lines += [
-        f'local-zone: "{domain}." static',
-        f'local-data: "{domain}. 300 IN SOA ns.{domain}. admin.{domain}. 1 3600 600 86400 30"',
-        f'local-data: "{domain}. 300 IN MX 10 mx.{domain}."',
-        f'local-data: "mx.{domain}. 300 IN A {mx_ip}"',
-        f'local-data: "mta-sts.{domain}. 300 IN A {web}"',
-        f"local-data: '_mta-sts.{domain}. 300 IN TXT \"v=STSv1; id=dead;\"'",
-    ]
+    lines += peers.static_mail_zone(domain, mx_ip, web, sts_id="dead")
     # The sender's domain, for DSNs: no MX host at all is fine (none is expected).
     lines += ['local-zone: "sender.test." static',
               'local-data: "sender.test. 300 IN SOA ns.sender.test. admin.sender.test. 1 3600 600 86400 30"']
