@@ -437,7 +437,8 @@ int cmdTlsPolicy(const Args& a) {
   } else {
     std::string why;
     auto ascii = idna::toAscii(domain, &why);
-    if (!ascii) return usageError("not a domain name: " + domain + (why.empty() ? "" : " (" + why + ")"), "tls-policy ");
+    if (!ascii || !config::isValidDomainName(*ascii))
+      return usageError("not a domain name: " + domain + (why.empty() ? "" : " (" + why + ")"), "tls-policy ");
     o.domain = util::toLower(*ascii);
   }
   return tlsPolicyCommand(o);

@@ -113,6 +113,9 @@ TlsExplanation startExplanation(const SchedulerSettings& s, bool mtaSts, const s
   e.lookups = domainPolicyApplies(s, domain, e.relay != nullptr);
   if (!e.relay && e.addressLiteral) {
     if (auto literal = routeForAddressLiteral(domain)) applyRoute(e, s, std::move(*literal));
+    // Submission refuses such recipients at RCPT (delivery/destination.h).
+    if (e.error.empty() && !s.destinations.allowPrivate)
+      e.error = "address literals are refused at RCPT (delivery.allow_private_destinations is false)";
   }
   return e;
 }

@@ -181,7 +181,7 @@ class TlsPolicyCommand(unittest.TestCase):
     def test_usage_and_help(self):
         for argv in (["tls-policy", "-c", self.cfg], ["tls-policy", "a.test", "b.test", "-c", self.cfg],
                      ["tls-policy", "a.test", "--bogus"], ["tls-policy", "a.test", "--account"],
-                     ["tls-policy"]):
+                     ["tls-policy", "bad..domain", "-c", self.cfg], ["tls-policy"]):
             with self.subTest(argv=argv):
                 proc = subrelay(*argv, timeout=10)
                 self.assertEqual(proc.returncode, 2, out_of(proc))

@@ -448,4 +448,11 @@ TEST_CASE("tls-policy explain: an address literal has its route without DNS and 
   finishExplanation(e);
   CHECK(e.policy == "opportunistic");
   CHECK(contains(renderText(e), "4. DANE: not consulted: an address literal has no DNS"));
+
+  // Without allow_private_destinations such a recipient is refused at RCPT.
+  s.destinations.allowPrivate = false;
+  e = startExplanation(s, true, "[192.0.2.7]", "");
+  finishExplanation(e);
+  CHECK(contains(e.error, "refused at RCPT"));
+  CHECK(e.policy.empty());
 }
