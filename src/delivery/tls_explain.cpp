@@ -82,7 +82,7 @@ std::string hostWhy(const TlsExplanation& e, const HostTlsDecision& h) {
     case HostTls::Unusable: return "not used: " + h.why;
     case HostTls::Default: break;
   }
-  if (h.label.empty()) return "delivery.tls: the domain publishes no DANE or MTA-STS policy for this host";
+  if (h.label.empty()) return "delivery.tls: no DANE or MTA-STS policy applies to this host";
   return std::string(policyName(e.tls)) + " (delivery.tls); " + h.label + ": failures are only reported (RFC 8461 5)";
 }
 
