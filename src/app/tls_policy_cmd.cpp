@@ -42,6 +42,8 @@ class Lookups {
       getter_ = std::make_unique<delivery::mtasts::HttpsPolicyGetter>(loop, stsGetterSettingsFrom(cfg));
       sts_ = std::make_unique<delivery::mtasts::StsFetcher>(loop, *resolver_, *getter_, clock_,
                                                              delivery::mtasts::Settings{}, nullptr);
+      // The policy host's addresses follow the destination policy, as in delivery.
+      sts_->setDestinationPolicy(settings.destinations);
     }
   }
 
