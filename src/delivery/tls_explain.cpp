@@ -270,10 +270,12 @@ std::string renderText(const TlsExplanation& e) {
     line("4. DANE: not consulted: " + notWhy);
   } else if (!e.trustDnssec) {
     line("4. DANE: no: delivery.dnssec is false: AD bit not trusted, no DANE");
-  } else if (!e.route->mxSecure) {
-    line("4. DANE: no: the MX RRset is not DNSSEC-secure (RFC 7672 2.2.1)");
+  } else if (e.tlsaHosts.empty()) {
+    line("4. DANE: no: no MX host has DNSSEC-secure address records (RFC 7672 2.2.2)");
   } else {
     line("4. DANE: TLSA records of the MX hosts with secure addresses (RFC 7672 2.2)");
+    if (!e.route->mxSecure)
+      line("   the MX RRset is not secure: only the MX host name is a reference identifier (RFC 7672 2.2.1)");
     for (const auto& h : e.route->hosts) {
       const TlsaLookup* t = tlsaFor(e, h.name);
       if (!t) {

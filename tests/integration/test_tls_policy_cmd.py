@@ -3,13 +3,13 @@ serving the DNSSEC test bed (peers.DnssecTestbed) plus static zones, and
 peers.HttpsPolicyServer for the MTA-STS policies (certificates from the test CA, trusted
 through delivery.tls_ca_file as delivery trusts them).
 
-Cases: signed.test (secure MX, usable TLSA) -> dane; unsigned.test -> opportunistic;
-enforce.test (MTA-STS enforce listing its MX) -> mta-sts enforce; testing.test -> mta-sts
-testing; override.test (tls_policy_overrides) -> override; partner.test (relay_overrides) ->
-relay, without DNS; delivery.dnssec false -> the AD bit is not trusted; a domain that does not
-exist, a dead resolver -> exit 1; a TLSA
-SERVFAIL (bogus.test) -> the host unusable; --json; usage errors; --help. No serve runs, and the command writes no
-queue database."""
+Cases: signed.test (secure MX, usable TLSA) -> dane; hosted.test (unsigned, its MX host in
+signed.test) -> dane; unsigned.test -> opportunistic; enforce.test (MTA-STS enforce listing its
+MX) -> mta-sts enforce; testing.test -> mta-sts testing; override.test (tls_policy_overrides)
+-> override; partner.test (relay_overrides) and an account's relay -> relay, without DNS;
+delivery.dnssec false -> the AD bit is not trusted; bogus.test (TLSA SERVFAIL) -> the host is
+unusable; a domain that does not exist and a dead resolver -> exit 1; --json; usage errors;
+--help. No serve runs, and the command writes no queue database."""
 
 import json
 import os
@@ -39,6 +39,10 @@ def setUpModule():
         extra += peers.static_mail_zone(domain, ip, WEB.ip, sts_id=mode)
         getattr(WEB, mode)(domain, [f"mx.{domain}"])
     extra += peers.static_mail_zone("override.test", "127.0.0.55")
+    # An unsigned domain whose MX host is in the signed zone (RFC 7672 2.2.1: DANE still).
+    extra += ['local-zone: "hosted.test." static',
+              'local-data: "hosted.test. 300 IN SOA ns.hosted.test. admin.hosted.test. 1 3600 600 86400 30"',
+              'local-data: "hosted.test. 300 IN MX 10 mx.signed.test."']
     DNS = peers.Unbound(BED.zones(extra_local=extra), validate=True)
 
 
@@ -96,9 +100,16 @@ class TlsPolicyCommand(unittest.TestCase):
         self.assertTrue(j["tlsa"][0]["records"][0]["usable"])
         self.assertEqual([(h["host"], h["policy"]) for h in j["hosts"]], [("mx.signed.test", "dane")])
 
+    def test_insecure_mx_to_a_signed_host_is_dane(self):
+        out = self.text("hosted.test")
+        self.assertIn("3. MX route: ok, MX RRset not DNSSEC-secure", out)
+        self.assertIn("MX 10 mx.signed.test: 127.0.0.31 (secure)", out)
+        self.assertIn("only the MX host name is a reference identifier", out)
+        self.assertTrue(out.endswith("policy: dane\n"), out)
+
     def test_unsigned_zone_is_opportunistic(self):
         out = self.text("unsigned.test")
-        self.assertIn("4. DANE: no: the MX RRset is not DNSSEC-secure", out)
+        self.assertIn("4. DANE: no: no MX host has DNSSEC-secure address records", out)
         self.assertIn("_mta-sts.unsigned.test TXT: nxdomain", out)
         self.assertIn("no policy (none)", out)
         self.assertTrue(out.endswith("policy: opportunistic\n"), out)

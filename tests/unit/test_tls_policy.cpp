@@ -359,7 +359,7 @@ TEST_CASE("tls-policy explain: an unsigned zone without MTA-STS -> delivery.tls"
   });
   CHECK(e.policy == "required");
   const std::string text = renderText(e);
-  CHECK(contains(text, "4. DANE: no: the MX RRset is not DNSSEC-secure"));
+  CHECK(contains(text, "4. DANE: no: no MX host has DNSSEC-secure address records"));
   CHECK(contains(text, "_mta-sts.unsigned.test TXT: nxdomain"));
   CHECK(contains(text, "no policy (none)"));
   CHECK(contains(text, "mx.unsigned.test: required: delivery.tls: no DANE or MTA-STS policy applies"));
@@ -455,4 +455,18 @@ TEST_CASE("tls-policy explain: an address literal has its route without DNS and 
   finishExplanation(e);
   CHECK(contains(e.error, "refused at RCPT"));
   CHECK(e.policy.empty());
+}
+
+TEST_CASE("tls-policy explain: an insecure MX RRset, an MX host with secure addresses -> dane") {
+  Route r = routeOf({"mx.provider.example"}, false);
+  r.hosts[0].addressesSecure = true;
+  TlsExplanation e = explainWith(explainSettings(true, false), false, "hosted.example", r, [](TlsExplanation& e) {
+    REQUIRE(e.tlsaHosts == std::vector<std::string>{"mx.provider.example"});
+    e.inputs.tlsa[0] = secureTlsa("mx.provider.example", {daneEe()});
+  });
+  CHECK(e.policy == "dane");
+  const std::string text = renderText(e);
+  CHECK(contains(text, "MX RRset not DNSSEC-secure"));
+  CHECK(contains(text, "only the MX host name is a reference identifier"));
+  CHECK(contains(text, "_25._tcp.mx.provider.example TLSA: ok, secure"));
 }
