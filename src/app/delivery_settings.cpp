@@ -76,8 +76,8 @@ DeliverySettings deliverySettingsFrom(const config::Config& cfg) {
   s.stsGetter = stsGetterSettingsFrom(cfg);
   d.recipientTlsPolicy = s.dnssec || s.mtaSts;
   d.trustDnssec = s.dnssec;
-  if (const auto& t = cfg.delivery.tlsRpt; t.enabled && d.recipientTlsPolicy) {
-    s.tlsRptMaxDelay = t.maxDelay.count();
+  if (const auto& rpt = cfg.delivery.tlsRpt; rpt.enabled && d.recipientTlsPolicy) {
+    s.tlsRptMaxDelay = rpt.maxDelay.count();
     d.tlsRpt = true;
   }
   return s;

@@ -292,15 +292,15 @@ TEST_CASE("tls-policy explain: tls_policy_overrides wins over DANE and MTA-STS")
 
 TEST_CASE("tls-policy explain: a secure MX with a usable TLSA record -> dane") {
   SchedulerSettings s = explainSettings();
-  TlsExplanation e = explainWith(s, true, "signed.test", routeOf({"mx.signed.test"}, true), [](TlsExplanation& e) {
-    REQUIRE(e.tlsaHosts == std::vector<std::string>{"mx.signed.test"});
-    REQUIRE(e.inputs.tlsa.size() == 1);
-    CHECK(e.inputs.tlsa[0].status == dns::Status::Timeout);  // placeholder until answered
-    e.inputs.tlsa[0] = secureTlsa("mx.signed.test", {daneEe()});
-    e.sts.txtAnswered = true;
-    e.sts.txtStatus = dns::Status::NxDomain;
-    e.sts.answered = true;
-    e.sts.source = "none";
+  TlsExplanation e = explainWith(s, true, "signed.test", routeOf({"mx.signed.test"}, true), [](TlsExplanation& x) {
+    REQUIRE(x.tlsaHosts == std::vector<std::string>{"mx.signed.test"});
+    REQUIRE(x.inputs.tlsa.size() == 1);
+    CHECK(x.inputs.tlsa[0].status == dns::Status::Timeout);  // placeholder until answered
+    x.inputs.tlsa[0] = secureTlsa("mx.signed.test", {daneEe()});
+    x.sts.txtAnswered = true;
+    x.sts.txtStatus = dns::Status::NxDomain;
+    x.sts.answered = true;
+    x.sts.source = "none";
   });
   REQUIRE(e.decision);
   CHECK(e.decision->hosts[0].tls == HostTls::Dane);
@@ -320,8 +320,8 @@ TEST_CASE("tls-policy explain: a secure MX with a usable TLSA record -> dane") {
 
 TEST_CASE("tls-policy explain: only unusable TLSA records -> dane without authentication") {
   TlsExplanation e = explainWith(explainSettings(true, false), false, "signed.test", routeOf({"mx.signed.test"}, true),
-                                 [](TlsExplanation& e) {
-                                   e.inputs.tlsa[0] = secureTlsa("mx.signed.test", {{0, 0, 1, {1, 2, 3}}});
+                                 [](TlsExplanation& x) {
+                                   x.inputs.tlsa[0] = secureTlsa("mx.signed.test", {{0, 0, 1, {1, 2, 3}}});
                                  });
   CHECK(e.policy == "dane");
   const std::string text = renderText(e);
@@ -332,9 +332,9 @@ TEST_CASE("tls-policy explain: only unusable TLSA records -> dane without authen
 
 TEST_CASE("tls-policy explain: delivery.dnssec false -> the AD bit is not trusted, no DANE") {
   SchedulerSettings s = explainSettings(false, true);
-  TlsExplanation e = explainWith(s, true, "signed.test", routeOf({"mx.signed.test"}, true), [](TlsExplanation& e) {
-    e.sts.answered = true;
-    e.sts.source = "none";
+  TlsExplanation e = explainWith(s, true, "signed.test", routeOf({"mx.signed.test"}, true), [](TlsExplanation& x) {
+    x.sts.answered = true;
+    x.sts.source = "none";
   });
   CHECK(e.dnsRoute->mxSecure);  // as the resolver said
   CHECK_FALSE(e.route->mxSecure);  // as delivery uses it
@@ -350,12 +350,12 @@ TEST_CASE("tls-policy explain: delivery.dnssec false -> the AD bit is not truste
 TEST_CASE("tls-policy explain: an unsigned zone without MTA-STS -> delivery.tls") {
   SchedulerSettings s = explainSettings();
   s.tls = TlsPolicy::Required;
-  TlsExplanation e = explainWith(s, true, "unsigned.test", routeOf({"mx.unsigned.test"}, false), [](TlsExplanation& e) {
-    CHECK(e.tlsaHosts.empty());
-    e.sts.txtAnswered = true;
-    e.sts.txtStatus = dns::Status::NxDomain;
-    e.sts.answered = true;
-    e.sts.source = "none";
+  TlsExplanation e = explainWith(s, true, "unsigned.test", routeOf({"mx.unsigned.test"}, false), [](TlsExplanation& x) {
+    CHECK(x.tlsaHosts.empty());
+    x.sts.txtAnswered = true;
+    x.sts.txtStatus = dns::Status::NxDomain;
+    x.sts.answered = true;
+    x.sts.source = "none";
   });
   CHECK(e.policy == "required");
   const std::string text = renderText(e);
@@ -403,10 +403,10 @@ TEST_CASE("tls-policy explain: MTA-STS enforce, testing, and an enforce policy l
 TEST_CASE("tls-policy explain: a TLSA lookup error makes that host unusable, as in delivery") {
   SchedulerSettings s = explainSettings(true, false);
   TlsExplanation e = explainWith(s, false, "signed.test", routeOf({"mx1.signed.test", "mx2.signed.test"}, true),
-                                 [](TlsExplanation& e) {
-                                   REQUIRE(e.inputs.tlsa.size() == 2);
-                                   e.inputs.tlsa[0].status = dns::Status::ServFail;
-                                   e.inputs.tlsa[1] = {"mx2.signed.test", dns::Status::NxDomain, true, {}};
+                                 [](TlsExplanation& x) {
+                                   REQUIRE(x.inputs.tlsa.size() == 2);
+                                   x.inputs.tlsa[0].status = dns::Status::ServFail;
+                                   x.inputs.tlsa[1] = {"mx2.signed.test", dns::Status::NxDomain, true, {}};
                                  });
   CHECK(e.decision->hosts[0].tls == HostTls::Unusable);
   CHECK(e.policy == "opportunistic");
@@ -460,9 +460,9 @@ TEST_CASE("tls-policy explain: an address literal has its route without DNS and 
 TEST_CASE("tls-policy explain: an insecure MX RRset, an MX host with secure addresses -> dane") {
   Route r = routeOf({"mx.provider.example"}, false);
   r.hosts[0].addressesSecure = true;
-  TlsExplanation e = explainWith(explainSettings(true, false), false, "hosted.example", r, [](TlsExplanation& e) {
-    REQUIRE(e.tlsaHosts == std::vector<std::string>{"mx.provider.example"});
-    e.inputs.tlsa[0] = secureTlsa("mx.provider.example", {daneEe()});
+  TlsExplanation e = explainWith(explainSettings(true, false), false, "hosted.example", r, [](TlsExplanation& x) {
+    REQUIRE(x.tlsaHosts == std::vector<std::string>{"mx.provider.example"});
+    x.inputs.tlsa[0] = secureTlsa("mx.provider.example", {daneEe()});
   });
   CHECK(e.policy == "dane");
   const std::string text = renderText(e);
