@@ -530,7 +530,7 @@ class ConfigReader {
     v_.rejectUnknown(
         root, "",
         {"hostname", "data_dir", "tls", "listeners", "limits", "accounts", "dkim", "delivery", "retention", "log_level",
-         "log", "metrics", "workers"});
+         "log", "metrics", "workers", "idempotency"});
 
     if (const Json* h = v_.require(root, "", "hostname")) {
       std::string name;
@@ -566,6 +566,7 @@ class ConfigReader {
     cfg_.delivery.retrySchedule = defaultRetrySchedule();
     if (const Json* d = Validator::find(root, "delivery")) readDelivery(*d);
     if (const Json* r = Validator::find(root, "retention")) readRetention(*r);
+    if (const Json* i = Validator::find(root, "idempotency")) readIdempotency(*i);
     // log_level is the older spelling of log.level; both may not be given.
     if (const Json* l = Validator::find(root, "log_level")) {
       v_.oneOf<std::string>(*l, "log_level",
@@ -1068,6 +1069,36 @@ class ConfigReader {
       v_.fail(p + ".finished_bodies", "expected a duration not longer than retention.history (" +
                                           (history ? describe(*history) : std::string("\"30d\"")) + "), got " +
                                           describe(*bodies) + " (a message's body is deleted with its history)");
+  }
+
+  void readIdempotency(const Json& o) {
+    const std::string p = "idempotency";
+    if (!v_.object(o, p)) return;
+    v_.rejectUnknown(o, p, {"header", "window"});
+    Idempotency& i = cfg_.idempotency;
+    if (const Json* h = Validator::find(o, "header")) {
+      std::string name;
+      if (v_.string(*h, p + ".header", name)) {
+        // RFC 5322 3.6.8: field-name = 1*ftext, ftext = %d33-57 / %d59-126 (no ':').
+        bool ok = name.size() <= 76;  // and short enough for one line with a value
+        for (char c : name) ok = ok && c >= 33 && c <= 126 && c != ':';
+        if (ok)
+          i.header = name;
+        else
+          v_.fail(p + ".header", "expected a header field name such as \"Idempotency-Key\" (printable ASCII "
+                                 "without spaces or ':', RFC 5322 3.6.8, at most 76 characters), got " +
+                                     describe(*h));
+      }
+    }
+    if (const Json* w = Validator::find(o, "window")) {
+      std::chrono::seconds window{0};
+      if (v_.duration(*w, p + ".window", window)) {
+        if (window > kMaxIdempotencyWindow)
+          v_.fail(p + ".window", "expected a duration of at most \"30d\", got " + describe(*w));
+        else
+          i.window = window;
+      }
+    }
   }
 
   bool readDeliveryTls(const Json& v, const std::string& p, DeliveryTls& out) {

@@ -191,6 +191,15 @@ struct Retention {
   std::chrono::seconds captured{7 * 24 * 3600};
 };
 
+// idempotency: idempotent submission (issue 13). A message whose header field `header`
+// carries a key the same account used within `window` is answered 250 with the first
+// message's queue id and not stored again; the field is removed before storing.
+struct Idempotency {
+  std::string header = "Idempotency-Key";  // idempotency.header: a field name (RFC 5322 ftext)
+  std::chrono::seconds window{24 * 3600};  // idempotency.window: > 0, at most 30 days
+};
+inline constexpr std::chrono::seconds kMaxIdempotencyWindow{30 * 24 * 3600};
+
 // log: how events reach stderr. format "text" (one "LEVEL component: event k=v" line) or
 // "json" (one object per line with stable field names, docs/operations.md).
 struct Log {
@@ -216,6 +225,7 @@ struct Config {
   std::vector<DkimKey> dkim;
   Delivery delivery;
   Retention retention;
+  Idempotency idempotency;
   Log log;
   Metrics metrics;
   uint32_t workers = 0;  // event-loop threads; 0 = one per core

@@ -202,6 +202,8 @@ TEST_CASE("defaults") {
   CHECK(c.retention.finishedBodies == 0s);
   CHECK(c.retention.history == 30 * 24h);
   CHECK(c.retention.captured == 7 * 24h);
+  CHECK(c.idempotency.header == "Idempotency-Key");
+  CHECK(c.idempotency.window == 24h);
 }
 
 TEST_CASE("JSON syntax errors: one error with line, column and byte") {
@@ -700,6 +702,40 @@ TEST_CASE("delivery") {
   expectError(parse(withTop(R"(, "delivery": {"resolvers": []})")), "delivery.resolvers", "/etc/resolv.conf");
   expectError(parse(withTop(R"(, "delivery": {"tls_policy_overrides": ["example.com"]})")),
               "delivery.tls_policy_overrides", "expected an object");
+}
+
+TEST_CASE("idempotency") {
+  SUBCASE("valid") {
+    LoadResult r = parse(withTop(R"(, "idempotency": {"header": "X-Submission-Key", "window": "2h"})"));
+    expectOk(r);
+    CHECK(r.config->idempotency.header == "X-Submission-Key");
+    CHECK(r.config->idempotency.window == 2h);
+    LoadResult w = parse(withTop(R"(, "idempotency": {"window": "30d"})"));
+    expectOk(w);
+    CHECK(w.config->idempotency.header == "Idempotency-Key");
+    CHECK(w.config->idempotency.window == 30 * 24h);
+  }
+  SUBCASE("the header is a field name") {
+    expectError(parse(withTop(R"(, "idempotency": {"header": "Idempotency Key"})")), "idempotency.header",
+                R"(expected a header field name such as "Idempotency-Key")");
+    expectError(parse(withTop(R"(, "idempotency": {"header": "Key:"})")), "idempotency.header", "got \"Key:\"");
+    expectError(parse(withTop(R"(, "idempotency": {"header": "Schl\u00fcssel"})")), "idempotency.header",
+                "RFC 5322 3.6.8");
+    expectError(parse(withTop(R"(, "idempotency": {"header": ""})")), "idempotency.header", "non-empty");
+    expectError(parse(withTop(R"(, "idempotency": {"header": 1})")), "idempotency.header", "expected a string");
+  }
+  SUBCASE("the window is a duration over zero, at most 30 days") {
+    expectError(parse(withTop(R"(, "idempotency": {"window": "0s"})")), "idempotency.window",
+                "expected a duration greater than zero");
+    expectError(parse(withTop(R"(, "idempotency": {"window": "31d"})")), "idempotency.window",
+                R"(at most "30d", got "31d")");
+    expectError(parse(withTop(R"(, "idempotency": {"window": "1h30m"})")), "idempotency.window",
+                "expected a duration such as");
+  }
+  SUBCASE("unknown keys and wrong types are refused") {
+    expectError(parse(withTop(R"(, "idempotency": {"enabled": true})")), "idempotency.enabled", "unknown key");
+    expectError(parse(withTop(R"(, "idempotency": "24h")")), "idempotency", "expected an object");
+  }
 }
 
 TEST_CASE("retention") {
