@@ -17,11 +17,49 @@ CleanupResult refuse(int code, const char* enhanced, std::string text) {
   return r;
 }
 
+// The idempotency key: the value unfolded (CRLFs dropped, RFC 5322 2.2.3) and without the
+// white space around it; "" when it is not 1..kMaxIdempotencyKey printable ASCII characters.
+std::string idempotencyKey(std::string_view raw) {
+  std::string v;
+  v.reserve(raw.size());
+  for (char c : raw)
+    if (c != '\r' && c != '\n') v += c == '\t' ? ' ' : c;
+  const size_t b = v.find_first_not_of(' ');
+  if (b == std::string::npos) return {};
+  v = v.substr(b, v.find_last_not_of(' ') - b + 1);
+  if (v.size() > kMaxIdempotencyKey) return {};
+  for (char c : v)
+    if (c < 0x20 || c > 0x7e) return {};
+  return v;
+}
+
 }  // namespace
 
 CleanupResult cleanup(std::string_view content, const CleanupRequest& req) {
   // One scan of the header section; the fix-ups below reuse it.
-  const message::HeaderBlock headers = message::scanHeaders(content);
+  message::HeaderBlock headers = message::scanHeaders(content);
+
+  // Idempotent submission: the key goes to the queue, the field does not (it is a word
+  // between the client and us). One field at most: two could disagree. Only a message
+  // that has the field pays for taking it out (a copy and a second scan).
+  std::string key;
+  std::string withoutKey;
+  if (!req.idempotencyHeader.empty()) {
+    const size_t n = message::countFields(headers, req.idempotencyHeader);
+    if (n > 1)
+      return refuse(550, "5.6.0", "Message has more than one " + req.idempotencyHeader + " header field");
+    if (n == 1) {
+      const message::HeaderField& f = *message::findField(headers, req.idempotencyHeader);
+      key = idempotencyKey(f.value);
+      if (key.empty())
+        return refuse(550, "5.6.0", "The " + req.idempotencyHeader + " header field must hold 1 to " +
+                                        std::to_string(kMaxIdempotencyKey) + " printable ASCII characters");
+      withoutKey.reserve(content.size() - f.length);
+      withoutKey.append(content.substr(0, f.offset)).append(content.substr(f.offset + f.length));
+      content = withoutKey;
+      headers = message::scanHeaders(content);
+    }
+  }
 
   // RFC 6409 8.1: the MSA may check that the submitter is allowed to use the addresses
   // it claims; we require it of every From mailbox and of Sender.
@@ -76,6 +114,7 @@ CleanupResult cleanup(std::string_view content, const CleanupRequest& req) {
   // (No '@': toAscii("") is "", the same as no signing domain.)
   if (auto d = idna::toAscii(util::domainPart(first))) r.signingDomain = std::move(*d);
   r.content = message::applySubmissionFixups(content, headers, req.trace);
+  r.idempotencyKey = std::move(key);
   return r;
 }
 

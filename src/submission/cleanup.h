@@ -6,6 +6,8 @@
 //  - 8.2/8.3 and RFC 5321 4.4: Date and Message-ID when missing, our Received on top
 //    (message/fixups.h);
 //  - which domain signs (RFC 6376 3.5: the From domain, in its A-label form);
+//  - the idempotency key (config idempotency.header, "Idempotency-Key"): taken out of
+//    the message, checked, and handed to the queue, which stores a repeat only once;
 //  - whether the message needs SMTPUTF8 downstream (RFC 6531 3.4): only when the
 //    envelope or the header section has non-ASCII octets, whatever the client said at
 //    MAIL (Go's net/smtp, for one, flags every message).
@@ -32,7 +34,14 @@ struct CleanupRequest {
   std::function<bool(std::string_view address)> owns;
   message::TraceInfo trace;                   // for the Received field and Message-ID
   bool requireTls = false;                    // MAIL FROM ... REQUIRETLS (RFC 8689)
+  // idempotency.header: the field that carries the client's idempotency key (compared
+  // case-insensitively); "" = none is looked for.
+  std::string idempotencyHeader = "Idempotency-Key";
 };
+
+// An idempotency key is 1..kMaxIdempotencyKey printable ASCII characters (SP allowed
+// inside), after unfolding and trimming the white space around it.
+inline constexpr size_t kMaxIdempotencyKey = 200;
 
 struct CleanupResult {
   bool ok = false;
@@ -48,6 +57,9 @@ struct CleanupResult {
   // "TLS-Required: No" tags it as TLS-optional (the header stays in the message).
   bool tlsRequired = false;
   bool tlsOptional = false;
+  // The field idempotencyHeader's value, unfolded and trimmed; "" when there is none. The
+  // field itself is not in `content`.
+  std::string idempotencyKey;
 };
 
 CleanupResult cleanup(std::string_view content, const CleanupRequest& request);

@@ -21,6 +21,7 @@ Verdict decide(std::string_view content, const StoreRequest& request) {
   v.smtputf8 = r.smtputf8;
   v.tlsRequired = r.tlsRequired;
   v.tlsOptional = r.tlsOptional;
+  v.idempotencyKey = std::move(r.idempotencyKey);
   // RFC 6376 3.5: the signing domain is the header From domain (cleanup gives it as a
   // lower-case A-label, the form the key ring is keyed by); subdomains only with their
   // own key. No keys for it: the message goes unsigned.

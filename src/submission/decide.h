@@ -48,6 +48,7 @@ struct Verdict {
   bool smtputf8 = false;      // needs SMTPUTF8 at the next hop
   bool tlsRequired = false;   // RFC 8689 (CleanupResult)
   bool tlsOptional = false;
+  std::string idempotencyKey;  // "" = none (CleanupResult)
   std::string signingDomain;  // set with `keys`
   const std::vector<dkim::SignerKey>* keys = nullptr;  // sign with these; null: unsigned
 

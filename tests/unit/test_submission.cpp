@@ -315,3 +315,72 @@ TEST_CASE("cleanup: REQUIRETLS and the TLS-Required header (RFC 8689 3, 4.1)") {
   checkRefused("From: orders@shop.test\r\nTLS-Required: Yes\r\n\r\nb\r\n", "5.6.0",
                "The TLS-Required header field takes only the value \"No\" (RFC 8689 3)");
 }
+
+TEST_CASE("cleanup: the idempotency key is taken out of the message") {
+  // Date and Message-ID present: the fix-ups add nothing random, so contents compare.
+  const std::string head = "From: orders@shop.test\r\nDate: Mon, 1 Dec 2026 10:00:00 +0000\r\n";
+  const std::string tail = "Message-ID: <1@shop.test>\r\nSubject: hi\r\n\r\nbody\r\nIdempotency-Key: in the body\r\n";
+  const auto plain = cleanup(head + tail, request());
+  REQUIRE(plain.ok);
+  CHECK(plain.idempotencyKey.empty());
+
+  SUBCASE("present: the key, and the stored bytes are the message without the field") {
+    auto r = cleanup(head + "Idempotency-Key: ci-run-42/job-7\r\n" + tail, request());
+    REQUIRE(r.ok);
+    CHECK(r.idempotencyKey == "ci-run-42/job-7");
+    CHECK(r.content == plain.content);
+    CHECK(r.content.find("Idempotency-Key: in the body") != std::string::npos);  // the body is not touched
+  }
+  SUBCASE("first or last field, name in any case, folded value") {
+    auto first = cleanup("idempotency-KEY:   abc  \r\n" + head + tail, request());
+    REQUIRE(first.ok);
+    CHECK(first.idempotencyKey == "abc");
+    CHECK(first.content == plain.content);
+    auto folded = cleanup(head + tail.substr(0, tail.find("\r\n\r\n") + 2) + "Idempotency-Key:\r\n\tabc\r\n def\r\n\r\nbody\r\n",
+                          request());
+    REQUIRE(folded.ok);
+    CHECK(folded.idempotencyKey == "abc def");
+    CHECK(folded.content.find("abc") == std::string::npos);
+    CHECK(folded.content.find("\r\n\r\nbody\r\n") != std::string::npos);
+  }
+  SUBCASE("exactly 200 characters is allowed") {
+    auto r = cleanup(head + "Idempotency-Key: " + std::string(200, 'k') + "\r\n" + tail, request());
+    REQUIRE(r.ok);
+    CHECK(r.idempotencyKey == std::string(200, 'k'));
+  }
+  SUBCASE("a malformed key or two fields are refused") {
+    const std::string malformed = "The Idempotency-Key header field must hold 1 to 200 printable ASCII characters";
+    checkRefused(head + "Idempotency-Key:\r\n" + tail, "5.6.0", malformed);
+    checkRefused(head + "Idempotency-Key:  \r\n \r\n" + tail, "5.6.0", malformed);
+    checkRefused(head + "Idempotency-Key: " + std::string(201, 'k') + "\r\n" + tail, "5.6.0", malformed);
+    checkRefused(head + "Idempotency-Key: cl\xc3\xa9\r\n" + tail, "5.6.0", malformed);
+    checkRefused(head + "Idempotency-Key: a\x01" "b\r\n" + tail, "5.6.0", malformed);
+    checkRefused(head + "Idempotency-Key: a\r\nIDEMPOTENCY-KEY: a\r\n" + tail, "5.6.0",
+                 "Message has more than one Idempotency-Key header field");
+  }
+  SUBCASE("a configured name replaces the default") {
+    CleanupRequest req = request();
+    req.idempotencyHeader = "X-Submission-Key";
+    auto custom = cleanup(head + "x-submission-key: k1\r\n" + tail, req);
+    REQUIRE(custom.ok);
+    CHECK(custom.idempotencyKey == "k1");
+    CHECK(custom.content == plain.content);
+    // The default name is then an ordinary field: kept, not a key.
+    auto other = cleanup(head + "Idempotency-Key: k2\r\n" + tail, req);
+    REQUIRE(other.ok);
+    CHECK(other.idempotencyKey.empty());
+    CHECK(other.content.find("Idempotency-Key: k2\r\n") != std::string::npos);
+    req.idempotencyHeader.clear();  // none looked for
+    auto off = cleanup(head + "Idempotency-Key: k2\r\nIdempotency-Key: k3\r\n" + tail, req);
+    REQUIRE(off.ok);
+    CHECK(off.idempotencyKey.empty());
+  }
+  SUBCASE("decide() hands the key on") {
+    StoreRequest sr;
+    sr.cleanup = request();
+    auto v = decide(head + "Idempotency-Key: abc\r\n" + tail, sr);
+    REQUIRE_FALSE(v.refused());
+    CHECK(v.idempotencyKey == "abc");
+    CHECK(v.content == plain.content);
+  }
+}
