@@ -35,6 +35,7 @@ std::chrono::milliseconds Pruner::run(const RetentionPolicy& policy) {
     st.counts.bodiesRemoved += counts->bodiesRemoved;
     st.counts.finishedDeleted += counts->finishedDeleted;
     st.counts.capturedDeleted += counts->capturedDeleted;
+    st.counts.keysDeleted += counts->keysDeleted;
     st.pages += pages;
     st.sumPrune += t1 - t0;
     st.maxPrune = std::max(st.maxPrune, t1 - t0);
@@ -52,6 +53,7 @@ std::chrono::milliseconds Pruner::run(const RetentionPolicy& policy) {
                         " s: " + std::to_string(st.batches) + " batches, " + std::to_string(st.counts.bodiesRemoved) +
                         " bodies removed, " + std::to_string(st.counts.finishedDeleted) + " finished and " +
                         std::to_string(st.counts.capturedDeleted) + " captured messages deleted, " +
+                        std::to_string(st.counts.keysDeleted) + " idempotency keys forgotten, " +
                         std::to_string(st.pages) + " pages released; " + times);
     }
     st = Stats{};

@@ -217,6 +217,22 @@ CREATE TABLE tlsrpt_reports (
 ) WITHOUT ROWID;
 )sql";
 
+// Version 9: idempotent submission (issue 13). idempotency_keys: the first message
+// stored for an account's Idempotency-Key (idempotency.header), written in the
+// transaction that inserts it; a later submission with the same key within
+// idempotency.window stores nothing and gets this message_id. created_at (the first
+// message's received_at) serves the window and retention's pruning of older rows.
+constexpr const char* kV9 = R"sql(
+CREATE TABLE idempotency_keys (
+  account    TEXT    NOT NULL,
+  key        TEXT    NOT NULL,
+  message_id TEXT    NOT NULL,
+  created_at INTEGER NOT NULL,
+  PRIMARY KEY (account, key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
@@ -226,6 +242,7 @@ constexpr Migration kMigrations[] = {
     {6, kV6},
     {7, kV7},
     {8, kV8},
+    {9, kV9},
 };
 
 }  // namespace

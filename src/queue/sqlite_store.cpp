@@ -98,6 +98,7 @@ struct SqliteStore::Statements {
   Stmt begin, beginRead, commit, rollback;
   Stmt savepoint, release, rollbackTo;
   Stmt insertMessage, insertRecipient;
+  Stmt findIdempotencyKey, saveIdempotencyKey, pruneIdempotencyKeys;
   Stmt listAll, showOne, showAttempts, content, count, exists;
   // delivery
   Stmt dueRows, lease, recordRecipient, insertAttempt, recipientRequest, releaseBounce, releaseLease, nextDue;
@@ -304,6 +305,16 @@ constexpr const char* kPruneHistory =
 constexpr const char* kUnprunedRows =
     "SELECT message_id FROM finished INDEXED BY finished_unpruned "
     "WHERE captured = 0 AND content_pruned = 0 AND finished_at <= ?1 ORDER BY finished_at LIMIT ?2";
+// Idempotent submission: the primary key (account, key) answers the lookup; the upsert
+// replaces a row whose window has passed. Pruned oldest first through created_at.
+constexpr const char* kFindIdempotencyKey =
+    "SELECT message_id FROM idempotency_keys WHERE account = ?1 AND key = ?2 AND created_at >= ?3";
+constexpr const char* kSaveIdempotencyKey =
+    "INSERT INTO idempotency_keys (account, key, message_id, created_at) VALUES (?1, ?2, ?3, ?4) "
+    "ON CONFLICT (account, key) DO UPDATE SET message_id = excluded.message_id, created_at = excluded.created_at";
+constexpr const char* kPruneIdempotencyKeys =
+    "DELETE FROM idempotency_keys WHERE (account, key) IN (SELECT account, key FROM idempotency_keys "
+    "WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)";
 constexpr const char* kEmptyContent = "UPDATE messages SET content = x'' WHERE id = ?1";
 constexpr const char* kSetPruned = "UPDATE finished SET content_pruned = 1 WHERE message_id = ?1";
 #undef SUBRELAY_DELIVERABLE
@@ -586,6 +597,9 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.unprunedRows, kUnprunedRows},
       {&s.emptyContent, kEmptyContent},
       {&s.setPruned, kSetPruned},
+      {&s.findIdempotencyKey, kFindIdempotencyKey},
+      {&s.saveIdempotencyKey, kSaveIdempotencyKey},
+      {&s.pruneIdempotencyKeys, kPruneIdempotencyKeys},
   };
   for (const auto& p : preps) {
     sqlite3_stmt* st = nullptr;
@@ -652,6 +666,19 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
       return "cannot store message " + m.id + ": " + sqlite3_errmsg(db_);
     }
   }
+  if (!m.idempotencyKey.empty()) {
+    // In the message's savepoint: the key is recorded exactly when the message is.
+    Use u(s.saveIdempotencyKey);
+    sqlite3_stmt* st = u.get();
+    bindText(st, 1, m.account);
+    bindText(st, 2, m.idempotencyKey);
+    bindText(st, 3, m.id);
+    sqlite3_bind_int64(st, 4, m.receivedAt);
+    if (sqlite3_step(st) != SQLITE_DONE) {
+      lastOutOfSpace_ = outOfSpace(db_);
+      return "cannot store the idempotency key of " + m.id + ": " + sqlite3_errmsg(db_);
+    }
+  }
   return {};
 }
 
@@ -677,6 +704,19 @@ std::vector<util::Result<std::string>> SqliteStore::insertBatch(const std::vecto
   auto insertOne = [&](const NewMessage& m) -> util::Result<std::string> {
     if (m.id.empty()) return util::makeError("message has no queue id");
     if (m.recipients.empty()) return util::makeError("message " + m.id + " has no recipients");
+    if (!m.idempotencyKey.empty()) {
+      // The same key from the same account within the window, committed before or earlier
+      // in this transaction: that message's id, and nothing stored. Only messages with a
+      // key pay for this lookup (one primary-key probe).
+      Use u(s.findIdempotencyKey);
+      sqlite3_stmt* st = u.get();
+      bindText(st, 1, m.account);
+      bindText(st, 2, m.idempotencyKey);
+      sqlite3_bind_int64(st, 3, m.receivedAt - m.idempotencyWindow);
+      const int rc = sqlite3_step(st);
+      if (rc == SQLITE_ROW) return columnText(st, 0);
+      if (rc != SQLITE_DONE) return dbError("cannot look up the idempotency key of " + m.id);
+    }
     if (run(s.savepoint) != SQLITE_DONE) return dbError("cannot create savepoint");
     lastOutOfSpace_ = false;
     std::string failure = insertMessageLocked(m);
@@ -695,7 +735,8 @@ std::vector<util::Result<std::string>> SqliteStore::insertBatch(const std::vecto
   bool any = false;
   for (const auto& m : batch) {
     out.push_back(insertOne(m));
-    any = any || out.back().ok();
+    // A repeated idempotency key stores nothing (its result is another message's id).
+    any = any || (out.back().ok() && out.back().value() == m.id);
     // Some errors (SQLITE_FULL, IOERR, NOMEM) roll back the whole transaction, not just
     // the statement. Then earlier messages are gone too, and the next SAVEPOINT would
     // silently open a fresh transaction: stop and fail the batch.
@@ -1174,6 +1215,9 @@ util::Result<PruneCounts> SqliteStore::prune(int64_t now, const RetentionPolicy&
   if (auto r = remove(s.pruneCaptured, now - policy.captured, out.capturedDeleted, "captured messages"); !r)
     return r.error();
   if (auto r = remove(s.pruneHistory, now - policy.history, out.finishedDeleted, "finished messages"); !r)
+    return r.error();
+  // Keys whose window has passed answer no lookup any more (kFindIdempotencyKey).
+  if (auto r = remove(s.pruneIdempotencyKeys, now - policy.idempotencyKeys, out.keysDeleted, "idempotency keys"); !r)
     return r.error();
   if (budget() > 0) {
     std::vector<std::string> ids;

@@ -157,7 +157,7 @@ class SqliteStore final : public Store, public DeliveryQueue {
   util::Result<int64_t> pruneTlsRpt(int64_t beforeDay);
 
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 8;
+  static constexpr int kSchemaVersion = 9;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);

@@ -78,6 +78,11 @@ struct NewMessage {
   std::string tlsVersion;               // "" when no TLS
   std::string tlsCipher;
   int64_t receivedAt = 0;               // unix seconds
+  // Idempotent submission (idempotency.*): the client's key ("" = none). When the account
+  // stored a message with the same key at or after receivedAt - idempotencyWindow, this
+  // one is not stored and insertBatch() returns that message's id instead of `id`.
+  std::string idempotencyKey;
+  int64_t idempotencyWindow = 0;        // seconds
 };
 
 struct RecipientInfo {
@@ -260,6 +265,7 @@ struct RetentionPolicy {
   int64_t finishedBodies = 0;          // after finished_at: content removed
   int64_t history = 30 * 24 * 3600;    // after finished_at: the message deleted
   int64_t captured = 7 * 24 * 3600;    // after received_at: a captured message deleted
+  int64_t idempotencyKeys = 24 * 3600; // idempotency.window: after created_at, a key forgotten
 };
 
 // What one prune() batch did, in messages.
@@ -267,7 +273,8 @@ struct PruneCounts {
   int64_t bodiesRemoved = 0;     // finished messages whose content was emptied
   int64_t finishedDeleted = 0;   // finished messages deleted with their history
   int64_t capturedDeleted = 0;   // captured messages deleted
-  int64_t rows() const { return bodiesRemoved + finishedDeleted + capturedDeleted; }
+  int64_t keysDeleted = 0;       // idempotency keys older than the window (rows, not messages)
+  int64_t rows() const { return bodiesRemoved + finishedDeleted + capturedDeleted + keysDeleted; }
 };
 
 // When to run the next prune batch, from what the last one did: at once (after `busy`,
@@ -301,7 +308,10 @@ class Store {
 
   // One transaction, one fsync, for the whole batch. Each message succeeds or fails on
   // its own (a failing insert is rolled back to a savepoint); an error on COMMIT fails
-  // them all. Returns one result per input, in order.
+  // them all. Returns one result per input, in order: the id the message is stored
+  // under, which is the id of an earlier message (stored before, or earlier in the same
+  // batch) when the message repeats its idempotency key within the window; then nothing
+  // is stored for it.
   virtual std::vector<util::Result<std::string>> insertBatch(const std::vector<NewMessage>& batch) = 0;
 
   virtual util::Result<std::vector<MessageInfo>> list() = 0;

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <mutex>
@@ -1983,4 +1984,144 @@ TEST_CASE("REQUIRETLS and TLS-Required: No are stored with the message and lease
   REQUIRE(due.ok());
   REQUIRE(due.value().size() == 3);
   for (const auto& d : due.value()) CHECK(d.tlsRequirement == kinds[d.id.back() - '0']);
+}
+
+// ---------------------------------------------------------------------------------------
+// Idempotent submission (schema 9): a repeated key stores nothing and answers the first id.
+
+namespace {
+NewMessage keyed(std::string id, std::string key, int64_t at, std::string account = "webshop") {
+  NewMessage m = makeMessage(std::move(id), at, 1);
+  m.account = std::move(account);
+  m.idempotencyKey = std::move(key);
+  m.idempotencyWindow = 24 * 3600;
+  return m;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("idempotency: the same key twice stores one message and answers its id", B, FileBackend,
+                   MemoryBackend) {
+  B backend;
+  auto store = backend.open();
+  CAPTURE(B::kName);
+  constexpr int64_t t0 = 1'800'000'000;
+
+  SUBCASE("in two batches; the duplicate adds no delivery work") {
+    auto first = store->insertBatch({keyed("0000000000002001", "abc", t0)});
+    REQUIRE(first[0].ok());
+    CHECK(first[0].value() == "0000000000002001");
+    auto again = store->insertBatch({keyed("0000000000002002", "abc", t0 + 3600)});
+    REQUIRE(again[0].ok());
+    CHECK(again[0].value() == "0000000000002001");
+    CHECK(store->count().value() == 1);
+    CHECK_FALSE(store->show("0000000000002002").ok());
+    auto due = store->leaseDue(t0 + 3600, 10);
+    REQUIRE(due.ok());
+    REQUIRE(due->size() == 1);
+    CHECK(due->front().id == "0000000000002001");
+  }
+  SUBCASE("in one batch (two sessions committed together)") {
+    auto res = store->insertBatch({keyed("0000000000002011", "abc", t0), makeMessage("0000000000002012", t0, 1),
+                                   keyed("0000000000002013", "abc", t0)});
+    REQUIRE(res.size() == 3);
+    for (const auto& r : res) REQUIRE(r.ok());
+    CHECK(res[0].value() == "0000000000002011");
+    CHECK(res[1].value() == "0000000000002012");
+    CHECK(res[2].value() == "0000000000002011");
+    CHECK(store->count().value() == 2);
+  }
+  SUBCASE("a batch of duplicates only answers them") {
+    REQUIRE(store->insertBatch({keyed("0000000000002021", "abc", t0)})[0].ok());
+    auto res = store->insertBatch({keyed("0000000000002022", "abc", t0 + 1), keyed("0000000000002023", "abc", t0 + 2)});
+    CHECK(res[0].value() == "0000000000002021");
+    CHECK(res[1].value() == "0000000000002021");
+    CHECK(store->count().value() == 1);
+  }
+  SUBCASE("keys are per account, and different keys are different messages") {
+    auto res = store->insertBatch({keyed("0000000000002031", "abc", t0), keyed("0000000000002032", "abc", t0, "billing"),
+                                   keyed("0000000000002033", "abd", t0), keyed("0000000000002034", "ABC", t0)});
+    for (size_t i = 0; i < res.size(); ++i) {
+      REQUIRE(res[i].ok());
+      CHECK(res[i].value() == "000000000000203" + std::to_string(i + 1));
+    }
+    CHECK(store->count().value() == 4);
+  }
+  SUBCASE("after the window the key is new again; the newer message is then the answer") {
+    REQUIRE(store->insertBatch({keyed("0000000000002041", "abc", t0)})[0].ok());
+    auto edge = store->insertBatch({keyed("0000000000002042", "abc", t0 + 24 * 3600)});
+    CHECK(edge[0].value() == "0000000000002041");  // the window includes its end
+    auto later = store->insertBatch({keyed("0000000000002043", "abc", t0 + 24 * 3600 + 1)});
+    CHECK(later[0].value() == "0000000000002043");
+    CHECK(store->count().value() == 2);
+    auto after = store->insertBatch({keyed("0000000000002044", "abc", t0 + 24 * 3600 + 2)});
+    CHECK(after[0].value() == "0000000000002043");
+    CHECK(store->count().value() == 2);
+  }
+  SUBCASE("a message that fails to store records no key") {
+    NewMessage bad = keyed("0000000000002051", "abc", t0);
+    REQUIRE(store->insertBatch({makeMessage("0000000000002051", t0, 1)})[0].ok());  // the id is taken
+    CHECK_FALSE(store->insertBatch({bad})[0].ok());
+    auto retry = store->insertBatch({keyed("0000000000002052", "abc", t0)});
+    CHECK(retry[0].value() == "0000000000002052");
+  }
+  SUBCASE("retention forgets keys older than the window, in bounded batches") {
+    for (int i = 0; i < 5; ++i)
+      REQUIRE(store->insertBatch({keyed("000000000000206" + std::to_string(i), "k" + std::to_string(i), t0 + i)})[0].ok());
+    RetentionPolicy policy;
+    policy.idempotencyKeys = 3600;
+    auto none = store->prune(t0 + 3600, policy, 64);
+    REQUIRE(none.ok());
+    CHECK(none->keysDeleted == 0);
+    auto some = store->prune(t0 + 3600 + 3, policy, 2);  // k0..k2 are out of the window; budget 2
+    REQUIRE(some.ok());
+    CHECK(some->keysDeleted == 2);
+    auto rest = store->prune(t0 + 3600 + 3, policy, 64);
+    CHECK(rest->keysDeleted == 1);
+    // A forgotten key is new again; a kept one still answers.
+    CHECK(store->insertBatch({keyed("0000000000002070", "k0", t0 + 3600 + 3)})[0].value() == "0000000000002070");
+    CHECK(store->insertBatch({keyed("0000000000002071", "k4", t0 + 3600 + 3)})[0].value() == "0000000000002064");
+  }
+}
+
+TEST_CASE("idempotency: a key is kept across a reopen (restart)") {
+  TempDir dir;
+  const std::string path = dir.file("queue.db");
+  {
+    auto store = mustOpen(path);
+    REQUIRE(store->insertBatch({keyed("0000000000002101", "abc", 1'800'000'000)})[0].ok());
+  }
+  auto store = mustOpen(path);
+  auto again = store->insertBatch({keyed("0000000000002102", "abc", 1'800'000'060)});
+  REQUIRE(again[0].ok());
+  CHECK(again[0].value() == "0000000000002101");
+  CHECK(store->count().value() == 1);
+  RawDb raw(path);
+  CHECK(raw.text("SELECT message_id FROM idempotency_keys WHERE account = 'webshop' AND key = 'abc'") ==
+        "0000000000002101");
+}
+
+TEST_CASE("idempotency: concurrent submissions through the group committer store one message") {
+  TempDir dir;
+  auto store = mustOpen(dir.file("queue.db"));
+  GroupCommitter gc(*store, 8);
+  constexpr int kN = 16;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::string> ids;
+  for (int i = 0; i < kN; ++i) {
+    char id[17];
+    std::snprintf(id, sizeof id, "00000000000022%02d", i);
+    gc.submit(keyed(id, "same", 1'800'000'000 + i), [&](util::Result<std::string> r) {
+      std::lock_guard lock(mu);
+      ids.push_back(r.ok() ? r.value() : "error: " + r.error().message);
+      cv.notify_one();
+    });
+  }
+  {
+    std::unique_lock lock(mu);
+    REQUIRE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return ids.size() == kN; }));
+  }
+  gc.stop();
+  for (const auto& id : ids) CHECK(id == "0000000000002200");
+  CHECK(store->count().value() == 1);
 }
