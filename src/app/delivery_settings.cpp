@@ -71,6 +71,7 @@ DeliverySettings deliverySettingsFrom(const config::Config& cfg) {
   s.retention.finishedBodies = cfg.retention.finishedBodies.count();
   s.retention.history = cfg.retention.history.count();
   s.retention.captured = cfg.retention.captured.count();
+  s.retention.idempotencyKeys = cfg.idempotency.window.count();
   s.dnssec = cfg.delivery.dnssec;
   s.mtaSts = cfg.delivery.mtaSts;
   s.stsGetter = stsGetterSettingsFrom(cfg);

@@ -314,9 +314,24 @@ class SmtpConnection final : public net::ConnectionHandler {
     });
   }
 
-  void stored(const util::Result<std::string>& r, size_t size, size_t rcpts, std::string from, bool captured) {
+  // `duplicate`: the message repeated an idempotency key (`key`) and was not stored; r
+  // holds the first message's id, which the client gets as if this one were stored.
+  void stored(const util::Result<std::string>& r, size_t size, size_t rcpts, std::string from, bool captured,
+              bool duplicate = false, const std::string& key = {}) {
     smtp::StoreOutcome out;
-    if (r.ok()) {
+    if (r.ok() && duplicate) {
+      // The same 250 as the first time. Nothing is charged or counted again: no message was
+      // added (the rate check at the end of data did run, so a full account may still be
+      // refused its retry).
+      out.ok = true;
+      out.queueId = r.value();
+      util::LogEvent ev(util::LogLevel::Info, "queue", "duplicate");
+      ev.queueId(r.value()).account(session_.account());
+      ev.field("key", "idempotency_key", key, util::LogEvent::Style::Quoted, 40);
+      ev.field("from", "sender", from, util::LogEvent::Style::Angle).number("rcpts", static_cast<long long>(rcpts));
+      ev.client(peer_.address);
+      ev.emit();
+    } else if (r.ok()) {
       out.ok = true;
       out.queueId = r.value();
       // Charged only now that it is stored (rate_limiter.h: never for mail not accepted).
@@ -565,12 +580,14 @@ class SmtpConnection final : public net::ConnectionHandler {
     }
     auto now = std::chrono::system_clock::now();
     m.receivedAt = util::unixSeconds(now);
+    m.idempotencyWindow = set.config->idempotency.window.count();
 
     w->request.keys = set.signer ? &set.dkimKeys : nullptr;
     submission::CleanupRequest& cr = w->request.cleanup;
     cr.mailFrom = st.envelope.mailFrom;
     cr.recipients = st.envelope.recipients;
     cr.requireTls = st.envelope.requireTls;
+    cr.idempotencyHeader = set.config->idempotency.header;
     // The Settings generation is held by the job, so the predicate stays valid there.
     cr.owns = [stp = settings_.get(), account = st.account](std::string_view address) {
       return stp->senderAllowed(account, address);
@@ -649,6 +666,7 @@ class SmtpConnection final : public net::ConnectionHandler {
       msg.tlsRequirement = verdict.tlsRequired   ? queue::TlsRequirement::Required
                            : verdict.tlsOptional ? queue::TlsRequirement::Optional
                                                  : queue::TlsRequirement::Default;
+      msg.idempotencyKey = std::move(verdict.idempotencyKey);
     }
 
     bool signs() const { return !verdict.refused() && verdict.keys != nullptr; }
@@ -719,12 +737,18 @@ class SmtpConnection final : public net::ConnectionHandler {
     Worker* w = &worker_;
     uint64_t sid = id_;
     Runtime* rtp = &rt;
-    rt.committer->submit(std::move(m), [w, rtp, sid, size, rcpts, fromAddr, captured](util::Result<std::string> r) {
-      // Runs on the committer thread: wake the delivery service, then hop back to this
-      // connection's loop.
-      if (r.ok() && !captured && rtp->onQueued) rtp->onQueued();
-      w->post([w, sid, size, rcpts, fromAddr, captured, r = std::move(r)]() {
-        if (SmtpConnection* c = w->find(sid)) c->stored(r, size, rcpts, fromAddr, captured);
+    // A repeated idempotency key comes back with another message's id (store.h); a
+    // message without a key cannot be a duplicate and keeps nothing for it.
+    std::string id = m.idempotencyKey.empty() ? std::string() : m.id;
+    std::string key = m.idempotencyKey;
+    rt.committer->submit(std::move(m), [w, rtp, sid, size, rcpts, fromAddr, captured, id = std::move(id),
+                                        key = std::move(key)](util::Result<std::string> r) {
+      const bool duplicate = !id.empty() && r.ok() && r.value() != id;
+      // Runs on the committer thread: wake the delivery service (not for a duplicate: it
+      // added no work), then hop back to this connection's loop.
+      if (r.ok() && !duplicate && !captured && rtp->onQueued) rtp->onQueued();
+      w->post([w, sid, size, rcpts, fromAddr, captured, duplicate, key, r = std::move(r)]() {
+        if (SmtpConnection* c = w->find(sid)) c->stored(r, size, rcpts, fromAddr, captured, duplicate, key);
       });
     });
   }
