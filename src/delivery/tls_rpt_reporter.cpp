@@ -137,11 +137,11 @@ void Reporter::run(int64_t beforeDay, int64_t now, std::function<void(RunSummary
         outcome = "queued";
         msg = std::move(m);
       }
-      auto done = store_.completeTlsRpt(day, domain, outcome, r->now, msg);
-      if (!done.ok()) {
+      auto recorded = store_.completeTlsRpt(day, domain, outcome, r->now, msg);
+      if (!recorded.ok()) {
         ++r->summary.failed;
-        r->summary.lines.push_back(label + "cannot queue the report: " + done.error().message);
-      } else if (msg && done.value()) {
+        r->summary.lines.push_back(label + "cannot queue the report: " + recorded.error().message);
+      } else if (msg && recorded.value()) {
         ++r->summary.queued;
         std::string list;
         for (const auto& t : msg->recipients) list += (list.empty() ? "" : ",") + t;
