@@ -27,6 +27,7 @@ POSTFIX_PORT=25872
 POSTFIX_TLS_PORT=25873
 TLS_MODE=starttls
 DKIM_MODE=rsa
+IDEM_MODE=off
 LIMITS_MODE=none
 METRICS_MODE=off
 METRICS_PORT=19587
@@ -48,6 +49,8 @@ usage: bench/submission.sh [options]
   --tls MODE          starttls (default: port 587 style) or implicit (port 465 style) for every scenario
   --dkim MODE         subrelay's signing: rsa (default: RSA-2048, the key OpenDKIM uses), dual
                       (RSA-2048 and Ed25519 on every message) or none (no dkim section)
+  --idempotency MODE  off (default) or on: every message subrelay gets carries its own
+                      Idempotency-Key (loadgen --idempotency-keys), the cost of the check
   --limits MODE       none (default) or all: the bench account gets a rate limit of every kind
                       (messages/recipients per second..month, bytes per day), set high enough never
                       to refuse, so every check and the window persistence run (issue 5's cost)
@@ -75,6 +78,7 @@ while [[ $# -gt 0 ]]; do
     --tls) TLS_MODE=$2; shift 2 ;;
     --dkim) DKIM_MODE=$2; shift 2 ;;
     --limits) LIMITS_MODE=$2; shift 2 ;;
+    --idempotency) IDEM_MODE=$2; shift 2 ;;
     --metrics) METRICS_MODE=$2; shift 2 ;;
     --json-out) JSON_OUT=$(realpath -m "$2"); shift 2 ;;
     --keep) KEEP=1; shift ;;
@@ -87,6 +91,7 @@ for v in RUNS DURATION CONNECTIONS SIZE THREADS SUBRELAY_PORT SUBRELAY_TLS_PORT 
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || { echo "submission.sh: bad value for $v: '${!v}'" >&2; exit 2; }
 done
 [[ $METRICS_MODE == off || $METRICS_MODE == on ]] || { echo "submission.sh: --metrics off|on, got '$METRICS_MODE'" >&2; exit 2; }
+[[ $IDEM_MODE == off || $IDEM_MODE == on ]] || { echo "submission.sh: --idempotency off|on, got '$IDEM_MODE'" >&2; exit 2; }
 [[ $LIMITS_MODE == none || $LIMITS_MODE == all ]] || { echo "submission.sh: --limits none|all, got '$LIMITS_MODE'" >&2; exit 2; }
 [[ $DKIM_MODE == none || $DKIM_MODE == rsa || $DKIM_MODE == dual ]] \
   || { echo "submission.sh: --dkim none|rsa|dual, got '$DKIM_MODE'" >&2; exit 2; }
@@ -499,6 +504,11 @@ server_ticks() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
+idem_args() {  # server -> loadgen arguments for --idempotency
+  [[ $IDEM_MODE == on && $1 != postfix ]] && echo "--idempotency-keys"
+  return 0
+}
+
 run_one() {  # scenario server run
   local sc=$1 srv=$2 run=$3 out b0 t0 b1 t1 s0 s1
   [[ $srv == postfix ]] && postfix_settle
@@ -508,7 +518,7 @@ run_one() {  # scenario server run
   out=$("$LOADGEN" --host 127.0.0.1 --port "${PORT[$srv]}" --tls "$TLS_MODE" --user bench --password "$PASSWORD" \
         --from bench@bench.test --to rcpt@example.test --size "$SIZE" --pipelining --threads "$THREADS" \
         --duration "$DURATION" --timeout 30 --max-time $((DURATION * 4 + 60)) \
-        --label "$srv/$sc/$run" --json $(scenario_args "$sc" "$srv")) || true
+        --label "$srv/$sc/$run" --json $(scenario_args "$sc" "$srv") $(idem_args "$srv")) || true
   read -r b1 t1 < <(cpu_sample)
   # Postfix finishes each message after the reply (queue manager, discard): count that work too.
   [[ $srv == postfix ]] && postfix_settle
