@@ -157,7 +157,10 @@ void Collector::add(queue::TlsRptRow row) {
   rows_.emplace(key, std::move(row));
 }
 
-void Collector::success(int64_t now, const std::string& domain, const Policy& policy) {
+namespace {
+
+// One session of `domain` under `policy`, on the day holding `now`.
+queue::TlsRptRow sessionRow(int64_t now, const std::string& domain, const Policy& policy) {
   queue::TlsRptRow r;
   r.day = dayStart(now);
   r.domain = domain;
@@ -165,23 +168,23 @@ void Collector::success(int64_t now, const std::string& domain, const Policy& po
   r.policy = policy.strings;
   r.mxHost = policy.mxHost;
   r.sessions = 1;
-  add(std::move(r));
+  return r;
+}
+
+}  // namespace
+
+void Collector::success(int64_t now, const std::string& domain, const Policy& policy) {
+  add(sessionRow(now, domain, policy));
   metrics::server().tlsRptSessions.with("success").inc();
 }
 
 void Collector::failure(int64_t now, const std::string& domain, const Policy& policy, const Failure& f,
                         const std::string& mx, const std::string& ip) {
-  queue::TlsRptRow r;
-  r.day = dayStart(now);
-  r.domain = domain;
-  r.policyType = policy.type;
-  r.policy = policy.strings;
-  r.mxHost = policy.mxHost;
+  queue::TlsRptRow r = sessionRow(now, domain, policy);
   r.result = f.result.empty() ? "validation-failure" : f.result;
   r.receivingMx = mx;
   r.receivingIp = ip;
   r.reason = f.reason.substr(0, 200);
-  r.sessions = 1;
   add(std::move(r));
   metrics::server().tlsRptSessions.with("failure").inc();
 }

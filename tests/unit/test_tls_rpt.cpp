@@ -47,6 +47,19 @@ ReportMeta meta() {
   return m;
 }
 
+// Report settings with an Ed25519 key for the From domain (relay.example.net).
+ReporterSettings signingSettings() {
+  auto key = dkim::generateKey(dkim::Algorithm::Ed25519Sha256);
+  REQUIRE(key.ok());
+  auto ring = std::make_shared<dkim::KeyRing>();
+  ring->add(dkim::SignerKey{"relay.example.net", "s1", key.value()});
+  ReporterSettings rs;
+  rs.meta = meta();
+  rs.keys = ring;
+  rs.signer = std::make_shared<dkim::LocalSigner>();
+  return rs;
+}
+
 Policy stsPolicy() {
   return Policy{"sts", {"version: STSv1", "mode: enforce", "mx: mx.example.com", "max_age: 86400"}, {"mx.example.com"}};
 }
@@ -309,14 +322,7 @@ TEST_CASE("tls-rpt: the reporter queues one signed report per domain and day, on
 
   ScriptedResolver dns;
   dns.answers["_smtp._tls.example.com"] = txt({"v=TLSRPTv1; rua=mailto:tlsrpt@example.com"});
-  auto key = dkim::generateKey(dkim::Algorithm::Ed25519Sha256);
-  REQUIRE(key.ok());
-  auto ring = std::make_shared<dkim::KeyRing>();
-  ring->add(dkim::SignerKey{"relay.example.net", "s1", key.value()});
-  ReporterSettings rs;
-  rs.meta = meta();
-  rs.keys = ring;
-  rs.signer = std::make_shared<dkim::LocalSigner>();
+  const ReporterSettings rs = signingSettings();
   Reporter reporter(store, dns, rs);
   std::optional<RunSummary> summary;
   reporter.run(kDay + 86400, kDay + 86400 + 600, [&](RunSummary s) { summary = std::move(s); });
@@ -396,14 +402,7 @@ TEST_CASE("tls-rpt: DailyReports stores counts once a minute and reports the day
   queue::SqliteStore& store = *st.value();
   ScriptedResolver dns;
   dns.answers["_smtp._tls.example.com"] = txt({"v=TLSRPTv1; rua=mailto:r@example.com"});
-  auto key = dkim::generateKey(dkim::Algorithm::Ed25519Sha256);
-  REQUIRE(key.ok());
-  auto ring = std::make_shared<dkim::KeyRing>();
-  ring->add(dkim::SignerKey{"relay.example.net", "s1", key.value()});
-  ReporterSettings rs;
-  rs.meta = meta();
-  rs.keys = ring;
-  rs.signer = std::make_shared<dkim::LocalSigner>();
+  const ReporterSettings rs = signingSettings();
   const int64_t start = kDay + 3600;  // 01:00 on day 1
   DailyReports daily(store, dns, rs, 4 * 3600, 7, start);
   // Today's slot is within [00:00, 04:00).
