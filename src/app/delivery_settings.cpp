@@ -84,18 +84,22 @@ DeliverySettings deliverySettingsFrom(const config::Config& cfg) {
   return s;
 }
 
-void addTlsRptReporter(const config::Config& cfg, DeliverySettings& s) {
+delivery::tlsrpt::ReporterSettings tlsRptReporterSettings(const config::Config& cfg, std::vector<std::string>& errors) {
   const auto& t = cfg.delivery.tlsRpt;
-  if (!s.scheduler.tlsRpt) return;
   delivery::tlsrpt::ReporterSettings r;
   r.meta.from = t.from;
   r.meta.contact = t.contact.empty() ? t.from : t.contact;
   r.meta.organization = t.organization.empty() ? cfg.hostname : t.organization;
   r.meta.hostname = cfg.hostname;
-  std::vector<std::string> errors;  // check-config and start-up have reported them
   r.keys = std::make_shared<const dkim::KeyRing>(loadDkimKeys(cfg, errors).ring);
   r.signer = std::make_shared<dkim::LocalSigner>();
-  s.tlsRpt = std::move(r);
+  return r;
+}
+
+void addTlsRptReporter(const config::Config& cfg, DeliverySettings& s) {
+  if (!s.scheduler.tlsRpt) return;
+  std::vector<std::string> errors;  // check-config and start-up have reported them
+  s.tlsRpt = tlsRptReporterSettings(cfg, errors);
 }
 
 delivery::mtasts::HttpsGetterSettings stsGetterSettingsFrom(const config::Config& cfg) {

@@ -41,6 +41,8 @@ DeliverySettings deliverySettingsFrom(const config::Config& cfg);
 // serve: with delivery.tls_rpt on (and a recipient TLS policy to report on), the daily
 // reporter's settings, DKIM keys loaded.
 void addTlsRptReporter(const config::Config& cfg, DeliverySettings& s);
+// delivery.tls_rpt as the reporter takes it (DKIM keys loaded; their errors appended).
+delivery::tlsrpt::ReporterSettings tlsRptReporterSettings(const config::Config& cfg, std::vector<std::string>& errors);
 
 // The MTA-STS policy GET (delivery.tls_ca_file, delivery.mta_sts_https_port).
 delivery::mtasts::HttpsGetterSettings stsGetterSettingsFrom(const config::Config& cfg);

@@ -7,7 +7,7 @@
 #include <map>
 #include <optional>
 
-#include "app/dkim_cmd.h"
+#include "app/delivery_settings.h"
 #include "app/queue_cmd.h"
 #include "config/config.h"
 #include "delivery/tls_rpt.h"
@@ -92,15 +92,8 @@ int send(const config::Config& cfg, queue::SqliteStore& store, int64_t day, int6
   auto servers = dns::chooseServers(cfg.delivery.resolvers);
   if (!servers.ok()) return fail("delivery.resolvers: " + servers.error().message);
   std::vector<std::string> errors;
-  DkimSetup keys = loadDkimKeys(cfg, errors);
+  const tlsrpt::ReporterSettings rs = tlsRptReporterSettings(cfg, errors);
   for (const auto& e : errors) std::fprintf(stderr, "subrelay: %s\n", e.c_str());
-  tlsrpt::ReporterSettings rs;
-  rs.meta.from = t.from;
-  rs.meta.contact = t.contact.empty() ? t.from : t.contact;
-  rs.meta.organization = t.organization.empty() ? cfg.hostname : t.organization;
-  rs.meta.hostname = cfg.hostname;
-  rs.keys = std::make_shared<const dkim::KeyRing>(std::move(keys.ring));
-  rs.signer = std::make_shared<dkim::LocalSigner>();
 
   util::SystemClock clock;
   std::optional<tlsrpt::RunSummary> summary;
