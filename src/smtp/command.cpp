@@ -239,7 +239,7 @@ Command parseCommand(std::string_view line) {
   return cmd;
 }
 
-bool parseEsmtpParams(std::string_view text, std::vector<EsmtpParam>& out) {
+bool parseEsmtpParams(std::string_view text, std::vector<EsmtpParam>& out, bool allowRepeats) {
   out.clear();
   for (auto tok : util::split(text, ' ')) {
     if (tok.empty()) continue;  // several spaces between parameters: tolerated
@@ -261,8 +261,9 @@ bool parseEsmtpParams(std::string_view text, std::vector<EsmtpParam>& out) {
       p.value = std::string(value);
       p.hasValue = true;
     }
-    for (const auto& q : out)
-      if (q.keyword == p.keyword) return false;  // a repeated parameter is ambiguous
+    if (!allowRepeats)
+      for (const auto& q : out)
+        if (q.keyword == p.keyword) return false;  // a repeated parameter is ambiguous
     out.push_back(std::move(p));
   }
   return true;
@@ -308,8 +309,20 @@ PathArgument parsePathArgument(std::string_view args, std::string_view keyword) 
     r.status = PathStatus::BadPath;
     return r;
   }
-  if (!parseEsmtpParams(after, r.params)) {
+  if (!parseEsmtpParams(after, r.params, true)) {
     r.status = PathStatus::BadParams;
+    return r;
+  }
+  // A repeated parameter is ambiguous (RFC 3461 4.5 says so for RET, ENVID, NOTIFY and
+  // ORCPT): refused with its name, so the client sees which one.
+  for (size_t i = 0; i < r.params.size() && r.duplicate.empty(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (r.params[j].keyword == r.params[i].keyword) {
+        r.duplicate = r.params[i].keyword;
+        break;
+      }
+  if (!r.duplicate.empty()) {
+    r.status = PathStatus::DuplicateParam;
     return r;
   }
   if (inner.empty()) {
@@ -406,6 +419,143 @@ bool isValidAddressLiteral(std::string_view literal) {
 bool isValidMailbox(std::string_view mailbox, bool utf8) {
   if (!utf8 && hasNonAscii(mailbox)) return false;
   return parseMailbox(mailbox).ok;
+}
+
+// --- DSN extension (RFC 3461) ----------------------------------------------------------
+
+namespace {
+
+bool isXchar(unsigned char c) { return c >= '!' && c <= '~' && c != '+' && c != '='; }
+
+int upperHex(unsigned char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;  // RFC 3461 4: "two upper case hexadecimal digits"
+}
+
+// RFC 3461 4.2 / 4.4: the decoded value "MUST consist entirely of printable (graphic and
+// white space) characters from the US-ASCII repertoire".
+bool printableAscii(std::string_view s) {
+  for (unsigned char c : s)
+    if ((c < 0x20 && c != '\t') || c >= 0x7f) return false;
+  return true;
+}
+
+}  // namespace
+
+std::optional<std::string> decodeXtext(std::string_view xtext) {
+  std::string out;
+  for (size_t i = 0; i < xtext.size(); ++i) {
+    const auto c = static_cast<unsigned char>(xtext[i]);
+    if (c == '+') {
+      if (i + 2 >= xtext.size()) return std::nullopt;
+      const int hi = upperHex(static_cast<unsigned char>(xtext[i + 1]));
+      const int lo = upperHex(static_cast<unsigned char>(xtext[i + 2]));
+      if (hi < 0 || lo < 0) return std::nullopt;
+      out += static_cast<char>(hi * 16 + lo);
+      i += 2;
+    } else if (isXchar(c)) {
+      out += static_cast<char>(c);
+    } else {
+      return std::nullopt;
+    }
+  }
+  return out;
+}
+
+std::string encodeXtext(std::string_view value) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : value) {
+    if (isXchar(c)) {
+      out += static_cast<char>(c);
+    } else {
+      out += '+';
+      out += kHex[c >> 4];
+      out += kHex[c & 0xf];
+    }
+  }
+  return out;
+}
+
+std::optional<uint8_t> parseNotify(std::string_view value) {
+  // RFC 3461 4.1: notify-esmtp-value = "NEVER" / 1#notify-list-element,
+  // notify-list-element = "SUCCESS" / "FAILURE" / "DELAY".
+  if (util::iequals(value, "NEVER")) return kNotifyNever;
+  uint8_t bits = 0;
+  for (std::string_view item : util::split(value, ',')) {
+    uint8_t bit = 0;
+    if (util::iequals(item, "SUCCESS"))
+      bit = kNotifySuccess;
+    else if (util::iequals(item, "FAILURE"))
+      bit = kNotifyFailure;
+    else if (util::iequals(item, "DELAY"))
+      bit = kNotifyDelay;
+    else
+      return std::nullopt;  // empty, unknown, or NEVER in a list
+    if (bits & bit) return std::nullopt;
+    bits |= bit;
+  }
+  if (bits == 0) return std::nullopt;
+  return bits;
+}
+
+std::string notifyValue(uint8_t bits) {
+  if (bits & kNotifyNever) return "NEVER";
+  std::string out;
+  auto add = [&](uint8_t bit, const char* name) {
+    if (!(bits & bit)) return;
+    if (!out.empty()) out += ',';
+    out += name;
+  };
+  add(kNotifySuccess, "SUCCESS");
+  add(kNotifyFailure, "FAILURE");
+  add(kNotifyDelay, "DELAY");
+  return out;
+}
+
+std::optional<DsnRet> parseRet(std::string_view value) {
+  if (util::iequals(value, "FULL")) return DsnRet::Full;
+  if (util::iequals(value, "HDRS")) return DsnRet::Hdrs;
+  return std::nullopt;
+}
+
+const char* retValue(DsnRet ret) {
+  switch (ret) {
+    case DsnRet::Full:
+      return "FULL";
+    case DsnRet::Hdrs:
+      return "HDRS";
+    case DsnRet::Unspecified:
+      break;
+  }
+  return "";
+}
+
+bool validEnvid(std::string_view value) {
+  if (value.empty() || value.size() > kMaxEnvid) return false;
+  auto decoded = decodeXtext(value);
+  return decoded && printableAscii(*decoded);
+}
+
+bool validOrcpt(std::string_view value) {
+  if (value.size() > kMaxOrcpt) return false;
+  const size_t semi = value.find(';');
+  if (semi == std::string_view::npos || semi == 0) return false;
+  // addr-type = atom (RFC 5322 atext; in practice "rfc822", "utf-8", "x400").
+  for (unsigned char c : value.substr(0, semi))
+    if (!(isAlnum(c) || std::string_view("!#$%&'*+-/=?^_`{|}~").find(static_cast<char>(c)) != std::string_view::npos))
+      return false;
+  const std::string_view x = value.substr(semi + 1);
+  if (x.empty()) return false;
+  auto decoded = decodeXtext(x);
+  return decoded && printableAscii(*decoded);
+}
+
+std::string orcptField(std::string_view value) {
+  if (!validOrcpt(value)) return {};
+  const size_t semi = value.find(';');
+  return std::string(value.substr(0, semi)) + "; " + *decodeXtext(value.substr(semi + 1));
 }
 
 }  // namespace subrelay::smtp

@@ -651,6 +651,7 @@ void ServerSession::handleEhlo(std::string_view args, bool extended) {
   lines.emplace_back("ENHANCEDSTATUSCODES");
   lines.emplace_back("SMTPUTF8");
   lines.emplace_back("CHUNKING");
+  lines.emplace_back("DSN");  // RFC 3461 section 4
   // RFC 3207 4.2: not offered again once TLS is up.
   if (cfg_.starttlsAvailable && !tls_) lines.emplace_back("STARTTLS");
   // RFC 8689 2: REQUIRETLS is for sessions that use TLS; advertised after STARTTLS (or on
@@ -687,6 +688,9 @@ void ServerSession::handleMail(std::string_view args) {
       return;
     case PathStatus::BadParams:
       badCommand(501, "5.5.4", "Bad MAIL parameter syntax");
+      return;
+    case PathStatus::DuplicateParam:
+      badCommand(501, "5.5.4", "Duplicate " + p.duplicate + " parameter");
       return;
   }
   Envelope env;
@@ -736,6 +740,21 @@ void ServerSession::handleMail(std::string_view args) {
         return;
       }
       env.requireTls = true;
+    } else if (prm.keyword == "RET") {
+      // RFC 3461 4.3: RET=FULL or RET=HDRS.
+      auto ret = prm.hasValue ? parseRet(prm.value) : std::nullopt;
+      if (!ret) {
+        badCommand(501, "5.5.4", "Bad RET parameter (RET=FULL or RET=HDRS)");
+        return;
+      }
+      env.ret = *ret;
+    } else if (prm.keyword == "ENVID") {
+      // RFC 3461 4.4: xtext, at most 100 characters, printable US-ASCII once decoded.
+      if (!prm.hasValue || !validEnvid(prm.value)) {
+        badCommand(501, "5.5.4", "Bad ENVID parameter (xtext of printable ASCII, at most 100 characters)");
+        return;
+      }
+      env.envid = prm.value;
     } else if (prm.keyword == "AUTH") {
       // RFC 4954 5: accepted; we never trust an AUTH= identity from the client.
     } else {
@@ -796,15 +815,35 @@ void ServerSession::handleRcpt(std::string_view args) {
     case PathStatus::BadParams:
       badCommand(501, "5.5.4", "Bad RCPT parameter syntax");
       return;
+    case PathStatus::DuplicateParam:
+      badCommand(501, "5.5.4", "Duplicate " + p.duplicate + " parameter");
+      return;
   }
   if (p.nullPath) {
     badCommand(501, "5.1.3", "Bad recipient address syntax");
     return;
   }
-  if (!p.params.empty()) {
-    // No DSN (NOTIFY, ORCPT) and nothing else is offered for RCPT.
-    badCommand(555, "5.5.4", "Unsupported RCPT parameter " + p.params.front().keyword);
-    return;
+  Envelope::RecipientDsn dsn;
+  for (const auto& prm : p.params) {
+    if (prm.keyword == "NOTIFY") {
+      // RFC 3461 4.1: NEVER, or any of SUCCESS, FAILURE, DELAY.
+      auto bits = prm.hasValue ? parseNotify(prm.value) : std::nullopt;
+      if (!bits) {
+        badCommand(501, "5.5.4", "Bad NOTIFY parameter (NEVER, or a list of SUCCESS, FAILURE, DELAY)");
+        return;
+      }
+      dsn.notify = *bits;
+    } else if (prm.keyword == "ORCPT") {
+      // RFC 3461 4.2: addr-type ";" xtext, at most 500 characters.
+      if (!prm.hasValue || !validOrcpt(prm.value)) {
+        badCommand(501, "5.5.4", "Bad ORCPT parameter (addr-type;xtext, at most 500 characters)");
+        return;
+      }
+      dsn.orcpt = prm.value;
+    } else {
+      badCommand(555, "5.5.4", "Unsupported RCPT parameter " + prm.keyword);
+      return;
+    }
   }
   if (p.nonAscii && !env_.smtputf8) {
     reply(553, "5.6.7", "Non-ASCII addresses not permitted for that recipient (use SMTPUTF8)");
@@ -828,6 +867,7 @@ void ServerSession::handleRcpt(std::string_view args) {
     }
   }
   env_.recipients.push_back(std::move(p.address));
+  env_.recipientDsn.push_back(std::move(dsn));
   reply(250, "2.1.5", "Ok");
 }
 

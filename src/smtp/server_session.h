@@ -9,7 +9,8 @@
 // Implements: EHLO/HELO, MAIL, RCPT, DATA, BDAT (RFC 3030 CHUNKING), RSET, NOOP, QUIT,
 // HELP, VRFY/EXPN (252, no probing), STARTTLS (RFC 3207), AUTH PLAIN/LOGIN (RFC 4954,
 // RFC 4616), SIZE (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), PIPELINING
-// (RFC 2920), ENHANCEDSTATUSCODES (RFC 2034/3463).
+// (RFC 2920), ENHANCEDSTATUSCODES (RFC 2034/3463), DSN (RFC 3461: RET, ENVID, NOTIFY,
+// ORCPT are parsed and carried in the Envelope).
 //
 // Not here: password checks (policy/), storing (queue/), message fix-ups (message/),
 // timers (the driver calls onTimeout when timeoutFor() has elapsed without input).
@@ -23,6 +24,8 @@
 #include <string_view>
 #include <variant>
 #include <vector>
+
+#include "smtp/command.h"
 
 namespace subrelay::smtp {
 
@@ -127,6 +130,16 @@ struct Envelope {
   // message bounces. Only accepted inside TLS.
   bool requireTls = false;
   std::optional<uint64_t> declaredSize;
+  // DSN extension (RFC 3461): MAIL FROM RET= and ENVID= (the xtext as sent, validated;
+  // "" when not given), and per recipient NOTIFY= / ORCPT=. recipientDsn runs parallel to
+  // recipients (same order, same size): whoever removes a recipient removes its entry.
+  DsnRet ret = DsnRet::Unspecified;
+  std::string envid;
+  struct RecipientDsn {
+    uint8_t notify = 0;   // kNotify* bits, 0 = no NOTIFY
+    std::string orcpt;    // "rfc822;user+40example.com" as sent, "" = none
+  };
+  std::vector<RecipientDsn> recipientDsn;
 };
 // A complete message: store it durably, then call onStored().
 struct Store {

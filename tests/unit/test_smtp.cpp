@@ -279,7 +279,8 @@ TEST_CASE("parsePathArgument: ESMTP parameters") {
   CHECK(p.params[1].keyword == "BODY");
   CHECK(p.params[2].keyword == "SMTPUTF8");
   CHECK_FALSE(p.params[2].hasValue);
-  CHECK(parsePathArgument("FROM:<a@b.c> SIZE=1 SIZE=2", "FROM").status == PathStatus::BadParams);
+  CHECK(parsePathArgument("FROM:<a@b.c> SIZE=1 SIZE=2", "FROM").status == PathStatus::DuplicateParam);
+  CHECK(parsePathArgument("FROM:<a@b.c> SIZE=1 size=2", "FROM").duplicate == "SIZE");
   CHECK(parsePathArgument("FROM:<a@b.c> SIZE=", "FROM").status == PathStatus::BadParams);
   CHECK(parsePathArgument("FROM:<a@b.c> -X=1", "FROM").status == PathStatus::BadParams);
   CHECK(parsePathArgument("FROM:<a@b.c> X=a=b", "FROM").status == PathStatus::BadParams);
@@ -345,7 +346,7 @@ TEST_CASE("greeting and EHLO advertisement") {
   CHECK(h.connect() == std::vector<std::string>{"220 relay.test ESMTP subrelay"});
   auto lines = h.feed("EHLO client.test\r\n");
   CHECK(lines == std::vector<std::string>{"250-relay.test", "250-PIPELINING", "250-SIZE 26214400", "250-8BITMIME",
-                                          "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250-CHUNKING", "250 STARTTLS"});
+                                          "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250-CHUNKING", "250-DSN", "250 STARTTLS"});
   SUBCASE("after STARTTLS: AUTH, no STARTTLS") {
     CHECK(h.last("STARTTLS\r\n") == "220 2.0.0 Ready to start TLS");
     REQUIRE(h.takeAction<StartTls>() != nullptr);
@@ -373,7 +374,7 @@ TEST_CASE("EHLO variants by listener") {
     Harness h(c);
     h.connect();
     auto lines = h.feed("EHLO x\r\n");
-    CHECK(lines.back() == "250 CHUNKING");
+    CHECK(lines.back() == "250 DSN");
     CHECK(h.last("STARTTLS\r\n") == "502 5.5.1 Error: command not implemented");
   }
   SUBCASE("loopback listener without TLS") {
@@ -571,9 +572,9 @@ TEST_CASE("MAIL FROM") {
         "552 5.3.4 Message size exceeds fixed maximum message size");
   CHECK(h.last("MAIL FROM:<alice@example.com> BODY=BINARYMIME\r\n") == "555 5.5.4 BODY=BINARYMIME is not supported");
   CHECK(h.last("MAIL FROM:<alice@example.com> BODY=9BIT\r\n") == "501 5.5.4 Bad BODY parameter");
-  CHECK(h.last("MAIL FROM:<alice@example.com> RET=HDRS\r\n") == "555 5.5.4 Unsupported MAIL parameter RET");
+  CHECK(h.last("MAIL FROM:<alice@example.com> XRET=HDRS\r\n") == "555 5.5.4 Unsupported MAIL parameter XRET");
   CHECK(h.last("MAIL FROM:<alice@example.com> SMTPUTF8=yes\r\n") == "501 5.5.4 SMTPUTF8 takes no value");
-  CHECK(h.last("MAIL FROM:<alice@example.com> SIZE=1 SIZE=1\r\n") == "501 5.5.4 Bad MAIL parameter syntax");
+  CHECK(h.last("MAIL FROM:<alice@example.com> SIZE=1 SIZE=1\r\n") == "501 5.5.4 Duplicate SIZE parameter");
   CHECK(h.last("MAIL FROM:<mallory@evil.example>\r\n") == "553 5.7.1 Sender address not owned by this account");
   CHECK(h.last("MAIL FROM:<\xc3\xa5sa@example.com>\r\n") ==
         "550 5.6.7 Non-ASCII addresses not permitted for that sender (use SMTPUTF8)");
@@ -607,7 +608,7 @@ TEST_CASE("RCPT TO") {
   CHECK(h.last("RCPT TO:<>\r\n") == "501 5.1.3 Bad recipient address syntax");
   CHECK(h.last("RCPT TO:<a b@example.net>\r\n") == "501 5.1.3 Bad recipient address syntax");
   CHECK(h.last("RCPT <b@example.net>\r\n") == "501 5.5.4 Syntax: RCPT TO:<address>");
-  CHECK(h.last("RCPT TO:<b@example.net> NOTIFY=NEVER\r\n") == "555 5.5.4 Unsupported RCPT parameter NOTIFY");
+  CHECK(h.last("RCPT TO:<b@example.net> XFOO=1\r\n") == "555 5.5.4 Unsupported RCPT parameter XFOO");
   CHECK(h.last("RCPT TO:<\xc3\xa5@example.net>\r\n") ==
         "553 5.6.7 Non-ASCII addresses not permitted for that recipient (use SMTPUTF8)");
   CHECK(h.last("RCPT TO:<r1@example.net>\r\n") == "250 2.1.5 Ok");
@@ -1557,4 +1558,123 @@ TEST_CASE("MAIL FROM ... REQUIRETLS (RFC 8689)") {
           "530 5.7.10 REQUIRETLS needs a TLS session (use STARTTLS or the implicit-TLS port)");
     CHECK_FALSE(h.s.inTransaction());
   }
+}
+
+// ---- DSN extension (RFC 3461) ----------------------------------------------------------
+
+TEST_CASE("xtext (RFC 3461 section 4)") {
+  CHECK(decodeXtext("abc") == std::optional<std::string>("abc"));
+  CHECK(decodeXtext("a+2Bb+3Dc") == std::optional<std::string>("a+b=c"));
+  CHECK(decodeXtext("") == std::optional<std::string>(""));
+  CHECK_FALSE(decodeXtext("a+2b"));  // lower-case hex
+  CHECK_FALSE(decodeXtext("a+2"));   // cut short
+  CHECK_FALSE(decodeXtext("a+"));
+  CHECK_FALSE(decodeXtext("a=b"));
+  CHECK_FALSE(decodeXtext("a b"));
+  CHECK_FALSE(decodeXtext("\xc3\xa5"));
+  CHECK(encodeXtext("a+b=c d") == "a+2Bb+3Dc+20d");
+  CHECK(decodeXtext(encodeXtext("x+y=z\t")) == std::optional<std::string>("x+y=z\t"));
+}
+
+TEST_CASE("NOTIFY, RET, ENVID, ORCPT values") {
+  CHECK(parseNotify("NEVER") == std::optional<uint8_t>(kNotifyNever));
+  CHECK(parseNotify("never") == std::optional<uint8_t>(kNotifyNever));
+  CHECK(parseNotify("SUCCESS") == std::optional<uint8_t>(kNotifySuccess));
+  CHECK(parseNotify("FAILURE,DELAY") == std::optional<uint8_t>(kNotifyFailure | kNotifyDelay));
+  CHECK(parseNotify("delay,Success,FAILURE") == std::optional<uint8_t>(kNotifyFailure | kNotifyDelay | kNotifySuccess));
+  CHECK_FALSE(parseNotify("NEVER,SUCCESS"));
+  CHECK_FALSE(parseNotify("SUCCESS,NEVER"));
+  CHECK_FALSE(parseNotify("SUCCESS,SUCCESS"));
+  CHECK_FALSE(parseNotify("SUCCESS,"));
+  CHECK_FALSE(parseNotify(""));
+  CHECK_FALSE(parseNotify("ALWAYS"));
+  CHECK(notifyValue(kNotifySuccess | kNotifyDelay) == "SUCCESS,DELAY");
+  CHECK(notifyValue(kNotifyNever) == "NEVER");
+  CHECK(notifyValue(0).empty());
+  CHECK(parseRet("full") == std::optional<DsnRet>(DsnRet::Full));
+  CHECK(parseRet("HDRS") == std::optional<DsnRet>(DsnRet::Hdrs));
+  CHECK_FALSE(parseRet("BODY"));
+  CHECK(validEnvid("QQ314159"));
+  CHECK(validEnvid("a+20b"));
+  CHECK_FALSE(validEnvid(""));
+  CHECK_FALSE(validEnvid(std::string(101, 'x')));
+  CHECK(validEnvid(std::string(100, 'x')));
+  CHECK_FALSE(validEnvid("a+00b"));  // decodes to a control character
+  CHECK_FALSE(validEnvid("a+C3+A5"));  // decodes to non-ASCII
+  CHECK(validOrcpt("rfc822;bob@example.net"));
+  CHECK(validOrcpt("rfc822;bob+2Bx@example.net"));
+  CHECK_FALSE(validOrcpt("rfc822;"));
+  CHECK_FALSE(validOrcpt(";bob@example.net"));
+  CHECK_FALSE(validOrcpt("bob@example.net"));
+  CHECK_FALSE(validOrcpt("rfc 822;bob@example.net"));
+  CHECK_FALSE(validOrcpt("rfc822;bob+2bx@example.net"));
+  CHECK_FALSE(validOrcpt("rfc822;" + std::string(494, 'x')));
+  CHECK(validOrcpt("rfc822;" + std::string(493, 'x')));
+  CHECK(orcptField("rfc822;bob+2Bx@example.net") == "rfc822; bob+x@example.net");
+  CHECK(orcptField("rfc822").empty());
+}
+
+TEST_CASE("DSN: EHLO offers it; MAIL and RCPT parameters reach the envelope") {
+  Harness h;
+  h.connect();
+  auto lines = h.feed("EHLO client.test\r\n");
+  CHECK(std::find(lines.begin(), lines.end(), "250-DSN") != lines.end());
+  Harness t;
+  t.login();
+  CHECK(t.last("MAIL FROM:<alice@example.com> RET=PART\r\n") == "501 5.5.4 Bad RET parameter (RET=FULL or RET=HDRS)");
+  CHECK(t.last("MAIL FROM:<alice@example.com> RET\r\n") == "501 5.5.4 Bad RET parameter (RET=FULL or RET=HDRS)");
+  CHECK(t.last("MAIL FROM:<alice@example.com> RET=FULL RET=HDRS\r\n") == "501 5.5.4 Duplicate RET parameter");
+  CHECK(t.last("MAIL FROM:<alice@example.com> ENVID=a+2x\r\n") ==
+        "501 5.5.4 Bad ENVID parameter (xtext of printable ASCII, at most 100 characters)");
+  CHECK(t.last("MAIL FROM:<alice@example.com> ENVID=" + std::string(101, 'e') + "\r\n") ==
+        "501 5.5.4 Bad ENVID parameter (xtext of printable ASCII, at most 100 characters)");
+  CHECK(t.last("MAIL FROM:<alice@example.com> ENVID=a ENVID=b\r\n") == "501 5.5.4 Duplicate ENVID parameter");
+  CHECK_FALSE(t.s.inTransaction());
+  CHECK(t.last("MAIL FROM:<alice@example.com> RET=hdrs ENVID=QQ+2B1\r\n") == "250 2.1.0 Ok");
+  CHECK(t.last("RCPT TO:<a@example.net> NOTIFY=NEVER,SUCCESS\r\n") ==
+        "501 5.5.4 Bad NOTIFY parameter (NEVER, or a list of SUCCESS, FAILURE, DELAY)");
+  CHECK(t.last("RCPT TO:<a@example.net> NOTIFY\r\n") ==
+        "501 5.5.4 Bad NOTIFY parameter (NEVER, or a list of SUCCESS, FAILURE, DELAY)");
+  CHECK(t.last("RCPT TO:<a@example.net> NOTIFY=NEVER NOTIFY=NEVER\r\n") == "501 5.5.4 Duplicate NOTIFY parameter");
+  CHECK(t.last("RCPT TO:<a@example.net> ORCPT=bob@example.net\r\n") ==
+        "501 5.5.4 Bad ORCPT parameter (addr-type;xtext, at most 500 characters)");
+  CHECK(t.last("RCPT TO:<a@example.net> ORCPT=rfc822;" + std::string(494, 'x') + "\r\n") ==
+        "501 5.5.4 Bad ORCPT parameter (addr-type;xtext, at most 500 characters)");
+  CHECK(t.last("RCPT TO:<a@example.net> ORCPT=rfc822;a ORCPT=rfc822;a\r\n") == "501 5.5.4 Duplicate ORCPT parameter");
+  CHECK(t.last("RCPT TO:<a@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+2B1@example.net\r\n") ==
+        "250 2.1.5 Ok");
+  CHECK(t.last("RCPT TO:<b@example.net>\r\n") == "250 2.1.5 Ok");
+  CHECK(t.last("RCPT TO:<c@example.net> notify=never\r\n") == "250 2.1.5 Ok");
+  t.feed("DATA\r\n");
+  t.feed("Subject: x\r\n\r\nbody\r\n.\r\n");
+  auto* st = t.takeAction<Store>();
+  REQUIRE(st != nullptr);
+  const Envelope& e = st->envelope;
+  CHECK(e.ret == DsnRet::Hdrs);
+  CHECK(e.envid == "QQ+2B1");
+  REQUIRE(e.recipientDsn.size() == e.recipients.size());
+  REQUIRE(e.recipients.size() == 3);
+  CHECK(e.recipientDsn[0].notify == (kNotifySuccess | kNotifyFailure));
+  CHECK(e.recipientDsn[0].orcpt == "rfc822;a+2B1@example.net");
+  CHECK(e.recipientDsn[1].notify == 0);
+  CHECK(e.recipientDsn[1].orcpt.empty());
+  CHECK(e.recipientDsn[2].notify == kNotifyNever);
+}
+
+TEST_CASE("DSN: a new transaction starts without the last one's parameters") {
+  Harness t;
+  t.login();
+  CHECK(t.last("MAIL FROM:<alice@example.com> RET=FULL ENVID=x\r\n") == "250 2.1.0 Ok");
+  CHECK(t.last("RCPT TO:<a@example.net> NOTIFY=DELAY\r\n") == "250 2.1.5 Ok");
+  CHECK(t.last("RSET\r\n") == "250 2.0.0 Ok");
+  CHECK(t.last("MAIL FROM:<alice@example.com>\r\n") == "250 2.1.0 Ok");
+  CHECK(t.last("RCPT TO:<a@example.net>\r\n") == "250 2.1.5 Ok");
+  t.feed("DATA\r\n");
+  t.feed("Subject: x\r\n\r\nbody\r\n.\r\n");
+  auto* st = t.takeAction<Store>();
+  REQUIRE(st != nullptr);
+  CHECK(st->envelope.ret == DsnRet::Unspecified);
+  CHECK(st->envelope.envid.empty());
+  REQUIRE(st->envelope.recipientDsn.size() == 1);
+  CHECK(st->envelope.recipientDsn[0].notify == 0);
 }
