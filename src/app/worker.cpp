@@ -570,6 +570,13 @@ class SmtpConnection final : public net::ConnectionHandler {
     m.account = st.account;
     m.mailFrom = st.envelope.mailFrom;
     m.recipients = st.envelope.recipients;
+    // RFC 3461: RET, ENVID, NOTIFY, ORCPT as the client gave them (recipientDsn runs
+    // parallel to recipients; the values of the NOTIFY bits are the same on both sides).
+    static_assert(smtp::kNotifySuccess == queue::kDsnNotifySuccess && smtp::kNotifyFailure == queue::kDsnNotifyFailure &&
+                  smtp::kNotifyDelay == queue::kDsnNotifyDelay && smtp::kNotifyNever == queue::kDsnNotifyNever);
+    m.dsnRet = static_cast<queue::DsnRet>(static_cast<int>(st.envelope.ret));
+    m.dsnEnvid = st.envelope.envid;
+    for (const auto& d : st.envelope.recipientDsn) m.recipientDsn.push_back(queue::RecipientDsn{d.notify, d.orcpt});
     m.captured = acct != nullptr && acct->mode == config::AccountMode::Capture;
     m.eightBit = st.envelope.eightBitMime;
     m.clientAddress = st.peer.address;

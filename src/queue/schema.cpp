@@ -233,6 +233,18 @@ CREATE TABLE idempotency_keys (
 CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
 )sql";
 
+// Version 10: the DSN extension (RFC 3461, issue 13). messages.dsn_ret: RET= of MAIL
+// (0 none, 1 FULL, 2 HDRS); messages.dsn_envid: ENVID= as sent (xtext, "" = none);
+// recipients.dsn_notify: NOTIFY= bits (1 SUCCESS, 2 FAILURE, 4 DELAY, 8 NEVER; 0 = not
+// given, the default behaviour); recipients.dsn_orcpt: ORCPT= as sent ("" = none). A
+// success DSN owed after a delivery uses the dsn_pending flag of version 3.
+constexpr const char* kV10 = R"sql(
+ALTER TABLE messages ADD COLUMN dsn_ret INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN dsn_envid TEXT NOT NULL DEFAULT '';
+ALTER TABLE recipients ADD COLUMN dsn_notify INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE recipients ADD COLUMN dsn_orcpt TEXT NOT NULL DEFAULT '';
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
@@ -243,6 +255,7 @@ constexpr Migration kMigrations[] = {
     {7, kV7},
     {8, kV8},
     {9, kV9},
+    {10, kV10},
 };
 
 }  // namespace

@@ -126,7 +126,7 @@ namespace {
   "m.client_address, m.helo, m.tls_version, m.tls_cipher, "                              \
   "r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_error, r.updated_at, "  \
   "m.is_dsn, m.eight_bit, r.lease_until, r.dsn_pending, r.last_code, r.last_status, r.pending_request, f.finished_at, f.content_pruned, " \
-  "m.tls_required "
+  "m.tls_required, m.dsn_ret, m.dsn_envid, r.dsn_notify, r.dsn_orcpt "
 #define SUBRELAY_FROM_ALL \
   "FROM messages m LEFT JOIN finished f ON f.message_id = m.id LEFT JOIN recipients r ON r.message_id = m.id "
 #define SUBRELAY_FROM_RCPT \
@@ -153,12 +153,15 @@ constexpr const char* kLease = "UPDATE recipients SET lease_until = ?3 WHERE mes
 // operator's bounce while the attempt ran wins over a deferral or a failure. A delivery
 // wins over everything (the mail did arrive), and cancels a DSN not yet queued.
 // A failure asks for a DSN unless the message is itself a DSN or has the null sender
-// (RFC 3464 section 2, RFC 5321 section 6.1: never bounce a bounce).
+// (RFC 3464 section 2, RFC 5321 section 6.1: never bounce a bounce); so does a delivery
+// that owes a success DSN (?9, RFC 3461 NOTIFY=SUCCESS). Whether the sender wants the
+// notice (NOTIFY) is decided when the DSN is built (delivery/dsn.h).
 constexpr const char* kRecordRecipient =
     "UPDATE recipients SET state = ?3, attempts = attempts + 1, next_attempt = ?4, last_error = ?5, "
     "updated_at = ?6, lease_until = 0, pending_request = 0, last_code = ?7, last_status = ?8, dsn_pending = CASE "
     "WHEN ?3 = 'failed' THEN (SELECT is_dsn = 0 AND mail_from NOT IN ('', '<>') FROM messages WHERE id = ?1) "
-    "WHEN ?3 = 'delivered' THEN 0 ELSE dsn_pending END "
+    "WHEN ?3 = 'delivered' THEN ?9 AND (SELECT is_dsn = 0 AND mail_from NOT IN ('', '<>') FROM messages WHERE id = ?1) "
+    "ELSE dsn_pending END "
     "WHERE message_id = ?1 AND idx = ?2 AND (state IN ('queued', 'deferred') OR ?3 = 'delivered')";
 constexpr const char* kInsertAttempt =
     "INSERT INTO attempts (message_id, idx, at, mx, tls_version, tls_cipher, code, reply, result, status, tls_policy) "
@@ -324,11 +327,11 @@ constexpr const char* kSetPruned = "UPDATE finished SET content_pruned = 1 WHERE
 
 constexpr const char* kInsertMessage =
     "INSERT INTO messages (id, account, mail_from, size, received_at, captured, smtputf8, "
-    "eight_bit, client_address, helo, tls_version, tls_cipher, content, is_dsn, tls_required) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
+    "eight_bit, client_address, helo, tls_version, tls_cipher, content, is_dsn, tls_required, dsn_ret, dsn_envid) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 constexpr const char* kInsertRecipient =
-    "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt, last_error, updated_at) "
-    "VALUES (?1, ?2, ?3, ?4, 0, ?5, '', ?6)";
+    "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt, last_error, updated_at, "
+    "dsn_notify, dsn_orcpt) VALUES (?1, ?2, ?3, ?4, 0, ?5, '', ?6, ?7, ?8)";
 
 // Appends the row's recipient columns (and, when `info` is new, its message columns).
 void readRow(sqlite3_stmt* s, MessageInfo& info, bool fresh) {
@@ -350,6 +353,9 @@ void readRow(sqlite3_stmt* s, MessageInfo& info, bool fresh) {
     info.contentPruned = sqlite3_column_int(s, 26) != 0;
     const int tr = sqlite3_column_int(s, 27);
     info.tlsRequirement = tr == 1 ? TlsRequirement::Required : tr == 2 ? TlsRequirement::Optional : TlsRequirement::Default;
+    const int ret = sqlite3_column_int(s, 28);
+    info.dsnRet = ret == 1 ? DsnRet::Full : ret == 2 ? DsnRet::Hdrs : DsnRet::Unspecified;
+    info.dsnEnvid = columnText(s, 29);
   }
   if (sqlite3_column_type(s, 11) == SQLITE_NULL) return;  // LEFT JOIN: no recipients
   RecipientInfo r;
@@ -366,6 +372,8 @@ void readRow(sqlite3_stmt* s, MessageInfo& info, bool fresh) {
   r.lastStatus = EnhancedStatus::parse(columnText(s, 23)).value_or(EnhancedStatus{});
   const int req = sqlite3_column_int(s, 24);
   r.request = req == 1 ? OperatorRequest::Retry : req == 2 ? OperatorRequest::Bounce : OperatorRequest::None;
+  r.dsn.notify = sqlite3_column_int(s, 30);
+  r.dsn.orcpt = columnText(s, 31);
   info.recipients.push_back(std::move(r));
 }
 
@@ -629,6 +637,8 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
     bindText(st, 12, m.tlsCipher);
     sqlite3_bind_int(st, 14, m.isDsn ? 1 : 0);
     sqlite3_bind_int(st, 15, static_cast<int>(m.tlsRequirement));
+    sqlite3_bind_int(st, 16, static_cast<int>(m.dsnRet));
+    bindText(st, 17, m.dsnEnvid);
     // The message body can be tens of MB: bound in place, not copied (SQLITE_STATIC).
     int rc = sqlite3_bind_blob64(st, 13, m.content.data(), m.content.size(), SQLITE_STATIC);
     if (rc == SQLITE_OK) rc = sqlite3_step(st);
@@ -651,6 +661,14 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
     sqlite3_bind_text(st, 4, state.data(), static_cast<int>(state.size()), SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, next);
     sqlite3_bind_int64(st, 6, m.receivedAt);
+    // RFC 3461 NOTIFY / ORCPT: recipientDsn is empty or parallel to recipients.
+    if (i < m.recipientDsn.size()) {
+      sqlite3_bind_int(st, 7, m.recipientDsn[i].notify);
+      bindText(st, 8, m.recipientDsn[i].orcpt);
+    } else {
+      sqlite3_bind_int(st, 7, 0);
+      sqlite3_bind_text(st, 8, "", 0, SQLITE_STATIC);
+    }
     if (sqlite3_step(st) != SQLITE_DONE) {
       lastOutOfSpace_ = outOfSpace(db_);
       return "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
@@ -885,13 +903,15 @@ util::Result<std::vector<DueMessage>> SqliteStore::leaseDue(int64_t now, size_t 
     d.eightBit = m.eightBit;
     d.isDsn = m.isDsn;
     d.tlsRequirement = m.tlsRequirement;
+    d.dsnRet = m.dsnRet;
+    d.dsnEnvid = std::move(m.dsnEnvid);
     for (auto& r : m.recipients) {
       Use u(s.lease);
       bindText(u.get(), 1, d.id);
       sqlite3_bind_int64(u.get(), 2, r.index);
       sqlite3_bind_int64(u.get(), 3, until);
       if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot lease recipients of " + d.id);
-      d.recipients.push_back(DueRecipient{r.index, std::move(r.address), r.attempts});
+      d.recipients.push_back(DueRecipient{r.index, std::move(r.address), r.attempts, std::move(r.dsn)});
     }
     out.push_back(std::move(d));
   }
@@ -934,6 +954,7 @@ util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>&
       sqlite3_bind_int64(st, 6, rec.attempt.at);
       sqlite3_bind_int(st, 7, rec.attempt.code);
       bindText(st, 8, status);
+      sqlite3_bind_int(st, 9, rec.successDsn ? 1 : 0);  // RFC 3461 success DSN owed
       if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record attempt for " + rec.messageId);
     }
     {

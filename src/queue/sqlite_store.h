@@ -55,7 +55,8 @@ class SqliteStore final : public Store, public DeliveryQueue {
   // dsn_pending = 1 when the new state is failed, the message is not a DSN and its
   // sender is not "<>" (stored as ""). A record whose message was dropped meanwhile is
   // skipped; one whose recipient an operator bounced meanwhile only adds its attempts row,
-  // unless it was delivered (a delivery always wins, and clears dsn_pending). An operator
+  // unless it was delivered (a delivery always wins, and sets dsn_pending to the record's
+  // successDsn: a success DSN owed, RFC 3461 NOTIFY=SUCCESS). An operator
   // request made while the attempt ran (pending_request) is applied through
   // applyOperatorRequest() and cleared. Also stores last_code / last_status.
   util::Result<void> recordAttempts(const std::vector<AttemptRecord>& records) override;
@@ -157,7 +158,7 @@ class SqliteStore final : public Store, public DeliveryQueue {
   util::Result<int64_t> pruneTlsRpt(int64_t beforeDay);
 
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 9;
+  static constexpr int kSchemaVersion = 10;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);

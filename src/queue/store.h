@@ -62,6 +62,19 @@ enum class OperatorRequest { None = 0, Retry = 1, Bounce = 2 };
 // the header "TLS-Required: No" (deliver even where TLS or a domain's TLS policy fails).
 enum class TlsRequirement { Default = 0, Required = 1, Optional = 2 };
 
+// RFC 3461 DSN parameters. NOTIFY bits (the values of smtp::kNotify*): 0 = NOTIFY not
+// given (the default behaviour: failure and delay notices).
+inline constexpr int kDsnNotifySuccess = 1;
+inline constexpr int kDsnNotifyFailure = 2;
+inline constexpr int kDsnNotifyDelay = 4;
+inline constexpr int kDsnNotifyNever = 8;
+// RET= of MAIL (RFC 3461 4.3).
+enum class DsnRet { Unspecified = 0, Full = 1, Hdrs = 2 };
+struct RecipientDsn {
+  int notify = 0;       // kDsnNotify* bits
+  std::string orcpt;    // ORCPT= as received ("rfc822;bob+2B1@example.net"), "" = none
+};
+
 struct NewMessage {
   std::string id;                       // from newQueueId()
   std::string account;
@@ -83,6 +96,11 @@ struct NewMessage {
   // one is not stored and insertBatch() returns that message's id instead of `id`.
   std::string idempotencyKey;
   int64_t idempotencyWindow = 0;        // seconds
+  // DSN extension (RFC 3461): RET, ENVID (xtext as received, "" = none) and per recipient
+  // NOTIFY/ORCPT; recipientDsn is empty (none given) or parallel to recipients.
+  DsnRet dsnRet = DsnRet::Unspecified;
+  std::string dsnEnvid;
+  std::vector<RecipientDsn> recipientDsn;
 };
 
 struct RecipientInfo {
@@ -98,6 +116,7 @@ struct RecipientInfo {
   int64_t leaseUntil = 0;
   bool dsnPending = false;
   OperatorRequest request = OperatorRequest::None;
+  RecipientDsn dsn;               // NOTIFY / ORCPT given at submission
 };
 
 // One delivery attempt of one recipient (the attempts table; `queue show` history).
@@ -137,6 +156,8 @@ struct MessageInfo {
   // the message bytes were removed (retention.finished_bodies); content() says so.
   int64_t finishedAt = 0;
   bool contentPruned = false;
+  DsnRet dsnRet = DsnRet::Unspecified;  // RET= given at submission
+  std::string dsnEnvid;                 // ENVID= (xtext) given at submission, "" = none
   std::vector<RecipientInfo> recipients;
   std::vector<AttemptInfo> attempts;  // filled by show(), oldest first; empty in list()
 };
@@ -148,6 +169,7 @@ struct DueRecipient {
   int64_t index = 0;
   std::string address;
   int64_t attempts = 0;  // attempts so far
+  RecipientDsn dsn;      // NOTIFY / ORCPT, passed on to a server that offers DSN
 };
 struct DueMessage {
   std::string id;
@@ -159,6 +181,8 @@ struct DueMessage {
   bool eightBit = false;
   bool isDsn = false;
   TlsRequirement tlsRequirement = TlsRequirement::Default;
+  DsnRet dsnRet = DsnRet::Unspecified;
+  std::string dsnEnvid;
   std::vector<DueRecipient> recipients;  // only the leased ones
 };
 
@@ -171,6 +195,9 @@ struct AttemptRecord {
   int64_t nextAttempt = 0;      // for deferred
   std::string lastError;        // "" for delivered
   EnhancedStatus lastStatus;    // usually attempt.status; "4.4.7" when expired
+  // Delivered only: a success DSN is owed by us (NOTIFY=SUCCESS and the next hop did not
+  // take the request on, RFC 3461 5.2.2 (b)); stored as dsn_pending = 1.
+  bool successDsn = false;
 };
 
 // The record as it is stored when an operator asked for `request` while the attempt ran:
@@ -178,7 +205,8 @@ struct AttemptRecord {
 // by operator" (5.0.0); a delivery or a permanent failure of the attempt itself stands.
 AttemptRecord applyOperatorRequest(AttemptRecord record, OperatorRequest request);
 
-// Failed recipients whose DSN is not queued yet (dsn_pending = 1), per message.
+// Recipients whose DSN is not queued yet (dsn_pending = 1), per message: failed ones,
+// and delivered ones owed a success DSN.
 struct DsnWork {
   MessageInfo message;                 // recipients: only the pending ones
 };

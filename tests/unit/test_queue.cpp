@@ -2125,3 +2125,85 @@ TEST_CASE("idempotency: concurrent submissions through the group committer store
   for (const auto& id : ids) CHECK(id == "0000000000002200");
   CHECK(store->count().value() == 1);
 }
+
+// ---------------------------------------------------------------------------------------
+// DSN extension (schema 10): RET, ENVID, NOTIFY, ORCPT stored, shown and leased; a
+// delivery that owes a success DSN leaves it pending like a failure.
+
+TEST_CASE_TEMPLATE("DSN parameters are stored, shown and leased with the message (schema 10)", B, FileBackend,
+                   MemoryBackend) {
+  B backend;
+  auto store = backend.open();
+  NewMessage m = makeMessage("00000000000a0001", kT0, 3);
+  m.dsnRet = DsnRet::Hdrs;
+  m.dsnEnvid = "QQ+2B314";
+  m.recipientDsn = {RecipientDsn{kDsnNotifySuccess | kDsnNotifyFailure, "rfc822;user0+2B@example.org"},
+                    RecipientDsn{}, RecipientDsn{kDsnNotifyNever, ""}};
+  NewMessage plain = makeMessage("00000000000a0002", kT0, 1);  // no DSN parameters at all
+  REQUIRE(store->insertBatch({m, plain})[0].ok());
+  auto shown = store->show(m.id);
+  REQUIRE(shown.ok());
+  CHECK(shown->dsnRet == DsnRet::Hdrs);
+  CHECK(shown->dsnEnvid == "QQ+2B314");
+  REQUIRE(shown->recipients.size() == 3);
+  CHECK(shown->recipients[0].dsn.notify == (kDsnNotifySuccess | kDsnNotifyFailure));
+  CHECK(shown->recipients[0].dsn.orcpt == "rfc822;user0+2B@example.org");
+  CHECK(shown->recipients[1].dsn.notify == 0);
+  CHECK(shown->recipients[2].dsn.notify == kDsnNotifyNever);
+  auto other = store->show(plain.id);
+  REQUIRE(other.ok());
+  CHECK(other->dsnRet == DsnRet::Unspecified);
+  CHECK(other->dsnEnvid.empty());
+  CHECK(other->recipients[0].dsn.notify == 0);
+
+  auto due = store->leaseDue(kT0 + 1, 10);
+  REQUIRE(due.ok());
+  REQUIRE(due->size() == 2);
+  const DueMessage& d = due->at(0).id == m.id ? due->at(0) : due->at(1);
+  CHECK(d.dsnRet == DsnRet::Hdrs);
+  CHECK(d.dsnEnvid == "QQ+2B314");
+  REQUIRE(d.recipients.size() == 3);
+  CHECK(d.recipients[0].dsn.orcpt == "rfc822;user0+2B@example.org");
+  CHECK(d.recipients[0].dsn.notify == (kDsnNotifySuccess | kDsnNotifyFailure));
+
+  SUBCASE("a delivery owing a success DSN keeps it pending until the DSN is queued") {
+    auto owed = outcome(m.id, 0, RecipientState::Delivered, kT0 + 5);
+    owed.successDsn = true;
+    auto failed = outcome(m.id, 2, RecipientState::Failed, kT0 + 5, 0, "550 5.1.1 no", 550);
+    REQUIRE(store->recordAttempts({owed, outcome(m.id, 1, RecipientState::Delivered, kT0 + 5), failed}).ok());
+    auto work = store->pendingDsns(10);
+    REQUIRE(work.ok());
+    REQUIRE(work->size() == 1);
+    // Both the delivered (success owed) and the failed one are pending: NOTIFY=NEVER is
+    // honoured when the DSN is built, not by the store.
+    REQUIRE(work->at(0).message.recipients.size() == 2);
+    CHECK(work->at(0).message.recipients[0].index == 0);
+    CHECK(work->at(0).message.recipients[0].state == RecipientState::Delivered);
+    CHECK(work->at(0).message.recipients[1].index == 2);
+    CHECK(work->at(0).message.dsnEnvid == "QQ+2B314");
+    // Not finished while the success DSN is owed (retention keeps it).
+    CHECK(store->show(m.id)->finishedAt == 0);
+    NewMessage dsn = makeMessage("00000000000a0003", kT0 + 6, 1);
+    REQUIRE(store->completeDsn(m.id, {0, 2}, dsn).ok());
+    CHECK(store->pendingDsns(10)->empty());
+    CHECK(store->show(m.id)->finishedAt != 0);
+  }
+  SUBCASE("a delivery without successDsn owes nothing") {
+    REQUIRE(store->recordAttempts({outcome(m.id, 0, RecipientState::Delivered, kT0 + 5)}).ok());
+    CHECK(store->pendingDsns(10)->empty());
+  }
+}
+
+TEST_CASE("a success DSN is never owed to the null sender") {
+  TempDir dir;
+  auto store = mustOpen(dir.file("q.db"));
+  NewMessage m = makeMessage("00000000000a0011", kT0, 1);
+  m.mailFrom = "";
+  m.recipientDsn = {RecipientDsn{kDsnNotifySuccess, ""}};
+  REQUIRE(store->insertBatch({m})[0].ok());
+  REQUIRE(store->leaseDue(kT0 + 1, 10).ok());
+  auto rec = outcome(m.id, 0, RecipientState::Delivered, kT0 + 5);
+  rec.successDsn = true;
+  REQUIRE(store->recordAttempts({rec}).ok());
+  CHECK(store->pendingDsns(10)->empty());
+}
