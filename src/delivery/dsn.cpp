@@ -7,9 +7,10 @@
 // bare CR or LF, no control characters in fields, every line at most 998 octets
 // (RFC 5322 2.1.1), long fields folded at white space.
 //
+// Also the RFC 3461 decisions (which NOTIFY wants which DSN, what RET returns) and the
+// DSN fields that carry ENVID and ORCPT back (Original-Envelope-Id, Original-Recipient).
 // Not here: deciding when a DSN is due (retry.h, the scheduler), sending it with the
-// null sender (the scheduler), DSN extension parameters (RET, ENVID, NOTIFY: RFC 3461
-// is not offered by our server).
+// null sender (the scheduler).
 #include "delivery/dsn.h"
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <random>
 #include <string_view>
 
+#include "smtp/command.h"
 #include "util/strings.h"
 #include "util/time_fmt.h"
 
@@ -255,6 +257,7 @@ bool isValidStatus(std::string_view s) {
 
 std::string statusOf(const DsnRecipient& r) {
   if (isValidStatus(r.status)) return r.status;
+  if (r.action == DsnAction::Relayed) return "2.0.0";
   return r.action == DsnAction::Delayed ? "4.0.0" : "5.0.0";
 }
 
@@ -327,7 +330,42 @@ std::string randomHex(size_t bytes) {
   return out;
 }
 
+const char* actionName(DsnAction a) {
+  switch (a) {
+    case DsnAction::Failed:
+      return "failed";
+    case DsnAction::Delayed:
+      return "delayed";
+    case DsnAction::Relayed:
+      return "relayed";
+  }
+  return "failed";
+}
+
 }  // namespace
+
+bool wantsFailureDsn(int notify) {
+  if (notify & queue::kDsnNotifyNever) return false;
+  return notify == 0 || (notify & queue::kDsnNotifyFailure) != 0;
+}
+
+bool wantsDelayDsn(int notify) {
+  if (notify & queue::kDsnNotifyNever) return false;
+  return notify == 0 || (notify & queue::kDsnNotifyDelay) != 0;
+}
+
+bool wantsSuccessDsn(int notify, bool passedOn) {
+  if (notify & queue::kDsnNotifyNever) return false;
+  return (notify & queue::kDsnNotifySuccess) != 0 && !passedOn;
+}
+
+ReturnPart returnPart(queue::DsnRet ret, bool reportsFailure, size_t messageSize, size_t maxFull) {
+  // RFC 3461 6.2: FULL "for any DSN which conveys notification of delivery failure"; a
+  // DSN without a failure "SHOULD return only the headers"; an implementation-specified
+  // length above which only the headers go back.
+  if (ret != queue::DsnRet::Full || !reportsFailure) return ReturnPart::Headers;
+  return messageSize <= maxFull ? ReturnPart::Full : ReturnPart::HeadersTooLarge;
+}
 
 std::string statusFromReply(int code, const std::string& enhanced) {
   const int cls = code / 100;
@@ -347,17 +385,20 @@ std::string buildDsn(const DsnInput& in) {
   host.erase(std::remove(host.begin(), host.end(), ' '), host.end());
   if (host.empty()) host = "localhost";
 
-  bool anyFailed = false, anyDelayed = false, global = hasNonAscii(in.originalSender);
+  bool anyFailed = false, anyDelayed = false, anyRelayed = false, global = hasNonAscii(in.originalSender);
   int64_t retryUntil = 0;
   for (const auto& r : in.recipients) {
     if (r.action == DsnAction::Failed)
       anyFailed = true;
-    else
+    else if (r.action == DsnAction::Delayed)
       anyDelayed = true;
+    else
+      anyRelayed = true;
     global = global || hasNonAscii(r.address);
     if (r.action == DsnAction::Delayed) retryUntil = std::max(retryUntil, r.willRetryUntil);
   }
-  if (!anyFailed && !anyDelayed) anyFailed = true;  // no recipients: say "failed", never claim a retry
+  // No recipients: say "failed", never claim a retry.
+  if (!anyFailed && !anyDelayed && !anyRelayed) anyFailed = true;
 
   // Part 1: for people (RFC 6522 section 3: "human-readable explanation").
   std::string text;
@@ -381,29 +422,51 @@ std::string buildDsn(const DsnInput& in) {
     for (const auto& r : in.recipients)
       if (r.action == DsnAction::Delayed) addRecipientText(text, r, statusOf(r));
   }
+  if (anyRelayed) {
+    // RFC 3461 5.2.2 (b): the next hop does not offer DSN, so nothing more will come.
+    addParagraph(text,
+                 "Your message was passed on to the following recipients' mail servers. Those servers do not "
+                 "offer delivery notifications, so this is the last notice you will get about them:");
+    text += "\r\n";
+    for (const auto& r : in.recipients)
+      if (r.action == DsnAction::Relayed) addRecipientText(text, r, statusOf(r));
+  }
   if (anyFailed) {
     addParagraph(text,
                  "What you can do: check the addresses above for typing mistakes and send the message again "
                  "to the corrected address. If an address is right, the explanation under it says why the "
                  "receiving system did not take the message; reach the recipient another way, or ask your "
                  "mail administrator for help.");
-  } else {
+  } else if (anyDelayed) {
     addParagraph(text, "If delivery keeps failing you will receive another notice when the mail system gives up.");
   }
   text += "\r\n";
+  if (in.fullTooLarge) {
+    addParagraph(text, "You asked for your whole message back (RET=FULL), but it is larger than " +
+                           std::to_string(kMaxReturnedMessage / 1024) + " KiB, so only its headers are attached.");
+    text += "\r\n";
+  }
   addParagraph(text, "When asking for help, quote the queue ID " + cleanText(in.queueId, false) +
-                         ". The headers of your message are attached below.");
+                         (in.originalMessage.empty() ? ". The headers of your message are attached below."
+                                                     : ". Your message is attached below."));
 
   // Part 2: RFC 3464 section 2.2 per-message fields, then 2.3 per-recipient groups.
   std::string status;
+  // RFC 3464 2.2.1 / RFC 3461 6.3 (a): the ENVID, xtext-decoded, first.
+  if (!in.envid.empty()) {
+    if (auto envid = smtp::decodeXtext(in.envid)) addField(status, "Original-Envelope-Id", cleanText(*envid, false));
+  }
   addField(status, "Reporting-MTA", "dns; " + host);
   if (!in.queueId.empty()) addField(status, "X-Subrelay-Queue-ID", cleanText(in.queueId, false));
   if (!in.originalSender.empty()) addField(status, "X-Subrelay-Sender", typedAddress(in.originalSender));
   if (in.arrivalDate != 0) addField(status, "Arrival-Date", dateOf(in.arrivalDate));
   for (const auto& r : in.recipients) {
     status += "\r\n";
+    // RFC 3464 2.3.1 / RFC 3461 6.3 (d): the ORCPT, only when one was given.
+    if (const std::string orcpt = smtp::orcptField(r.orcpt); !orcpt.empty())
+      addField(status, "Original-Recipient", cleanText(orcpt, false));
     addField(status, "Final-Recipient", typedAddress(r.address));
-    addField(status, "Action", r.action == DsnAction::Failed ? "failed" : "delayed");
+    addField(status, "Action", actionName(r.action));
     addField(status, "Status", statusOf(r));
     if (!r.remoteMta.empty()) addField(status, "Remote-MTA", typedValue(r.remoteMta, "dns"));
     if (!r.diagnostic.empty()) addField(status, "Diagnostic-Code", typedValue(r.diagnostic, "smtp"));
@@ -414,8 +477,12 @@ std::string buildDsn(const DsnInput& in) {
 
   // Part 3: the original header section (RFC 6522 section 4 text/rfc822-headers; RFC
   // 6533 section 6.3 message/global-headers when it holds UTF-8).
-  const std::string headers = cleanHeaderBlock(in.originalHeaders);
-  const bool headers8bit = hasNonAscii(headers);
+  // RET=FULL: the whole message as message/rfc822 (RFC 3461 6.2, RFC 6522 section 4), its
+  // lines kept as they were sent (already CRLF, at most 998 octets: we accepted it).
+  const bool full = !in.originalMessage.empty();
+  const std::string headers = full ? in.originalMessage : cleanHeaderBlock(in.originalHeaders);
+  const bool headers8bit = hasNonAscii(full ? std::string_view(in.originalHeaders) : std::string_view(headers));
+  const bool part3Has8bit = hasNonAscii(headers);
 
   // A boundary that occurs in none of the parts (RFC 2046 5.1.1).
   std::string boundary;
@@ -433,7 +500,9 @@ std::string buildDsn(const DsnInput& in) {
     addField(out, "To", "undisclosed-recipients:;");  // the caller sends no DSN to "<>"
   else
     addField(out, "To", "<" + cleanAddress(in.originalSender) + ">");
-  addField(out, "Subject", anyFailed ? "Undelivered Mail Returned to Sender" : "Delayed Mail (still being retried)");
+  addField(out, "Subject", anyFailed    ? "Undelivered Mail Returned to Sender"
+                           : anyDelayed ? "Delayed Mail (still being retried)"
+                                        : "Successful Mail Delivery Report");
   addField(out, "Date", dateOf(in.now));
   std::string messageId = cleanText(in.messageId, false);
   messageId.erase(std::remove(messageId.begin(), messageId.end(), ' '), messageId.end());
@@ -444,7 +513,7 @@ std::string buildDsn(const DsnInput& in) {
   addField(out, "Auto-Submitted", "auto-replied");  // RFC 3834 section 5
   addField(out, "Content-Type", "multipart/report; report-type=delivery-status; boundary=\"" + boundary + "\"");
   // RFC 2045 6.4: a multipart's encoding is 7bit unless a part is 8bit.
-  if (text8bit || status8bit || headers8bit) addField(out, "Content-Transfer-Encoding", "8bit");
+  if (text8bit || status8bit || part3Has8bit) addField(out, "Content-Transfer-Encoding", "8bit");
   out += "\r\n";
   out += "This is a MIME-encapsulated message.\r\n";
 
@@ -462,9 +531,18 @@ std::string buildDsn(const DsnInput& in) {
   out += "\r\n";
   out += status;
 
-  if (!headers.empty()) {
+  if (full) {
     out += "\r\n--" + boundary + "\r\n";
-    addField(out, "Content-Description", "Undelivered Message Headers");
+    addField(out, "Content-Description", anyFailed ? "Undelivered Message" : "Message");
+    // RFC 6532 3.7 / RFC 6533 6.3: message/global for a message with UTF-8 headers.
+    addField(out, "Content-Type", headers8bit ? "message/global" : "message/rfc822");
+    if (part3Has8bit) addField(out, "Content-Transfer-Encoding", "8bit");
+    out += "\r\n";
+    out += headers;
+    if (headers.size() < 2 || headers.compare(headers.size() - 2, 2, "\r\n") != 0) out += "\r\n";
+  } else if (!headers.empty()) {
+    out += "\r\n--" + boundary + "\r\n";
+    addField(out, "Content-Description", anyFailed || anyDelayed ? "Undelivered Message Headers" : "Message Headers");
     addField(out, "Content-Type", headers8bit ? "message/global-headers" : "text/rfc822-headers");
     if (headers8bit) addField(out, "Content-Transfer-Encoding", "8bit");
     out += "\r\n";

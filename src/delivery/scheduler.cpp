@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "delivery/dsn.h"
+#include "smtp/command.h"
 #include "message/headers.h"
 #include "metrics/server_metrics.h"
 #include "util/log.h"
@@ -656,6 +657,11 @@ void Scheduler::takeJob(Session& s) {
   om.eightBit = m.due.eightBit;
   om.smtputf8 = m.due.smtputf8;
   om.requireTls = m.due.tlsRequirement == queue::TlsRequirement::Required;
+  // RFC 3461 5.2.1: the DSN parameters go on to a next hop that offers DSN.
+  om.dsnRet = smtp::retValue(static_cast<smtp::DsnRet>(static_cast<int>(m.due.dsnRet)));
+  om.envId = m.due.dsnEnvid;
+  for (const auto& r : s.job->rcpts)
+    om.rcptDsn.push_back(smtp::OutboundMessage::RcptDsn{static_cast<uint8_t>(r.dsn.notify), r.dsn.orcpt});
   s.state = Session::State::Busy;
   s.txnStarted = clock_.now();
   transport_.send(s.id, std::move(om));
@@ -844,6 +850,9 @@ void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>&
     switch (rr.outcome) {
       case smtp::Outcome::Delivered:
         rec.newState = queue::RecipientState::Delivered;
+        // RFC 3461 5.2.2 (b): NOTIFY=SUCCESS to a next hop without DSN: we owe the
+        // "relayed" DSN (queued durably through dsn_pending, processDsns sends it).
+        rec.successDsn = wantsSuccessDsn(rcpt->dsn.notify, rr.dsnPassedOn);
         result = "delivered";
         break;
       case smtp::Outcome::PermFail:
@@ -931,10 +940,24 @@ std::string attemptPolicy(const Scheduler::Job& job, const ConnectRequest* via) 
 
 // ---- DSNs -----------------------------------------------------------------------------
 
+bool dsnWanted(const queue::RecipientInfo& r, bool delayed) {
+  if (delayed) return wantsDelayDsn(r.dsn.notify);
+  if (r.state == queue::RecipientState::Delivered) return wantsSuccessDsn(r.dsn.notify, false);
+  return wantsFailureDsn(r.dsn.notify);
+}
+
 std::optional<queue::NewMessage> makeDsn(const queue::MessageInfo& m, const std::vector<queue::AttemptInfo>& history,
-                                         const std::string& originalHeaders, bool delayed,
+                                         const std::string& originalContent, bool delayed,
                                          const SchedulerSettings& settings, int64_t now, const std::string& dsnId) {
   if (m.mailFrom.empty() || m.isDsn) return std::nullopt;  // never to <>, never a bounce of a bounce
+  bool anyWanted = false, anyFailure = false;
+  for (const auto& r : m.recipients) {
+    if (!dsnWanted(r, delayed)) continue;
+    anyWanted = true;
+    anyFailure = anyFailure || (!delayed && r.state != queue::RecipientState::Delivered);
+  }
+  if (!anyWanted) return std::nullopt;  // RFC 3461 4.1: NOTIFY=NEVER, or not this kind
+  const std::string originalHeaders(message::headerSection(originalContent));
   DsnInput in;
   in.reportingMta = settings.hostname;
   in.queueId = m.id;
@@ -943,10 +966,25 @@ std::optional<queue::NewMessage> makeDsn(const queue::MessageInfo& m, const std:
   in.now = now;
   in.messageId = "<" + dsnId + ".dsn@" + settings.hostname + ">";
   in.originalHeaders = originalHeaders;
+  in.envid = m.dsnEnvid;
+  // RFC 3461 6.2: RET=FULL returns the whole message with a failure, up to a size.
+  switch (returnPart(m.dsnRet, anyFailure, originalContent.size())) {
+    case ReturnPart::Full:
+      in.originalMessage = originalContent;
+      break;
+    case ReturnPart::HeadersTooLarge:
+      in.fullTooLarge = true;
+      break;
+    case ReturnPart::Headers:
+      break;
+  }
   for (const auto& r : m.recipients) {
+    if (!dsnWanted(r, delayed)) continue;
+    const bool relayed = !delayed && r.state == queue::RecipientState::Delivered;
     DsnRecipient dr;
     dr.address = r.address;
-    dr.action = delayed ? DsnAction::Delayed : DsnAction::Failed;
+    dr.orcpt = r.dsn.orcpt;
+    dr.action = delayed ? DsnAction::Delayed : relayed ? DsnAction::Relayed : DsnAction::Failed;
     const queue::AttemptInfo* last = nullptr;
     for (const auto& a : history)
       if (a.index == r.index) last = &a;
@@ -960,7 +998,7 @@ std::optional<queue::NewMessage> makeDsn(const queue::MessageInfo& m, const std:
     queue::EnhancedStatus st = r.lastStatus;
     if (!st.valid() && last != nullptr) st = last->status;
     if (!st.valid() && last != nullptr && last->code) st = queue::EnhancedStatus::fromReply(last->code, "");
-    dr.status = st.valid() ? st.str() : (delayed ? "4.0.0" : "5.0.0");
+    dr.status = st.valid() ? st.str() : (delayed ? "4.0.0" : relayed ? "2.0.0" : "5.0.0");
     if (r.lastError == "bounced by operator") dr.diagnostic.clear();
     if (delayed) dr.willRetryUntil = m.receivedAt + settings.retry.maxQueueTime.count();
     if (dr.diagnostic.empty() && !r.lastError.empty()) dr.diagnostic = "x-subrelay; " + r.lastError;
@@ -991,9 +1029,9 @@ void Scheduler::processDsns() {
     if (m.mailFrom.empty() || m.isDsn) return std::nullopt;
     std::vector<queue::AttemptInfo> history;
     if (auto full = queue_.show(m.id); full.ok()) history = std::move(full.value().attempts);
-    std::string headers;
-    if (auto content = queue_.content(m.id); content.ok()) headers = message::headerSection(content.value());
-    return makeDsn(m, history, headers, delayed, settings_, now, queue::newQueueId());
+    std::string content;
+    if (auto c = queue_.content(m.id); c.ok()) content = std::move(c.value());
+    return makeDsn(m, history, content, delayed, settings_, now, queue::newQueueId());
   };
   auto indexes = [](const queue::DsnWork& w) {
     std::vector<int64_t> out;
@@ -1007,20 +1045,32 @@ void Scheduler::processDsns() {
         util::logError("delivery", "cannot queue the DSN for id=" + w.message.id + ": " + r.error().message);
         continue;
       }
+      // One DSN may report failures and successes (RFC 3461 NOTIFY=SUCCESS) together;
+      // it counts as a failure DSN when it reports any failure.
+      size_t failed = 0, succeeded = 0;
+      for (const auto& r : w.message.recipients) {
+        if (!dsnWanted(r, false)) continue;
+        if (r.state == queue::RecipientState::Delivered)
+          ++succeeded;
+        else
+          ++failed;
+      }
       if (dsn) {
-        metrics::server().dsns.with("failure").inc();
-        util::LogEvent(util::LogLevel::Info, "delivery", "bounced")
+        const bool success = failed == 0;
+        metrics::server().dsns.with(success ? "success" : "failure").inc();
+        util::LogEvent(util::LogLevel::Info, "delivery", success ? "success-notice" : "bounced")
             .queueId(w.message.id)
             .field("dsn", "dsn_id", dsn->id)
             .field("to", "sender", w.message.mailFrom, util::LogEvent::Style::Angle)
-            .number("rcpts", static_cast<long long>(w.message.recipients.size()))
+            .number("rcpts", static_cast<long long>(success ? succeeded : failed))
             .account(w.message.account)
             .emit();
-      } else {
+      } else if (w.message.recipients.size() > succeeded) {
+        const bool notify = !w.message.mailFrom.empty() && !w.message.isDsn;
         util::LogEvent(util::LogLevel::Info, "delivery", "failed")
             .queueId(w.message.id)
             .field("dsn", "dsn_id", "none")
-            .field("why", "null sender or a DSN itself")
+            .field("why", notify ? "the sender asked for no failure DSN (NOTIFY)" : "null sender or a DSN itself")
             .account(w.message.account)
             .emit();
       }

@@ -311,10 +311,16 @@ std::string destinationKey(const Route& route, TlsPolicy tls);
 std::string destinationKey(const Route& route, TlsPolicy tls, const TlsDecision& decision);
 
 // RFC 3464 DSN for `message` (its recipients: the ones to report), or nullopt when none
-// may be sent (null sender, or the message is itself a DSN). Pure: the caller supplies
-// the original's header section, the history and the time.
+// may be sent (null sender, or the message is itself a DSN) or none of the recipients
+// asked for this kind (RFC 3461 NOTIFY: wantsFailureDsn / wantsDelayDsn). A delivered
+// recipient (a success DSN owed) is reported "relayed"; a failed one "failed"; with
+// `delayed` every one "delayed". The original (`originalContent`, the whole message or at
+// least its header section) goes back as RET asks (returnPart). Pure: the caller supplies
+// the original, the history and the time.
 std::optional<queue::NewMessage> makeDsn(const queue::MessageInfo& message, const std::vector<queue::AttemptInfo>& history,
-                                         const std::string& originalHeaders, bool delayed,
+                                         const std::string& originalContent, bool delayed,
                                          const SchedulerSettings& settings, int64_t now, const std::string& dsnId);
+// Which of a DSN work item's recipients the sender wants reported (RFC 3461 NOTIFY).
+bool dsnWanted(const queue::RecipientInfo& r, bool delayed);
 
 }  // namespace subrelay::delivery

@@ -42,7 +42,7 @@ struct ServerMetrics {
   Family<Counter>& deliveryAttempts;      // {result=delivered|deferred|failed|expired, tls}
   Family<Histogram>& deliveryLatency;     // accepted -> delivered
   Family<Gauge>& deliveryConnections;     // open outbound connections
-  Family<Counter>& dsns;                  // {type=failure|delay}
+  Family<Counter>& dsns;                  // {type=failure|delay|success}
   Family<Counter>& dnsQueries;            // {type}
   Family<Counter>& dnsFailures;           // {reason}
   // Recipient domains' TLS policies (issue 12)

@@ -1,6 +1,7 @@
 // smtp::ClientSession: the I/O-free SMTP client core used for delivery (RFC 5321), with
 // STARTTLS (RFC 3207), PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152),
-// SMTPUTF8 (RFC 6531), enhanced status codes (RFC 2034, RFC 3463) and, towards a
+// SMTPUTF8 (RFC 6531), DSN (RFC 3461: RET/ENVID/NOTIFY/ORCPT passed on when offered),
+// enhanced status codes (RFC 2034, RFC 3463) and, towards a
 // smarthost, AUTH PLAIN / LOGIN (RFC 4954, RFC 4616).
 //
 // Replies are assembled from whole lines only, so the way the bytes are split never
@@ -15,6 +16,7 @@
 #include <deque>
 #include <utility>
 
+#include "smtp/command.h"
 #include "smtp/reply.h"
 #include "util/base64.h"
 #include "util/strings.h"
@@ -192,7 +194,7 @@ struct ClientSession::Impl {
   bool ready = false;
   bool capStartTls = false, capPipelining = false, capSize = false, cap8bit = false, capUtf8 = false,
        capEnhanced = false, capChunking = false, capAuth = false, authPlain = false, authLogin = false,
-       capRequireTls = false;
+       capRequireTls = false, capDsn = false;
   uint64_t sizeLimit = 0;
   // AUTH towards a smarthost: LOGIN answers two 334 challenges (user, then password).
   bool authenticated = false;
@@ -217,7 +219,7 @@ struct ClientSession::Impl {
 
   void resetCaps() {
     capStartTls = capPipelining = capSize = cap8bit = capUtf8 = capEnhanced = capChunking = false;
-    capAuth = authPlain = authLogin = capRequireTls = false;
+    capAuth = authPlain = authLogin = capRequireTls = capDsn = false;
     sizeLimit = 0;
   }
 
@@ -252,6 +254,7 @@ struct ClientSession::Impl {
   }
 
   void finishTransaction() {
+    for (auto& r : txn->results) r.dsnPassedOn = capDsn;
     TransactionDone done{std::move(txn->results)};
     txn.reset();
     actions.emplace_back(std::move(done));
@@ -470,6 +473,8 @@ struct ClientSession::Impl {
         }
       } else if (iequals(kw, "REQUIRETLS")) {
         capRequireTls = true;  // RFC 8689 2
+      } else if (iequals(kw, "DSN")) {
+        capDsn = true;  // RFC 3461 4
       } else if (iequals(kw, "CHUNKING")) {
         capChunking = true;  // RFC 3030: recognised, not used (DATA is enough for us)
       } else if (iequals(kw, "SIZE")) {
@@ -737,6 +742,10 @@ struct ClientSession::Impl {
     if (x.msg.eightBit && cap8bit) mail += " BODY=8BITMIME";
     if (needUtf8) mail += " SMTPUTF8";  // RFC 6531 section 3.4
     if (x.msg.requireTls && tlsActive && capRequireTls) mail += " REQUIRETLS";  // RFC 8689 4.2.1
+    // RFC 3461 5.2.1 (a), (b): RET and ENVID exactly as received; 5.2.2 (a): never to a
+    // server without DSN.
+    if (capDsn && !x.msg.dsnRet.empty()) mail += " RET=" + x.msg.dsnRet;
+    if (capDsn && !x.msg.envId.empty()) mail += " ENVID=" + x.msg.envId;
 
     pipelinedTxn = capPipelining;
     if (pipelinedTxn) {
@@ -750,7 +759,7 @@ struct ClientSession::Impl {
       group += mail + "\r\n";
       expects.push_back(Expect::Mail);
       for (size_t i : x.rcptOrder) {
-        group += "RCPT TO:<" + x.msg.recipients[i] + ">\r\n";
+        group += rcptLine(i) + "\r\n";
         expects.push_back(Expect::Rcpt);
       }
       group += "DATA\r\n";
@@ -807,10 +816,26 @@ struct ClientSession::Impl {
     // Pipelined: the RCPT and DATA replies still come and are consumed.
   }
 
+  // "RCPT TO:<addr>", with NOTIFY and ORCPT when the server offers DSN (RFC 3461 5.2.1
+  // (c), (d)): NOTIFY only when the client gave one; ORCPT the client's, else (MAY) the
+  // recipient as received when it is ASCII (xtext cannot carry UTF-8, RFC 3461 4.2).
+  std::string rcptLine(size_t i) const {
+    const Transaction& x = *txn;
+    std::string line = "RCPT TO:<" + x.msg.recipients[i] + ">";
+    if (!capDsn) return line;
+    const OutboundMessage::RcptDsn* d = i < x.msg.rcptDsn.size() ? &x.msg.rcptDsn[i] : nullptr;
+    if (d && d->notify != 0) line += " NOTIFY=" + notifyValue(d->notify);
+    if (d && !d->orcpt.empty())
+      line += " ORCPT=" + d->orcpt;
+    else if (!util::hasNonAscii(x.msg.recipients[i]))
+      line += " ORCPT=rfc822;" + encodeXtext(x.msg.recipients[i]);
+    return line;
+  }
+
   void sendNextRcpt() {
     Transaction& x = *txn;
     if (x.rcptReplies < x.rcptOrder.size()) {
-      sendLine("RCPT TO:<" + x.msg.recipients[x.rcptOrder[x.rcptReplies]] + ">");
+      sendLine(rcptLine(x.rcptOrder[x.rcptReplies]));
       expects.push_back(Expect::Rcpt);
       return;
     }
@@ -1021,6 +1046,7 @@ bool ClientSession::offersStartTls() const { return impl_->capStartTls; }
 bool ClientSession::tlsActive() const { return impl_->tlsActive; }
 bool ClientSession::authenticated() const { return impl_->authenticated; }
 bool ClientSession::offersRequireTls() const { return impl_->capRequireTls; }
+bool ClientSession::offersDsn() const { return impl_->capDsn; }
 std::optional<uint64_t> ClientSession::serverSizeLimit() const {
   if (impl_->capSize && impl_->sizeLimit > 0) return impl_->sizeLimit;
   return std::nullopt;

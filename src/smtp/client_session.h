@@ -53,7 +53,17 @@ struct OutboundMessage {
   std::shared_ptr<const std::string> content;  // CRLF lines as stored; dot-stuffed here
   bool eightBit = false;                // BODY=8BITMIME when the server offers it
   bool smtputf8 = false;                // SMTPUTF8 needed: refused (5.6.7) when not offered
-  std::string envId;                    // unused for now (no DSN extension)
+  // DSN extension (RFC 3461 5.2.1), sent only to a server that offers DSN: RET= ("FULL",
+  // "HDRS", "" = none), ENVID= (xtext as received, "" = none), and per recipient
+  // (parallel to recipients, or empty) NOTIFY= and ORCPT=. Without an ORCPT from the
+  // client, an ASCII recipient gets ORCPT=rfc822;<its address> (5.2.1 (d)).
+  std::string dsnRet;
+  std::string envId;
+  struct RcptDsn {
+    uint8_t notify = 0;   // kNotify* bits (command.h), 0 = none
+    std::string orcpt;    // as received, "" = none
+  };
+  std::vector<RcptDsn> rcptDsn;
   // RFC 8689 4.2.1: MAIL FROM ... REQUIRETLS. Sent only inside TLS to a server that offers
   // REQUIRETLS; otherwise the message is refused (5.7.10 / 5.7.30). A bounce (null
   // sender) carries it when offered and is sent anyway when not (RFC 8689 5).
@@ -75,6 +85,9 @@ struct RecipientResult {
   Outcome outcome = Outcome::TempFail;
   ServerReply reply;  // the reply that decided (RCPT's, or DATA's / MAIL's for all)
   std::string stage;  // "connect" "ehlo" "starttls" "auth" "rset" "mail" "rcpt" "data" "data-end" "local"
+  // The server offers DSN, so the RCPT carried the DSN request (NOTIFY) on and the next
+  // hop reports success itself (RFC 3461 5.2.1); false: we owe any "relayed" DSN.
+  bool dsnPassedOn = false;
 };
 
 // What the transport must do next.
@@ -143,6 +156,7 @@ class ClientSession {
   bool tlsActive() const;
   bool authenticated() const;  // AUTH succeeded (ClientConfig::auth)
   bool offersRequireTls() const;  // REQUIRETLS (RFC 8689)
+  bool offersDsn() const;         // DSN (RFC 3461)
   std::optional<uint64_t> serverSizeLimit() const;  // SIZE n, n > 0
   bool idle() const;    // ready for send()
   bool closed() const;
