@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "smtp/client_session.h"
+#include "smtp/command.h"
 
 using namespace subrelay::smtp;
 using namespace std::chrono_literals;
@@ -1235,4 +1236,48 @@ TEST_CASE("REQUIRETLS (RFC 8689 4.2.1): sent only inside TLS to a server offerin
     h.send(std::move(m));
     CHECK(h.take() == "MAIL FROM:<>\r\nRCPT TO:<a@x.org>\r\nDATA\r\n");
   }
+}
+
+TEST_CASE("DSN offered: RET, ENVID, NOTIFY and ORCPT are passed on (RFC 3461 5.2.1)") {
+  Harness h;
+  handshake(h, "PIPELINING,DSN,SMTPUTF8");
+  CHECK(h.s.offersDsn());
+  auto m = message({"a@x.org", "b@x.org", "j\xc3\xb6rg@x.org"});
+  m.smtputf8 = true;
+  m.dsnRet = "HDRS";
+  m.envId = "QQ+2B1";
+  m.rcptDsn = {{static_cast<uint8_t>(kNotifySuccess | kNotifyFailure), "rfc822;A+2B1@x.org"}, {0, ""}, {kNotifyNever, ""}};
+  h.send(std::move(m));
+  CHECK(h.take() ==
+        "MAIL FROM:<alice@example.com> SMTPUTF8 RET=HDRS ENVID=QQ+2B1\r\n"
+        "RCPT TO:<a@x.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+2B1@x.org\r\n"
+        "RCPT TO:<b@x.org> ORCPT=rfc822;b@x.org\r\n"  // no NOTIFY given: none sent; ORCPT added
+        "RCPT TO:<j\xc3\xb6rg@x.org> NOTIFY=NEVER\r\n"  // UTF-8: no ORCPT added (xtext is ASCII)
+        "DATA\r\n");
+  h.srv("250 ok\n250 ok\n250 ok\n250 ok\n354 go\n");
+  h.take();
+  h.srv("250 queued\n");
+  REQUIRE(h.dones.size() == 1);
+  for (const auto& r : h.dones[0].results) {
+    CHECK(r.outcome == Outcome::Delivered);
+    CHECK(r.dsnPassedOn);
+  }
+}
+
+TEST_CASE("DSN not offered: no DSN parameter is sent, and nothing was passed on (RFC 3461 5.2.2)") {
+  Harness h;
+  handshake(h, "PIPELINING");
+  CHECK_FALSE(h.s.offersDsn());
+  auto m = message({"a@x.org"});
+  m.dsnRet = "FULL";
+  m.envId = "QQ1";
+  m.rcptDsn = {{kNotifySuccess, "rfc822;a@x.org"}};
+  h.send(std::move(m));
+  CHECK(h.take() == "MAIL FROM:<alice@example.com>\r\nRCPT TO:<a@x.org>\r\nDATA\r\n");
+  h.srv("250 ok\n250 ok\n354 go\n");
+  h.take();
+  h.srv("250 queued\n");
+  REQUIRE(h.dones.size() == 1);
+  CHECK(h.dones[0].results[0].outcome == Outcome::Delivered);
+  CHECK_FALSE(h.dones[0].results[0].dsnPassedOn);
 }

@@ -1282,3 +1282,81 @@ TEST_CASE("relay hosts: addresses and localhost need no DNS; names get AAAA and 
   CHECK(o.route.hosts[1].addresses == std::vector<std::string>{"10.0.0.1"});  // kept: another upstream
   CHECK(o.route.hosts[2].addresses == std::vector<std::string>{"::1", "127.0.0.1"});
 }
+
+// ---- RFC 3461 decisions and fields -------------------------------------------------
+
+TEST_CASE("dsn: which NOTIFY wants which notice (RFC 3461 4.1, 5.2.2)") {
+  using namespace subrelay::queue;
+  // No NOTIFY: failures and delays as before, never a success.
+  CHECK(wantsFailureDsn(0));
+  CHECK(wantsDelayDsn(0));
+  CHECK_FALSE(wantsSuccessDsn(0, false));
+  // NEVER: nothing at all.
+  CHECK_FALSE(wantsFailureDsn(kDsnNotifyNever));
+  CHECK_FALSE(wantsDelayDsn(kDsnNotifyNever));
+  CHECK_FALSE(wantsSuccessDsn(kDsnNotifyNever, false));
+  // Each keyword only its own.
+  CHECK(wantsFailureDsn(kDsnNotifyFailure));
+  CHECK_FALSE(wantsDelayDsn(kDsnNotifyFailure));
+  CHECK_FALSE(wantsFailureDsn(kDsnNotifySuccess));
+  CHECK_FALSE(wantsDelayDsn(kDsnNotifySuccess));
+  CHECK(wantsDelayDsn(kDsnNotifyDelay | kDsnNotifyFailure));
+  CHECK_FALSE(wantsFailureDsn(kDsnNotifyDelay));
+  // SUCCESS: "relayed" from us only when the next hop did not take the request on.
+  CHECK(wantsSuccessDsn(kDsnNotifySuccess, false));
+  CHECK(wantsSuccessDsn(kDsnNotifySuccess | kDsnNotifyFailure, false));
+  CHECK_FALSE(wantsSuccessDsn(kDsnNotifySuccess, true));
+  CHECK_FALSE(wantsSuccessDsn(kDsnNotifyFailure, false));
+}
+
+TEST_CASE("dsn: what RET returns (RFC 3461 6.2)") {
+  using queue::DsnRet;
+  CHECK(returnPart(DsnRet::Unspecified, true, 100) == ReturnPart::Headers);
+  CHECK(returnPart(DsnRet::Hdrs, true, 100) == ReturnPart::Headers);
+  CHECK(returnPart(DsnRet::Full, true, 100) == ReturnPart::Full);
+  CHECK(returnPart(DsnRet::Full, true, kMaxReturnedMessage) == ReturnPart::Full);
+  CHECK(returnPart(DsnRet::Full, true, kMaxReturnedMessage + 1) == ReturnPart::HeadersTooLarge);
+  CHECK(returnPart(DsnRet::Full, false, 100) == ReturnPart::Headers);  // success or delay only: headers
+}
+
+TEST_CASE("dsn: ENVID and ORCPT come back decoded; RET=FULL returns the message") {
+  DsnInput in = sampleInput();
+  in.envid = "QQ+2B314+20x";
+  in.recipients[0].orcpt = "rfc822;Alice+2Bshop@example.org";
+  in.originalMessage = in.originalHeaders + "\r\nThe body line\r\n";
+  const Mime m = parseMime(buildDsn(in));
+  REQUIRE(m.parts.size() == 3);
+  auto groups = statusGroups(m.parts[1].body);
+  REQUIRE(groups.size() == 2);
+  CHECK(field(groups[0], "Original-Envelope-Id") == "QQ+314 x");
+  CHECK(field(groups[1], "Original-Recipient") == "rfc822; Alice+shop@example.org");
+  CHECK(field(groups[1], "Final-Recipient") == "rfc822; alice@example.org");
+  CHECK(field(m.parts[2].headers, "Content-Type") == "message/rfc822");
+  CHECK(m.parts[2].body.find("The body line") != std::string::npos);
+  CHECK(flat(m.parts[0].body).find("Your message is attached below") != std::string::npos);
+
+  // Without them: no such fields, headers only.
+  const Mime plain = parseMime(buildDsn(sampleInput()));
+  auto pg = statusGroups(plain.parts[1].body);
+  CHECK(pg[0].count("original-envelope-id") == 0);
+  CHECK(pg[1].count("original-recipient") == 0);
+  CHECK(plain.parts[2].body.find("The body line") == std::string::npos);
+}
+
+TEST_CASE("dsn: RET=FULL too large says so; a relayed (success) report") {
+  DsnInput in = sampleInput();
+  in.fullTooLarge = true;
+  CHECK(flat(parseMime(buildDsn(in)).parts[0].body).find("only its headers are attached") != std::string::npos);
+
+  DsnInput ok = sampleInput();
+  ok.recipients[0].action = DsnAction::Relayed;
+  ok.recipients[0].status = "2.0.0";
+  ok.recipients[0].diagnostic = "smtp; 250 2.0.0 queued as 123";
+  const Mime m = parseMime(buildDsn(ok));
+  CHECK(field(m.headers, "Subject") == "Successful Mail Delivery Report");
+  auto groups = statusGroups(m.parts[1].body);
+  CHECK(field(groups[1], "Action") == "relayed");
+  CHECK(field(groups[1], "Status") == "2.0.0");
+  CHECK(flat(m.parts[0].body).find("do not offer delivery notifications") != std::string::npos);
+  CHECK(flat(m.parts[0].body).find("What you can do") == std::string::npos);
+}

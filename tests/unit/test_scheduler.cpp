@@ -1453,3 +1453,85 @@ TEST_CASE("scheduler: an MTA-STS enforce policy that rules out every MX host ask
   CHECK(c.t.connects.empty());
   CHECK(c.t.stsRechecks.empty());
 }
+
+// ---- DSN extension (RFC 3461): makeDsn honours NOTIFY and RET ----------------------------
+
+namespace {
+queue::MessageInfo dsnWork() {
+  queue::MessageInfo m;
+  m.id = "00000000000d5a01";
+  m.account = "shop";
+  m.mailFrom = "app@shop.example";
+  m.receivedAt = 1'800'000'000;
+  m.dsnEnvid = "ORDER+2B7";
+  auto rcpt = [&](int64_t idx, std::string addr, RecipientState st, int notify) {
+    queue::RecipientInfo r;
+    r.index = idx;
+    r.address = std::move(addr);
+    r.state = st;
+    r.dsn.notify = notify;
+    r.lastError = st == RecipientState::Failed ? "550 5.1.1 no such user" : "";
+    m.recipients.push_back(std::move(r));
+  };
+  rcpt(0, "failed@example.org", RecipientState::Failed, 0);
+  rcpt(1, "ok@example.org", RecipientState::Delivered, queue::kDsnNotifySuccess);
+  rcpt(2, "quiet@example.org", RecipientState::Failed, queue::kDsnNotifyNever);
+  m.recipients[1].dsn.orcpt = "rfc822;ok@example.org";
+  return m;
+}
+const std::string kOriginal = "Subject: order\r\nFrom: app@shop.example\r\n\r\nsecret body\r\n";
+}  // namespace
+
+TEST_CASE("makeDsn: NOTIFY picks the recipients, a delivery is reported relayed") {
+  SchedulerSettings settings;
+  settings.hostname = "relay.example.net";
+  auto dsn = makeDsn(dsnWork(), {}, kOriginal, false, settings, 1'800'000'100, "00000000000d5a02");
+  REQUIRE(dsn.has_value());
+  CHECK(dsn->recipients == std::vector<std::string>{"app@shop.example"});
+  CHECK(dsn->isDsn);
+  const std::string& c = dsn->content;
+  CHECK(c.find("Final-Recipient: rfc822; failed@example.org") != std::string::npos);
+  CHECK(c.find("Final-Recipient: rfc822; ok@example.org") != std::string::npos);
+  CHECK(c.find("Original-Recipient: rfc822; ok@example.org") != std::string::npos);
+  CHECK(c.find("Action: relayed") != std::string::npos);
+  CHECK(c.find("Action: failed") != std::string::npos);
+  CHECK(c.find("quiet@example.org") == std::string::npos);  // NOTIFY=NEVER
+  CHECK(c.find("Original-Envelope-Id: ORDER+7") != std::string::npos);
+  CHECK(c.find("secret body") == std::string::npos);  // no RET: headers only
+  CHECK(c.find("Subject: Undelivered Mail Returned to Sender") != std::string::npos);
+}
+
+TEST_CASE("makeDsn: RET=FULL returns the body with a failure, never with a success only") {
+  SchedulerSettings settings;
+  settings.hostname = "relay.example.net";
+  auto m = dsnWork();
+  m.dsnRet = queue::DsnRet::Full;
+  auto dsn = makeDsn(m, {}, kOriginal, false, settings, 1'800'000'100, "00000000000d5a03");
+  REQUIRE(dsn.has_value());
+  CHECK(dsn->content.find("secret body") != std::string::npos);
+  CHECK(dsn->content.find("Content-Type: message/rfc822") != std::string::npos);
+  m.recipients.erase(m.recipients.begin());  // only the delivered and the NEVER one
+  auto ok = makeDsn(m, {}, kOriginal, false, settings, 1'800'000'100, "00000000000d5a04");
+  REQUIRE(ok.has_value());
+  CHECK(ok->content.find("secret body") == std::string::npos);
+  CHECK(ok->content.find("Subject: Successful Mail Delivery Report") != std::string::npos);
+}
+
+TEST_CASE("makeDsn: nothing when no recipient wants this kind of notice") {
+  SchedulerSettings settings;
+  settings.hostname = "relay.example.net";
+  auto m = dsnWork();
+  m.recipients.erase(m.recipients.begin(), m.recipients.begin() + 2);  // only NOTIFY=NEVER
+  CHECK_FALSE(makeDsn(m, {}, kOriginal, false, settings, 1'800'000'100, "00000000000d5a05").has_value());
+  auto d = dsnWork();
+  for (auto& r : d.recipients) {
+    r.state = RecipientState::Deferred;
+    r.dsn.notify = queue::kDsnNotifyFailure;  // no DELAY
+  }
+  CHECK_FALSE(makeDsn(d, {}, kOriginal, true, settings, 1'800'000'100, "00000000000d5a06").has_value());
+  d.recipients[0].dsn.notify = 0;  // the default includes delay notices
+  auto delay = makeDsn(d, {}, kOriginal, true, settings, 1'800'000'100, "00000000000d5a07");
+  REQUIRE(delay.has_value());
+  CHECK(delay->content.find("failed@example.org") != std::string::npos);
+  CHECK(delay->content.find("ok@example.org") == std::string::npos);
+}
