@@ -7,6 +7,7 @@
 #include <string>
 
 #include "queue/sqlite_store.h"
+#include "smtp/command.h"
 #include "util/json_writer.h"
 #include "util/time_fmt.h"
 
@@ -75,6 +76,8 @@ std::string recipientsJson(const queue::MessageInfo& m, int64_t now) {
     if (r.request != queue::OperatorRequest::None) o.str("pending_request", requestName(r.request));
     else o.raw("pending_request", "null");
     o.boolean("dsn_pending", r.dsnPending);
+    // RFC 3461 as given at submission: "SUCCESS,FAILURE" / "NEVER" / "" (none), ORCPT as sent.
+    o.str("dsn_notify", smtp::notifyValue(static_cast<uint8_t>(r.dsn.notify))).str("dsn_orcpt", r.dsn.orcpt);
     o.str("updated_at", util::isoUtc(r.updatedAt));
     if (i) out += ",";
     out += o.finish();
@@ -133,6 +136,8 @@ util::JsonObject messageJson(const queue::MessageInfo& m, int64_t now) {
                         : m.tlsRequirement == queue::TlsRequirement::Optional ? "optional"
                                                                               : "");
   o.raw("finished_at", isoOrNull(m.finishedAt)).boolean("content_removed", m.contentPruned);
+  // RFC 3461 RET ("FULL", "HDRS", "" = none) and ENVID (xtext as sent, "" = none).
+  o.str("dsn_ret", smtp::retValue(static_cast<smtp::DsnRet>(static_cast<int>(m.dsnRet)))).str("dsn_envid", m.dsnEnvid);
   return o;
 }
 
@@ -218,6 +223,13 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
     std::printf("requiretls: yes (MAIL FROM ... REQUIRETLS: verified TLS on every hop, RFC 8689)\n");
   if (mi.tlsRequirement == queue::TlsRequirement::Optional)
     std::printf("tls-required: no (the TLS-Required: No header, RFC 8689 3)\n");
+  if (mi.dsnRet != queue::DsnRet::Unspecified || !mi.dsnEnvid.empty()) {
+    std::string params;
+    if (mi.dsnRet != queue::DsnRet::Unspecified)
+      params += std::string(" RET=") + smtp::retValue(static_cast<smtp::DsnRet>(static_cast<int>(mi.dsnRet)));
+    if (!mi.dsnEnvid.empty()) params += " ENVID=" + mi.dsnEnvid;
+    std::printf("dsn-params:%s (RFC 3461, as given at submission)\n", params.c_str());
+  }
   if (mi.finishedAt > 0 && !mi.captured)
     std::printf("finished:  %s (%s ago)\n", util::isoUtc(mi.finishedAt).c_str(), humanAge(now - mi.finishedAt).c_str());
   if (mi.contentPruned)
@@ -232,6 +244,9 @@ int queueShow(const QueueCmdOptions& o, const std::string& id) {
       std::printf("  pending=%s (when the attempt in flight ends)", requestName(r.request).c_str());
     if (r.lastStatus.valid()) std::printf("  status=%s", r.lastStatus.str().c_str());
     if (r.dsnPending) std::printf("  dsn=pending");
+    if (r.dsn.notify != 0)
+      std::printf("  notify=%s", smtp::notifyValue(static_cast<uint8_t>(r.dsn.notify)).c_str());
+    if (!r.dsn.orcpt.empty()) std::printf("  orcpt=%s", r.dsn.orcpt.c_str());
     if (!r.lastError.empty()) std::printf("  last_error=%s", r.lastError.c_str());
     std::printf("\n");
   }

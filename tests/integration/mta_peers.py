@@ -1046,7 +1046,36 @@ def tls_info(server):
     return obj.version(), cipher[0] if cipher else None
 
 
+DSN_KEYS = ("RET", "ENVID", "NOTIFY", "ORCPT")
+
+
+def split_dsn(arg):
+    """("FROM:<a@b> SIZE=1 RET=HDRS", ...) -> ("FROM:<a@b> SIZE=1", ["RET=HDRS"]): aiosmtpd
+    refuses parameters it does not know, so the DSN ones (RFC 3461) are taken out first and
+    kept exactly as sent (aiosmtpd upper-cases what it records)."""
+    end = arg.rfind(">")
+    if end < 0:
+        return arg, []
+    keep, dsn = [], []
+    for p in arg[end + 1:].split():
+        (dsn if p.split("=", 1)[0].upper() in DSN_KEYS else keep).append(p)
+    return " ".join([arg[:end + 1]] + keep), dsn
+
+
 class Server(SMTP):
+    # DSN (RFC 3461) when the sink offers it: the parameters are recorded, not refused.
+    async def smtp_MAIL(self, arg):
+        self.dsn_params = []
+        if CFG["dsn"] and arg:
+            arg, self.dsn_params = split_dsn(arg)
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg):
+        self.dsn_params = []
+        if CFG["dsn"] and arg:
+            arg, self.dsn_params = split_dsn(arg)
+        await super().smtp_RCPT(arg)
+
     def connection_made(self, transport):
         first = self.transport is None
         super().connection_made(transport)
@@ -1077,6 +1106,8 @@ class Handler:
         session.host_name = hostname
         out = [r for r in responses if not r[4:].upper().startswith("AUTH")]
         extra = list(CFG["ehlo_extra"])
+        if CFG["dsn"]:
+            extra.append("DSN")
         if CFG["pipelining"]:
             extra.insert(0, "PIPELINING")
         return out[:-1] + ["250-" + e for e in extra] + out[-1:]
@@ -1084,6 +1115,8 @@ class Handler:
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         envelope.mail_from = address  # "<>" for the null sender (aiosmtpd needs it truthy)
         envelope.mail_options.extend(mail_options)
+        envelope.dsn_mail = list(getattr(server, "dsn_params", []))
+        envelope.dsn_rcpt = {}
         server.txn += 1
         STATE["transactions"] += 1
         event("mail", conn=server.conn_id, txn=server.txn, mail_from=sender(address),
@@ -1099,6 +1132,7 @@ class Handler:
         else:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
+            getattr(envelope, "dsn_rcpt", {})[address] = list(getattr(server, "dsn_params", []))
             reply = "250 2.1.5 OK"
         if not reply.startswith("250"):
             STATE["rejected_rcpts"] += 1
@@ -1133,6 +1167,7 @@ class Handler:
             "seq": SEQ[0], "mail_from": sender(envelope.mail_from),
             "mail_options": envelope.mail_options, "rcpt_tos": envelope.rcpt_tos,
             "rcpt_options": envelope.rcpt_options, "smtputf8": envelope.smtp_utf8,
+            "dsn_mail": getattr(envelope, "dsn_mail", []), "dsn_rcpt": getattr(envelope, "dsn_rcpt", {}),
             "tls": version, "cipher": cipher,
             "peer": list(session.peer) if session.peer else None, "helo": session.host_name,
             "connection": server.conn_id, "txn": server.txn,
@@ -1185,6 +1220,9 @@ class AioSink(_Peer):
     smtputf8:         advertise SMTPUTF8. pipelining: advertise PIPELINING (aiosmtpd 1.4.3
                       handles pipelined commands but does not advertise it itself).
     ehlo_extra:       more EHLO keywords to advertise (AUTH is never advertised).
+    dsn:              advertise DSN (RFC 3461) and accept RET/ENVID/NOTIFY/ORCPT, recorded as
+                      sent in messages()' dsn_mail and dsn_rcpt ({rcpt: [params]}). Without
+                      it, any DSN parameter gets aiosmtpd's 555.
     slow_seconds:     DATA delay for a "slow" recipient without a number.
 
     Magic local parts (any domain, case-insensitive prefix):
@@ -1199,7 +1237,7 @@ class AioSink(_Peer):
     def __init__(self, address, cert=None, key=None, starttls=True, require_starttls=False,
                  tls_min=None, tls_max=None, data_size_limit=None, smtputf8=True,
                  pipelining=True, ehlo_extra=(), slow_seconds=3.0, hostname="aio.mx.test",
-                 timeout=300, directory=None):
+                 timeout=300, directory=None, dsn=False):
         super().__init__(directory)
         self.ip, self.port = parse_address(address)
         if isinstance(cert, Cert):
@@ -1213,7 +1251,7 @@ class AioSink(_Peer):
             "tls_min": tls_min, "tls_max": tls_max,
             "data_size_limit": 33554432 if data_size_limit is None else data_size_limit,
             "smtputf8": smtputf8, "pipelining": pipelining, "ehlo_extra": list(ehlo_extra),
-            "slow_seconds": slow_seconds, "timeout": timeout,
+            "slow_seconds": slow_seconds, "timeout": timeout, "dsn": bool(dsn),
         }
         self.msg_dir = os.path.join(self.dir, "msgs")
         self.log_path = os.path.join(self.dir, "aiosink.log")
@@ -1252,7 +1290,7 @@ class AioSink(_Peer):
 
     def messages(self):
         """Accepted messages in order: the JSON envelope (seq, mail_from, mail_options,
-        rcpt_tos, rcpt_options, smtputf8, tls, cipher, peer, helo, connection, txn, size,
+        rcpt_tos, rcpt_options, dsn_mail, dsn_rcpt, smtputf8, tls, cipher, peer, helo, connection, txn, size,
         time, delay) plus name, path, raw (exact bytes), msg."""
         out = []
         try:
