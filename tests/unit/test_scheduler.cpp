@@ -27,6 +27,7 @@ struct FakeRcpt {
   bool delayNotified = false;
   std::string lastError;
   queue::EnhancedStatus lastStatus;
+  queue::RecipientDsn dsn;
 };
 struct FakeMsg {
   std::string id;
@@ -36,6 +37,8 @@ struct FakeMsg {
   int64_t receivedAt = 0;
   bool isDsn = false;
   std::string content = "Subject: hi\r\n\r\nbody\r\n";
+  queue::DsnRet dsnRet = queue::DsnRet::Unspecified;
+  std::string dsnEnvid;
   std::vector<FakeRcpt> rcpts;
 };
 
@@ -81,7 +84,7 @@ class FakeQueue final : public queue::DeliveryQueue {
       for (auto& r : m.rcpts) {
         if (!queue::deliverable(r.state) || r.leased || r.next > now) continue;
         r.leased = true;
-        d.recipients.push_back(queue::DueRecipient{r.index, r.address, r.attempts});
+        d.recipients.push_back(queue::DueRecipient{r.index, r.address, r.attempts, r.dsn});
       }
       if (d.recipients.empty()) continue;
       d.id = m.id;
@@ -91,6 +94,8 @@ class FakeQueue final : public queue::DeliveryQueue {
       d.size = int64_t(m.content.size());
       d.receivedAt = m.receivedAt;
       d.isDsn = m.isDsn;
+      d.dsnRet = m.dsnRet;
+      d.dsnEnvid = m.dsnEnvid;
       out.push_back(std::move(d));
     }
     return out;
@@ -1534,4 +1539,35 @@ TEST_CASE("makeDsn: nothing when no recipient wants this kind of notice") {
   REQUIRE(delay.has_value());
   CHECK(delay->content.find("failed@example.org") != std::string::npos);
   CHECK(delay->content.find("ok@example.org") == std::string::npos);
+}
+
+TEST_CASE("scheduler: DSN parameters go to the transport; a success DSN is owed only when not passed on") {
+  for (bool passedOn : {false, true}) {
+    CAPTURE(passedOn);
+    Bed b;
+    b.q.add("m1", {"a@example.org", "b@example.org"}, b.now());
+    b.q.msgs[0].dsnRet = queue::DsnRet::Full;
+    b.q.msgs[0].dsnEnvid = "ENV+2B1";
+    b.q.rcpt("m1", 0).dsn = queue::RecipientDsn{queue::kDsnNotifySuccess | queue::kDsnNotifyFailure, "rfc822;A@example.org"};
+    b.startReady();
+    REQUIRE(b.t.sending.size() == 1);
+    auto [id, m] = *b.t.sending.begin();
+    b.t.sending.clear();
+    CHECK(m.dsnRet == "FULL");
+    CHECK(m.envId == "ENV+2B1");
+    REQUIRE(m.rcptDsn.size() == 2);
+    CHECK(m.rcptDsn[0].notify == (queue::kDsnNotifySuccess | queue::kDsnNotifyFailure));
+    CHECK(m.rcptDsn[0].orcpt == "rfc822;A@example.org");
+    CHECK(m.rcptDsn[1].notify == 0);
+    std::vector<smtp::RecipientResult> rs;
+    for (const auto& r : m.recipients) {
+      rs.push_back(result(r, smtp::Outcome::Delivered, 250, "2.0.0", "ok"));
+      rs.back().dsnPassedOn = passedOn;
+    }
+    b.s->onTransactionDone(id, rs);
+    b.s->flush();
+    REQUIRE(b.q.recorded.size() == 2);
+    CHECK(b.q.recorded[0].successDsn == !passedOn);  // NOTIFY=SUCCESS
+    CHECK_FALSE(b.q.recorded[1].successDsn);         // no NOTIFY
+  }
 }
