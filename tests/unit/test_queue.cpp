@@ -1117,14 +1117,14 @@ TEST_CASE("the migration runner applies later steps in order and rolls back a fa
   constexpr int kB = SqliteStore::kSchemaVersion;
   const auto v = [](int n) { return std::to_string(n); };
   steps.push_back({kB + 1, "ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 0"});
-  steps.push_back({kB + 2, "CREATE TABLE suppressions(address TEXT PRIMARY KEY)"});
+  steps.push_back({kB + 2, "CREATE TABLE hypothetical_later(address TEXT PRIMARY KEY)"});
 
   auto to2 = schema::migrate(raw.get(), steps, kB + 2);
   REQUIRE(to2.ok());
   CHECK(to2.value() == kB + 2);
   CHECK(raw.text("PRAGMA user_version") == v(kB + 2));
   CHECK(raw.text("SELECT priority FROM messages") == "0");  // old rows kept, column added
-  CHECK(raw.text("SELECT count(*) FROM sqlite_master WHERE name='suppressions'") == "1");
+  CHECK(raw.text("SELECT count(*) FROM sqlite_master WHERE name='hypothetical_later'") == "1");
 
   // Migrating again is a no-op.
   CHECK(schema::migrate(raw.get(), steps, kB + 2).value() == kB + 2);
