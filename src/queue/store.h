@@ -62,6 +62,31 @@ enum class OperatorRequest { None = 0, Retry = 1, Bounce = 2 };
 // the header "TLS-Required: No" (deliver even where TLS or a domain's TLS policy fails).
 enum class TlsRequirement { Default = 0, Required = 1, Optional = 2 };
 
+// --- suppression lists (issue 13) ----------------------------------------------------
+
+// One row of the suppressions table (policy::Suppression in the queue's terms). address
+// is already in its normal form (policy::normalizeSuppressedAddress).
+struct SuppressionRow {
+  std::string account;
+  std::string address;
+  std::string reason;     // one line, bounded (policy::cleanSuppressionReason)
+  int64_t createdAt = 0;  // unix seconds
+  int64_t expiresAt = 0;  // unix seconds, 0 = never (stored as NULL)
+  std::string source = "bounce";  // "bounce" or "manual"
+};
+
+// A recipient of a captured message recorded as failed at once instead of captured (the
+// reserved capture-mode address, policy::isSimulatedBounceAddress): state failed with this
+// reply, one attempts row, a DSN pending like any failure, and `suppress` (when set) added
+// to the suppressions table in the same transaction.
+struct SimulatedBounce {
+  int64_t index = 0;  // recipient index
+  int code = 550;
+  EnhancedStatus status{5, 1, 1};
+  std::string reply;
+  std::optional<SuppressionRow> suppress;
+};
+
 struct NewMessage {
   std::string id;                       // from newQueueId()
   std::string account;
@@ -83,6 +108,8 @@ struct NewMessage {
   // one is not stored and insertBatch() returns that message's id instead of `id`.
   std::string idempotencyKey;
   int64_t idempotencyWindow = 0;        // seconds
+  // Captured messages only: recipients that "bounce" at once (see SimulatedBounce).
+  std::vector<SimulatedBounce> simulatedBounces;
 };
 
 struct RecipientInfo {
@@ -171,6 +198,9 @@ struct AttemptRecord {
   int64_t nextAttempt = 0;      // for deferred
   std::string lastError;        // "" for delivered
   EnhancedStatus lastStatus;    // usually attempt.status; "4.4.7" when expired
+  // A hard bounce of an account that keeps a suppression list: stored in the same
+  // transaction when the record's final state is failed (policy::isHardBounce decides).
+  std::optional<SuppressionRow> suppress;
 };
 
 // The record as it is stored when an operator asked for `request` while the attempt ran:
