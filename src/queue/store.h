@@ -296,6 +296,9 @@ struct RetentionPolicy {
   int64_t history = 30 * 24 * 3600;    // after finished_at: the message deleted
   int64_t captured = 7 * 24 * 3600;    // after received_at: a captured message deleted
   int64_t idempotencyKeys = 24 * 3600; // idempotency.window: after created_at, a key forgotten
+  // Suppression lists: rows past expires_at go; beyond this many rows in all, the oldest
+  // (policy::SuppressionTable::kDefaultMaxEntries, the in-memory table's bound).
+  size_t maxSuppressions = 1'000'000;
 };
 
 // What one prune() batch did, in messages.
@@ -304,7 +307,8 @@ struct PruneCounts {
   int64_t finishedDeleted = 0;   // finished messages deleted with their history
   int64_t capturedDeleted = 0;   // captured messages deleted
   int64_t keysDeleted = 0;       // idempotency keys older than the window (rows, not messages)
-  int64_t rows() const { return bodiesRemoved + finishedDeleted + capturedDeleted + keysDeleted; }
+  int64_t suppressionsDeleted = 0;  // expired (or beyond the bound) suppression rows
+  int64_t rows() const { return bodiesRemoved + finishedDeleted + capturedDeleted + keysDeleted + suppressionsDeleted; }
 };
 
 // When to run the next prune batch, from what the last one did: at once (after `busy`,

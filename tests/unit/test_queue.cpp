@@ -23,7 +23,9 @@
 
 #include "queue/group_commit.h"
 #include "queue/schema.h"
+#include "queue/pruner.h"
 #include "queue/sqlite_store.h"
+#include "util/clock.h"
 
 using namespace subrelay;
 using namespace subrelay::queue;
@@ -2260,4 +2262,21 @@ TEST_CASE("suppressions: the pruner deletes expired rows, then the oldest beyond
   REQUIRE(rest.size() == 3);
   CHECK(rest[0].address == "u3@x.org");
   CHECK(store->pruneSuppressions(1500, 3, 10).value() == 0);
+}
+
+TEST_CASE("suppressions: the retention pruner removes expired rows on its clock") {
+  TempDir dir;
+  auto store = mustOpen(dir.file("r.db"));
+  subrelay::util::FakeClock clock;
+  const int64_t now = subrelay::util::unixSeconds(clock.wallNow());
+  REQUIRE(store->upsertSuppression(suppression("a", "soon@x.org", now, now + 30)).ok());
+  REQUIRE(store->upsertSuppression(suppression("a", "never@x.org", now)).ok());
+  Pruner pruner(*store, clock);
+  pruner.run(RetentionPolicy{});
+  CHECK(store->listSuppressions("a")->size() == 2);
+  clock.advance(std::chrono::seconds(30));
+  pruner.run(RetentionPolicy{});
+  auto rest = store->listSuppressions("a").value();
+  REQUIRE(rest.size() == 1);
+  CHECK(rest[0].address == "never@x.org");
 }
