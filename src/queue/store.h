@@ -73,6 +73,7 @@ struct SuppressionRow {
   int64_t createdAt = 0;  // unix seconds
   int64_t expiresAt = 0;  // unix seconds, 0 = never (stored as NULL)
   std::string source = "bounce";  // "bounce" or "manual"
+  bool expired(int64_t now) const { return expiresAt != 0 && expiresAt <= now; }
 };
 
 // A recipient of a captured message recorded as failed at once instead of captured (the
