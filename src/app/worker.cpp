@@ -124,16 +124,10 @@ void addSimulatedBounces(queue::NewMessage& m, bool suppress, std::chrono::secon
     queue::SimulatedBounce b;
     b.index = static_cast<int64_t>(i);
     b.reply = policy::kSimulatedBounceReply;
-    auto address = policy::normalizeSuppressedAddress(m.recipients[i]);
-    if (suppress && address) {
-      queue::SuppressionRow row;
-      row.account = m.account;
-      row.address = std::move(*address);
-      row.reason = b.reply;
-      row.createdAt = m.receivedAt;
-      row.expiresAt = policy::suppressionExpiry(m.receivedAt, ttl.count());
-      row.source = "bounce";
-      b.suppress = std::move(row);
+    if (suppress) {
+      if (auto e = policy::bounceEntry(m.account, m.recipients[i], b.reply, m.receivedAt, ttl.count()))
+        b.suppress = queue::SuppressionRow{std::move(e->account), std::move(e->address), std::move(e->reason),
+                                           e->createdAt, e->expiresAt, std::move(e->source)};
     }
     m.simulatedBounces.push_back(std::move(b));
   }

@@ -901,16 +901,10 @@ std::optional<queue::SuppressionRow> Scheduler::suppressionFor(const std::string
                                                                const std::string& summary, int64_t now) const {
   if (settings_.suppressionOff.contains(account)) return std::nullopt;
   if (!policy::isHardBounce(rr.reply.code, rr.reply.enhanced, rr.stage)) return std::nullopt;
-  auto address = policy::normalizeSuppressedAddress(rr.recipient);
-  if (!address) return std::nullopt;
-  queue::SuppressionRow row;
-  row.account = account;
-  row.address = std::move(*address);
-  row.reason = policy::cleanSuppressionReason(summary);
-  row.createdAt = now;
-  row.expiresAt = policy::suppressionExpiry(now, settings_.suppressionTtl.count());
-  row.source = "bounce";
-  return row;
+  auto e = policy::bounceEntry(account, rr.recipient, summary, now, settings_.suppressionTtl.count());
+  if (!e) return std::nullopt;
+  return queue::SuppressionRow{std::move(e->account), std::move(e->address), std::move(e->reason), e->createdAt,
+                               e->expiresAt, std::move(e->source)};
 }
 
 void Scheduler::failJob(const Job& job, smtp::Outcome outcome, int code, const std::string& enhanced,

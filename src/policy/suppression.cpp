@@ -116,6 +116,20 @@ bool isHardBounce(int code, std::string_view enhanced, std::string_view stage) {
   return false;
 }
 
+std::optional<Suppression> bounceEntry(std::string_view account, std::string_view address, std::string_view reason,
+                                       int64_t now, int64_t ttlSeconds) {
+  auto normal = normalizeSuppressedAddress(address);
+  if (!normal) return std::nullopt;
+  Suppression s;
+  s.account = std::string(account);
+  s.address = std::move(*normal);
+  s.reason = cleanSuppressionReason(reason);
+  s.createdAt = now;
+  s.expiresAt = suppressionExpiry(now, ttlSeconds);
+  s.source = "bounce";
+  return s;
+}
+
 bool isSimulatedBounceAddress(std::string_view address) {
   std::string_view a = trim(address);
   if (a.size() >= 2 && a.front() == '<' && a.back() == '>') a = a.substr(1, a.size() - 2);

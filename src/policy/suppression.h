@@ -81,6 +81,12 @@ struct Suppression {
 // expires_at for an entry made at `now` under suppression.ttl (seconds, 0 = forever).
 inline int64_t suppressionExpiry(int64_t now, int64_t ttlSeconds) { return ttlSeconds > 0 ? now + ttlSeconds : 0; }
 
+// The entry a hard bounce (real, or the capture-mode simulation) of `address` makes for
+// `account` at `now`: source "bounce", the reason cleaned, the expiry from ttlSeconds.
+// nullopt for an address that has no normal form.
+std::optional<Suppression> bounceEntry(std::string_view account, std::string_view address, std::string_view reason,
+                                       int64_t now, int64_t ttlSeconds);
+
 // The in-memory table serve asks at RCPT. Thread-safe (every worker loop asks it; the
 // sync timer replaces its contents). Bounded: at most `maxEntries` rows in all; a load of
 // more keeps the newest (the store's pruner keeps the table within the same bound).

@@ -164,3 +164,16 @@ TEST_CASE("the table is bounded: a load keeps the newest rows, put refuses a new
   CHECK(t.find("a", "u4@example.com", 2100)->createdAt == 2000);
   CHECK(SuppressionTable::kDefaultMaxEntries == 1'000'000);
 }
+
+TEST_CASE("a bounce's entry: normal address, clean reason, expiry from the ttl") {
+  auto e = bounceEntry("shop", "<Bob@EXAMPLE.com>", "550 5.1.1 no\r\n such user", 1000, 60);
+  REQUIRE(e.has_value());
+  CHECK(e->account == "shop");
+  CHECK(e->address == "Bob@example.com");
+  CHECK(e->reason == "550 5.1.1 no such user");
+  CHECK(e->createdAt == 1000);
+  CHECK(e->expiresAt == 1060);
+  CHECK(e->source == "bounce");
+  CHECK(bounceEntry("shop", "bob@example.com", "x", 1000, 0)->expiresAt == 0);
+  CHECK_FALSE(bounceEntry("shop", "no-domain", "x", 1000, 0).has_value());
+}
