@@ -24,6 +24,7 @@ struct Row {
   std::string mode;  // "" when the account is not in the config (e.g. removed)
   std::vector<config::RateLimit> limits;
   std::map<std::string, queue::RateWindowRow> windows;  // by rule
+  uint64_t suppressed = 0;  // live entries of the account's suppression list
 };
 
 // The count of a day/month window that is still current; 0 once it has ended.
@@ -41,8 +42,10 @@ int accountsList(const AccountsCmdOptions& o) {
   }
   auto meters = store.value()->loadMeters();
   auto windows = store.value()->loadRateWindows();
-  if (!meters.ok() || !windows.ok()) {
-    std::fprintf(stderr, "subrelay: %s\n", (!meters.ok() ? meters.error() : windows.error()).message.c_str());
+  auto suppressed = store.value()->suppressionCounts(static_cast<int64_t>(std::time(nullptr)));
+  if (!meters.ok() || !windows.ok() || !suppressed.ok()) {
+    std::fprintf(stderr, "subrelay: %s\n",
+                 (!meters.ok() ? meters.error() : !windows.ok() ? windows.error() : suppressed.error()).message.c_str());
     return 1;
   }
   std::map<std::string, Row> rows;
@@ -58,13 +61,18 @@ int accountsList(const AccountsCmdOptions& o) {
     Row& r = rows[m.username];
     r.meter = m;
   }
+  for (const auto& [account, n] : suppressed.value()) {
+    Row& r = rows[account];
+    r.meter.username = account;
+    r.suppressed = n;
+  }
   for (const auto& w : windows.value()) {
     auto it = rows.find(w.username);
     if (it != rows.end()) it->second.windows[w.rule] = w;
   }
   if (!o.json)
-    std::printf("%-20s %-8s %10s %10s %10s %12s %10s  %s\n", "ACCOUNT", "MODE", "ACCEPTED", "REFUSED", "RCPTS",
-                "BYTES", "AUTHFAIL", "LIMITS (used/limit)");
+    std::printf("%-20s %-8s %10s %10s %10s %12s %10s %10s  %s\n", "ACCOUNT", "MODE", "ACCEPTED", "REFUSED", "RCPTS",
+                "BYTES", "AUTHFAIL", "SUPPRESSED", "LIMITS (used/limit)");
   for (const auto& [name, r] : rows) {
     // Current use of each configured limit that is persisted (day/month windows).
     std::string limitsText;
@@ -99,17 +107,18 @@ int accountsList(const AccountsCmdOptions& o) {
           .num("refused_by_limit", static_cast<int64_t>(m.refusedByLimit))
           .num("recipients", static_cast<int64_t>(m.recipients))
           .num("bytes", static_cast<int64_t>(m.bytes))
-          .num("auth_failures", static_cast<int64_t>(m.authFailures));
+          .num("auth_failures", static_cast<int64_t>(m.authFailures))
+          .num("suppressed", static_cast<int64_t>(r.suppressed));
       if (m.updatedAt) j.str("updated_at", util::isoUtc(m.updatedAt));
       else j.raw("updated_at", "null");
       j.raw("limits", limitsJson);
       std::printf("%s\n", j.finish().c_str());
     } else {
-      std::printf("%-20s %-8s %10llu %10llu %10llu %12llu %10llu  %s\n", name.c_str(),
+      std::printf("%-20s %-8s %10llu %10llu %10llu %12llu %10llu %10llu  %s\n", name.c_str(),
                   r.mode.empty() ? "-" : r.mode.c_str(), static_cast<unsigned long long>(m.accepted),
                   static_cast<unsigned long long>(m.refusedByLimit), static_cast<unsigned long long>(m.recipients),
                   static_cast<unsigned long long>(m.bytes), static_cast<unsigned long long>(m.authFailures),
-                  limitsText.empty() ? "-" : limitsText.c_str());
+                  static_cast<unsigned long long>(r.suppressed), limitsText.empty() ? "-" : limitsText.c_str());
     }
   }
   return 0;

@@ -16,6 +16,7 @@
 #include "app/dev_config.h"
 #include "app/dkim_cmd.h"
 #include "app/accounts_cmd.h"
+#include "app/suppression_cmd.h"
 #include "app/status_cmd.h"
 #include "app/tls_rpt_cmd.h"
 #include "app/tls_policy_cmd.h"
@@ -54,6 +55,8 @@ constexpr const char* kMainHelp =
     "  queue retry ID|--all, queue drop ID, queue bounce ID\n"
     "                           operator actions on queued messages\n"
     "  accounts [--json]        per-account counters and rate-limit use\n"
+    "  suppression list|add|remove ACCOUNT [ADDR] [--json]\n"
+    "                           an account's suppression list (hard-bounced recipients)\n"
     "  status [--json]          whether serve runs, uptime, sessions, last minute's traffic,\n"
     "                           top senders and the queue by state\n"
     "  tls-rpt list|send [--day DAY] [--json]\n"
@@ -129,6 +132,24 @@ constexpr const char* kAccountsHelp =
     "With the config, every configured account is listed, also those without traffic.\n"
     "  --json       one JSON object per account and line\n"
     "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
+    "  --data-dir   use this data directory (the config is then not read)\n";
+
+constexpr const char* kSuppressionHelp =
+    "usage: subrelay suppression list ACCOUNT [--json] [-c PATH | --dev | --data-dir DIR]\n"
+    "       subrelay suppression add ACCOUNT ADDR [--reason TEXT] [-c PATH | --dev | --data-dir DIR]\n"
+    "       subrelay suppression remove ACCOUNT ADDR [-c PATH | --dev | --data-dir DIR]\n"
+    "\n"
+    "An account's suppression list (accounts[].suppression): recipients that hard-bounced\n"
+    "(5.1.x, 5.2.1) or that an operator added. serve refuses RCPT to a listed address of\n"
+    "that account with \"550 5.1.1 ... recipient suppressed since DATE: REASON\"; other\n"
+    "accounts are not affected. Reads and changes <data_dir>/queue.db directly; serve sees\n"
+    "a change within about 2 seconds.\n"
+    "  list         the account's live entries: address, since, expiry, source, reason\n"
+    "  add          suppress ADDR (source \"manual\"; expires after suppression.ttl if set)\n"
+    "  remove       take ADDR off the list: mail to it is accepted again\n"
+    "  --reason     (add) the reason shown in the refusal (one line, at most 300 bytes)\n"
+    "  --json       (list) one JSON object per entry and line\n"
+    "  --dev        use ./subrelay-dev (the data of `serve --dev`, account \"dev\")\n"
     "  --data-dir   use this data directory (the config is then not read)\n";
 
 constexpr const char* kTlsRptHelp =
@@ -236,6 +257,7 @@ struct Args {
   bool force = false;
   std::string day;  // tls-rpt
   std::string account;  // tls-policy
+  std::string reason;   // suppression add
   std::vector<std::string> positional;
   std::string error;
 };
@@ -271,6 +293,7 @@ Args parseArgs(const std::vector<std::string>& argv) {
     else if (s == "--out") a.out = value("--out");
     else if (s == "--force") a.force = true;
     else if (s == "--account") a.account = value("--account");
+    else if (s == "--reason") a.reason = value("--reason");
     else if (s.size() > 1 && s[0] == '-') a.error = "unknown option " + s;
     else a.positional.push_back(s);
     if (!a.error.empty()) break;
@@ -423,6 +446,28 @@ int cmdAccounts(const Args& a) {
   return accountsList(o);
 }
 
+int cmdSuppression(const Args& a) {
+  const char* p = "suppression ";
+  if (a.positional.empty()) return usageError("suppression needs a subcommand: list, add or remove", p);
+  const std::string& sub = a.positional[0];
+  if (sub != "list" && sub != "add" && sub != "remove")
+    return usageError("unknown suppression subcommand '" + sub + "' (list, add, remove)", p);
+  if (sub == "list" && a.positional.size() != 2) return usageError("suppression list needs one ACCOUNT", p);
+  if (sub != "list" && a.positional.size() != 3)
+    return usageError("suppression " + sub + " needs an ACCOUNT and an ADDR", p);
+  if (!a.reason.empty() && sub != "add") return usageError("--reason is an option of suppression add only", p);
+  if (a.json && sub != "list") return usageError("--json is an option of suppression list only", p);
+  SuppressionCmdOptions o;
+  o.sub = sub;
+  o.account = a.positional[1];
+  if (sub != "list") o.address = a.positional[2];
+  o.reason = a.reason;
+  o.json = a.json;
+  if (a.dev && a.dataDir.empty()) o.onlyAccount = "dev";
+  if (!dataDirOf(a, o.dataDir, &o.config)) return 1;
+  return suppressionCommand(o);
+}
+
 int cmdTlsPolicy(const Args& a) {
   if (a.positional.size() != 1) return usageError("tls-policy needs one DOMAIN", "tls-policy ");
   if (a.dev || !a.dataDir.empty()) return usageError("tls-policy reads the configuration (-c PATH)", "tls-policy ");
@@ -471,7 +516,7 @@ int cliMain(int argc, char** argv) {
                               {"dkim-keygen", kKeygenHelp}, {"dns-records", kDnsHelp},
                               {"accounts", kAccountsHelp}, {"status", kStatusHelp},
                               {"tls-rpt", kTlsRptHelp},
-                              {"tls-policy", kTlsPolicyHelp}};
+                              {"tls-policy", kTlsPolicyHelp}, {"suppression", kSuppressionHelp}};
   const Cmd* found = nullptr;
   for (const auto& c : kCmds)
     if (cmd == c.name) found = &c;
@@ -542,6 +587,7 @@ int cliMain(int argc, char** argv) {
     return cmdTlsRpt(o);
   }
   if (cmd == "tls-policy") return cmdTlsPolicy(a);
+  if (cmd == "suppression") return cmdSuppression(a);
   return cmdQueue(a);
 }
 

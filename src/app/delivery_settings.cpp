@@ -58,6 +58,9 @@ DeliverySettings deliverySettingsFrom(const config::Config& cfg) {
   d.relay = relaySet(cfg.delivery.relay, "delivery.relay");
   for (const auto& a : cfg.accounts)
     if (!a.relay.empty()) d.accountRelays[a.username] = relaySet(a.relay, "account:" + a.username);
+  for (const auto& a : cfg.accounts)
+    if (!a.suppression) d.suppressionOff.insert(a.username);
+  d.suppressionTtl = cfg.suppression.ttl;
   for (const auto& o : cfg.delivery.relayOverrides)
     d.domainRelays[o.domain] = o.direct ? nullptr : relaySet(o.relay, "domain:" + o.domain);
   const auto& t = cfg.delivery.timeouts;

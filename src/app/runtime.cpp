@@ -38,6 +38,7 @@ std::shared_ptr<const Settings> buildSettings(const config::Config& cfg, bool de
     ar.mode = dev ? config::AccountMode::Capture : a.mode;
     ar.anySender = dev;  // --dev: any sender, so apps can be tried as they are
     ar.allowNullSender = a.allowNullSender;
+    ar.suppression = a.suppression;
     s->accounts.emplace(a.username, std::move(ar));
   }
   s->auth = std::make_shared<policy::Authenticator>(std::move(creds));

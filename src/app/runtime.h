@@ -27,6 +27,7 @@
 #include "policy/authenticator.h"
 #include "policy/brute_force.h"
 #include "policy/rate_limiter.h"
+#include "policy/suppression.h"
 #include "queue/group_commit.h"
 #include "tls/tls_context.h"
 #include "util/clock.h"
@@ -39,6 +40,7 @@ struct AccountRuntime {
   bool anySender = false;  // only the embedded --dev account
   bool allowNullSender = false;
   config::AccountMode mode = config::AccountMode::Deliver;
+  bool suppression = true;  // accounts[].suppression
 };
 
 struct Settings {
@@ -86,6 +88,9 @@ class Runtime {
   policy::AccountLimits limits;
   policy::AuthGuard guard;
   policy::Meter meter;
+  // Suppression lists of every account, asked at RCPT; app/suppression_sync.h keeps it
+  // in step with the queue's suppressions table.
+  policy::SuppressionTable suppressions;
 
   // Connection accounting (limits.max_connections, limits.max_connections_per_ip, an
   // IPv6 client counted by its /64), against the limits of the current settings.

@@ -23,6 +23,7 @@
 #include "app/delivery_service.h"
 #include "app/dkim_cmd.h"
 #include "app/ops.h"
+#include "app/suppression_sync.h"
 #include "app/runtime.h"
 #include "app/worker.h"
 #include "net/listener.h"
@@ -261,6 +262,13 @@ int runServe(const ServeOptions& opts) {
     return 1;
   }
 
+  // Suppression lists (issue 13): loaded before the first RCPT, then kept in step every
+  // 2 s with the main loop's flush and at SIGHUP.
+  SuppressionSync suppressionSync(*rt, dbPath);
+  if (auto r = suppressionSync.start(); !r.ok()) {
+    std::fprintf(stderr, "subrelay: queue %s: %s\n", dbPath.c_str(), r.error().message.c_str());
+    return 1;
+  }
   unsigned nworkers = cfg.workers ? cfg.workers : std::max(1u, std::thread::hardware_concurrency());
   std::vector<std::unique_ptr<Worker>> workers;
   for (unsigned i = 0; i < nworkers; ++i) workers.push_back(std::make_unique<Worker>(*rt, static_cast<int>(i)));
@@ -340,6 +348,7 @@ int runServe(const ServeOptions& opts) {
     if (now >= nextFlush) {
       persister.flush();
       ops.tick();
+      suppressionSync.poll();
       nextFlush = Steady::now() + kFlushEvery;
     }
     auto until = watchdog ? std::min(nextFlush, nextPing) : nextFlush;
@@ -355,6 +364,7 @@ int runServe(const ServeOptions& opts) {
         auto fresh = reloadConfig(*rt, opts.configPath);
         ops.reloaded(fresh != nullptr);
         if (fresh) delivery.value()->reconfigure(*fresh);
+        suppressionSync.reload();
       }
       continue;
     }

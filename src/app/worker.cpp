@@ -13,6 +13,7 @@
 #include "net/uv_loop.h"
 #include "net/uv_timer.h"
 #include "policy/password.h"
+#include "policy/suppression.h"
 #include "smtp/reply.h"
 #include "smtp/server_session.h"
 #include "submission/content_scan.h"
@@ -21,6 +22,7 @@
 #include "metrics/server_metrics.h"
 #include "util/log.h"
 #include "util/strings.h"
+#include "util/time_fmt.h"
 
 namespace subrelay::app {
 
@@ -85,6 +87,19 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
                                    "Address-literal recipients are not accepted "
                                    "(delivery.allow_private_destinations)"};
     }
+    // accounts[].suppression: a listed recipient is refused at once, before it counts
+    // against a rate limit and before anything is queued.
+    if (const AccountRuntime* a = stp->account(account); a != nullptr && a->suppression) {
+      const int64_t now = util::unixSeconds(rtp->clock.wallNow());
+      if (auto hit = rtp->suppressions.find(account, rcpt, now)) {
+        metrics::server().suppressedRcpts.with(account).inc();
+        util::LogEvent ev(util::LogLevel::Info, "smtpd", "suppressed");
+        ev.account(account).recipient(rcpt).field("since", util::isoUtc(hit->createdAt)).reply(hit->reason);
+        ev.emit();
+        return smtp::PolicyRefusal{policy::kRefusalCode, policy::kRefusalEnhanced,
+                                   policy::suppressionRefusalText(hit->address, hit->createdAt, hit->reason)};
+      }
+    }
     auto d = rtp->limits.tryConsume(account, policy::Metric::Recipients, 1, policy::Instant::from(rtp->clock));
     if (!d.allowed) {
       rtp->meter.addRefusedByLimit(account);
@@ -98,6 +113,24 @@ smtp::SessionConfig sessionConfigFor(const Settings& st, Runtime& rt, const conf
     metrics::server().messagesRefused.with(stage, metrics::statusLabel(enhanced)).inc();
   };
   return sc;
+}
+
+// Capture mode: recipients at the reserved local part (policy::isSimulatedBounceAddress)
+// "bounce" at once, with a DSN to the sender and, when the account keeps one, an entry in
+// its suppression list, as a real hard bounce would.
+void addSimulatedBounces(queue::NewMessage& m, bool suppress, std::chrono::seconds ttl) {
+  for (size_t i = 0; i < m.recipients.size(); ++i) {
+    if (!policy::isSimulatedBounceAddress(m.recipients[i])) continue;
+    queue::SimulatedBounce b;
+    b.index = static_cast<int64_t>(i);
+    b.reply = policy::kSimulatedBounceReply;
+    if (suppress) {
+      if (auto e = policy::bounceEntry(m.account, m.recipients[i], b.reply, m.receivedAt, ttl.count()))
+        b.suppress = queue::SuppressionRow{std::move(e->account), std::move(e->address), std::move(e->reason),
+                                           e->createdAt, e->expiresAt, std::move(e->source)};
+    }
+    m.simulatedBounces.push_back(std::move(b));
+  }
 }
 
 void wipe(std::string& s) {
@@ -588,6 +621,7 @@ class SmtpConnection final : public net::ConnectionHandler {
     auto now = std::chrono::system_clock::now();
     m.receivedAt = util::unixSeconds(now);
     m.idempotencyWindow = set.config->idempotency.window.count();
+    if (m.captured) addSimulatedBounces(m, acct != nullptr && acct->suppression, set.config->suppression.ttl);
 
     w->request.keys = set.signer ? &set.dkimKeys : nullptr;
     submission::CleanupRequest& cr = w->request.cleanup;

@@ -530,7 +530,7 @@ class ConfigReader {
     v_.rejectUnknown(
         root, "",
         {"hostname", "data_dir", "tls", "listeners", "limits", "accounts", "dkim", "delivery", "retention", "log_level",
-         "log", "metrics", "workers", "idempotency"});
+         "log", "metrics", "workers", "idempotency", "suppression"});
 
     if (const Json* h = v_.require(root, "", "hostname")) {
       std::string name;
@@ -567,6 +567,7 @@ class ConfigReader {
     if (const Json* d = Validator::find(root, "delivery")) readDelivery(*d);
     if (const Json* r = Validator::find(root, "retention")) readRetention(*r);
     if (const Json* i = Validator::find(root, "idempotency")) readIdempotency(*i);
+    if (const Json* s = Validator::find(root, "suppression")) readSuppression(*s);
     // log_level is the older spelling of log.level; both may not be given.
     if (const Json* l = Validator::find(root, "log_level")) {
       v_.oneOf<std::string>(*l, "log_level",
@@ -730,7 +731,8 @@ class ConfigReader {
   bool readAccount(const Json& o, const std::string& p, Account& a) {
     if (!v_.object(o, p)) return false;
     v_.rejectUnknown(o, p,
-                     {"username", "password_hash", "senders", "rate_limits", "mode", "allow_null_sender", "relay"});
+                     {"username", "password_hash", "senders", "rate_limits", "mode", "allow_null_sender", "relay",
+                      "suppression"});
     bool nameOk = false;
     if (const Json* u = v_.require(o, p, "username")) {
       if (v_.string(*u, p + ".username", a.username)) {
@@ -759,6 +761,7 @@ class ConfigReader {
                             a.mode);
     if (const Json* n = Validator::find(o, "allow_null_sender")) v_.boolean(*n, p + ".allow_null_sender", a.allowNullSender);
     if (const Json* r = Validator::find(o, "relay")) readRelayList(*r, p + ".relay", a.relay);
+    if (const Json* s = Validator::find(o, "suppression")) v_.boolean(*s, p + ".suppression", a.suppression);
     return nameOk;
   }
 
@@ -1069,6 +1072,22 @@ class ConfigReader {
       v_.fail(p + ".finished_bodies", "expected a duration not longer than retention.history (" +
                                           (history ? describe(*history) : std::string("\"30d\"")) + "), got " +
                                           describe(*bodies) + " (a message's body is deleted with its history)");
+  }
+
+  void readSuppression(const Json& o) {
+    const std::string p = "suppression";
+    if (!v_.object(o, p)) return;
+    v_.rejectUnknown(o, p, {"ttl"});
+    if (const Json* t = Validator::find(o, "ttl")) {
+      std::chrono::seconds ttl{0};
+      if (v_.duration(*t, p + ".ttl", ttl)) {
+        if (ttl.count() <= 0)
+          v_.fail(p + ".ttl", "expected a duration above zero such as \"90d\" (leave the key out to keep "
+                              "entries forever), got " + describe(*t));
+        else
+          cfg_.suppression.ttl = ttl;
+      }
+    }
   }
 
   void readIdempotency(const Json& o) {

@@ -104,6 +104,9 @@ struct Account {
   bool allowNullSender = false;
   // accounts[].relay: this tenant's upstreams; empty = delivery.relay (or direct MX).
   std::vector<RelayUpstream> relay;
+  // accounts[].suppression: keep the account's suppression list (hard bounces are added)
+  // and refuse RCPT to a listed address. false: nothing recorded, nothing refused.
+  bool suppression = true;
 };
 
 struct DkimKey {
@@ -214,6 +217,12 @@ struct Metrics {
   uint16_t port = 0;
 };
 
+// suppression (issue 13): how long an entry of an account's suppression list lasts;
+// ttl 0 (the key absent) = forever.
+struct Suppression {
+  std::chrono::seconds ttl{0};
+};
+
 struct Config {
   std::string sourcePath;  // file it came from ("<embedded dev config>" for --dev)
   std::string hostname;
@@ -226,6 +235,7 @@ struct Config {
   Delivery delivery;
   Retention retention;
   Idempotency idempotency;
+  Suppression suppression;
   Log log;
   Metrics metrics;
   uint32_t workers = 0;  // event-loop threads; 0 = one per core

@@ -7,6 +7,7 @@
 #include "smtp/command.h"
 #include "message/headers.h"
 #include "metrics/server_metrics.h"
+#include "policy/suppression.h"
 #include "util/log.h"
 #include "util/strings.h"
 #include "util/time_fmt.h"
@@ -878,6 +879,7 @@ void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>&
         break;
       }
     }
+    if (result == "failed") rec.suppress = suppressionFor(m.account, rr, summary, now);
     // History rows say failed for an expiry too; its status (4.4.7) tells them apart.
     rec.attempt.result = result == "expired" ? "failed" : result;
     auto& metrics = metrics::server();
@@ -899,6 +901,19 @@ void Scheduler::record(const Job& job, const std::vector<smtp::RecipientResult>&
     flush();
   else
     transport_.flushSoon();
+}
+
+// A hard bounce (policy::isHardBounce) of an account that keeps a suppression list: the
+// row recordAttempts() stores with the failure. Expiries never get here (result "expired").
+std::optional<queue::SuppressionRow> Scheduler::suppressionFor(const std::string& account,
+                                                               const smtp::RecipientResult& rr,
+                                                               const std::string& summary, int64_t now) const {
+  if (settings_.suppressionOff.contains(account)) return std::nullopt;
+  if (!policy::isHardBounce(rr.reply.code, rr.reply.enhanced, rr.stage)) return std::nullopt;
+  auto e = policy::bounceEntry(account, rr.recipient, summary, now, settings_.suppressionTtl.count());
+  if (!e) return std::nullopt;
+  return queue::SuppressionRow{std::move(e->account), std::move(e->address), std::move(e->reason), e->createdAt,
+                               e->expiresAt, std::move(e->source)};
 }
 
 void Scheduler::failJob(const Job& job, smtp::Outcome outcome, int code, const std::string& enhanced,

@@ -111,6 +111,10 @@ struct SchedulerSettings {
   std::shared_ptr<const RelaySet> relay;
   std::map<std::string, std::shared_ptr<const RelaySet>> accountRelays;
   std::map<std::string, std::shared_ptr<const RelaySet>> domainRelays;
+  // Suppression lists (issue 13): accounts whose accounts[].suppression is false (their
+  // hard bounces are not recorded), and suppression.ttl (0 = forever).
+  std::set<std::string, std::less<>> suppressionOff;
+  std::chrono::seconds suppressionTtl{0};
 };
 
 // The scheduler's rules for one recipient domain, as free functions so that
@@ -267,6 +271,8 @@ class Scheduler {
   // are recorded), null when none was made.
   void record(const Job& job, const std::vector<smtp::RecipientResult>& results, const std::string& tlsVersion,
               const std::string& tlsCipher, const ConnectRequest* via);
+  std::optional<queue::SuppressionRow> suppressionFor(const std::string& account, const smtp::RecipientResult& rr,
+                                                     const std::string& summary, int64_t now) const;
   void failJob(const Job& job, smtp::Outcome outcome, int code, const std::string& enhanced, const std::string& text,
                const ConnectRequest* via);
   void processDsns();

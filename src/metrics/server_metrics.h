@@ -31,6 +31,7 @@ struct ServerMetrics {
   Family<Counter>& messageBytes;          // {account}
   Family<Counter>& messageRecipients;     // {account}
   Family<Counter>& rateLimited;           // {account}
+  Family<Counter>& suppressedRcpts;       // {account}: RCPT refused by the suppression list
   Family<Histogram>& acceptLatency;       // end of data -> reply
   Family<Histogram>& commitLatency;       // committer: enqueue -> fsync done
   Family<Counter>& dkimSignatures;        // {algorithm}

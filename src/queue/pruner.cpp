@@ -17,6 +17,15 @@ std::chrono::milliseconds Pruner::run(const RetentionPolicy& policy) {
   auto& st = stats_;
   const auto t0 = clock_.now();
   auto counts = store_.prune(util::unixSeconds(clock_.wallNow()), policy, pacer_.maxRows);
+  if (counts.ok()) {
+    // Suppression lists: expired rows, and the oldest beyond the bound (a separate short
+    // transaction; a failure is logged and retried with the next batch).
+    auto sup = store_.pruneSuppressions(util::unixSeconds(clock_.wallNow()), policy.maxSuppressions, pacer_.maxRows);
+    if (sup.ok())
+      counts->suppressionsDeleted = sup.value();
+    else
+      util::logWarn("retention", "cannot prune suppressions: " + sup.error().message);
+  }
   const auto t1 = clock_.now();
   int64_t pages = 0;
   const bool failed = !counts.ok();
@@ -36,6 +45,7 @@ std::chrono::milliseconds Pruner::run(const RetentionPolicy& policy) {
     st.counts.finishedDeleted += counts->finishedDeleted;
     st.counts.capturedDeleted += counts->capturedDeleted;
     st.counts.keysDeleted += counts->keysDeleted;
+    st.counts.suppressionsDeleted += counts->suppressionsDeleted;
     st.pages += pages;
     st.sumPrune += t1 - t0;
     st.maxPrune = std::max(st.maxPrune, t1 - t0);
@@ -54,6 +64,7 @@ std::chrono::milliseconds Pruner::run(const RetentionPolicy& policy) {
                         " bodies removed, " + std::to_string(st.counts.finishedDeleted) + " finished and " +
                         std::to_string(st.counts.capturedDeleted) + " captured messages deleted, " +
                         std::to_string(st.counts.keysDeleted) + " idempotency keys forgotten, " +
+                        std::to_string(st.counts.suppressionsDeleted) + " suppressions expired, " +
                         std::to_string(st.pages) + " pages released; " + times);
     }
     st = Stats{};

@@ -245,6 +245,38 @@ ALTER TABLE recipients ADD COLUMN dsn_notify INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE recipients ADD COLUMN dsn_orcpt TEXT NOT NULL DEFAULT '';
 )sql";
 
+// Version 11: per-account suppression lists (issue 13). suppressions: one row per
+// (account, address) that hard-bounced (source 'bounce', written in the transaction that
+// records the failed attempt) or that an operator added ('manual'); address in
+// policy::normalizeSuppressedAddress form; expires_at NULL = forever (suppression.ttl).
+// suppression_changes: one row whose counter every change to suppressions bumps
+// (triggers, so `subrelay suppression add/remove` from another process counts too);
+// serve polls it every ~2 s and reloads its in-memory table when it moved.
+constexpr const char* kV11 = R"sql(
+CREATE TABLE suppressions (
+  account    TEXT    NOT NULL,
+  address    TEXT    NOT NULL,
+  reason     TEXT    NOT NULL DEFAULT '',
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER,
+  source     TEXT    NOT NULL DEFAULT 'bounce',
+  PRIMARY KEY (account, address)
+) WITHOUT ROWID;
+CREATE INDEX suppressions_expires ON suppressions(expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX suppressions_created ON suppressions(created_at);
+CREATE TABLE suppression_changes (
+  id      INTEGER PRIMARY KEY CHECK (id = 1),
+  counter INTEGER NOT NULL
+);
+INSERT INTO suppression_changes (id, counter) VALUES (1, 0);
+CREATE TRIGGER suppressions_ins AFTER INSERT ON suppressions
+  BEGIN UPDATE suppression_changes SET counter = counter + 1 WHERE id = 1; END;
+CREATE TRIGGER suppressions_upd AFTER UPDATE ON suppressions
+  BEGIN UPDATE suppression_changes SET counter = counter + 1 WHERE id = 1; END;
+CREATE TRIGGER suppressions_del AFTER DELETE ON suppressions
+  BEGIN UPDATE suppression_changes SET counter = counter + 1 WHERE id = 1; END;
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
@@ -256,6 +288,7 @@ constexpr Migration kMigrations[] = {
     {8, kV8},
     {9, kV9},
     {10, kV10},
+    {11, kV11},
 };
 
 }  // namespace

@@ -113,6 +113,9 @@ struct SqliteStore::Statements {
   Stmt saveSts, touchSts, loadSts, loadAllSts, pruneSts;
   // TLS reporting
   Stmt addTlsRpt, tlsRptPending, tlsRptRows, tlsRptDone, pruneTlsRptCounts, pruneTlsRptReports;
+  // suppression lists
+  Stmt upsertSuppression, removeSuppression, listSuppressions, liveSuppressions, suppressionCounts,
+      suppressionChanges, simulateBounce;
   // retention
   Stmt markFinished, markCaptured, pruneCaptured, pruneHistory, unprunedRows, emptyContent, setPruned;
 };
@@ -319,6 +322,28 @@ constexpr const char* kPruneIdempotencyKeys =
     "DELETE FROM idempotency_keys WHERE (account, key) IN (SELECT account, key FROM idempotency_keys "
     "WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)";
 constexpr const char* kEmptyContent = "UPDATE messages SET content = x'' WHERE id = ?1";
+// Suppression lists (issue 13). A later bounce or add refreshes the row's reason and dates.
+constexpr const char* kUpsertSuppression =
+    "INSERT INTO suppressions (account, address, reason, created_at, expires_at, source) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (account, address) DO UPDATE SET "
+    "reason = excluded.reason, created_at = excluded.created_at, expires_at = excluded.expires_at, "
+    "source = excluded.source";
+constexpr const char* kRemoveSuppression = "DELETE FROM suppressions WHERE account = ?1 AND address = ?2";
+constexpr const char* kListSuppressions =
+    "SELECT account, address, reason, created_at, coalesce(expires_at, 0), source FROM suppressions "
+    "WHERE ?1 = '' OR account = ?1 ORDER BY created_at, account, address";
+constexpr const char* kLiveSuppressions =
+    "SELECT account, address, reason, created_at, coalesce(expires_at, 0), source FROM suppressions "
+    "WHERE expires_at IS NULL OR expires_at > ?1 ORDER BY created_at DESC LIMIT ?2";
+constexpr const char* kSuppressionCounts =
+    "SELECT account, count(*) FROM suppressions WHERE expires_at IS NULL OR expires_at > ?1 "
+    "GROUP BY account ORDER BY account";
+constexpr const char* kSuppressionChanges = "SELECT counter FROM suppression_changes WHERE id = 1";
+constexpr const char* kSimulateBounce =
+    "UPDATE recipients SET state = 'failed', attempts = 1, last_error = ?3, last_code = ?4, last_status = ?5, "
+    "dsn_pending = (SELECT is_dsn = 0 AND mail_from NOT IN ('', '<>') FROM messages WHERE id = ?1) "
+    "WHERE message_id = ?1 AND idx = ?2";
+
 constexpr const char* kSetPruned = "UPDATE finished SET content_pruned = 1 WHERE message_id = ?1";
 #undef SUBRELAY_DELIVERABLE
 #undef SUBRELAY_FROM_RCPT
@@ -605,6 +630,13 @@ util::Result<std::unique_ptr<SqliteStore>> SqliteStore::open(const std::string& 
       {&s.unprunedRows, kUnprunedRows},
       {&s.emptyContent, kEmptyContent},
       {&s.setPruned, kSetPruned},
+      {&s.upsertSuppression, kUpsertSuppression},
+      {&s.removeSuppression, kRemoveSuppression},
+      {&s.listSuppressions, kListSuppressions},
+      {&s.liveSuppressions, kLiveSuppressions},
+      {&s.suppressionCounts, kSuppressionCounts},
+      {&s.suppressionChanges, kSuppressionChanges},
+      {&s.simulateBounce, kSimulateBounce},
       {&s.findIdempotencyKey, kFindIdempotencyKey},
       {&s.saveIdempotencyKey, kSaveIdempotencyKey},
       {&s.pruneIdempotencyKeys, kPruneIdempotencyKeys},
@@ -673,6 +705,9 @@ std::string SqliteStore::insertMessageLocked(const NewMessage& m) {
       lastOutOfSpace_ = outOfSpace(db_);
       return "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
     }
+  }
+  if (!m.simulatedBounces.empty()) {
+    if (std::string why = simulateBouncesLocked(m); !why.empty()) return why;
   }
   if (m.captured) {
     // Never delivered: finished (for retention.captured) as soon as it is stored.
@@ -963,6 +998,11 @@ util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>&
       int rc = sqlite3_step(u.get());
       if (rc == SQLITE_DONE) continue;  // dropped by an operator while the attempt ran
       if (rc != SQLITE_ROW) return dbError("cannot record attempt for " + rec.messageId);
+    }
+    // A hard bounce: the account's suppression list gets the recipient in this transaction.
+    if (rec.suppress && rec.newState == RecipientState::Failed) {
+      if (std::string why = addSuppressionLocked(*rec.suppress); !why.empty()) return util::makeError(why);
+      // webhook: "suppressed" event goes here
     }
     Use u(s.insertAttempt);
     sqlite3_stmt* st = u.get();
@@ -1687,6 +1727,188 @@ std::string newQueueId() {
   std::string out(16, '0');
   for (int i = 15; i >= 0; --i, id >>= 4) out[static_cast<size_t>(i)] = kHex[id & 0xf];
   return out;
+}
+
+// ---- suppression lists (issue 13) -----------------------------------------------------
+
+namespace {
+
+SuppressionRow readSuppression(sqlite3_stmt* st) {
+  SuppressionRow r;
+  r.account = columnText(st, 0);
+  r.address = columnText(st, 1);
+  r.reason = columnText(st, 2);
+  r.createdAt = sqlite3_column_int64(st, 3);
+  r.expiresAt = sqlite3_column_int64(st, 4);
+  r.source = columnText(st, 5);
+  return r;
+}
+
+}  // namespace
+
+std::string SqliteStore::addSuppressionLocked(const SuppressionRow& row) {
+  Use u(stmts_->upsertSuppression);
+  sqlite3_stmt* st = u.get();
+  bindText(st, 1, row.account);
+  bindText(st, 2, row.address);
+  bindText(st, 3, row.reason);
+  sqlite3_bind_int64(st, 4, row.createdAt);
+  if (row.expiresAt > 0)
+    sqlite3_bind_int64(st, 5, row.expiresAt);
+  else
+    sqlite3_bind_null(st, 5);
+  bindText(st, 6, row.source);
+  if (sqlite3_step(st) != SQLITE_DONE) {
+    lastOutOfSpace_ = outOfSpace(db_);
+    return "cannot store the suppression of " + row.address + ": " + sqlite3_errmsg(db_);
+  }
+  return {};
+}
+
+std::string SqliteStore::simulateBouncesLocked(const NewMessage& m) {
+  const Statements& s = *stmts_;
+  for (const auto& b : m.simulatedBounces) {
+    if (b.index < 0 || static_cast<size_t>(b.index) >= m.recipients.size()) continue;
+    const std::string status = b.status.str();
+    {
+      Use u(s.simulateBounce);
+      sqlite3_stmt* st = u.get();
+      bindText(st, 1, m.id);
+      sqlite3_bind_int64(st, 2, b.index);
+      bindText(st, 3, b.reply);
+      sqlite3_bind_int(st, 4, b.code);
+      bindText(st, 5, status);
+      if (sqlite3_step(st) != SQLITE_DONE) {
+        lastOutOfSpace_ = outOfSpace(db_);
+        return "cannot store recipient of " + m.id + ": " + sqlite3_errmsg(db_);
+      }
+    }
+    {
+      static const std::string kEmpty, kFailed = "failed", kLocal = "capture (simulated)";
+      Use u(s.insertAttempt);
+      sqlite3_stmt* st = u.get();
+      bindText(st, 1, m.id);
+      sqlite3_bind_int64(st, 2, b.index);
+      sqlite3_bind_int64(st, 3, m.receivedAt);
+      bindText(st, 4, kEmpty);
+      bindText(st, 5, kEmpty);
+      bindText(st, 6, kEmpty);
+      sqlite3_bind_int(st, 7, b.code);
+      bindText(st, 8, b.reply);
+      bindText(st, 9, kFailed);
+      bindText(st, 10, status);
+      bindText(st, 11, kLocal);
+      if (sqlite3_step(st) != SQLITE_DONE) {
+        lastOutOfSpace_ = outOfSpace(db_);
+        return "cannot store the attempt of " + m.id + ": " + sqlite3_errmsg(db_);
+      }
+    }
+    if (b.suppress) {
+      if (std::string why = addSuppressionLocked(*b.suppress); !why.empty()) return why;
+      // webhook: "suppressed" event goes here
+    }
+  }
+  return {};
+}
+
+util::Result<void> SqliteStore::upsertSuppression(const SuppressionRow& row) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin suppression transaction");
+  if (std::string why = addSuppressionLocked(row); !why.empty()) return util::makeError(why);
+  if (!txn.commit()) return dbError("cannot commit suppression");
+  return {};
+}
+
+util::Result<int64_t> SqliteStore::removeSuppression(const std::string& account, const std::string& address) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  Use u(stmts_->removeSuppression);
+  bindText(u.get(), 1, account);
+  bindText(u.get(), 2, address);
+  if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot remove the suppression of " + address);
+  return static_cast<int64_t>(sqlite3_changes(db_));
+}
+
+util::Result<std::vector<SuppressionRow>> SqliteStore::listSuppressions(const std::string& account) {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->listSuppressions);
+  bindText(u.get(), 1, account);
+  std::vector<SuppressionRow> out;
+  int rc;
+  while ((rc = sqlite3_step(u.get())) == SQLITE_ROW) out.push_back(readSuppression(u.get()));
+  if (rc != SQLITE_DONE) return dbError("cannot list suppressions");
+  return out;
+}
+
+util::Result<std::vector<SuppressionRow>> SqliteStore::loadLiveSuppressions(int64_t now, size_t maxRows) {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->liveSuppressions);
+  sqlite3_bind_int64(u.get(), 1, now);
+  sqlite3_bind_int64(u.get(), 2, static_cast<sqlite3_int64>(maxRows));
+  std::vector<SuppressionRow> out;
+  int rc;
+  while ((rc = sqlite3_step(u.get())) == SQLITE_ROW) out.push_back(readSuppression(u.get()));
+  if (rc != SQLITE_DONE) return dbError("cannot load suppressions");
+  return out;
+}
+
+util::Result<std::vector<std::pair<std::string, uint64_t>>> SqliteStore::suppressionCounts(int64_t now) {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->suppressionCounts);
+  sqlite3_bind_int64(u.get(), 1, now);
+  std::vector<std::pair<std::string, uint64_t>> out;
+  int rc;
+  while ((rc = sqlite3_step(u.get())) == SQLITE_ROW)
+    out.emplace_back(columnText(u.get(), 0), fromDb(sqlite3_column_int64(u.get(), 1)));
+  if (rc != SQLITE_DONE) return dbError("cannot count suppressions");
+  return out;
+}
+
+util::Result<int64_t> SqliteStore::suppressionChanges() {
+  std::lock_guard lock(mu_);
+  Use u(stmts_->suppressionChanges);
+  const int rc = sqlite3_step(u.get());
+  if (rc == SQLITE_ROW) return static_cast<int64_t>(sqlite3_column_int64(u.get(), 0));
+  if (rc == SQLITE_DONE) return int64_t{0};
+  return dbError("cannot read the suppression change counter");
+}
+
+util::Result<int64_t> SqliteStore::pruneSuppressions(int64_t now, size_t maxEntries, size_t maxRows) {
+  std::lock_guard lock(mu_);
+  if (readOnly_) return readOnlyError();
+  const Statements& s = *stmts_;
+  Txn txn(db_, s.begin, s.commit, s.rollback);
+  if (!txn.open()) return dbError("cannot begin suppression prune");
+  // Rare and small: prepared per call rather than kept.
+  auto run1 = [&](const char* sql, int64_t a, int64_t b, int64_t& deleted) -> bool {
+    sqlite3_stmt* st = nullptr;
+    if (sqlite3_prepare_v2(db_, sql, -1, &st, nullptr) != SQLITE_OK) return false;
+    sqlite3_bind_int64(st, 1, a);
+    sqlite3_bind_int64(st, 2, b);
+    const int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) return false;
+    deleted += sqlite3_changes(db_);
+    return true;
+  };
+  int64_t deleted = 0;
+  const auto limit = static_cast<int64_t>(maxRows);
+  if (!run1("DELETE FROM suppressions WHERE (account, address) IN (SELECT account, address FROM suppressions "
+            "WHERE expires_at IS NOT NULL AND expires_at <= ?1 LIMIT ?2)",
+            now, limit, deleted))
+    return dbError("cannot prune expired suppressions");
+  if (deleted < limit) {
+    // Beyond the bound: the oldest go (OFFSET skips the newest maxEntries).
+    if (!run1("DELETE FROM suppressions WHERE (account, address) IN (SELECT account, address FROM suppressions "
+              "ORDER BY created_at DESC LIMIT ?2 OFFSET ?1)",
+              static_cast<int64_t>(maxEntries), limit - deleted, deleted))
+      return dbError("cannot prune suppressions beyond the bound");
+  }
+  if (!txn.commit()) return dbError("cannot commit suppression prune");
+  return deleted;
 }
 
 }  // namespace subrelay::queue

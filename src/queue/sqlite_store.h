@@ -157,8 +157,26 @@ class SqliteStore final : public Store, public DeliveryQueue {
   // Deletes counts and report records of days before `beforeDay`; returns the rows deleted.
   util::Result<int64_t> pruneTlsRpt(int64_t beforeDay);
 
+  // --- suppression lists (issue 13) ---
+  // Inserts or replaces the (account, address) row; one transaction.
+  util::Result<void> upsertSuppression(const SuppressionRow& row);
+  // Deletes the row; returns 1, or 0 when there was none.
+  util::Result<int64_t> removeSuppression(const std::string& account, const std::string& address);
+  // An account's rows ("" = every account), expired ones included (the caller shows or
+  // filters them), oldest first.
+  util::Result<std::vector<SuppressionRow>> listSuppressions(const std::string& account);
+  // Rows not expired at `now`, newest first, at most maxRows (serve's in-memory table).
+  util::Result<std::vector<SuppressionRow>> loadLiveSuppressions(int64_t now, size_t maxRows);
+  // Live rows per account.
+  util::Result<std::vector<std::pair<std::string, uint64_t>>> suppressionCounts(int64_t now);
+  // Moves on every change to the table, from any process (triggers): serve's reload cue.
+  util::Result<int64_t> suppressionChanges();
+  // One short batch: deletes rows expired at or before `now`, then, beyond `maxEntries`
+  // rows in all, the oldest; at most maxRows deletions. Returns the rows deleted.
+  util::Result<int64_t> pruneSuppressions(int64_t now, size_t maxEntries, size_t maxRows);
+
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 10;
+  static constexpr int kSchemaVersion = 11;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);
@@ -173,6 +191,11 @@ class SqliteStore final : public Store, public DeliveryQueue {
   // Sets finished_at (the latest recipient update) on a message none of whose recipients
   // is still waiting or has a DSN pending; inside the caller's transaction.
   util::Result<void> markFinishedLocked(const std::string& id);
+  // suppressions upsert inside the caller's transaction ("" or why not).
+  std::string addSuppressionLocked(const SuppressionRow& row);
+  // Captured recipients that bounce at once (NewMessage::simulatedBounces), inside the
+  // caller's transaction ("" or why not).
+  std::string simulateBouncesLocked(const NewMessage& m);
   // "no such message" unless id exists (inside the caller's transaction).
   util::Result<void> requireMessageLocked(const std::string& id);
 

@@ -75,6 +75,32 @@ struct RecipientDsn {
   std::string orcpt;    // ORCPT= as received ("rfc822;bob+2B1@example.net"), "" = none
 };
 
+// --- suppression lists (issue 13) ----------------------------------------------------
+
+// One row of the suppressions table (policy::Suppression in the queue's terms). address
+// is already in its normal form (policy::normalizeSuppressedAddress).
+struct SuppressionRow {
+  std::string account;
+  std::string address;
+  std::string reason;     // one line, bounded (policy::cleanSuppressionReason)
+  int64_t createdAt = 0;  // unix seconds
+  int64_t expiresAt = 0;  // unix seconds, 0 = never (stored as NULL)
+  std::string source = "bounce";  // "bounce" or "manual"
+  bool expired(int64_t now) const { return expiresAt != 0 && expiresAt <= now; }
+};
+
+// A recipient of a captured message recorded as failed at once instead of captured (the
+// reserved capture-mode address, policy::isSimulatedBounceAddress): state failed with this
+// reply, one attempts row, a DSN pending like any failure, and `suppress` (when set) added
+// to the suppressions table in the same transaction.
+struct SimulatedBounce {
+  int64_t index = 0;  // recipient index
+  int code = 550;
+  EnhancedStatus status{5, 1, 1};
+  std::string reply;
+  std::optional<SuppressionRow> suppress;
+};
+
 struct NewMessage {
   std::string id;                       // from newQueueId()
   std::string account;
@@ -101,6 +127,8 @@ struct NewMessage {
   DsnRet dsnRet = DsnRet::Unspecified;
   std::string dsnEnvid;
   std::vector<RecipientDsn> recipientDsn;
+  // Captured messages only: recipients that "bounce" at once (see SimulatedBounce).
+  std::vector<SimulatedBounce> simulatedBounces;
 };
 
 struct RecipientInfo {
@@ -198,6 +226,9 @@ struct AttemptRecord {
   // Delivered only: a success DSN is owed by us (NOTIFY=SUCCESS and the next hop did not
   // take the request on, RFC 3461 5.2.2 (b)); stored as dsn_pending = 1.
   bool successDsn = false;
+  // A hard bounce of an account that keeps a suppression list: stored in the same
+  // transaction when the record's final state is failed (policy::isHardBounce decides).
+  std::optional<SuppressionRow> suppress;
 };
 
 // The record as it is stored when an operator asked for `request` while the attempt ran:
@@ -294,6 +325,9 @@ struct RetentionPolicy {
   int64_t history = 30 * 24 * 3600;    // after finished_at: the message deleted
   int64_t captured = 7 * 24 * 3600;    // after received_at: a captured message deleted
   int64_t idempotencyKeys = 24 * 3600; // idempotency.window: after created_at, a key forgotten
+  // Suppression lists: rows past expires_at go; beyond this many rows in all, the oldest
+  // (policy::SuppressionTable::kDefaultMaxEntries, the in-memory table's bound).
+  size_t maxSuppressions = 1'000'000;
 };
 
 // What one prune() batch did, in messages.
@@ -302,7 +336,8 @@ struct PruneCounts {
   int64_t finishedDeleted = 0;   // finished messages deleted with their history
   int64_t capturedDeleted = 0;   // captured messages deleted
   int64_t keysDeleted = 0;       // idempotency keys older than the window (rows, not messages)
-  int64_t rows() const { return bodiesRemoved + finishedDeleted + capturedDeleted + keysDeleted; }
+  int64_t suppressionsDeleted = 0;  // expired (or beyond the bound) suppression rows
+  int64_t rows() const { return bodiesRemoved + finishedDeleted + capturedDeleted + keysDeleted + suppressionsDeleted; }
 };
 
 // When to run the next prune batch, from what the last one did: at once (after `busy`,

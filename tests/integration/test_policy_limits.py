@@ -197,7 +197,9 @@ class SessionsAndMeters(ServerTestCase):
         self.assertEqual(got["idle"]["accepted"], 0)
         self.assertEqual(got["idle"]["mode"], "deliver")
         text = srv.cli("accounts").stdout.decode()
-        self.assertRegex(text, r"(?m)^shop\s+capture\s+3\s+1\s+6\s+\d+\s+1\s+messages_per_day=3/1000 messages_per_minute=3$")
+        # ... AUTHFAIL 1, SUPPRESSED 0 (the account's suppression list), then the limits.
+        self.assertRegex(text, r"(?m)^shop\s+capture\s+3\s+1\s+6\s+\d+\s+1\s+0\s+messages_per_day=3/1000 messages_per_minute=3$")
+        self.assertEqual(s["suppressed"], 0)
         # --data-dir works without the config; --help exits 0.
         proc = harness.subrelay("accounts", "--data-dir", srv.data_dir)
         self.assertEqual(proc.returncode, 0, proc.stderr)

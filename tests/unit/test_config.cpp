@@ -1284,3 +1284,22 @@ TEST_CASE("delivery.tls_rpt: off when absent; from needs a dkim key of its domai
               "delivery.tls_rpt.rua", "unknown key");
   expectError(parse(withTop(dkim + R"(, "delivery": {"tls_rpt": true})")), "delivery.tls_rpt", "");
 }
+
+TEST_CASE("suppression: accounts[].suppression (default on) and suppression.ttl (default forever)") {
+  LoadResult d = parse(withAccount(R"("senders": ["@example.com"])"));
+  expectOk(d);
+  CHECK(d.config->accounts[0].suppression);
+  CHECK(d.config->suppression.ttl == 0s);
+  LoadResult off = parse(withAccount(R"("senders": ["@example.com"], "suppression": false)"));
+  expectOk(off);
+  CHECK_FALSE(off.config->accounts[0].suppression);
+  LoadResult ttl = parse(withTop(R"(, "suppression": {"ttl": "90d"})"));
+  expectOk(ttl);
+  CHECK(ttl.config->suppression.ttl == 90 * 24h);
+  expectError(parse(withAccount(R"("senders": ["@example.com"], "suppression": "no")")), "accounts[0].suppression",
+              "expected");
+  expectError(parse(withTop(R"(, "suppression": {"ttl": "0s"})")), "suppression.ttl", "expected a duration");
+  expectError(parse(withTop(R"(, "suppression": {"ttl": "2 days"})")), "suppression.ttl", "expected a duration");
+  expectError(parse(withTop(R"(, "suppression": {"enabled": true})")), "suppression.enabled", "unknown key");
+  expectError(parse(withTop(R"(, "suppression": true)")), "suppression", "expected an object");
+}

@@ -23,7 +23,9 @@
 
 #include "queue/group_commit.h"
 #include "queue/schema.h"
+#include "queue/pruner.h"
 #include "queue/sqlite_store.h"
+#include "util/clock.h"
 
 using namespace subrelay;
 using namespace subrelay::queue;
@@ -1117,14 +1119,14 @@ TEST_CASE("the migration runner applies later steps in order and rolls back a fa
   constexpr int kB = SqliteStore::kSchemaVersion;
   const auto v = [](int n) { return std::to_string(n); };
   steps.push_back({kB + 1, "ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 0"});
-  steps.push_back({kB + 2, "CREATE TABLE suppressions(address TEXT PRIMARY KEY)"});
+  steps.push_back({kB + 2, "CREATE TABLE hypothetical_later(address TEXT PRIMARY KEY)"});
 
   auto to2 = schema::migrate(raw.get(), steps, kB + 2);
   REQUIRE(to2.ok());
   CHECK(to2.value() == kB + 2);
   CHECK(raw.text("PRAGMA user_version") == v(kB + 2));
   CHECK(raw.text("SELECT priority FROM messages") == "0");  // old rows kept, column added
-  CHECK(raw.text("SELECT count(*) FROM sqlite_master WHERE name='suppressions'") == "1");
+  CHECK(raw.text("SELECT count(*) FROM sqlite_master WHERE name='hypothetical_later'") == "1");
 
   // Migrating again is a no-op.
   CHECK(schema::migrate(raw.get(), steps, kB + 2).value() == kB + 2);
@@ -2206,4 +2208,157 @@ TEST_CASE("a success DSN is never owed to the null sender") {
   rec.successDsn = true;
   REQUIRE(store->recordAttempts({rec}).ok());
   CHECK(store->pendingDsns(10)->empty());
+}
+
+// ---------------------------------------------------------------------------------
+// Suppression lists (issue 13, schema version 11)
+// ---------------------------------------------------------------------------------
+
+namespace {
+
+SuppressionRow suppression(std::string account, std::string address, int64_t at, int64_t expires = 0,
+                           std::string source = "bounce") {
+  SuppressionRow r;
+  r.account = std::move(account);
+  r.address = std::move(address);
+  r.reason = "550 5.1.1 no such user";
+  r.createdAt = at;
+  r.expiresAt = expires;
+  r.source = std::move(source);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("suppressions: add, replace, list, remove, counts, and a change counter another connection sees") {
+  TempDir dir;
+  const std::string path = dir.file("s.db");
+  auto store = mustOpen(path);
+  auto reader = mustOpen(path, OpenOptions{.readOnly = true, .create = false});
+  const int64_t c0 = reader->suppressionChanges().value();
+  REQUIRE(store->upsertSuppression(suppression("shop", "bob@example.com", 1000)).ok());
+  REQUIRE(store->upsertSuppression(suppression("shop", "ann@example.com", 1001, 2000, "manual")).ok());
+  REQUIRE(store->upsertSuppression(suppression("blog", "bob@example.com", 1002)).ok());
+  const int64_t c1 = reader->suppressionChanges().value();
+  CHECK(c1 > c0);
+
+  auto shop = store->listSuppressions("shop");
+  REQUIRE(shop.ok());
+  REQUIRE(shop->size() == 2);
+  CHECK((*shop)[0].address == "bob@example.com");
+  CHECK((*shop)[0].expiresAt == 0);  // NULL = forever
+  CHECK((*shop)[1].address == "ann@example.com");
+  CHECK((*shop)[1].expiresAt == 2000);
+  CHECK((*shop)[1].source == "manual");
+  CHECK(store->listSuppressions("")->size() == 3);
+
+  // A second bounce refreshes the row, it does not add one.
+  auto again = suppression("shop", "bob@example.com", 1500);
+  again.reason = "550 5.1.1 still no such user";
+  REQUIRE(store->upsertSuppression(again).ok());
+  CHECK(store->listSuppressions("shop")->size() == 2);
+  CHECK(store->listSuppressions("shop")->back().reason == "550 5.1.1 still no such user");
+
+  // Live rows and counts leave the expired ones out.
+  CHECK(store->loadLiveSuppressions(1999, 100)->size() == 3);
+  CHECK(store->loadLiveSuppressions(2000, 100)->size() == 2);
+  CHECK(store->loadLiveSuppressions(1999, 1)->front().address == "bob@example.com");  // newest first
+  auto counts = store->suppressionCounts(2000).value();
+  CHECK(counts == std::vector<std::pair<std::string, uint64_t>>{{"blog", 1}, {"shop", 1}});
+
+  const int64_t c2 = reader->suppressionChanges().value();
+  CHECK(store->removeSuppression("shop", "bob@example.com").value() == 1);
+  CHECK(store->removeSuppression("shop", "bob@example.com").value() == 0);
+  CHECK(reader->suppressionChanges().value() > c2);
+  CHECK(store->listSuppressions("shop")->size() == 1);
+  CHECK_FALSE(reader->upsertSuppression(suppression("x", "y@z", 1)).ok());  // read-only
+}
+
+TEST_CASE("suppressions: a hard bounce is stored with its failed attempt; other outcomes store none") {
+  TempDir dir;
+  auto store = mustOpen(dir.file("b.db"));
+  const int64_t t0 = 1'800'000'000;
+  NewMessage m = makeMessage("0000000000000e01", t0, 3);
+  REQUIRE(store->insertBatch({m})[0].ok());
+  REQUIRE(store->leaseDue(t0, 10)->size() == 1);
+  AttemptRecord hard = outcome(m.id, 0, RecipientState::Failed, t0 + 5, 0, "550 5.1.1 no such user", 550);
+  hard.suppress = suppression("webshop", "user0@example.org", t0 + 5);
+  // Marked, but deferred: a record that does not end failed stores nothing.
+  AttemptRecord soft = outcome(m.id, 1, RecipientState::Deferred, t0 + 5, t0 + 600, "452 4.2.2 full", 452);
+  soft.suppress = suppression("webshop", "user1@example.org", t0 + 5);
+  AttemptRecord other = outcome(m.id, 2, RecipientState::Failed, t0 + 5, 0, "550 5.7.1 spam", 550);
+  REQUIRE(store->recordAttempts({hard, soft, other}).ok());
+  auto rows = store->listSuppressions("webshop").value();
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0].address == "user0@example.org");
+  CHECK(rows[0].source == "bounce");
+  // The DSN is still owed for both failures.
+  auto dsns = store->pendingDsns(10).value();
+  REQUIRE(dsns.size() == 1);
+  CHECK(dsns[0].message.recipients.size() == 2);
+}
+
+TEST_CASE("suppressions: a captured message's reserved recipient fails at once, owes a DSN and is suppressed") {
+  TempDir dir;
+  auto store = mustOpen(dir.file("c.db"));
+  const int64_t t0 = 1'800'000'000;
+  NewMessage m = makeMessage("0000000000000f01", t0, 2);
+  m.captured = true;
+  m.recipients[1] = "subrelay-bounce+ci@example.org";
+  SimulatedBounce b;
+  b.index = 1;
+  b.reply = "550 5.1.1 simulated hard bounce";
+  b.suppress = suppression("webshop", "subrelay-bounce+ci@example.org", t0);
+  m.simulatedBounces.push_back(b);
+  REQUIRE(store->insertBatch({m})[0].ok());
+  auto info = store->show(m.id).value();
+  REQUIRE(info.recipients.size() == 2);
+  CHECK(info.recipients[0].state == RecipientState::Captured);
+  CHECK(info.recipients[1].state == RecipientState::Failed);
+  CHECK(info.recipients[1].lastError == "550 5.1.1 simulated hard bounce");
+  CHECK(info.recipients[1].lastStatus.str() == "5.1.1");
+  REQUIRE(info.attempts.size() == 1);
+  CHECK(info.attempts[0].code == 550);
+  CHECK(store->leaseDue(t0 + 10, 10)->empty());  // never delivered
+  auto dsns = store->pendingDsns(10).value();
+  REQUIRE(dsns.size() == 1);
+  REQUIRE(dsns[0].message.recipients.size() == 1);
+  CHECK(dsns[0].message.recipients[0].index == 1);
+  CHECK(store->listSuppressions("webshop")->size() == 1);
+}
+
+TEST_CASE("suppressions: the pruner deletes expired rows, then the oldest beyond the bound, in small batches") {
+  TempDir dir;
+  auto store = mustOpen(dir.file("p.db"));
+  for (int i = 0; i < 6; ++i)
+    REQUIRE(store->upsertSuppression(suppression("a", "u" + std::to_string(i) + "@x.org", 1000 + i,
+                                                 i < 2 ? 1500 : 0))
+                .ok());
+  CHECK(store->pruneSuppressions(1400, 100, 10).value() == 0);
+  CHECK(store->pruneSuppressions(1500, 100, 1).value() == 1);   // one per batch
+  CHECK(store->pruneSuppressions(1500, 100, 10).value() == 1);
+  CHECK(store->listSuppressions("a")->size() == 4);
+  // Bound of 3: the oldest (u2) goes.
+  CHECK(store->pruneSuppressions(1500, 3, 10).value() == 1);
+  auto rest = store->listSuppressions("a").value();
+  REQUIRE(rest.size() == 3);
+  CHECK(rest[0].address == "u3@x.org");
+  CHECK(store->pruneSuppressions(1500, 3, 10).value() == 0);
+}
+
+TEST_CASE("suppressions: the retention pruner removes expired rows on its clock") {
+  TempDir dir;
+  auto store = mustOpen(dir.file("r.db"));
+  subrelay::util::FakeClock clock;
+  const int64_t now = subrelay::util::unixSeconds(clock.wallNow());
+  REQUIRE(store->upsertSuppression(suppression("a", "soon@x.org", now, now + 30)).ok());
+  REQUIRE(store->upsertSuppression(suppression("a", "never@x.org", now)).ok());
+  Pruner pruner(*store, clock);
+  pruner.run(RetentionPolicy{});
+  CHECK(store->listSuppressions("a")->size() == 2);
+  clock.advance(std::chrono::seconds(30));
+  pruner.run(RetentionPolicy{});
+  auto rest = store->listSuppressions("a").value();
+  REQUIRE(rest.size() == 1);
+  CHECK(rest[0].address == "never@x.org");
 }

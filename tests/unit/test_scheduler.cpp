@@ -1571,3 +1571,53 @@ TEST_CASE("scheduler: DSN parameters go to the transport; a success DSN is owed 
     CHECK_FALSE(b.q.recorded[1].successDsn);         // no NOTIFY
   }
 }
+
+TEST_CASE("scheduler: a hard bounce marks its record for the account's suppression list; others do not") {
+  auto staged = [](smtp::RecipientResult rr, const char* stage) {
+    rr.stage = stage;
+    return rr;
+  };
+  SUBCASE("on: 5.1.1 at RCPT and 5.2.1 after the data are suppressed, with the ttl") {
+    Bed b;
+    b.settings.suppressionTtl = std::chrono::hours(1);
+    b.q.add("m1", {"Gone@Example.ORG", "full@example.org", "spam@example.org", "off@example.org", "later@example.org"},
+            b.now());
+    Scheduler& s = b.startReady();
+    auto [id, m] = *b.t.sending.begin();
+    b.t.sending.clear();
+    s.onTransactionDone(
+        id, {staged(result("Gone@Example.ORG", smtp::Outcome::PermFail, 550, "5.1.1", "no such  user"), "rcpt"),
+             staged(result("full@example.org", smtp::Outcome::PermFail, 552, "5.2.2", "mailbox full"), "rcpt"),
+             staged(result("spam@example.org", smtp::Outcome::PermFail, 550, "5.7.1", "spam"), "rcpt"),
+             staged(result("off@example.org", smtp::Outcome::PermFail, 550, "5.2.1", "disabled"), "data-end"),
+             staged(result("later@example.org", smtp::Outcome::TempFail, 450, "4.1.1", "try later"), "rcpt")});
+    s.flush();
+    REQUIRE(b.q.recorded.size() == 5);
+    std::map<int64_t, const queue::AttemptRecord*> by;
+    for (const auto& r : b.q.recorded) by[r.index] = &r;
+    REQUIRE(by[0]->suppress.has_value());
+    CHECK(by[0]->suppress->account == "acct");
+    CHECK(by[0]->suppress->address == "Gone@example.org");
+    CHECK(by[0]->suppress->reason == "550 5.1.1 no such user");
+    CHECK(by[0]->suppress->source == "bounce");
+    CHECK(by[0]->suppress->expiresAt == by[0]->suppress->createdAt + 3600);
+    CHECK_FALSE(by[1]->suppress.has_value());
+    CHECK_FALSE(by[2]->suppress.has_value());
+    REQUIRE(by[3]->suppress.has_value());
+    CHECK(by[3]->suppress->address == "off@example.org");
+    CHECK_FALSE(by[4]->suppress.has_value());
+  }
+  SUBCASE("off for the account: nothing is marked") {
+    Bed b;
+    b.settings.suppressionOff.insert("acct");
+    b.q.add("m1", {"gone@example.org"}, b.now());
+    Scheduler& s = b.startReady();
+    auto [id, m] = *b.t.sending.begin();
+    b.t.sending.clear();
+    s.onTransactionDone(id, {staged(result("gone@example.org", smtp::Outcome::PermFail, 550, "5.1.1", "no"), "rcpt")});
+    s.flush();
+    REQUIRE(b.q.recorded.size() == 1);
+    CHECK(b.q.recorded[0].newState == RecipientState::Failed);
+    CHECK_FALSE(b.q.recorded[0].suppress.has_value());
+  }
+}
