@@ -396,6 +396,7 @@ SqliteStore::SqliteStore(sqlite3* db, int version, bool readOnly)
 
 SqliteStore::~SqliteStore() {
   stmts_.reset();  // statements first: close_v2 would otherwise keep the connection alive
+  hook_.reset();
   sqlite3_close_v2(db_);
 }
 
@@ -720,6 +721,8 @@ std::vector<util::Result<std::string>> SqliteStore::insertBatch(const std::vecto
     if (run(s.savepoint) != SQLITE_DONE) return dbError("cannot create savepoint");
     lastOutOfSpace_ = false;
     std::string failure = insertMessageLocked(m);
+    // The "accepted" events commit (or roll back) with the message: never one without the other.
+    if (failure.empty()) failure = enqueueAcceptedLocked(m);
     if (!failure.empty()) {
       // ROLLBACK TO undoes the rows but keeps the savepoint open; RELEASE closes it.
       run(s.rollbackTo);
@@ -935,6 +938,10 @@ util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>&
       sqlite3_bind_int(st, 7, rec.attempt.code);
       bindText(st, 8, status);
       if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record attempt for " + rec.messageId);
+      // The state changed (not an operator's bounce that won): its webhook event, in this transaction.
+      if (sqlite3_changes(db_) == 1) {
+        if (auto why = enqueueAttemptLocked(rec); !why.empty()) return util::makeError(why);
+      }
     }
     {
       Use u(s.exists);
@@ -987,6 +994,9 @@ util::Result<void> SqliteStore::releaseLeases(const std::string& messageId, cons
       sqlite3_bind_int64(u.get(), 2, idx);
       sqlite3_bind_int64(u.get(), 3, now);
       if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot release lease of " + messageId);
+      if (sqlite3_changes(db_) == 1) {
+        if (auto why = enqueueOperatorBounceLocked(messageId, idx, now); !why.empty()) return util::makeError(why);
+      }
     }
     Use u(s.releaseLease);
     bindText(u.get(), 1, messageId);
@@ -1164,12 +1174,28 @@ util::Result<int64_t> SqliteStore::bounce(const std::string& id) {
   if (!txn.open()) return dbError("cannot begin bounce transaction");
   if (auto r = requireMessageLocked(id); !r) return r.error();
   int64_t changed = 0;
+  const auto bouncedAt = static_cast<int64_t>(std::time(nullptr));
+  std::vector<int64_t> bouncedNow;
+  if (!webhookEvents_.empty()) {
+    // The recipients kBounceOne is about to fail, for their "bounced" events.
+    sqlite3_stmt* st = webhookStmt(2 /* kBounceCandidates */);
+    if (!st) return dbError("cannot prepare bounce of " + id);
+    bindText(st, 1, id);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) bouncedNow.push_back(sqlite3_column_int64(st, 0));
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (rc != SQLITE_DONE) return dbError("cannot bounce " + id);
+  }
   {
     Use u(s.bounceOne);
     bindText(u.get(), 1, id);
-    sqlite3_bind_int64(u.get(), 2, static_cast<sqlite3_int64>(std::time(nullptr)));
+    sqlite3_bind_int64(u.get(), 2, bouncedAt);
     if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot bounce " + id);
     changed += static_cast<int64_t>(sqlite3_changes(db_));
+  }
+  for (int64_t idx : bouncedNow) {
+    if (auto why = enqueueOperatorBounceLocked(id, idx, bouncedAt); !why.empty()) return util::makeError(why);
   }
   {
     // In flight: bounced when the attempt ends, unless it delivers (sqlite_store.h).
