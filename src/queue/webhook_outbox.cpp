@@ -281,6 +281,17 @@ util::Result<std::vector<WebhookEventRow>> SqliteStore::claimWebhookEvents(int64
   if (readOnly_) return util::makeError("queue database is open read-only");
   std::vector<WebhookEventRow> out;
   if (max == 0) return out;
+  {
+    // Nothing due (the usual case between bursts): no write lock taken.
+    sqlite3_stmt* st = webhookStmt(kClaimRows);
+    if (!st) return dbError("cannot prepare webhook claim");
+    Use u(st);
+    sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_int64(st, 2, 1);
+    const int rc = sqlite3_step(st);
+    if (rc == SQLITE_DONE) return out;
+    if (rc != SQLITE_ROW) return dbError("cannot read webhook events");
+  }
   HookTxn txn(db_, webhookStmt(kBegin), webhookStmt(kCommit), webhookStmt(kRollback));
   if (!txn.open()) return dbError("cannot begin webhook claim");
   {
