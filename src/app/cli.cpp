@@ -127,7 +127,9 @@ constexpr const char* kAccountsHelp =
     "day/month rate limit in its current window. Reads <data_dir>/queue.db directly and\n"
     "works while serve runs (serve writes the counters every 2 seconds and at exit).\n"
     "With the config, every configured account is listed, also those without traffic.\n"
-    "  --json       one JSON object per account and line\n"
+    "  --json       one JSON object per account and line; \"webhook\" shows the account's\n"
+    "               webhook: url, events, backlog (events waiting), failing, oldest,\n"
+    "               last_error (null for an account without one)\n"
     "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
     "  --data-dir   use this data directory (the config is then not read)\n";
 
