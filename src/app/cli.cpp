@@ -21,6 +21,7 @@
 #include "app/tls_policy_cmd.h"
 #include "app/queue_cmd.h"
 #include "app/server.h"
+#include "app/webhook_settings.h"
 #include "config/config.h"
 #include "idna/idna.h"
 #include "policy/password.h"
@@ -388,6 +389,7 @@ int cmdQueue(const Args& a) {
       return 1;
     }
     o.dataDir = lr.config->dataDir;
+    o.webhookEvents = webhookEventSets(*lr.config);
   }
   if (sub == "list") return queueList(o);
   if (sub == "retry") return queueRetry(o, a.all ? std::nullopt : std::optional<std::string>(a.positional[1]));

@@ -14,6 +14,7 @@ import hmac
 import http.server
 import json
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -237,6 +238,28 @@ class Webhooks(ServerTestCase):
         _, events, _ = self.rx.snapshot()
         self.assertEqual([e["type"] for e in of(events, q2)], ["bounced"])
         self.assertEqual(of(events, q3), [])
+
+    def test_operator_bounce_and_sighup_reload_of_the_events_filter(self):
+        srv = self.start_server(accounts=self.accounts(), extra_config=self.config())
+        # An operator's bounce is a "bounced" event too (ci wants only those): a message that
+        # waits because its domain does not resolve (DNS timeout: deferred, retried).
+        q1 = self.send(srv, "ci", "ci-Passw0rd", "build@ci.test", ["stuck@timeout.test"])
+        out = srv.cli("queue", "bounce", q1)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        _, events = self.rx.wait(lambda ev: of(ev, q1, "stuck@timeout.test", "bounced"), "the operator's bounce")
+        self.assertEqual(of(events, q1, type_="bounced")[0]["reason"], "bounced by operator")
+
+        # SIGHUP with ci's filter changed to "accepted": the next message gets only that.
+        srv.accounts = self.accounts(events=["accepted"])
+        srv.write_config()
+        srv.proc.send_signal(signal.SIGHUP)
+        srv.wait_log(r"reload done")
+        q2 = self.send(srv, "ci", "ci-Passw0rd", "build@ci.test", ["permfail@mx.test"])
+        self.rx.wait(lambda ev: of(ev, q2, type_="accepted"), "ci's accepted event after the reload")
+        harness.wait_for(lambda: srv.queue_show_json(q2)["recipients"][0]["state"] == "failed", "q2 bounced")
+        time.sleep(scale(2))
+        _, events, _ = self.rx.snapshot()
+        self.assertEqual([e["type"] for e in of(events, q2)], ["accepted"])
 
     def test_receiver_down_and_restart_nothing_lost_nothing_doubled(self):
         srv = self.start_server(accounts=self.accounts(), extra_config=self.config())
