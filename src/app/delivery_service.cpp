@@ -93,6 +93,7 @@ struct DeliveryService::Impl final : delivery::Transport {
   // The webhook outbox's dispatcher (webhook/dispatcher.h): always made (an account may get
   // a webhook at the next SIGHUP); it only reads the outbox, which is empty without one.
   std::unique_ptr<webhook::Dispatcher> webhooks;
+  std::unique_ptr<net::Timer> webhooksDrained;  // shutdown: the last POST ended, look again
   // MTA-STS fetcher per delivery.mta_sts: made when it is on (at start or by a SIGHUP),
   // remade when the CA file or the port changes, dropped when it is turned off.
   void updateSts();
@@ -550,6 +551,7 @@ void DeliveryService::Impl::maybeEndLoop() {
   if (!scheduler || !scheduler->drained() || !connections.empty()) return;
   if (webhooks && !webhooks->drained()) return;
   webhooks.reset();  // before the resolver it uses
+  webhooksDrained.reset();
   scheduler->finish();
   if (tlsRpt) {
     tlsRpt->flush(scheduler->takeTlsRpt());
@@ -645,6 +647,11 @@ void DeliveryService::start(std::chrono::milliseconds heartbeatEvery) {
       kTickInterval);
   d.pruneTimer->start(std::chrono::seconds(1), [&d] { d.prune(); });
   d.webhooks = std::make_unique<webhook::Dispatcher>(loop, *d.store, *d.resolver, d.clock, std::move(d.webhookSettings));
+  d.webhooksDrained = std::make_unique<net::Timer>(loop);
+  d.webhooks->onDrained([&d] {
+    // Not from inside the dispatcher's callback: maybeEndLoop() destroys it.
+    if (d.stopping) d.webhooksDrained->start(std::chrono::milliseconds(0), [&d] { d.maybeEndLoop(); });
+  });
   d.webhooks->start();
   {
     std::lock_guard lk(d.mu);

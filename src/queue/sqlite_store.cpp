@@ -1175,18 +1175,9 @@ util::Result<int64_t> SqliteStore::bounce(const std::string& id) {
   if (auto r = requireMessageLocked(id); !r) return r.error();
   int64_t changed = 0;
   const auto bouncedAt = static_cast<int64_t>(std::time(nullptr));
-  std::vector<int64_t> bouncedNow;
-  if (!webhookEvents_.empty()) {
-    // The recipients kBounceOne is about to fail, for their "bounced" events.
-    sqlite3_stmt* st = webhookStmt(2 /* kBounceCandidates */);
-    if (!st) return dbError("cannot prepare bounce of " + id);
-    bindText(st, 1, id);
-    int rc;
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) bouncedNow.push_back(sqlite3_column_int64(st, 0));
-    sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
-    if (rc != SQLITE_DONE) return dbError("cannot bounce " + id);
-  }
+  // The recipients kBounceOne is about to fail, for their "bounced" webhook events.
+  auto bouncedNow = operatorBounceCandidatesLocked(id);
+  if (!bouncedNow.ok()) return bouncedNow.error();
   {
     Use u(s.bounceOne);
     bindText(u.get(), 1, id);
@@ -1194,7 +1185,7 @@ util::Result<int64_t> SqliteStore::bounce(const std::string& id) {
     if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot bounce " + id);
     changed += static_cast<int64_t>(sqlite3_changes(db_));
   }
-  for (int64_t idx : bouncedNow) {
+  for (int64_t idx : bouncedNow.value()) {
     if (auto why = enqueueOperatorBounceLocked(id, idx, bouncedAt); !why.empty()) return util::makeError(why);
   }
   {

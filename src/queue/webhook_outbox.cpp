@@ -249,6 +249,19 @@ std::string SqliteStore::enqueueOperatorBounceLocked(const std::string& messageI
   return insertWebhookRowLocked(e.account, e.id, "bounced", webhook::eventJson(e), at);
 }
 
+util::Result<std::vector<int64_t>> SqliteStore::operatorBounceCandidatesLocked(const std::string& messageId) {
+  std::vector<int64_t> out;
+  if (webhookEvents_.empty()) return out;
+  sqlite3_stmt* st = webhookStmt(kBounceCandidates);
+  if (!st) return dbError("cannot prepare bounce of " + messageId);
+  Use u(st);
+  bindText(st, 1, messageId);
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) out.push_back(sqlite3_column_int64(st, 0));
+  if (rc != SQLITE_DONE) return dbError("cannot bounce " + messageId);
+  return out;
+}
+
 std::string SqliteStore::enqueueSuppressedLocked(const std::string& account, const std::string& messageId,
                                                  const std::string& sender, const std::string& recipient,
                                                  const std::string& reason, int64_t at) {

@@ -212,6 +212,7 @@ void Dispatcher::finished(const queue::WebhookEventRow& row, const std::string& 
     }
   }
   soon();  // a slot is free
+  if (!running_ && inFlight_ == 0 && onDrained_) onDrained_();
 }
 
 }  // namespace subrelay::webhook

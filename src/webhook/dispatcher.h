@@ -63,6 +63,9 @@ class Dispatcher {
   // Cancels what is in flight (its claims stay until the next start) and closes handles.
   void abort();
   size_t inFlight() const { return inFlight_; }
+  // Runs (on the loop) when the last request in flight after stop() has finished. It may
+  // not destroy the dispatcher itself: post that.
+  void onDrained(std::function<void()> cb) { onDrained_ = std::move(cb); }
 
  private:
   void tick();
@@ -90,6 +93,7 @@ class Dispatcher {
   };
   std::map<std::string, CachedAddresses> addressCache_;
   std::shared_ptr<bool> alive_;
+  std::function<void()> onDrained_;
 };
 
 }  // namespace subrelay::webhook
