@@ -14,11 +14,13 @@ import hmac
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import ssl
 import threading
 import time
+import urllib.request
 
 import harness
 import mta_peers
@@ -262,7 +264,15 @@ class Webhooks(ServerTestCase):
         self.assertEqual([e["type"] for e in of(events, q2)], ["accepted"])
 
     def test_receiver_down_and_restart_nothing_lost_nothing_doubled(self):
-        srv = self.start_server(accounts=self.accounts(), extra_config=self.config())
+        metrics_port = harness.free_port()
+        cfg = self.config()
+        cfg["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
+        srv = self.start_server(accounts=self.accounts(), extra_config=cfg)
+
+        def metric(name):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            m = re.search(r"^" + re.escape(name) + r" (\S+)$", text, re.M)
+            return float(m.group(1)) if m else 0.0
         self.rx.stop()
         qids = [self.send(srv, "shop", "shop-Passw0rd", "app@shop.test", [f"user{i}@mx.test"]) for i in range(3)]
         harness.wait_for(lambda: all(srv.queue_show_json(q)["recipients"][0]["state"] == "delivered" for q in qids),
@@ -280,6 +290,8 @@ class Webhooks(ServerTestCase):
         self.assertTrue(hook["failing"])
         self.assertIn("connect", hook["last_error"])
         self.assertEqual(hook["url"], f"https://hooks.test:{self.rx.port}/subrelay/events")
+        self.assertGreater(metric('subrelay_webhook_events_total{outcome="failed"}'), 0)
+        harness.wait_for(lambda: metric("subrelay_webhook_backlog_events") == 6, "the backlog gauge", timeout=20)
 
         # A restart while events wait: they are in the database, not in memory.
         srv.stop()
@@ -296,6 +308,7 @@ class Webhooks(ServerTestCase):
         self.assertEqual(len(ids), 8, ids)
         self.assertEqual(len(set(ids)), 8, "an event arrived twice")
         harness.wait_for(lambda: backlog()["shop"]["backlog"] == 0, "the backlog drained")
+        self.assertEqual(metric('subrelay_webhook_events_total{outcome="delivered"}'), 8)
         self.assertFalse(backlog()["shop"]["failing"])
 
     def test_sigkill_may_repeat_but_never_loses(self):
