@@ -187,7 +187,10 @@ std::string SqliteStore::enqueueAttemptLocked(const AttemptRecord& rec) {
     case RecipientState::Delivered: type = webhook::EventType::Delivered; break;
     case RecipientState::Deferred: type = webhook::EventType::Deferred; break;
     case RecipientState::Failed:
-      type = rec.attempt.result == "expired" ? webhook::EventType::Expired : webhook::EventType::Bounced;
+      // The scheduler records expiry as a failure with status 4.4.7 (RFC 3463: delivery
+      // time expired); a permanent failure carries a 5.x.x status.
+      type = rec.attempt.result == "expired" || rec.lastStatus.klass == 4 ? webhook::EventType::Expired
+                                                                          : webhook::EventType::Bounced;
       break;
     default: return {};
   }

@@ -7,7 +7,8 @@ resolved by the test bed's unbound). The receiver checks every request's signatu
 Covered: accepted / delivered / bounced / deferred events with their fields and valid
 signatures; the receiver down while mail flows, subrelay restarted meanwhile, the receiver
 back: every event arrives, each id exactly once, and `subrelay accounts --json` showed the
-backlog while it was down; an account's `events` filter; nothing sent for our own DSNs."""
+backlog while it was down; an expired message; an operator's bounce; an account's `events`
+filter, also after SIGHUP; nothing sent for our own DSNs; a SIGKILL may repeat but never loses."""
 
 import hashlib
 import hmac
@@ -240,6 +241,18 @@ class Webhooks(ServerTestCase):
         _, events, _ = self.rx.snapshot()
         self.assertEqual([e["type"] for e in of(events, q2)], ["bounced"])
         self.assertEqual(of(events, q3), [])
+
+    def test_expired(self):
+        cfg = self.config()
+        cfg["delivery"]["max_queue_time"] = "3s"
+        srv = self.start_server(accounts=self.accounts(), extra_config=cfg)
+        qid = self.send(srv, "shop", "shop-Passw0rd", "app@shop.test", ["tempfail@mx.test"])
+        _, events = self.rx.wait(lambda ev: of(ev, qid, type_="expired"), "the expired event")
+        exp = of(events, qid, type_="expired")[0]
+        self.assertEqual(exp["recipient"], "tempfail@mx.test")
+        self.assertTrue(exp["reason"].startswith("expired"), exp)
+        self.assertGreaterEqual(len(of(events, qid, type_="deferred")), 1)
+        self.assertEqual(of(events, qid, type_="bounced"), [])
 
     def test_operator_bounce_and_sighup_reload_of_the_events_filter(self):
         srv = self.start_server(accounts=self.accounts(), extra_config=self.config())

@@ -275,10 +275,14 @@ TEST_CASE("outbox: delivery results and operator bounces write their events") {
   for (const auto& e : ev) REQUIRE(s->deleteWebhookEvent(e.seq).ok());
 
   // Expiry of the deferred one; an operator's bounce of the one never attempted.
-  REQUIRE(s->recordAttempts({attempt("Q1", 1, St::Failed, 451, "451 4.4.7 expired", "expired")}).ok());
+  // As the scheduler records expiry: result "failed", status 4.4.7.
+  auto expiry = attempt("Q1", 1, St::Failed, 451, "expired after 1 hours in the queue", "failed");
+  expiry.lastStatus = queue::EnhancedStatus{4, 4, 7};
+  REQUIRE(s->recordAttempts({expiry}).ok());
   auto ex = allEvents(*s);
   REQUIRE(ex.size() == 1);
   CHECK(ex[0].type == "expired");
+  CHECK(Json::parse(ex[0].body)["smtp"]["enhanced_code"] == "4.4.7");
   REQUIRE(s->deleteWebhookEvent(ex[0].seq).ok());
   REQUIRE(s->releaseLeases("Q1", {3}).ok());
   auto b = s->bounce("Q1");
