@@ -590,6 +590,8 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
   auto st = queue::SqliteStore::open(dbPath);
   if (!st.ok()) return st.error();
   impl->store = std::move(st.value());
+  // Before clearLeases(): bounces waiting for a dead lease are bounced there, with events.
+  impl->store->setWebhookEvents(webhookEventSets(cfg));
   // One serve per data_dir (server.cpp holds the lock): leases left by a previous process
   // are void, so what it was delivering when it died is due again now.
   if (auto r = impl->store->clearLeases(); !r.ok()) return r.error();
@@ -612,7 +614,6 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
   impl->settings = settingsFrom(cfg);
   // Delivery results, lease releases (write-behind) and the loop's own connection all write
   // state changes: each says which events the accounts' webhooks want.
-  impl->store->setWebhookEvents(webhookEventSets(cfg));
   impl->writeStore->setWebhookEvents(webhookEventSets(cfg));
   impl->webhookSettings = webhookDispatcherSettings(cfg);
   return std::unique_ptr<DeliveryService>(new DeliveryService(std::move(impl)));

@@ -1013,6 +1013,13 @@ util::Result<void> SqliteStore::clearLeases() {
   const Statements& s = *stmts_;
   Txn txn(db_, s.begin, s.commit, s.rollback);
   if (!txn.open()) return dbError("cannot begin clearing delivery leases");
+  // Bounces an operator asked for while the dead process held the lease: their webhook events.
+  auto bounced = pendingBouncesLocked();
+  if (!bounced.ok()) return bounced.error();
+  const auto now = static_cast<int64_t>(std::time(nullptr));
+  for (const auto& [id, idx] : bounced.value()) {
+    if (auto why = enqueueOperatorBounceLocked(id, idx, now); !why.empty()) return util::makeError(why);
+  }
   for (const char* sql : {kClearBounces, kClearLeases}) {
     sqlite3_stmt* st = nullptr;
     if (sqlite3_prepare_v2(db_, sql, -1, &st, nullptr) != SQLITE_OK) return dbError("cannot clear delivery leases");

@@ -236,6 +236,8 @@ class SqliteStore final : public Store, public DeliveryQueue {
   std::string enqueueOperatorBounceLocked(const std::string& messageId, int64_t index, int64_t at);
   // The recipients bounce() fails at once (not in flight); empty when no webhook wants events.
   util::Result<std::vector<int64_t>> operatorBounceCandidatesLocked(const std::string& messageId);
+  // The recipients clearLeases() bounces (an operator's request waiting for a dead lease).
+  util::Result<std::vector<std::pair<std::string, int64_t>>> pendingBouncesLocked();
   std::string insertWebhookRowLocked(const std::string& account, const std::string& eventId, const std::string& type,
                                      const std::string& body, int64_t at);
   bool webhookWants(const std::string& account, const char* type) const;

@@ -20,6 +20,7 @@ enum Which {
   kInsert,
   kRecipientInfo,
   kBounceCandidates,
+  kPendingBounces,
   kClaimRows,
   kClaimOne,
   kDelete,
@@ -40,6 +41,9 @@ constexpr const char* kSql[kCount] = {
     "JOIN messages m ON m.id = r.message_id WHERE r.message_id = ?1 AND r.idx = ?2",
     // The recipients an operator's bounce changes now (kBounceOne's WHERE).
     "SELECT idx FROM recipients WHERE message_id = ?1 AND state IN ('queued', 'deferred') AND lease_until = 0",
+    // The recipients kClearBounces fails at start-up.
+    "SELECT message_id, idx FROM recipients WHERE lease_until != 0 AND pending_request = 2 "
+    "AND state IN ('queued', 'deferred')",
     "SELECT seq, account, event_id, type, body, attempts, next_at, created_at, last_error FROM webhook_events "
     "WHERE next_at <= ?1 AND claimed_until <= ?1 ORDER BY next_at, seq LIMIT ?2",
     "UPDATE webhook_events SET claimed_until = ?2 WHERE seq = ?1",
@@ -262,6 +266,18 @@ util::Result<std::vector<int64_t>> SqliteStore::operatorBounceCandidatesLocked(c
   int rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) out.push_back(sqlite3_column_int64(st, 0));
   if (rc != SQLITE_DONE) return dbError("cannot bounce " + messageId);
+  return out;
+}
+
+util::Result<std::vector<std::pair<std::string, int64_t>>> SqliteStore::pendingBouncesLocked() {
+  std::vector<std::pair<std::string, int64_t>> out;
+  if (webhookEvents_.empty()) return out;
+  sqlite3_stmt* st = webhookStmt(kPendingBounces);
+  if (!st) return dbError("cannot prepare clearing delivery leases");
+  Use u(st);
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) out.emplace_back(columnText(st, 0), sqlite3_column_int64(st, 1));
+  if (rc != SQLITE_DONE) return dbError("cannot clear delivery leases");
   return out;
 }
 

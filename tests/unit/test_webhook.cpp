@@ -295,6 +295,21 @@ TEST_CASE("outbox: delivery results and operator bounces write their events") {
   CHECK(Json::parse(ob[0].body)["reason"] == "bounced by operator");
 }
 
+TEST_CASE("outbox: a bounce waiting for a lease of a dead process gets its event at clearLeases") {
+  auto s = memoryStore();
+  s->setWebhookEvents({{"shop", kAll}});
+  REQUIRE(s->insertBatch({message("Q1", "shop", {"a@example.org"})})[0].ok());
+  for (const auto& e : allEvents(*s)) REQUIRE(s->deleteWebhookEvent(e.seq).ok());
+  REQUIRE(s->leaseDue(6000, 10).ok());
+  REQUIRE(s->bounce("Q1").ok());  // in flight: a request, no event yet
+  CHECK(allEvents(*s).empty());
+  REQUIRE(s->clearLeases().ok());  // the next start: the request is applied
+  auto ev = allEvents(*s);
+  REQUIRE(ev.size() == 1);
+  CHECK(ev[0].type == "bounced");
+  CHECK(Json::parse(ev[0].body)["reason"] == "bounced by operator");
+}
+
 TEST_CASE("outbox: filtered event lists, suppression hook, claims, retries, backlog") {
   auto s = memoryStore();
   s->setWebhookEvents({{"shop", {"bounced", "suppressed"}}});
