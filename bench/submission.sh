@@ -30,6 +30,9 @@ DKIM_MODE=rsa
 IDEM_MODE=off
 LIMITS_MODE=none
 METRICS_MODE=off
+WEBHOOK_MODE=off
+WEBHOOK_PORT=19443
+WEBHOOK_PID=""
 METRICS_PORT=19587
 SCRAPER_PID=""
 PASSWORD="bench-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
@@ -56,6 +59,10 @@ usage: bench/submission.sh [options]
                       to refuse, so every check and the window persistence run (issue 5's cost)
   --metrics MODE      off (default) or on: metrics.address on 127.0.0.1:$METRICS_PORT and a
                       scraper fetching /metrics every second for the whole run (issue 11's cost)
+  --webhook MODE      off (default), on (the bench account has a webhook for every event;
+                      bench/webhook_receiver.py answers on 127.0.0.1:$WEBHOOK_PORT) or down (the
+                      same webhook, nothing listening: every event waits in the outbox and is
+                      retried), the cost of writing events with each message (issue 13)
   --ports A,B,C,D     subrelay STARTTLS, subrelay implicit TLS, Postfix STARTTLS, Postfix implicit TLS
                       (default $SUBRELAY_PORT,$SUBRELAY_TLS_PORT,$POSTFIX_PORT,$POSTFIX_TLS_PORT)
   --json-out FILE     also write every run's loadgen JSON (one object per line) to FILE
@@ -80,6 +87,7 @@ while [[ $# -gt 0 ]]; do
     --limits) LIMITS_MODE=$2; shift 2 ;;
     --idempotency) IDEM_MODE=$2; shift 2 ;;
     --metrics) METRICS_MODE=$2; shift 2 ;;
+    --webhook) WEBHOOK_MODE=$2; shift 2 ;;
     --json-out) JSON_OUT=$(realpath -m "$2"); shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -91,6 +99,8 @@ for v in RUNS DURATION CONNECTIONS SIZE THREADS SUBRELAY_PORT SUBRELAY_TLS_PORT 
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || { echo "submission.sh: bad value for $v: '${!v}'" >&2; exit 2; }
 done
 [[ $METRICS_MODE == off || $METRICS_MODE == on ]] || { echo "submission.sh: --metrics off|on, got '$METRICS_MODE'" >&2; exit 2; }
+[[ $WEBHOOK_MODE == off || $WEBHOOK_MODE == on || $WEBHOOK_MODE == down ]] \
+  || { echo "submission.sh: --webhook off|on|down, got '$WEBHOOK_MODE'" >&2; exit 2; }
 [[ $IDEM_MODE == off || $IDEM_MODE == on ]] || { echo "submission.sh: --idempotency off|on, got '$IDEM_MODE'" >&2; exit 2; }
 [[ $LIMITS_MODE == none || $LIMITS_MODE == all ]] || { echo "submission.sh: --limits none|all, got '$LIMITS_MODE'" >&2; exit 2; }
 [[ $DKIM_MODE == none || $DKIM_MODE == rsa || $DKIM_MODE == dual ]] \
@@ -140,6 +150,7 @@ cleanup() {
   local rc=$?
   set +e
   [[ -n $SCRAPER_PID ]] && kill "$SCRAPER_PID" 2>/dev/null
+  [[ -n $WEBHOOK_PID ]] && kill "$WEBHOOK_PID" 2>/dev/null
   if [[ -n $SUBRELAY_PID ]] && kill -0 "$SUBRELAY_PID" 2>/dev/null; then
     kill -TERM "$SUBRELAY_PID"
     for _ in $(seq 1 100); do kill -0 "$SUBRELAY_PID" 2>/dev/null || break; sleep 0.1; done
@@ -208,6 +219,17 @@ start_subrelay() {
     rsa) dkim_section='"dkim": [ '"$rsa_entry"' ],' ;;
     dual) dkim_section='"dkim": [ '"$rsa_entry"', '"$ed_entry"' ],' ;;
   esac
+  if [[ $WEBHOOK_MODE != off ]]; then
+    printf 'whsec_bench\n' >"$TMP/hook.secret"
+    chmod 600 "$TMP/hook.secret"
+  fi
+  if [[ $WEBHOOK_MODE == on && -z $WEBHOOK_PID ]]; then
+    python3 "$ROOT/bench/webhook_receiver.py" --port "$WEBHOOK_PORT" --cert "$TMP/cert.pem" --key "$TMP/key.pem" \
+      --secret-file "$TMP/hook.secret" --stats "$TMP/webhook-stats.json" &
+    WEBHOOK_PID=$!
+    wait_port "$WEBHOOK_PORT" 10 "$WEBHOOK_PID" || die "bench/webhook_receiver.py did not listen on $WEBHOOK_PORT"
+    log "webhook receiver on 127.0.0.1:$WEBHOOK_PORT"
+  fi
   write_subrelay_config "$hash" "$dkim_section"
   if ! "$SUBRELAY" check-config -c "$TMP/subrelay/config.json" >"$TMP/subrelay/check.log" 2>&1; then
     log "warning: subrelay rejects the dkim section ($(head -c 300 "$TMP/subrelay/check.log")): running without DKIM"
@@ -270,6 +292,16 @@ rate_limits_json() {
   printf ' "recipients_per_day": %s, "bytes_per_day": 1000000000000 }' $big
 }
 
+webhook_json() {  # the account's webhook (--webhook on|down) and the CA that signs the receiver
+  [[ $WEBHOOK_MODE == off ]] && return 0
+  printf ',\n      "webhook": { "url": "https://127.0.0.1:%s/events", "secret_file": "%s" }' "$WEBHOOK_PORT" "$TMP/hook.secret"
+}
+
+webhooks_json() {
+  [[ $WEBHOOK_MODE == off ]] && return 0
+  printf '"webhooks": { "ca_file": "%s" },' "$TMP/cert.pem"
+}
+
 metrics_json() {
   [[ $METRICS_MODE == on ]] && printf '"metrics": { "address": "127.0.0.1:%s" },' "$METRICS_PORT"
   return 0
@@ -287,9 +319,10 @@ write_subrelay_config() {  # password hash, dkim section (or empty)
   ],
   "limits": { "max_connections": 5000, "max_connections_per_ip": 5000 },
   $(metrics_json)
+  $(webhooks_json)
   $2
   "accounts": [
-    { "username": "bench", "password_hash": "$1", "senders": ["@bench.test"], "mode": "capture"$(rate_limits_json) }
+    { "username": "bench", "password_hash": "$1", "senders": ["@bench.test"], "mode": "capture"$(rate_limits_json)$(webhook_json) }
   ]
 }
 EOF

@@ -5,7 +5,9 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <algorithm>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -25,7 +27,37 @@ struct Row {
   std::vector<config::RateLimit> limits;
   std::map<std::string, queue::RateWindowRow> windows;  // by rule
   uint64_t suppressed = 0;  // live entries of the account's suppression list
+  const config::Webhook* webhook = nullptr;
+  std::optional<queue::WebhookBacklog> backlog;
 };
+
+// "webhook": {url, events, backlog, failing, oldest, oldest_age_seconds, last_error}, or
+// null for an account without a webhook and nothing waiting.
+std::string webhookJson(const Row& r, int64_t now) {
+  if (!r.webhook && !r.backlog) return "null";
+  util::JsonObject w;
+  if (r.webhook) {
+    w.str("url", r.webhook->url);
+    std::string events = "[";
+    for (size_t i = 0; i < r.webhook->events.size(); ++i) {
+      if (i) events += ",";
+      util::jsonEscapeTo(events, r.webhook->events[i]);
+    }
+    w.raw("events", events + "]");
+  } else {
+    w.raw("url", "null").raw("events", "[]");
+  }
+  const queue::WebhookBacklog b = r.backlog.value_or(queue::WebhookBacklog{});
+  w.num("backlog", b.events).boolean("failing", b.failing > 0);
+  if (b.oldestCreatedAt) {
+    w.str("oldest", util::isoUtc(b.oldestCreatedAt)).num("oldest_age_seconds", std::max<int64_t>(0, now - b.oldestCreatedAt));
+  } else {
+    w.raw("oldest", "null").raw("oldest_age_seconds", "null");
+  }
+  if (b.lastError.empty()) w.raw("last_error", "null");
+  else w.str("last_error", b.lastError);
+  return w.finish();
+}
 
 // The count of a day/month window that is still current; 0 once it has ended.
 uint64_t currentCount(const queue::RateWindowRow& w, policy::Period period) {
@@ -55,7 +87,19 @@ int accountsList(const AccountsCmdOptions& o) {
       r.meter.username = a.username;
       r.mode = std::string(config::jsonName(a.mode));
       r.limits = a.rateLimits;
+      if (a.webhook) r.webhook = &*a.webhook;
     }
+  }
+  // The webhook outbox per account (schema 12; empty on an older database).
+  auto backlog = store.value()->webhookBacklog();
+  if (!backlog.ok()) {
+    std::fprintf(stderr, "subrelay: %s\n", backlog.error().message.c_str());
+    return 1;
+  }
+  for (const auto& b : backlog.value()) {
+    Row& r = rows[b.account];
+    r.meter.username = b.account;
+    r.backlog = b;
   }
   for (const auto& m : meters.value()) {
     Row& r = rows[m.username];
@@ -112,6 +156,7 @@ int accountsList(const AccountsCmdOptions& o) {
       if (m.updatedAt) j.str("updated_at", util::isoUtc(m.updatedAt));
       else j.raw("updated_at", "null");
       j.raw("limits", limitsJson);
+      j.raw("webhook", webhookJson(r, static_cast<int64_t>(std::time(nullptr))));
       std::printf("%s\n", j.finish().c_str());
     } else {
       std::printf("%-20s %-8s %10llu %10llu %10llu %12llu %10llu %10llu  %s\n", name.c_str(),

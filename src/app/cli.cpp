@@ -22,6 +22,7 @@
 #include "app/tls_policy_cmd.h"
 #include "app/queue_cmd.h"
 #include "app/server.h"
+#include "app/webhook_settings.h"
 #include "config/config.h"
 #include "idna/idna.h"
 #include "policy/password.h"
@@ -130,7 +131,9 @@ constexpr const char* kAccountsHelp =
     "day/month rate limit in its current window. Reads <data_dir>/queue.db directly and\n"
     "works while serve runs (serve writes the counters every 2 seconds and at exit).\n"
     "With the config, every configured account is listed, also those without traffic.\n"
-    "  --json       one JSON object per account and line\n"
+    "  --json       one JSON object per account and line; \"webhook\" shows the account's\n"
+    "               webhook: url, events, backlog (events waiting), failing, oldest,\n"
+    "               last_error (null for an account without one)\n"
     "  --dev        use ./subrelay-dev (the data of `serve --dev`)\n"
     "  --data-dir   use this data directory (the config is then not read)\n";
 
@@ -409,6 +412,7 @@ int cmdQueue(const Args& a) {
       return 1;
     }
     o.dataDir = lr.config->dataDir;
+    o.webhookEvents = webhookEventSets(*lr.config);
   }
   if (sub == "list") return queueList(o);
   if (sub == "retry") return queueRetry(o, a.all ? std::nullopt : std::optional<std::string>(a.positional[1]));

@@ -3,6 +3,7 @@
 // out its requests and reports what happened.
 #include "app/delivery_service.h"
 #include "app/delivery_settings.h"
+#include "app/webhook_settings.h"
 
 #include <map>
 #include <mutex>
@@ -64,6 +65,8 @@ struct DeliveryService::Impl final : delivery::Transport {
   // --- cross-thread (under mu); the loop thread is reached only through lt.post() ---
   std::mutex mu;
   std::optional<Settings> pendingSettings;
+  std::optional<webhook::DispatcherSettings> pendingWebhooks;
+  webhook::DispatcherSettings webhookSettings;  // until start()
   bool wake = false;          // a wake-up is posted and has not run yet
   bool started = false;
   bool stopRequested = false;
@@ -87,6 +90,10 @@ struct DeliveryService::Impl final : delivery::Transport {
   // turns it on).
   std::unique_ptr<delivery::tlsrpt::DailyReports> tlsRpt;
   void tlsRptTick();
+  // The webhook outbox's dispatcher (webhook/dispatcher.h): always made (an account may get
+  // a webhook at the next SIGHUP); it only reads the outbox, which is empty without one.
+  std::unique_ptr<webhook::Dispatcher> webhooks;
+  std::unique_ptr<net::Timer> webhooksDrained;  // shutdown: the last POST ended, look again
   // MTA-STS fetcher per delivery.mta_sts: made when it is on (at start or by a SIGHUP),
   // remade when the CA file or the port changes, dropped when it is turned off.
   void updateSts();
@@ -464,6 +471,8 @@ void DeliveryService::Impl::onPosted() {
     doStop = stopRequested && !stopping;
     fresh = std::move(pendingSettings);
     pendingSettings.reset();
+    if (pendingWebhooks && webhooks) webhooks->reconfigure(std::move(*pendingWebhooks));
+    pendingWebhooks.reset();
   }
   if (fresh) {
     settings = std::move(*fresh);
@@ -527,14 +536,22 @@ void DeliveryService::Impl::finishStop() {
   pruneTimer->stop();
   scheduler->stop();
   // Sessions with work in hand finish it and quit; after the grace period they are cut.
+  if (webhooks) webhooks->stop();  // POSTs in flight may finish within the grace period
   graceTimer->start(std::chrono::duration_cast<std::chrono::milliseconds>(grace), [this] {
     scheduler->abortAll("shutting down");
+    if (webhooks) {
+      webhooks->abort();  // their claims are cleared at the next start
+      maybeEndLoop();
+    }
   });
   maybeEndLoop();
 }
 
 void DeliveryService::Impl::maybeEndLoop() {
   if (!scheduler || !scheduler->drained() || !connections.empty()) return;
+  if (webhooks && !webhooks->drained()) return;
+  webhooks.reset();  // before the resolver it uses
+  webhooksDrained.reset();
   scheduler->finish();
   if (tlsRpt) {
     tlsRpt->flush(scheduler->takeTlsRpt());
@@ -573,6 +590,8 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
   auto st = queue::SqliteStore::open(dbPath);
   if (!st.ok()) return st.error();
   impl->store = std::move(st.value());
+  // Before clearLeases(): bounces waiting for a dead lease are bounced there, with events.
+  impl->store->setWebhookEvents(webhookEventSets(cfg));
   // One serve per data_dir (server.cpp holds the lock): leases left by a previous process
   // are void, so what it was delivering when it died is due again now.
   if (auto r = impl->store->clearLeases(); !r.ok()) return r.error();
@@ -593,6 +612,10 @@ util::Result<std::unique_ptr<DeliveryService>> DeliveryService::create(const con
   if (!vc.ok()) return util::makeError("TLS client context (verify): " + vc.error().message);
   impl->verifyCtx = vc.value();
   impl->settings = settingsFrom(cfg);
+  // Delivery results, lease releases (write-behind) and the loop's own connection all write
+  // state changes: each says which events the accounts' webhooks want.
+  impl->writeStore->setWebhookEvents(webhookEventSets(cfg));
+  impl->webhookSettings = webhookDispatcherSettings(cfg);
   return std::unique_ptr<DeliveryService>(new DeliveryService(std::move(impl)));
 }
 
@@ -624,6 +647,13 @@ void DeliveryService::start(std::chrono::milliseconds heartbeatEvery) {
       },
       kTickInterval);
   d.pruneTimer->start(std::chrono::seconds(1), [&d] { d.prune(); });
+  d.webhooks = std::make_unique<webhook::Dispatcher>(loop, *d.store, *d.resolver, d.clock, std::move(d.webhookSettings));
+  d.webhooksDrained = std::make_unique<net::Timer>(loop);
+  d.webhooks->onDrained([&d] {
+    // Not from inside the dispatcher's callback: maybeEndLoop() destroys it.
+    if (d.stopping) d.webhooksDrained->start(std::chrono::milliseconds(0), [&d] { d.maybeEndLoop(); });
+  });
+  d.webhooks->start();
   {
     std::lock_guard lk(d.mu);
     d.started = true;
@@ -647,6 +677,10 @@ void DeliveryService::reconfigure(const config::Config& cfg) {
   std::lock_guard lk(d.mu);
   if (!d.started || d.stopRequested) return;
   d.pendingSettings = settingsFrom(cfg);
+  d.pendingWebhooks = webhookDispatcherSettings(cfg);
+  // Thread-safe (each store takes its own lock): later state changes use the new sets.
+  d.store->setWebhookEvents(webhookEventSets(cfg));
+  d.writeStore->setWebhookEvents(webhookEventSets(cfg));
   d.lt.post([&d] { d.onPosted(); });
 }
 

@@ -299,6 +299,7 @@ int queueDrop(const QueueCmdOptions& o, const std::string& id) {
 int queueBounce(const QueueCmdOptions& o, const std::string& id) {
   auto store = openQueue(o.dataDir, true);
   if (!store.ok()) return fail(store.error().message);
+  store.value()->setWebhookEvents(o.webhookEvents);
   auto n = store.value()->bounce(id);
   if (!n.ok()) return isNotFound(n.error()) ? noSuchMessage(id) : fail("bounce: " + n.error().message);
   if (n.value() == 0) {

@@ -4,8 +4,10 @@
 // in progress instead of failing.
 #pragma once
 
-#include <optional>
+#include <map>
 #include <memory>
+#include <optional>
+#include <set>
 #include <string>
 
 #include "queue/sqlite_store.h"
@@ -17,6 +19,9 @@ struct QueueCmdOptions {
   std::string dataDir;
   bool json = false;
   bool raw = false;
+  // From the config (webhookEventSets): `queue bounce` writes the accounts' "bounced"
+  // events like serve does. Empty with --data-dir or --dev: no events.
+  std::map<std::string, std::set<std::string>> webhookEvents;
 };
 
 // <dataDir>/queue.db for a command: read-only unless writable; never created.

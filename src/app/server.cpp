@@ -25,6 +25,7 @@
 #include "app/ops.h"
 #include "app/suppression_sync.h"
 #include "app/runtime.h"
+#include "app/webhook_settings.h"
 #include "app/worker.h"
 #include "net/listener.h"
 #include "queue/sqlite_store.h"
@@ -233,6 +234,8 @@ int runServe(const ServeOptions& opts) {
     std::fprintf(stderr, "subrelay: queue %s: %s\n", dbPath.c_str(), store.error().message.c_str());
     return 1;
   }
+  // Accepted messages write their webhook events in the same transaction.
+  store.value()->setWebhookEvents(webhookEventSets(cfg));
   // One serve per data_dir: the delivery service treats every lease in the queue as left
   // by a dead process, which is only true if no other serve uses this queue.
   int lockFd = ::open((std::filesystem::path(cfg.dataDir) / "serve.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
@@ -363,7 +366,10 @@ int runServe(const ServeOptions& opts) {
       } else {
         auto fresh = reloadConfig(*rt, opts.configPath);
         ops.reloaded(fresh != nullptr);
-        if (fresh) delivery.value()->reconfigure(*fresh);
+        if (fresh) {
+          delivery.value()->reconfigure(*fresh);
+          store.value()->setWebhookEvents(webhookEventSets(*fresh));
+        }
         suppressionSync.reload();
       }
       continue;

@@ -530,7 +530,8 @@ class ConfigReader {
     v_.rejectUnknown(
         root, "",
         {"hostname", "data_dir", "tls", "listeners", "limits", "accounts", "dkim", "delivery", "retention", "log_level",
-         "log", "metrics", "workers", "idempotency", "suppression"});
+         "log", "metrics", "workers", "idempotency", "suppression",
+         "webhooks"});
 
     if (const Json* h = v_.require(root, "", "hostname")) {
       std::string name;
@@ -568,6 +569,8 @@ class ConfigReader {
     if (const Json* r = Validator::find(root, "retention")) readRetention(*r);
     if (const Json* i = Validator::find(root, "idempotency")) readIdempotency(*i);
     if (const Json* s = Validator::find(root, "suppression")) readSuppression(*s);
+    cfg_.webhooks.retrySchedule = defaultWebhookRetrySchedule();
+    if (const Json* w = Validator::find(root, "webhooks")) readWebhooks(*w);
     // log_level is the older spelling of log.level; both may not be given.
     if (const Json* l = Validator::find(root, "log_level")) {
       v_.oneOf<std::string>(*l, "log_level",
@@ -732,7 +735,7 @@ class ConfigReader {
     if (!v_.object(o, p)) return false;
     v_.rejectUnknown(o, p,
                      {"username", "password_hash", "senders", "rate_limits", "mode", "allow_null_sender", "relay",
-                      "suppression"});
+                      "suppression", "webhook"});
     bool nameOk = false;
     if (const Json* u = v_.require(o, p, "username")) {
       if (v_.string(*u, p + ".username", a.username)) {
@@ -762,7 +765,102 @@ class ConfigReader {
     if (const Json* n = Validator::find(o, "allow_null_sender")) v_.boolean(*n, p + ".allow_null_sender", a.allowNullSender);
     if (const Json* r = Validator::find(o, "relay")) readRelayList(*r, p + ".relay", a.relay);
     if (const Json* s = Validator::find(o, "suppression")) v_.boolean(*s, p + ".suppression", a.suppression);
+    if (const Json* w = Validator::find(o, "webhook")) readWebhook(*w, p + ".webhook", a.webhook);
     return nameOk;
+  }
+
+  void readWebhook(const Json& o, const std::string& p, std::optional<Webhook>& out) {
+    if (!v_.object(o, p)) return;
+    v_.rejectUnknown(o, p, {"url", "secret_file", "events"});
+    Webhook w;
+    w.jsonPath = p;
+    bool ok = true;
+    if (const Json* u = v_.require(o, p, "url")) {
+      std::string url;
+      if (v_.string(*u, p + ".url", url)) {
+        // Events carry addresses and are signed with a shared secret: never in clear text.
+        const bool https = url.size() > 8 && url.compare(0, 8, "https://") == 0 && url[8] != '/' &&
+                           url.size() <= 2000 &&
+                           std::none_of(url.begin(), url.end(), [](char c) {
+                             return static_cast<unsigned char>(c) <= 0x20 || c == 0x7f;
+                           });
+        if (https)
+          w.url = url;
+        else
+          ok = false, v_.fail(p + ".url", "expected an https:// URL such as \"https://hooks.example.com/subrelay\", got " +
+                                             describe(*u));
+      } else {
+        ok = false;
+      }
+    } else {
+      ok = false;
+    }
+    if (const Json* f = v_.require(o, p, "secret_file")) {
+      if (!v_.pathString(*f, p + ".secret_file", w.secretFile)) ok = false;
+    } else {
+      ok = false;
+    }
+    if (const Json* e = Validator::find(o, "events")) {
+      if (!v_.array(*e, p + ".events")) {
+        ok = false;
+      } else if (e->empty()) {
+        ok = false;
+        v_.fail(p + ".events", "expected at least one event name (leave the key out for all of them)");
+      } else {
+        for (size_t i = 0; i < e->size(); ++i) {
+          std::string name;
+          if (!v_.string((*e)[i], item(p + ".events", i), name)) {
+            ok = false;
+            continue;
+          }
+          bool known = false;
+          for (const char* n : kWebhookEventNames) known = known || name == n;
+          if (!known) {
+            ok = false;
+            v_.fail(item(p + ".events", i), "expected one of accepted, delivered, deferred, bounced, suppressed, "
+                                            "expired, got " + describe((*e)[i]));
+          } else if (std::find(w.events.begin(), w.events.end(), name) == w.events.end()) {
+            w.events.push_back(name);
+          }
+        }
+      }
+    } else {
+      for (const char* n : kWebhookEventNames) w.events.emplace_back(n);
+    }
+    if (ok) out = std::move(w);
+  }
+
+  void readWebhooks(const Json& o) {
+    const std::string p = "webhooks";
+    if (!v_.object(o, p)) return;
+    v_.rejectUnknown(o, p, {"ca_file", "timeout", "retry_schedule", "max_age", "max_backlog"});
+    Webhooks& w = cfg_.webhooks;
+    if (const Json* x = Validator::find(o, "ca_file")) v_.pathString(*x, p + ".ca_file", w.caFile);
+    if (const Json* x = Validator::find(o, "timeout")) {
+      std::chrono::seconds t{0};
+      if (v_.duration(*x, p + ".timeout", t)) {
+        if (t > std::chrono::seconds(300))
+          v_.fail(p + ".timeout", "expected a duration of at most \"5m\", got " + describe(*x));
+        else
+          w.timeout = t;
+      }
+    }
+    if (const Json* x = Validator::find(o, "retry_schedule")) {
+      if (v_.array(*x, p + ".retry_schedule")) {
+        if (x->empty()) {
+          v_.fail(p + ".retry_schedule", "expected at least one duration, e.g. [\"30s\", \"5m\"] (leave the key out for the default)");
+        } else {
+          std::vector<std::chrono::seconds> schedule;
+          for (size_t i = 0; i < x->size(); ++i) {
+            std::chrono::seconds s{0};
+            if (v_.duration((*x)[i], item(p + ".retry_schedule", i), s)) schedule.push_back(s);
+          }
+          w.retrySchedule = std::move(schedule);
+        }
+      }
+    }
+    if (const Json* x = Validator::find(o, "max_age")) v_.duration(*x, p + ".max_age", w.maxAge);
+    if (const Json* x = Validator::find(o, "max_backlog")) v_.integer(*x, p + ".max_backlog", 1, 100000000, w.maxBacklog);
   }
 
   // Only the shape is checked here ($scrypt$PARAMS$SALT$KEY); policy/ parses the parameters.
@@ -1685,6 +1783,11 @@ LoadResult loadConfigFile(const std::string& path) {
   return r;
 }
 
+std::vector<std::chrono::seconds> defaultWebhookRetrySchedule() {
+  using std::chrono::seconds;
+  return {seconds(30), seconds(60), seconds(300), seconds(900), seconds(3600)};
+}
+
 std::vector<ConfigError> loadSecrets(Config& config) {
   std::vector<ConfigError> errors;
   auto load = [&errors](std::vector<RelayUpstream>& list) {
@@ -1698,6 +1801,14 @@ std::vector<ConfigError> loadSecrets(Config& config) {
   load(config.delivery.relay);
   for (Account& a : config.accounts) load(a.relay);
   for (RelayOverride& o : config.delivery.relayOverrides) load(o.relay);
+  for (Account& a : config.accounts) {
+    if (!a.webhook) continue;
+    Webhook& w = *a.webhook;
+    std::string why = readSecretFile(w.secretFile, w.secret);
+    if (why.empty() && w.secret.empty()) why = "the file is empty";
+    if (!why.empty())
+      errors.push_back(ConfigError{w.jsonPath + ".secret_file", "cannot read " + quote(w.secretFile, 200) + ": " + why});
+  }
   return errors;
 }
 
@@ -1712,6 +1823,7 @@ std::vector<ConfigError> checkFiles(const Config& config) {
   check("tls.private_key", config.tls.privateKey);
   for (size_t i = 0; i < config.dkim.size(); ++i) check(item("dkim", i) + ".private_key", config.dkim[i].privateKey);
   check("delivery.tls_ca_file", config.delivery.tlsCaFile);
+  check("webhooks.ca_file", config.webhooks.caFile);
   if (!config.dataDir.empty()) {
     struct stat st {};
     // A missing data_dir is created by serve; something else in its place is an error.

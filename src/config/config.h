@@ -93,6 +93,29 @@ struct RelayOverride {
   std::vector<RelayUpstream> relay;
 };
 
+// accounts[].webhook: signed event POSTs (webhook/). `secret` is read from secretFile by
+// loadSecrets() and never logged.
+struct Webhook {
+  std::string url;         // https://host[:port]/path
+  std::string secretFile;
+  std::string secret;
+  std::vector<std::string> events;  // subset of kWebhookEventNames; default all
+  std::string jsonPath;    // "accounts[0].webhook"
+};
+// The event types, in the order they happen.
+inline constexpr const char* kWebhookEventNames[] = {"accepted", "delivered", "deferred", "bounced", "suppressed",
+                                                      "expired"};
+
+// webhooks: settings shared by every account's webhook.
+struct Webhooks {
+  std::string caFile;                              // "" = system trust store
+  std::chrono::seconds timeout{10};                // per request
+  std::vector<std::chrono::seconds> retrySchedule;  // default 30s 1m 5m 15m 1h (then 1h)
+  std::chrono::seconds maxAge{3 * 24 * 3600};      // older undelivered events are dropped
+  uint64_t maxBacklog = 100000;                    // per account; beyond it the oldest are dropped
+};
+std::vector<std::chrono::seconds> defaultWebhookRetrySchedule();
+
 struct Account {
   std::string username;
   std::string passwordHash;
@@ -107,6 +130,7 @@ struct Account {
   // accounts[].suppression: keep the account's suppression list (hard bounces are added)
   // and refuse RCPT to a listed address. false: nothing recorded, nothing refused.
   bool suppression = true;
+  std::optional<Webhook> webhook;
 };
 
 struct DkimKey {
@@ -236,6 +260,7 @@ struct Config {
   Retention retention;
   Idempotency idempotency;
   Suppression suppression;
+  Webhooks webhooks;
   Log log;
   Metrics metrics;
   uint32_t workers = 0;  // event-loop threads; 0 = one per core

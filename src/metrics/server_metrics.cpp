@@ -68,7 +68,12 @@ ServerMetrics::ServerMetrics(Registry& r)
       tlsRptSessions(r.counter("subrelay_tls_rpt_sessions_total", "Sessions counted for TLS reports, by result",
                                {"result"})),
       tlsRptReports(r.counter("subrelay_tls_rpt_reports_total", "TLS report runs per domain and day, by outcome",
-                              {"outcome"})) {
+                              {"outcome"})),
+      webhookEvents(r.counter("subrelay_webhook_events_total",
+                              "Webhook POSTs: delivered (2xx), failed (retried later) and events dropped (too old, "
+                              "backlog full, webhook removed)",
+                              {"outcome"})),
+      webhookBacklog(r.gauge("subrelay_webhook_backlog_events", "Webhook events waiting in the outbox")) {
   startTime.get();
   connectionsOpen.get();
   queueOldestAge.get();

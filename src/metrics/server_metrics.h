@@ -51,6 +51,9 @@ struct ServerMetrics {
   Family<Counter>& mtaStsAnswers;         // {source=cache|fetched|none|...}
   Family<Counter>& tlsRptSessions;        // {result=success|failure}
   Family<Counter>& tlsRptReports;         // {outcome=queued|no-rua|retry}
+  // Webhooks (issue 13)
+  Family<Counter>& webhookEvents;         // {outcome=delivered|failed|dropped}
+  Family<Gauge>& webhookBacklog;          // events in the outbox, every account
 };
 
 // The process's metrics (created on first use).

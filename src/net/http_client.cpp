@@ -94,6 +94,8 @@ struct HttpClient::Transfer {
   CURL* easy = nullptr;
   curl_slist* resolve = nullptr;
   curl_slist* connectTo = nullptr;
+  curl_slist* headers = nullptr;
+  std::string requestBody;  // POST: curl reads it in place (CURLOPT_POSTFIELDS)
   Callback cb;
   size_t maxBody = 0;
   bool tooLarge = false;
@@ -104,6 +106,7 @@ struct HttpClient::Transfer {
     if (easy) curl_easy_cleanup(easy);
     curl_slist_free_all(resolve);
     curl_slist_free_all(connectTo);
+    curl_slist_free_all(headers);
   }
 
   static size_t onData(char* data, size_t size, size_t n, void* self) {
@@ -153,6 +156,19 @@ void HttpClient::failLater(Callback cb, HttpFailure f, std::string error) {
 }
 
 void HttpClient::get(const std::string& url, const HttpGetOptions& o, Callback cb) {
+  start(url, o, nullptr, std::move(cb));
+}
+
+void HttpClient::post(const std::string& url, const HttpGetOptions& o, HttpPostBody post, Callback cb) {
+  auto clean = [](const std::string& v) { return v.find_first_of("\r\n") == std::string::npos; };
+  bool ok = clean(post.contentType);
+  for (const auto& [name, value] : post.headers)
+    ok = ok && clean(name) && clean(value) && !name.empty() && name.find(':') == std::string::npos;
+  if (!ok) return failLater(std::move(cb), HttpFailure::BadRequest, "header with CR, LF or a bad name");
+  start(url, o, &post, std::move(cb));
+}
+
+void HttpClient::start(const std::string& url, const HttpGetOptions& o, HttpPostBody* post, Callback cb) {
   std::string host;
   uint16_t port = 0;
   if (!splitUrl(url, &host, &port)) return failLater(std::move(cb), HttpFailure::BadRequest, "not an https URL: " + url);
@@ -198,9 +214,20 @@ void HttpClient::get(const std::string& url, const HttpGetOptions& o, Callback c
   curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, static_cast<long>(o.timeout.count()));
   curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(o.maxBodyBytes));
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-  // One request per connection: a kept-alive connection would stay polled (and keep the
-  // loop alive) after its transfer, and a policy is fetched once a day at most.
-  curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
+  // By default one request per connection: a kept-alive connection would stay polled (and
+  // keep the loop alive) after its transfer, and a policy is fetched once a day at most.
+  curl_easy_setopt(e, CURLOPT_FORBID_REUSE, o.reuseConnection ? 0L : 1L);
+  if (post) {
+    t->requestBody = std::move(post->body);
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(t->requestBody.size()));
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, t->requestBody.data());
+    t->headers = curl_slist_append(t->headers, ("Content-Type: " + post->contentType).c_str());
+    t->headers = curl_slist_append(t->headers, "Expect:");  // no 100-continue round trip
+    for (const auto& [name, value] : post->headers)
+      t->headers = curl_slist_append(t->headers, (name + ": " + value).c_str());
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, t->headers);
+  }
   curl_easy_setopt(e, CURLOPT_USERAGENT, "subrelay");
   curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, nullptr);  // bodies as sent: the cap is on real bytes
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, &Transfer::onData);

@@ -50,6 +50,17 @@ struct HttpGetOptions {
   std::string caFile;
   std::chrono::milliseconds timeout{std::chrono::seconds(60)};  // whole transfer
   size_t maxBodyBytes = 64 * 1024;
+  // Keep the connection for the next request to the same host (webhooks: many small
+  // POSTs). An idle kept connection stays polled until the client is destroyed, so only a
+  // client that is destroyed before its loop ends may set it.
+  bool reuseConnection = false;
+};
+
+// A request body and extra header fields ("Name", "value"; no CR or LF in either).
+struct HttpPostBody {
+  std::string contentType = "application/json";
+  std::string body;
+  std::vector<std::pair<std::string, std::string>> headers;
 };
 
 enum class HttpFailure {
@@ -87,6 +98,9 @@ class HttpClient {
 
   // Starts a GET of `url` (https://host[:port]/path). `cb` runs once, on the loop.
   void get(const std::string& url, const HttpGetOptions& options, Callback cb);
+  // Starts a POST of `post` to `url`, with the same rules as get() (no redirects: a 3xx
+  // is the result). A header with CR or LF fails the request (bad-request).
+  void post(const std::string& url, const HttpGetOptions& options, HttpPostBody post, Callback cb);
 
   size_t inFlight() const { return transfers_.size(); }
 
@@ -98,6 +112,7 @@ class HttpClient {
   void collectDone();
   void deliver(std::vector<std::pair<Callback, HttpResult>> done);
   void failLater(Callback cb, HttpFailure f, std::string error);
+  void start(const std::string& url, const HttpGetOptions& options, HttpPostBody* post, Callback cb);
 
   uv_loop_t* loop_;
   void* multi_;  // CURLM*

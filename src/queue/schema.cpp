@@ -277,6 +277,30 @@ CREATE TRIGGER suppressions_del AFTER DELETE ON suppressions
   BEGIN UPDATE suppression_changes SET counter = counter + 1 WHERE id = 1; END;
 )sql";
 
+// Version 12: the webhook outbox (webhook/). One row per event still to POST, written in
+// the transaction of the state change it reports, deleted when the receiver answers 2xx.
+//  - body: the JSON as it will be sent (every retry sends the same bytes and event id).
+//  - next_at: when it is due; claimed_until: a dispatcher is POSTing it until then
+//    (cleared at start-up: a claim of a process that died is void).
+//  - webhook_events_due serves the dispatcher's "WHERE next_at <= now AND claimed_until <= now";
+//    webhook_events_account serves the per-account backlog and its bound.
+constexpr const char* kV12 = R"sql(
+CREATE TABLE webhook_events (
+  seq           INTEGER PRIMARY KEY,
+  account       TEXT    NOT NULL,
+  event_id      TEXT    NOT NULL,
+  type          TEXT    NOT NULL,
+  body          TEXT    NOT NULL,
+  attempts      INTEGER NOT NULL DEFAULT 0,
+  next_at       INTEGER NOT NULL,
+  created_at    INTEGER NOT NULL,
+  last_error    TEXT    NOT NULL DEFAULT '',
+  claimed_until INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX webhook_events_due ON webhook_events(next_at);
+CREATE INDEX webhook_events_account ON webhook_events(account, seq);
+)sql";
+
 constexpr Migration kMigrations[] = {
     {1, kV1},
     {2, kV2},
@@ -289,6 +313,7 @@ constexpr Migration kMigrations[] = {
     {9, kV9},
     {10, kV10},
     {11, kV11},
+    {12, kV12},
 };
 
 }  // namespace

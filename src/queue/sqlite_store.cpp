@@ -429,6 +429,7 @@ SqliteStore::SqliteStore(sqlite3* db, int version, bool readOnly)
 
 SqliteStore::~SqliteStore() {
   stmts_.reset();  // statements first: close_v2 would otherwise keep the connection alive
+  hook_.reset();
   sqlite3_close_v2(db_);
 }
 
@@ -773,6 +774,9 @@ std::vector<util::Result<std::string>> SqliteStore::insertBatch(const std::vecto
     if (run(s.savepoint) != SQLITE_DONE) return dbError("cannot create savepoint");
     lastOutOfSpace_ = false;
     std::string failure = insertMessageLocked(m);
+    // The "accepted" events commit (or roll back) with the message: never one without the other.
+    if (failure.empty()) failure = enqueueAcceptedLocked(m);
+    if (failure.empty() && !m.simulatedBounces.empty()) failure = enqueueSimulatedBouncesLocked(m);
     if (!failure.empty()) {
       // ROLLBACK TO undoes the rows but keeps the savepoint open; RELEASE closes it.
       run(s.rollbackTo);
@@ -991,6 +995,10 @@ util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>&
       bindText(st, 8, status);
       sqlite3_bind_int(st, 9, rec.successDsn ? 1 : 0);  // RFC 3461 success DSN owed
       if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot record attempt for " + rec.messageId);
+      // The state changed (not an operator's bounce that won): its webhook event, in this transaction.
+      if (sqlite3_changes(db_) == 1) {
+        if (auto why = enqueueAttemptLocked(rec); !why.empty()) return util::makeError(why);
+      }
     }
     {
       Use u(s.exists);
@@ -1002,7 +1010,8 @@ util::Result<void> SqliteStore::recordAttempts(const std::vector<AttemptRecord>&
     // A hard bounce: the account's suppression list gets the recipient in this transaction.
     if (rec.suppress && rec.newState == RecipientState::Failed) {
       if (std::string why = addSuppressionLocked(*rec.suppress); !why.empty()) return util::makeError(why);
-      // webhook: "suppressed" event goes here
+      if (std::string why = enqueueBounceSuppressedLocked(*rec.suppress, rec.messageId, rec.index); !why.empty())
+        return util::makeError(why);
     }
     Use u(s.insertAttempt);
     sqlite3_stmt* st = u.get();
@@ -1048,6 +1057,9 @@ util::Result<void> SqliteStore::releaseLeases(const std::string& messageId, cons
       sqlite3_bind_int64(u.get(), 2, idx);
       sqlite3_bind_int64(u.get(), 3, now);
       if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot release lease of " + messageId);
+      if (sqlite3_changes(db_) == 1) {
+        if (auto why = enqueueOperatorBounceLocked(messageId, idx, now); !why.empty()) return util::makeError(why);
+      }
     }
     Use u(s.releaseLease);
     bindText(u.get(), 1, messageId);
@@ -1064,6 +1076,13 @@ util::Result<void> SqliteStore::clearLeases() {
   const Statements& s = *stmts_;
   Txn txn(db_, s.begin, s.commit, s.rollback);
   if (!txn.open()) return dbError("cannot begin clearing delivery leases");
+  // Bounces an operator asked for while the dead process held the lease: their webhook events.
+  auto bounced = pendingBouncesLocked();
+  if (!bounced.ok()) return bounced.error();
+  const auto now = static_cast<int64_t>(std::time(nullptr));
+  for (const auto& [id, idx] : bounced.value()) {
+    if (auto why = enqueueOperatorBounceLocked(id, idx, now); !why.empty()) return util::makeError(why);
+  }
   for (const char* sql : {kClearBounces, kClearLeases}) {
     sqlite3_stmt* st = nullptr;
     if (sqlite3_prepare_v2(db_, sql, -1, &st, nullptr) != SQLITE_OK) return dbError("cannot clear delivery leases");
@@ -1225,12 +1244,19 @@ util::Result<int64_t> SqliteStore::bounce(const std::string& id) {
   if (!txn.open()) return dbError("cannot begin bounce transaction");
   if (auto r = requireMessageLocked(id); !r) return r.error();
   int64_t changed = 0;
+  const auto bouncedAt = static_cast<int64_t>(std::time(nullptr));
+  // The recipients kBounceOne is about to fail, for their "bounced" webhook events.
+  auto bouncedNow = operatorBounceCandidatesLocked(id);
+  if (!bouncedNow.ok()) return bouncedNow.error();
   {
     Use u(s.bounceOne);
     bindText(u.get(), 1, id);
-    sqlite3_bind_int64(u.get(), 2, static_cast<sqlite3_int64>(std::time(nullptr)));
+    sqlite3_bind_int64(u.get(), 2, bouncedAt);
     if (sqlite3_step(u.get()) != SQLITE_DONE) return dbError("cannot bounce " + id);
     changed += static_cast<int64_t>(sqlite3_changes(db_));
+  }
+  for (int64_t idx : bouncedNow.value()) {
+    if (auto why = enqueueOperatorBounceLocked(id, idx, bouncedAt); !why.empty()) return util::makeError(why);
   }
   {
     // In flight: bounced when the attempt ends, unless it delivers (sqlite_store.h).
@@ -1805,7 +1831,7 @@ std::string SqliteStore::simulateBouncesLocked(const NewMessage& m) {
     }
     if (b.suppress) {
       if (std::string why = addSuppressionLocked(*b.suppress); !why.empty()) return why;
-      // webhook: "suppressed" event goes here
+      // Its webhook events ("bounced", "suppressed") follow "accepted": enqueueSimulatedBouncesLocked.
     }
   }
   return {};

@@ -9,8 +9,10 @@
 // lets any number of readers run while the one writer commits (`queue list` during serve).
 #pragma once
 
+#include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <optional>
 #include <string>
 #include <utility>
@@ -20,8 +22,31 @@
 #include "queue/store.h"
 
 struct sqlite3;
+struct sqlite3_stmt;
 
 namespace subrelay::queue {
+
+// One row of the webhook outbox (schema 12, webhook_outbox.cpp).
+struct WebhookEventRow {
+  int64_t seq = 0;
+  std::string account;
+  std::string eventId;
+  std::string type;
+  std::string body;  // the JSON as it is POSTed
+  int attempts = 0;
+  int64_t nextAt = 0;
+  int64_t createdAt = 0;
+  std::string lastError;
+};
+
+// Per account: events still to POST (`subrelay accounts --json`, metrics).
+struct WebhookBacklog {
+  std::string account;
+  int64_t events = 0;
+  int64_t oldestCreatedAt = 0;  // 0 when none
+  int64_t failing = 0;          // events tried at least once without a 2xx
+  std::string lastError;        // of the most recent failing event
+};
 
 struct OpenOptions {
   bool readOnly = false;  // `queue list/show` while serve runs
@@ -175,8 +200,43 @@ class SqliteStore final : public Store, public DeliveryQueue {
   // rows in all, the oldest; at most maxRows deletions. Returns the rows deleted.
   util::Result<int64_t> pruneSuppressions(int64_t now, size_t maxEntries, size_t maxRows);
 
+  // --- webhook outbox (webhook/, schema 12; webhook_outbox.cpp) ---
+  // Which event types ("accepted", "delivered", ...) each account's webhook wants. Accounts
+  // not in the map get no rows. With an empty map (the default) nothing is written and
+  // insertBatch / recordAttempts pay nothing. Each connection that writes state changes
+  // (submission, delivery results, operator commands) needs it.
+  void setWebhookEvents(std::map<std::string, std::set<std::string>> events);
+  // Inside the caller's transaction (the suppression check): queues a "suppressed" event
+  // when the account wants it. "" on success (or nothing to do), else why not.
+  std::string enqueueSuppressedLocked(const std::string& account, const std::string& messageId,
+                                      const std::string& sender, const std::string& recipient,
+                                      const std::string& reason, int64_t at);
+  // The same for a hard bounce of recipient `index` of `messageId` that `row` adds to the
+  // suppression list (sender read from the message; none for our own DSNs).
+  std::string enqueueBounceSuppressedLocked(const SuppressionRow& row, const std::string& messageId, int64_t index);
+  // A captured message's simulated bounces (NewMessage::simulatedBounces): "bounced" and
+  // "suppressed" events, after the message's "accepted" ones, in the insert's transaction.
+  std::string enqueueSimulatedBouncesLocked(const NewMessage& m);
+  // Own transaction: queues `body` as event `eventId` of `type` (bench and tests).
+  util::Result<void> enqueueWebhookEvent(const std::string& account, const std::string& eventId,
+                                         const std::string& type, const std::string& body, int64_t at);
+  // Due events (next_at <= now, not claimed), oldest first, at most max; each gets
+  // claimed_until = claimUntil in the same transaction.
+  util::Result<std::vector<WebhookEventRow>> claimWebhookEvents(int64_t now, size_t max, int64_t claimUntil);
+  util::Result<void> deleteWebhookEvent(int64_t seq);
+  // A failed POST: attempts, next_at and last_error set, claim cleared.
+  util::Result<void> rescheduleWebhookEvent(int64_t seq, int attempts, int64_t nextAt, const std::string& error);
+  // Start-up: claims of a process that died are void.
+  util::Result<void> clearWebhookClaims();
+  // Deletes the account's oldest events beyond `keep`; returns how many.
+  util::Result<int64_t> trimWebhookBacklog(const std::string& account, uint64_t keep);
+  util::Result<std::vector<WebhookBacklog>> webhookBacklog();
+  // Earliest next_at (or claimed_until if later) of any event; nullopt when none.
+  util::Result<std::optional<int64_t>> nextWebhookDue();
+  struct WebhookOutbox;
+
   int schemaVersion() const;
-  static constexpr int kSchemaVersion = 11;
+  static constexpr int kSchemaVersion = 12;
 
  private:
   SqliteStore(sqlite3* db, int version, bool readOnly);
@@ -199,8 +259,24 @@ class SqliteStore final : public Store, public DeliveryQueue {
   // "no such message" unless id exists (inside the caller's transaction).
   util::Result<void> requireMessageLocked(const std::string& id);
 
+  // Inside the caller's transaction: events for a newly stored message (accepted), a
+  // recorded attempt, or an operator's bounce of recipient `index`. "" or why not.
+  std::string enqueueAcceptedLocked(const NewMessage& m);
+  std::string enqueueAttemptLocked(const AttemptRecord& rec);
+  std::string enqueueOperatorBounceLocked(const std::string& messageId, int64_t index, int64_t at);
+  // The recipients bounce() fails at once (not in flight); empty when no webhook wants events.
+  util::Result<std::vector<int64_t>> operatorBounceCandidatesLocked(const std::string& messageId);
+  // The recipients clearLeases() bounces (an operator's request waiting for a dead lease).
+  util::Result<std::vector<std::pair<std::string, int64_t>>> pendingBouncesLocked();
+  std::string insertWebhookRowLocked(const std::string& account, const std::string& eventId, const std::string& type,
+                                     const std::string& body, int64_t at);
+  bool webhookWants(const std::string& account, const char* type) const;
+  sqlite3_stmt* webhookStmt(int which);
+
   struct Statements;
   std::mutex mu_;
+  std::map<std::string, std::set<std::string>> webhookEvents_;
+  std::unique_ptr<WebhookOutbox, void (*)(WebhookOutbox*)> hook_{nullptr, nullptr};
   sqlite3* db_;
   int version_;
   bool readOnly_;

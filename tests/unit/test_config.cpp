@@ -1303,3 +1303,97 @@ TEST_CASE("suppression: accounts[].suppression (default on) and suppression.ttl 
   expectError(parse(withTop(R"(, "suppression": {"enabled": true})")), "suppression.enabled", "unknown key");
   expectError(parse(withTop(R"(, "suppression": true)")), "suppression", "expected an object");
 }
+
+TEST_CASE("issue 13: accounts[].webhook and webhooks") {
+  SUBCASE("defaults and a full webhook") {
+    LoadResult none = parse(withTop(""));
+    expectOk(none);
+    CHECK(none.config->webhooks.caFile.empty());
+    CHECK(none.config->webhooks.timeout == 10s);
+    CHECK(none.config->webhooks.retrySchedule == std::vector<std::chrono::seconds>{30s, 1min, 5min, 15min, 1h});
+    CHECK(none.config->webhooks.maxAge == 72h);
+    CHECK(none.config->webhooks.maxBacklog == 100000);
+
+    LoadResult r = parse(withAccount(R"("senders": ["@a.example"],
+        "webhook": {"url": "https://hooks.example.com/subrelay", "secret_file": "/etc/subrelay/hook.secret"})"));
+    expectOk(r);
+    REQUIRE(r.config->accounts[0].webhook.has_value());
+    const auto& w = *r.config->accounts[0].webhook;
+    CHECK(w.url == "https://hooks.example.com/subrelay");
+    CHECK(w.secretFile == "/etc/subrelay/hook.secret");
+    CHECK(w.events == std::vector<std::string>{"accepted", "delivered", "deferred", "bounced", "suppressed", "expired"});
+    CHECK(w.jsonPath == "accounts[0].webhook");
+
+  }
+  SUBCASE("events subset") {
+    LoadResult r = parse(withAccount(R"("senders": ["@a.example"],
+        "webhook": {"url": "https://h.example/x", "secret_file": "/s", "events": ["bounced", "expired", "bounced"]})"));
+    expectOk(r);
+    CHECK(r.config->accounts[0].webhook->events == std::vector<std::string>{"bounced", "expired"});
+  }
+  SUBCASE("bad webhooks") {
+    auto acct = [](const std::string& hook) {
+      return parse(withAccount(R"("senders": ["@a.example"], "webhook": )" + hook));
+    };
+    expectError(acct(R"({"url": "http://h.example/x", "secret_file": "/s"})"), "accounts[0].webhook.url",
+                "expected an https:// URL");
+    expectError(acct(R"({"url": "https://h.example/a b", "secret_file": "/s"})"), "accounts[0].webhook.url",
+                "expected an https:// URL");
+    expectError(acct(R"({"url": "https://h.example/x"})"), "accounts[0].webhook.secret_file", "required");
+    expectError(acct(R"({"secret_file": "/s"})"), "accounts[0].webhook.url", "required");
+    expectError(acct(R"({"url": "https://h.example/x", "secret_file": "/s", "events": ["sent"]})"),
+                "accounts[0].webhook.events[0]", "expected one of accepted, delivered");
+    expectError(acct(R"({"url": "https://h.example/x", "secret_file": "/s", "events": []})"),
+                "accounts[0].webhook.events", "at least one");
+    expectError(acct(R"({"url": "https://h.example/x", "secret_file": "/s", "secret": "x"})"),
+                "accounts[0].webhook.secret", "");
+    expectError(acct(R"("https://h.example/x")"), "accounts[0].webhook", "");
+  }
+  SUBCASE("bad webhooks settings") {
+    expectError(parse(withTop(R"(, "webhooks": {"timeout": "10m"})")), "webhooks.timeout", "at most");
+    expectError(parse(withTop(R"(, "webhooks": {"retry_schedule": []})")), "webhooks.retry_schedule", "at least one");
+    expectError(parse(withTop(R"(, "webhooks": {"retry_schedule": ["5x"]})")), "webhooks.retry_schedule[0]", "");
+    expectError(parse(withTop(R"(, "webhooks": {"max_backlog": 0})")), "webhooks.max_backlog", "");
+    expectError(parse(withTop(R"(, "webhooks": {"max_age": "soon"})")), "webhooks.max_age", "");
+    expectError(parse(withTop(R"(, "webhooks": {"retries": 3})")), "webhooks.retries", "");
+    LoadResult ok = parse(withTop(R"(, "webhooks": {"ca_file": "/etc/ca.pem", "timeout": "3s",
+        "retry_schedule": ["1s", "2s"], "max_age": "1h", "max_backlog": 50})"));
+    expectOk(ok);
+    CHECK(ok.config->webhooks.caFile == "/etc/ca.pem");
+    CHECK(ok.config->webhooks.timeout == 3s);
+    CHECK(ok.config->webhooks.retrySchedule == std::vector<std::chrono::seconds>{1s, 2s});
+    CHECK(ok.config->webhooks.maxAge == 1h);
+    CHECK(ok.config->webhooks.maxBacklog == 50);
+  }
+}
+
+TEST_CASE("issue 13: the webhook secret file is read at load, never shown") {
+  TempDir dir;
+  std::string cert = dir.write("cert.pem", "x");
+  auto load = [&](const std::string& secretPath) {
+    std::string text = R"({"hostname": "relay.example.net", "data_dir": ")" + dir.path.string() +
+                       R"(", "tls": {"certificate": ")" + cert + R"(", "private_key": ")" + cert +
+                       R"("}, "listeners": [{"address": "[::]:587"}],
+        "accounts": [{"username": "app", "password_hash": ")" + std::string(kHash) + R"(", "senders": ["@a.example"],
+          "webhook": {"url": "https://h.example/x", "secret_file": ")" + secretPath + R"("}}]})";
+    return loadConfigFile(dir.write("config.json", text));
+  };
+  auto secret = [&](const std::string& name, const std::string& text, mode_t mode) {
+    std::string p = dir.write(name, text);
+    ::chmod(p.c_str(), mode);
+    return p;
+  };
+  LoadResult r = load(secret("hook1", "whsec_abc\n", 0600));
+  expectOk(r);
+  CHECK(r.config->accounts[0].webhook->secret == "whsec_abc");
+  expectError(load(secret("hook2", "\n", 0600)), "accounts[0].webhook.secret_file", "empty");
+  expectError(load((dir.path / "absent").string()), "accounts[0].webhook.secret_file", "No such file");
+  LoadResult open = load(secret("hook3", "whsec_visible\n", 0644));
+  expectError(open, "accounts[0].webhook.secret_file", "chmod 600");
+  CHECK(allErrors(open).find("whsec_visible") == std::string::npos);
+  // webhooks.ca_file must exist.
+  std::string text = R"({"hostname": "relay.example.net", "data_dir": ")" + dir.path.string() +
+                     R"(", "tls": {"certificate": ")" + cert + R"(", "private_key": ")" + cert +
+                     R"("}, "listeners": [{"address": "[::]:587"}], "webhooks": {"ca_file": "/nonexistent/ca.pem"}})";
+  expectError(loadConfigFile(dir.write("config2.json", text)), "webhooks.ca_file", "cannot read");
+}

@@ -117,14 +117,35 @@ class Server {
     return ret;
   }
 
-  static MHD_Result handle(void* cls, MHD_Connection* c, const char* url, const char*, const char*, const char*,
-                           size_t*, void** state) {
+  static MHD_Result handle(void* cls, MHD_Connection* c, const char* url, const char* method, const char*,
+                           const char* upload, size_t* uploadSize, void** state) {
+    auto* self = static_cast<Server*>(cls);
     if (*state == nullptr) {  // first call: headers only
       *state = cls;
       return MHD_YES;
     }
-    auto* self = static_cast<Server*>(cls);
+    if (*uploadSize != 0) {  // POST data, in pieces
+      std::lock_guard l(self->mu_);
+      self->bodies_[c].append(upload, *uploadSize);
+      *uploadSize = 0;
+      return MHD_YES;
+    }
     const std::string path = url;
+    if (path == "/echo") {
+      std::string got;
+      {
+        std::lock_guard l(self->mu_);
+        got = std::string(method) + " " + self->bodies_[c];
+        self->bodies_.erase(c);
+        const char* h = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Test");
+        const char* ct = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Type");
+        got += std::string(" x-test=") + (h ? h : "") + " type=" + (ct ? ct : "");
+        const auto* info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        const auto* sin = reinterpret_cast<const sockaddr_in*>(info->client_addr);
+        self->clientPorts.push_back(ntohs(sin->sin_port));
+      }
+      return reply(c, 201, got, "text/plain");
+    }
     {
       std::lock_guard l(self->mu_);
       ++self->hits_[path];
@@ -160,8 +181,10 @@ class Server {
   uint16_t port_ = 0;
   std::mutex mu_;
   std::map<std::string, int> hits_;
+  std::map<MHD_Connection*, std::string> bodies_;
 
  public:
+  std::vector<uint16_t> clientPorts;  // of each /echo request
   std::string lastHost;
 };
 
@@ -227,6 +250,62 @@ TEST_CASE("HttpClient: GET over TLS, verified, to the given address and port") {
     CHECK(n == 2);
   }
   loop.run();  // the client's handles are closed: nothing keeps the loop
+}
+
+TEST_CASE("HttpClient: POST with a body and header fields; connections reused on request") {
+  Server server;
+  Loop loop;
+  {
+    HttpClient client(loop.get());
+    auto o = opts(server.port());
+    o.reuseConnection = true;
+    for (int i = 0; i < 3; ++i) {
+      std::optional<HttpResult> out;
+      HttpPostBody b;
+      b.body = "{\"n\":" + std::to_string(i) + "}";
+      b.headers = {{"X-Test", "v" + std::to_string(i)}};
+      client.post(kBase + "/echo", o, b, [&](HttpResult r) { out = std::move(r); });
+      CHECK_FALSE(out.has_value());
+      runUntil(loop, [&] { return out.has_value(); });
+      REQUIRE(out.has_value());
+      CHECK(out->ok());
+      CHECK(out->status == 201);
+      CHECK(out->body == "POST {\"n\":" + std::to_string(i) + "} x-test=v" + std::to_string(i) + " type=application/json");
+    }
+    REQUIRE(server.clientPorts.size() == 3);
+    // One TCP connection (the same client port) for the three requests.
+    CHECK(server.clientPorts[0] == server.clientPorts[1]);
+    CHECK(server.clientPorts[1] == server.clientPorts[2]);
+
+    // A header that would smuggle another field is refused before anything is sent.
+    std::optional<HttpResult> bad;
+    HttpPostBody b;
+    b.headers = {{"X-Test", "a\r\nX-Other: b"}};
+    client.post(kBase + "/echo", o, b, [&](HttpResult r) { bad = std::move(r); });
+    runUntil(loop, [&] { return bad.has_value(); });
+    REQUIRE(bad.has_value());
+    CHECK(bad->failure == HttpFailure::BadRequest);
+    CHECK(server.clientPorts.size() == 3);
+  }
+  loop.run();
+}
+
+TEST_CASE("HttpClient: without reuse every request has its own connection") {
+  Server server;
+  Loop loop;
+  {
+    HttpClient client(loop.get());
+    for (int i = 0; i < 2; ++i) {
+      std::optional<HttpResult> out;
+      client.post(kBase + "/echo", opts(server.port()), HttpPostBody{}, [&](HttpResult r) { out = std::move(r); });
+      runUntil(loop, [&] { return out.has_value(); });
+      REQUIRE(out.has_value());
+      CHECK(out->status == 201);
+    }
+    REQUIRE(server.clientPorts.size() == 2);
+    CHECK(server.clientPorts[0] != server.clientPorts[1]);
+  }
+  loop.run();
 }
 
 TEST_CASE("HttpClient: certificates and host names are verified") {
