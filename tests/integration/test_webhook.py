@@ -4,7 +4,8 @@ permfail@ -> 550 5.1.1, tempfail@ -> 450 4.2.1) and POSTs its events to a local 
 resolved by the test bed's unbound). The receiver checks every request's signature
 (hmac.compare_digest over "<timestamp>.<body>") and timestamp, and records events by id.
 
-Covered: accepted / delivered / bounced / deferred events with their fields and valid
+Covered: accepted / delivered / bounced / deferred events, and "suppressed" when a 5.1.1 puts the
+recipient on the account's suppression list, with their fields and valid
 signatures; the receiver down while mail flows, subrelay restarted meanwhile, the receiver
 back: every event arrives, each id exactly once, and `subrelay accounts --json` showed the
 backlog while it was down; an expired message; an operator's bounce; an account's `events`
@@ -206,8 +207,9 @@ class Webhooks(ServerTestCase):
 
         def complete(ev):
             return (len(of(ev, qid, type_="accepted")) == 3 and of(ev, qid, ok, "delivered")
-                    and of(ev, qid, perm, "bounced") and of(ev, qid, temp, "deferred"))
-        ids, events = self.rx.wait(complete, "accepted x3, delivered, bounced, deferred")
+                    and of(ev, qid, perm, "bounced") and of(ev, qid, temp, "deferred")
+                    and of(ev, qid, perm, "suppressed"))
+        ids, events = self.rx.wait(complete, "accepted x3, delivered, bounced, suppressed, deferred")
         srv.cli("queue", "drop", qid)  # the deferred one would go on retrying
 
         acc = of(events, qid, ok, "accepted")[0]
@@ -222,6 +224,11 @@ class Webhooks(ServerTestCase):
         bnc = of(events, qid, perm, "bounced")[0]
         self.assertEqual(bnc["smtp"]["code"], 550)
         self.assertEqual(bnc["smtp"]["enhanced_code"], "5.1.1")
+        # The 5.1.1 put permfail@ on shop's suppression list: "suppressed", after "bounced".
+        sup = of(events, qid, perm, "suppressed")[0]
+        self.assertEqual(sup["sender"], "app@shop.test")
+        self.assertIn("5.1.1", sup["reason"])
+        self.assertEqual(of(events, qid, type_="suppressed"), [sup])
         dfr = of(events, qid, temp, "deferred")[0]
         self.assertEqual(dfr["smtp"]["code"], 450)
         self.assertTrue(dfr["smtp"]["enhanced_code"].startswith("4."), dfr)
@@ -230,7 +237,8 @@ class Webhooks(ServerTestCase):
         # Ids are unique and none arrived twice.
         self.assertEqual(len(ids), len(set(ids)))
 
-        # The filtered account: only "bounced"; the account without a webhook: nothing.
+        # The filtered account: only "bounced" (its own list gets permfail@ too, without an
+        # event); the account without a webhook: nothing.
         q2 = self.send(srv, "ci", "ci-Passw0rd", "build@ci.test", ["bob@mx.test", "permfail@mx.test"])
         q3 = self.send(srv, "quiet", "quiet-Passw0rd", "x@quiet.test", ["permfail@mx.test"])
         self.rx.wait(lambda ev: of(ev, q2, "permfail@mx.test", "bounced"), "ci's bounced event")
