@@ -2,6 +2,7 @@
 // returns after the WAL is fsynced, which is what README.md's "250 only after commit" needs.
 // Schema and migrations live in schema.cpp; the writer thread in group_commit.cpp.
 #include "queue/sqlite_store.h"
+#include "queue/sqlite_detail.h"
 #include "util/clock.h"
 
 #include <cerrno>
@@ -22,75 +23,18 @@ namespace subrelay::queue {
 
 namespace {
 
-using Stmt = util::CPtr<sqlite3_stmt, sqlite3_finalize>;
+using detail::bindText;
+using detail::columnText;
+using detail::run;
+using detail::Stmt;
+using detail::Txn;
+using detail::Use;
 using Db = util::CPtr<sqlite3, sqlite3_close_v2>;
 
 // How long a writer waits for another connection's lock (a second `serve`, a migration,
 // a checkpoint) before the call fails. Long enough to ride out a checkpoint; short enough
 // that the SMTP client gets a 451 rather than a timeout.
 constexpr int kBusyTimeoutMs = 5000;
-
-// Resets and unbinds a cached statement when the scope ends, whatever path it takes, so
-// no statement holds a read lock or a pointer to a caller's (SQLITE_STATIC) buffer.
-class Use {
- public:
-  explicit Use(const Stmt& s) : s_(s.get()) {}
-  ~Use() {
-    sqlite3_reset(s_);
-    sqlite3_clear_bindings(s_);
-  }
-  Use(const Use&) = delete;
-  Use& operator=(const Use&) = delete;
-  sqlite3_stmt* get() const { return s_; }
-
- private:
-  sqlite3_stmt* s_;
-};
-
-// Binds without copying: the caller guarantees the bytes outlive the statement's use,
-// and Use clears the binding before that stops being true.
-int bindText(sqlite3_stmt* s, int i, const std::string& v) {
-  return sqlite3_bind_text64(s, i, v.data(), v.size(), SQLITE_STATIC, SQLITE_UTF8);
-}
-
-std::string columnText(sqlite3_stmt* s, int i) {
-  const auto* p = static_cast<const char*>(sqlite3_column_blob(s, i));
-  int n = sqlite3_column_bytes(s, i);
-  return p ? std::string(p, static_cast<size_t>(n)) : std::string();
-}
-
-// Runs a statement that returns no rows (BEGIN, SAVEPOINT, ...).
-int run(const Stmt& s) {
-  Use u(s);
-  int rc = sqlite3_step(u.get());
-  return rc == SQLITE_ROW ? SQLITE_DONE : rc;
-}
-
-// A write transaction on the cached BEGIN IMMEDIATE / COMMIT / ROLLBACK statements that
-// rolls back when it goes out of scope uncommitted, so no error path leaves it open.
-class Txn {
- public:
-  Txn(sqlite3* db, const Stmt& begin, const Stmt& commit, const Stmt& rollback)
-      : db_(db), commit_(commit), rollback_(rollback), open_(run(begin) == SQLITE_DONE) {}
-  ~Txn() {
-    if (open_ && !sqlite3_get_autocommit(db_)) run(rollback_);
-  }
-  Txn(const Txn&) = delete;
-  Txn& operator=(const Txn&) = delete;
-  bool open() const { return open_; }
-  bool commit() {
-    if (!open_) return false;
-    if (run(commit_) != SQLITE_DONE) return false;  // the destructor rolls back
-    open_ = false;
-    return true;
-  }
-
- private:
-  sqlite3* db_;
-  const Stmt& commit_;
-  const Stmt& rollback_;
-  bool open_;
-};
 
 }  // namespace
 

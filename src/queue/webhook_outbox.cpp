@@ -6,6 +6,7 @@
 
 #include <ctime>
 
+#include "queue/sqlite_detail.h"
 #include "queue/sqlite_store.h"
 #include "util/cptr.h"
 #include "webhook/event.h"
@@ -14,7 +15,11 @@ namespace subrelay::queue {
 
 namespace {
 
-using Stmt = util::CPtr<sqlite3_stmt, sqlite3_finalize>;
+using detail::bindText;
+using detail::columnText;
+using detail::run;
+using detail::Stmt;
+using detail::Use;
 
 enum Which {
   kInsert,
@@ -61,39 +66,6 @@ constexpr const char* kSql[kCount] = {
     "ROLLBACK",
 };
 
-class Use {
- public:
-  explicit Use(sqlite3_stmt* s) : s_(s) {}
-  ~Use() {
-    if (s_) {
-      sqlite3_reset(s_);
-      sqlite3_clear_bindings(s_);
-    }
-  }
-  Use(const Use&) = delete;
-  Use& operator=(const Use&) = delete;
-  sqlite3_stmt* get() const { return s_; }
-
- private:
-  sqlite3_stmt* s_;
-};
-
-int bindText(sqlite3_stmt* s, int i, const std::string& v) {
-  return sqlite3_bind_text64(s, i, v.data(), v.size(), SQLITE_STATIC, SQLITE_UTF8);
-}
-
-std::string columnText(sqlite3_stmt* s, int i) {
-  const auto* p = static_cast<const char*>(sqlite3_column_blob(s, i));
-  int n = sqlite3_column_bytes(s, i);
-  return p ? std::string(p, static_cast<size_t>(n)) : std::string();
-}
-
-int run(sqlite3_stmt* s) {
-  Use u(s);
-  int rc = sqlite3_step(s);
-  return rc == SQLITE_ROW ? SQLITE_DONE : rc;
-}
-
 }  // namespace
 
 // Statements prepared on first use: a connection that never touches the outbox (a
@@ -105,29 +77,8 @@ struct SqliteStore::WebhookOutbox {
 namespace {
 void destroyOutbox(SqliteStore::WebhookOutbox* o) { delete o; }
 
-// A write transaction of the outbox's own (public calls), rolled back unless committed.
-class HookTxn {
- public:
-  HookTxn(sqlite3* db, sqlite3_stmt* begin, sqlite3_stmt* commit, sqlite3_stmt* rollback)
-      : db_(db), commit_(commit), rollback_(rollback), open_(begin && commit && rollback && run(begin) == SQLITE_DONE) {}
-  ~HookTxn() {
-    if (open_ && !sqlite3_get_autocommit(db_)) run(rollback_);
-  }
-  HookTxn(const HookTxn&) = delete;
-  HookTxn& operator=(const HookTxn&) = delete;
-  bool open() const { return open_; }
-  bool commit() {
-    if (!open_ || run(commit_) != SQLITE_DONE) return false;
-    open_ = false;
-    return true;
-  }
-
- private:
-  sqlite3* db_;
-  sqlite3_stmt* commit_;
-  sqlite3_stmt* rollback_;
-  bool open_;
-};
+// The outbox's own write transactions (public calls) use detail::Txn on its cached statements.
+using HookTxn = detail::Txn;
 }  // namespace
 
 sqlite3_stmt* SqliteStore::webhookStmt(int which) {
