@@ -25,6 +25,7 @@
 
 #include "net/http_client.h"
 #include "net/uv_loop.h"
+#include "test_pki.h"
 #include "net/uv_timer.h"
 
 using namespace subrelay::net;
@@ -32,50 +33,11 @@ using std::chrono::milliseconds;
 
 namespace {
 
-std::string readFile(const std::filesystem::path& p) {
-  std::ifstream f(p);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using subrelay::testing::TestPki;
 
 // A CA, a certificate for mta-sts.example.test signed by it, and an unrelated second CA.
-struct TestPki {
-  std::filesystem::path dir;
-  std::string ca, otherCa, key, cert;
-
-  TestPki() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "subrelay-http-XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    dir = tmpl;
-    const std::string d = dir.string();
-    const std::string ec = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-    auto sh = [](const std::string& cmd) { REQUIRE(std::system((cmd + " >/dev/null 2>&1").c_str()) == 0); };
-    for (const char* stem : {"ca", "other"})
-      sh("openssl req -x509 -new" + ec + " -keyout " + d + "/" + stem + ".key -out " + d + "/" + stem +
-         ".pem -days 2 -subj '/CN=subrelay http test " + stem + "' -addext basicConstraints=critical,CA:TRUE"
-         " -addext keyUsage=critical,keyCertSign,cRLSign");
-    {
-      std::ofstream ext(d + "/ext");
-      ext << "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-             "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:mta-sts.example.test\n";
-    }
-    sh("openssl req -new" + ec + " -keyout " + d + "/key.pem -out " + d + "/csr -subj /CN=mta-sts.example.test");
-    sh("openssl x509 -req -in " + d + "/csr -CA " + d + "/ca.pem -CAkey " + d + "/ca.key -set_serial 7 -days 2 -out " +
-       d + "/cert.pem -extfile " + d + "/ext");
-    ca = d + "/ca.pem";
-    otherCa = d + "/other.pem";
-    key = readFile(dir / "key.pem");
-    cert = readFile(dir / "cert.pem");
-  }
-  ~TestPki() {
-    std::error_code ec;
-    std::filesystem::remove_all(dir, ec);
-  }
-};
-
 TestPki& pki() {
-  static TestPki p;
+  static TestPki p("mta-sts.example.test", "http");
   return p;
 }
 

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "net/uv_loop.h"
+#include "test_pki.h"
 #include "net/uv_timer.h"
 #include "queue/sqlite_store.h"
 #include "util/clock.h"
@@ -33,46 +34,10 @@ using std::chrono::milliseconds;
 
 namespace {
 
-std::string readFile(const std::filesystem::path& p) {
-  std::ifstream f(p);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using subrelay::testing::TestPki;
 
-struct Pki {
-  std::filesystem::path dir;
-  std::string ca, key, cert;
-  Pki() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "subrelay-hook-XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    dir = tmpl;
-    const std::string d = dir.string();
-    const std::string ec = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-    auto sh = [](const std::string& cmd) { REQUIRE(std::system((cmd + " >/dev/null 2>&1").c_str()) == 0); };
-    sh("openssl req -x509 -new" + ec + " -keyout " + d + "/ca.key -out " + d +
-       "/ca.pem -days 2 -subj '/CN=subrelay webhook test ca' -addext basicConstraints=critical,CA:TRUE"
-       " -addext keyUsage=critical,keyCertSign,cRLSign");
-    {
-      std::ofstream ext(d + "/ext");
-      ext << "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-             "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:hooks.example.test\n";
-    }
-    sh("openssl req -new" + ec + " -keyout " + d + "/key.pem -out " + d + "/csr -subj /CN=hooks.example.test");
-    sh("openssl x509 -req -in " + d + "/csr -CA " + d + "/ca.pem -CAkey " + d + "/ca.key -set_serial 9 -days 2 -out " +
-       d + "/cert.pem -extfile " + d + "/ext");
-    ca = d + "/ca.pem";
-    key = readFile(dir / "key.pem");
-    cert = readFile(dir / "cert.pem");
-  }
-  ~Pki() {
-    std::error_code e;
-    std::filesystem::remove_all(dir, e);
-  }
-};
-
-Pki& pki() {
-  static Pki p;
+TestPki& pki() {
+  static TestPki p("hooks.example.test", "hook");
   return p;
 }
 
