@@ -550,6 +550,21 @@ def wait_for(pred, what, timeout=20, interval=0.1):
         time.sleep(interval)
 
 
+def wait_states(srv, qid, pred, timeout=20):
+    """Polls `queue show --json` of qid until pred(states) is true, states mapping each
+    recipient's address to its state ("queued", "deferred", "delivered", "failed", ...);
+    returns that queue show. Fails after timeout seconds (scaled) with the last one."""
+    deadline = time.monotonic() + scale(timeout)
+    while True:
+        info = srv.queue_show_json(qid)
+        states = {r["address"]: r["state"] for r in info["recipients"]}
+        if pred(states):
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"states never matched for {qid}: {json.dumps(info, indent=1)}")
+        time.sleep(0.1)
+
+
 def token(prefix="t"):
     _counter[0] += 1
     return f"{prefix}{os.getpid()}x{_counter[0]}x{random.randrange(1 << 32):08x}"

@@ -10,7 +10,6 @@ delivery.tls required / verify; queue retry; the per-attempt log line.
 
 import email
 import email.policy
-import json
 import os
 import re
 import socket
@@ -73,15 +72,7 @@ def submit(srv, rcpts, msg=None):
 
 
 def wait_states(srv, qid, pred, timeout=20):
-    deadline = time.monotonic() + scale(timeout)
-    while True:
-        info = srv.queue_show_json(qid)
-        states = {r["address"]: r["state"] for r in info["recipients"]}
-        if pred(states):
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError(f"states never matched for {qid}: {json.dumps(info, indent=1)}")
-        time.sleep(0.1)
+    return harness.wait_states(srv, qid, pred, timeout)
 
 
 def find_dsn(srv, about_qid, timeout=15):

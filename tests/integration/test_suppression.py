@@ -79,15 +79,7 @@ def rcpt_reply(srv, account, rcpt):
 
 
 def wait_states(srv, qid, pred, timeout=30):
-    deadline = time.monotonic() + scale(timeout)
-    while True:
-        info = srv.queue_show_json(qid)
-        states = {r["address"]: r["state"] for r in info["recipients"]}
-        if pred(states):
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError(f"states never matched for {qid}: {json.dumps(info, indent=1)}")
-        time.sleep(0.1)
+    return harness.wait_states(srv, qid, pred, timeout)
 
 
 def suppressions(srv, account):
