@@ -165,6 +165,17 @@ def free_port(kind=socket.SOCK_STREAM):
         return s.getsockname()[1]
 
 
+def free_ports(n, exclude=()):
+    """n distinct ports from free_port(), none of them in exclude (the kernel may hand out
+    a port it just gave us again once the probing socket is closed)."""
+    out = []
+    while len(out) < n:
+        p = free_port()
+        if p not in out and p not in exclude:
+            out.append(p)
+    return out
+
+
 def port_is_free(port):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -347,7 +358,7 @@ class Server:
 
     def write_config(self):
         if not self.ports:
-            self.ports = [free_port() for _ in self.listener_modes]
+            self.ports = free_ports(len(self.listener_modes), exclude=(self.dead_smtp_port,))
         with open(self.config_path, "w") as f:
             json.dump(self.config(), f, indent=2)
         return self.config_path

@@ -117,9 +117,13 @@ class UnitHardening(harness.ServerTestCase):
 
         srv = harness.Server(accounts=[Account("webshop", "pw-webshop-1", ["@shop.test"]),
                                        Account("out", "pw-out-1", ["@out.test"], mode="deliver")],
-                             listeners=("starttls", "implicit"),
-                             # the metrics listener's thread (libmicrohttpd) is under the filter too
-                             extra_config={"metrics": {"address": f"127.0.0.1:{harness.free_port()}"}})
+                             listeners=("starttls", "implicit"))
+        # The metrics listener's thread (libmicrohttpd) is under the filter too. Its port is
+        # none of the listeners' (serve is started by hand here, without Server.start's
+        # retry on a port clash).
+        srv.ports = harness.free_ports(2)
+        metrics_port = harness.free_ports(1, exclude=srv.ports + [srv.dead_smtp_port])[0]
+        srv.extra_config["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
         cfg = srv.write_config()
         trace = os.path.join(srv.workdir, "strace.out")
         log = os.path.join(srv.workdir, "serve-strace.log")
