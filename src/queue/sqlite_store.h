@@ -26,6 +26,16 @@ struct sqlite3_stmt;
 
 namespace subrelay::queue {
 
+// The end of one claimed event, as the dispatcher reports it back: remove (POSTed, or
+// dropped) or reschedule with the attempt count, when next and why.
+struct WebhookSettle {
+  int64_t seq = 0;
+  bool remove = false;
+  int attempts = 0;
+  int64_t nextAt = 0;
+  std::string error;
+};
+
 // One row of the webhook outbox (schema 12, webhook_outbox.cpp).
 struct WebhookEventRow {
   int64_t seq = 0;
@@ -222,7 +232,11 @@ class SqliteStore final : public Store, public DeliveryQueue {
                                          const std::string& type, const std::string& body, int64_t at);
   // Due events (next_at <= now, not claimed), oldest first, at most max; each gets
   // claimed_until = claimUntil in the same transaction.
-  util::Result<std::vector<WebhookEventRow>> claimWebhookEvents(int64_t now, size_t max, int64_t claimUntil);
+  // `settle` first applies what the dispatcher learnt since its last call (events POSTed:
+  // deleted; failed: rescheduled; dropped: deleted), in the same transaction, so a busy
+  // dispatcher pays one write transaction per tick, not one per event.
+  util::Result<std::vector<WebhookEventRow>> claimWebhookEvents(int64_t now, size_t max, int64_t claimUntil,
+                                                                const std::vector<WebhookSettle>& settle = {});
   util::Result<void> deleteWebhookEvent(int64_t seq);
   // A failed POST: attempts, next_at and last_error set, claim cleared.
   util::Result<void> rescheduleWebhookEvent(int64_t seq, int attempts, int64_t nextAt, const std::string& error);

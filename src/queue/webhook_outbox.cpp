@@ -303,12 +303,13 @@ util::Result<void> SqliteStore::enqueueWebhookEvent(const std::string& account, 
   return {};
 }
 
-util::Result<std::vector<WebhookEventRow>> SqliteStore::claimWebhookEvents(int64_t now, size_t max, int64_t claimUntil) {
+util::Result<std::vector<WebhookEventRow>> SqliteStore::claimWebhookEvents(int64_t now, size_t max, int64_t claimUntil,
+                                                                        const std::vector<WebhookSettle>& settle) {
   std::lock_guard lock(mu_);
   if (readOnly_) return util::makeError("queue database is open read-only");
   std::vector<WebhookEventRow> out;
-  if (max == 0) return out;
-  {
+  if (max == 0 && settle.empty()) return out;
+  if (settle.empty()) {
     // Nothing due (the usual case between bursts): no write lock taken.
     sqlite3_stmt* st = webhookStmt(kClaimRows);
     if (!st) return dbError("cannot prepare webhook claim");
@@ -321,7 +322,19 @@ util::Result<std::vector<WebhookEventRow>> SqliteStore::claimWebhookEvents(int64
   }
   HookTxn txn(db_, webhookStmt(kBegin), webhookStmt(kCommit), webhookStmt(kRollback));
   if (!txn.open()) return dbError("cannot begin webhook claim");
-  {
+  for (const WebhookSettle& d : settle) {
+    sqlite3_stmt* st = webhookStmt(d.remove ? kDelete : kReschedule);
+    if (!st) return dbError("cannot prepare webhook settle");
+    Use u(st);
+    sqlite3_bind_int64(st, 1, d.seq);
+    if (!d.remove) {
+      sqlite3_bind_int(st, 2, d.attempts);
+      sqlite3_bind_int64(st, 3, d.nextAt);
+      bindText(st, 4, d.error);
+    }
+    if (sqlite3_step(st) != SQLITE_DONE) return dbError("cannot settle webhook event");
+  }
+  if (max > 0) {
     sqlite3_stmt* st = webhookStmt(kClaimRows);
     if (!st) return dbError("cannot prepare webhook claim");
     Use u(st);

@@ -12,6 +12,10 @@ namespace subrelay::webhook {
 
 namespace {
 constexpr std::string_view kLog = "webhook";
+// A finished POST frees a slot; the tick that refills it (and writes the finished ones) waits
+// this long so that several ends share one write transaction.
+constexpr std::chrono::milliseconds kCoalesce{2};
+constexpr int64_t kFailureLogEvery = 10;  // seconds
 constexpr int64_t kHousekeepingEvery = 10;  // seconds: backlog bound and gauge
 constexpr int64_t kAddressTtl = 60;         // seconds a looked-up address is reused
 
@@ -72,6 +76,7 @@ void Dispatcher::stop() {
 
 void Dispatcher::abort() {
   stop();
+  flushSettled();
   *alive_ = false;
   alive_ = std::make_shared<bool>(true);
   http_.reset();  // cancels transfers: no callback runs
@@ -79,23 +84,36 @@ void Dispatcher::abort() {
 }
 
 void Dispatcher::soon() {
-  if (running_) timer_.start(std::chrono::milliseconds(0), [this] { tick(); });
+  if (!running_ || soonPending_) return;
+  soonPending_ = true;
+  timer_.start(kCoalesce, [this] { tick(); });
+}
+
+void Dispatcher::flushSettled() {
+  if (settle_.empty()) return;
+  auto r = store_.claimWebhookEvents(now(), 0, 0, settle_);
+  if (!r.ok()) util::logWarn(kLog, "cannot record webhook results: " + r.error().message);
+  settle_.clear();  // on failure the claims lapse and those events are sent again
 }
 
 void Dispatcher::tick() {
+  soonPending_ = false;
   if (!running_) return;
   const int64_t t = now();
   if (t - lastHousekeeping_ >= kHousekeepingEvery || lastHousekeeping_ == 0) housekeeping(t);
   const size_t n = claimCount(inFlight_, settings_.policy);
-  if (n > 0) {
-    auto rows = store_.claimWebhookEvents(t, n, t + settings_.policy.claimFor.count() + settings_.timeout.count() / 1000);
+  if (n > 0 || !settle_.empty()) {
+    // One write transaction: the results since the last tick, then the next claims.
+    auto rows = store_.claimWebhookEvents(t, n, t + settings_.policy.claimFor.count() + settings_.timeout.count() / 1000,
+                                          settle_);
     if (!rows.ok()) {
-      util::logWarn(kLog, "cannot read the outbox: " + rows.error().message);
+      util::logWarn(kLog, "cannot read the outbox: " + rows.error().message);  // settle_ kept for the next tick
     } else {
+      settle_.clear();
       for (auto& r : rows.value()) send(std::move(r));
     }
   }
-  if (running_) timer_.start(settings_.pollEvery, [this] { tick(); });
+  if (running_ && !soonPending_) timer_.start(settings_.pollEvery, [this] { tick(); });
 }
 
 void Dispatcher::housekeeping(int64_t t) {
@@ -120,8 +138,7 @@ void Dispatcher::housekeeping(int64_t t) {
 }
 
 void Dispatcher::drop(const queue::WebhookEventRow& row, const std::string& why) {
-  if (auto r = store_.deleteWebhookEvent(row.seq); !r.ok())
-    util::logWarn(kLog, "cannot delete event " + row.eventId + ": " + r.error().message);
+  settle_.push_back(queue::WebhookSettle{row.seq, true, 0, 0, {}});
   metrics::server().webhookEvents.with("dropped").inc();
   util::logWarn(kLog, "account " + row.account + ": dropped " + row.type + " event " + row.eventId + " after " +
                           std::to_string(row.attempts) + " attempts: " + why);
@@ -194,25 +211,40 @@ void Dispatcher::post(queue::WebhookEventRow row, std::vector<std::string> addre
 void Dispatcher::finished(const queue::WebhookEventRow& row, const std::string& error) {
   if (inFlight_ > 0) --inFlight_;
   if (error.empty()) {
-    if (auto r = store_.deleteWebhookEvent(row.seq); !r.ok())
-      util::logWarn(kLog, "cannot delete delivered event " + row.eventId + ": " + r.error().message);
+    settle_.push_back(queue::WebhookSettle{row.seq, true, 0, 0, {}});
     metrics::server().webhookEvents.with("delivered").inc();
   } else {
     metrics::server().webhookEvents.with("failed").inc();
     const int attempts = row.attempts + 1;
     const RetryDecision d = afterFailure(row.createdAt, attempts, now(), settings_.policy);
-    // One line per failure: account, event, what went wrong; never the secret or the body.
-    util::logWarn(kLog, "account " + row.account + ": " + row.type + " event " + row.eventId + " attempt " +
-                            std::to_string(attempts) + " failed: " + error +
-                            (d.drop ? "; giving up (webhooks.max_age)" : "; retry at " + std::to_string(d.nextAt)));
+    logFailure(row, attempts, error,
+               d.drop ? "giving up (webhooks.max_age)" : "retry at " + std::to_string(d.nextAt));
     if (d.drop) {
       drop(row, error);
-    } else if (auto r = store_.rescheduleWebhookEvent(row.seq, attempts, d.nextAt, error); !r.ok()) {
-      util::logWarn(kLog, "cannot reschedule event " + row.eventId + ": " + r.error().message);
+    } else {
+      settle_.push_back(queue::WebhookSettle{row.seq, false, attempts, d.nextAt, error});
     }
   }
+  if (!running_) flushSettled();  // stopping: no tick comes to write it
   soon();  // a slot is free
   if (!running_ && inFlight_ == 0 && onDrained_) onDrained_();
+}
+
+void Dispatcher::logFailure(const queue::WebhookEventRow& row, int attempts, const std::string& error,
+                            const std::string& next) {
+  // At most one line per account every kFailureLogEvery seconds: account, event, what went
+  // wrong, how many failures went unlogged since; never the secret or the body.
+  FailureLog& f = failureLog_[row.account];
+  const int64_t t = now();
+  if (f.last != 0 && t - f.last < kFailureLogEvery) {
+    ++f.quiet;
+    return;
+  }
+  std::string more = f.quiet ? " (" + std::to_string(f.quiet) + " more failures not logged since the last line)" : "";
+  f.last = t;
+  f.quiet = 0;
+  util::logWarn(kLog, "account " + row.account + ": " + row.type + " event " + row.eventId + " attempt " +
+                          std::to_string(attempts) + " failed: " + error + "; " + next + more);
 }
 
 }  // namespace subrelay::webhook

@@ -75,6 +75,8 @@ class Dispatcher {
   void drop(const queue::WebhookEventRow& row, const std::string& why);
   void housekeeping(int64_t now);
   void soon();
+  void flushSettled();
+  void logFailure(const queue::WebhookEventRow& row, int attempts, const std::string& error, const std::string& next);
   int64_t now() const;
 
   uv_loop_t* loop_;
@@ -86,6 +88,17 @@ class Dispatcher {
   net::Timer timer_;
   size_t inFlight_ = 0;
   bool running_ = false;
+  // Ends of POSTs (and drops) not yet written: the next tick writes them with its claim in
+  // one transaction. soonPending_: a short coalescing timer is armed (finished POSTs).
+  std::vector<queue::WebhookSettle> settle_;
+  bool soonPending_ = false;
+  // Failure log lines per account: the first, then at most one per kFailureLogEvery with the
+  // count of those not logged (a dead receiver would otherwise log every event).
+  struct FailureLog {
+    int64_t last = 0;
+    uint64_t quiet = 0;
+  };
+  std::map<std::string, FailureLog> failureLog_;
   int64_t lastHousekeeping_ = 0;
   struct CachedAddresses {
     std::vector<std::string> addresses;

@@ -432,3 +432,28 @@ TEST_CASE("outbox: a capture-mode simulated bounce writes accepted, bounced, sup
   CHECK(Json::parse(ev[1].body)["smtp"]["enhanced_code"] == "5.1.1");
   CHECK(ev[2].type == "suppressed");
 }
+
+TEST_CASE("outbox: the dispatcher's results are written with its next claim, in one transaction") {
+  auto s = memoryStore();
+  for (int i = 0; i < 4; ++i)
+    REQUIRE(s->enqueueWebhookEvent("shop", "evt_" + std::to_string(i), "delivered", "{}", 100).ok());
+  auto first = s->claimWebhookEvents(200, 2, 300).value();
+  REQUIRE(first.size() == 2);
+  // evt_0 was POSTed, evt_1 failed: both settled by the claim that takes evt_2 and evt_3.
+  std::vector<queue::WebhookSettle> settle = {{first[0].seq, true, 0, 0, {}},
+                                              {first[1].seq, false, 1, 500, "HTTP status 503"}};
+  auto second = s->claimWebhookEvents(201, 8, 300, settle).value();
+  REQUIRE(second.size() == 2);  // evt_1 is not due before 500
+  CHECK(second[0].eventId == "evt_2");
+  CHECK(second[1].eventId == "evt_3");
+  // Only results, no claim (a stopping dispatcher): max 0.
+  CHECK(s->claimWebhookEvents(202, 0, 0, {{second[0].seq, true, 0, 0, {}}, {second[1].seq, true, 0, 0, {}}})
+            .value()
+            .empty());
+  auto left = allEvents(*s);
+  REQUIRE(left.size() == 1);
+  CHECK(left[0].eventId == "evt_1");
+  CHECK(left[0].attempts == 1);
+  CHECK(left[0].nextAt == 500);
+  CHECK(left[0].lastError == "HTTP status 503");
+}
